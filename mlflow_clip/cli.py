@@ -1,0 +1,68 @@
+"""`mlflow-clip`: the same jobs as the MLproject entry points, as a command-line tool.
+
+Thin click commands that parse arguments and call library functions; heavy imports
+(torch, clip) happen inside the commands that need them.
+
+    $ mlflow-clip export --model demo --classes "a red circle,a blue square"
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+
+@click.group()
+@click.option("--verbose", "-v", is_flag=True, help="Log at DEBUG level.")
+def cli(verbose: bool) -> None:
+    """Ship CLIP zero-shot image classifiers through MLflow."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+@cli.command("export")
+@click.option("--classes", required=True, help="Comma-separated class names, or @path to a UTF-8 file with one per line.")
+@click.option("--model", default="RN50", show_default=True, help="A CLIP model name, 'demo', or a local checkpoint path.")
+@click.option("--templates", default="ensemble", show_default=True, help="none, photo, ensemble, or @path to a file of templates with {}.")
+@click.option("--registered-model-name", "--registered_model_name", default="clip-zero-shot", show_default=True, help="Registered model to add a version to ('' to skip registering).")
+@click.option("--opset", default=17, show_default=True, type=int, help="ONNX opset (12 or newer).")
+@click.option("--images", default="", help="Folder of sample images for the parity check (default: the package's samples).")
+@click.option("--max-prob-diff", "--max_prob_diff", default=1e-4, show_default=True, type=float, help="Parity gate: largest allowed |ONNX - PyTorch| probability.")
+@click.option("--alias", default="", help="Alias to set on the new version, e.g. challenger.")
+def export_command(classes, model, templates, registered_model_name, opset, images, max_prob_diff, alias) -> None:
+    """Export CLIP as a parity-checked ONNX zero-shot classifier and register it."""
+    from mlflow_clip.export.checkpoints import CheckpointError
+    from mlflow_clip.export.job import export_and_register
+    from mlflow_clip.export.parity import ParityError
+    from mlflow_clip.prompts import PromptError
+
+    try:
+        result = export_and_register(
+            classes=classes,
+            model=model,
+            templates=templates,
+            registered_model_name=registered_model_name or None,
+            opset=opset,
+            images=images or None,
+            max_prob_diff=max_prob_diff,
+            alias=alias or None,
+        )
+    except (PromptError, CheckpointError, ParityError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    report = result.parity
+    click.echo(
+        f"run {result.run_id}: {result.model_uri}"
+        + (f" registered as {result.registered_model_name} version {result.model_version}" if result.model_version else "")
+        + f"\nparity: max |dp| {report.max_abs_prob_diff:.2e}, max |dlogit| {report.max_abs_logit_diff:.2e}, "
+        f"top-1 agreement {report.top1_agreement:.3f}, max |dpixel| {report.max_abs_pixel_diff:.1e}"
+    )
+
+
+def main() -> None:
+    cli(prog_name="mlflow-clip")
+
+
+if __name__ == "__main__":
+    main()

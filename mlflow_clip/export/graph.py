@@ -1,0 +1,222 @@
+"""The exported graph: CLIP's visual encoder with the class text features baked in.
+
+image [N,3,R,R] -> visual encoder -> L2 normalize -> logit_scale * cosine similarity with the
+normalized class text features -> softmax -> probabilities [N,C].
+
+    >>> head = ZeroShotHead(model.visual, text_features, logit_scale=100.0)  # doctest: +SKIP
+    >>> export_onnx(head, "model.onnx", resolution=224, opset=17)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from mlflow_clip.config import EDGE_INPUT_NAME, ClassifierConfig, edge_output_name
+from mlflow_clip.prompts import texts_for_class
+
+_logger = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17
+MIN_OPSET = 12
+TEXT_BATCH = 256
+_TWO_GIB = 2 * 1024**3
+# PyTorch's attention lowers to scaled_dot_product_attention, which ONNX has from opset 14.
+SDPA_OPSET = 14
+
+
+class ZeroShotHead(nn.Module):
+    """CLIP's image tower followed by the zero-shot head; `forward` gives probabilities."""
+
+    def __init__(self, visual: nn.Module, text_features: torch.Tensor, logit_scale: float):
+        super().__init__()
+        self.visual = visual
+        self.register_buffer("text_features", text_features.float().t().contiguous())  # [D, C]
+        self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
+
+    def logits(self, image: torch.Tensor) -> torch.Tensor:
+        features = self.visual(image)
+        features = features / features.norm(dim=-1, keepdim=True)
+        return self.logit_scale * features @ self.text_features
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.logits(image).softmax(dim=-1)
+
+
+@torch.no_grad()
+def encode_text_features(model: nn.Module, classes: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+    """Normalized class embeddings [C, D]: per class, the renormalized mean of the
+    L2-normalized embeddings of its prompt texts (one text per template)."""
+    import clip
+
+    rows = []
+    for name in classes:
+        texts = texts_for_class(name, templates)
+        embeddings = []
+        for start in range(0, len(texts), TEXT_BATCH):
+            tokens = clip.tokenize(texts[start : start + TEXT_BATCH], context_length=model.context_length, truncate=True)
+            embedding = model.encode_text(tokens).float()
+            embeddings.append(embedding / embedding.norm(dim=-1, keepdim=True))
+        mean = torch.cat(embeddings).mean(dim=0)
+        rows.append(mean / mean.norm())
+    return torch.stack(rows)
+
+
+def export_onnx(head: nn.Module, path: str | Path, resolution: int, opset: int = DEFAULT_OPSET) -> Path:
+    """Export with the TorchScript exporter (supports the original guide's opset 12),
+    with a dynamic batch axis, into one self-contained file."""
+    if opset < MIN_OPSET:
+        raise ValueError(f"Received opset={opset}; expected {MIN_OPSET} or newer.")
+    if opset < SDPA_OPSET:
+        head = with_explicit_attention(head)
+    path = Path(path)
+    buffer = io.BytesIO()
+    dummy = torch.randn(2, 3, resolution, resolution)
+    torch.onnx.export(
+        head.eval(),
+        (dummy,),
+        buffer,
+        input_names=["image"],
+        output_names=["probabilities"],
+        dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
+        opset_version=opset,
+        do_constant_folding=True,
+        dynamo=False,
+    )
+    model = onnx.load_from_string(buffer.getvalue())
+    save_single_file(model, path)
+    return path
+
+
+def save_single_file(model: onnx.ModelProto, path: str | Path) -> None:
+    """Save with the weights inside the .onnx file (no external-data side file)."""
+    if model.ByteSize() >= _TWO_GIB:
+        raise ValueError("The graph is 2 GB or larger; protobuf cannot hold it in one file.")
+    onnx.save_model(model, str(path), save_as_external_data=False)
+
+
+def simplify_onnx(path: str | Path) -> tuple[bool, str]:
+    """Simplify in place with onnxsim; on failure keep the original graph and say why."""
+    try:
+        from onnxsim import simplify
+
+        model = onnx.load(str(path))
+        simplified, ok = simplify(model)
+    except Exception as e:  # onnxsim raises a variety of errors on exotic graphs
+        return False, f"onnxsim failed: {type(e).__name__}: {e}"
+    if not ok:
+        return False, "onnxsim could not validate the simplified graph"
+    save_single_file(simplified, path)
+    return True, "simplified"
+
+
+def apply_conventions(path: str | Path, config: ClassifierConfig) -> ClassifierConfig:
+    """Name the input `image-` and the output `scores-0:a;1:b`, write the normalization JSON into
+    the graph doc_string (both with sclblonnx), and the full config as metadata_props."""
+    import sclblonnx as so
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    output_name = edge_output_name(config.classes)
+    if so.rename_input_image(graph, graph.input[0].name) is False:
+        raise RuntimeError("sclblonnx could not rename the graph input")
+    if so.rename_class_probabilities_output(graph, graph.output[0].name, config.classes) is False:
+        raise RuntimeError("sclblonnx could not rename the graph output")
+    graph.doc_string = edge_doc_string(config.mean, config.std)
+    config = ClassifierConfig.from_dict({**config.to_dict(), "input_name": EDGE_INPUT_NAME, "output_name": output_name})
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, config.to_metadata_props())
+    model.producer_name = "mlflow-clip"
+    save_single_file(model, path)
+    return config
+
+
+def edge_doc_string(mean: Sequence[float], std: Sequence[float]) -> str:
+    """`{"means": [...], "vars": [...]}` on the 0-255 scale, rounded to 2 decimals."""
+    return json.dumps({"means": [round(255 * m, 2) for m in mean], "vars": [round(255 * s, 2) for s in std]})
+
+
+def check_dynamic_batch(path: str | Path, resolution: int, batch_sizes: Sequence[int] = (1, 3)) -> None:
+    """Run the graph at batch 1 and an odd batch size; each must give [N, C] rows summing to 1."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    rng = np.random.default_rng(0)
+    for batch in batch_sizes:
+        x = rng.standard_normal((batch, 3, resolution, resolution), dtype=np.float32)
+        (out,) = session.run(None, {name: x})
+        if out.shape[0] != batch or not np.allclose(out.sum(axis=1), 1.0, atol=1e-4):
+            raise RuntimeError(f"The exported graph gave shape {out.shape} for batch {batch}; expected ({batch}, C).")
+
+
+def with_explicit_attention(module: nn.Module) -> nn.Module:
+    """A copy of `module` whose attention layers are written out as matmul + softmax, for
+    opsets that predate PyTorch's fused attention op. Same weights, same math."""
+    import copy
+
+    import clip
+
+    module = copy.deepcopy(module)
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.MultiheadAttention):
+                setattr(parent, name, _ExplicitMultiheadAttention(child))
+            elif isinstance(child, clip.model.AttentionPool2d):
+                setattr(parent, name, _ExplicitAttentionPool(child))
+    return module
+
+
+def _attention(q, k, v, weights, biases, out_proj: nn.Linear, heads: int, mask=None):
+    """Multi-head attention on [L, N, E] inputs, as torch.nn.functional computes it."""
+    length, batch, width = q.shape
+    head_dim = width // heads
+    q = nn.functional.linear(q, weights[0], biases[0])
+    k = nn.functional.linear(k, weights[1], biases[1])
+    v = nn.functional.linear(v, weights[2], biases[2])
+    q = q.reshape(length, batch * heads, head_dim).transpose(0, 1)
+    k = k.reshape(k.shape[0], batch * heads, head_dim).transpose(0, 1)
+    v = v.reshape(v.shape[0], batch * heads, head_dim).transpose(0, 1)
+    scores = torch.bmm(q * head_dim**-0.5, k.transpose(1, 2))
+    if mask is not None:
+        scores = scores + mask
+    out = torch.bmm(scores.softmax(dim=-1), v)
+    out = out.transpose(0, 1).reshape(length, batch, width)
+    return out_proj(out)
+
+
+class _ExplicitMultiheadAttention(nn.Module):
+    def __init__(self, mha: nn.MultiheadAttention):
+        super().__init__()
+        self.heads = mha.num_heads
+        self.in_proj_weight = mha.in_proj_weight
+        self.in_proj_bias = mha.in_proj_bias
+        self.out_proj = mha.out_proj
+
+    def forward(self, query, key, value, need_weights=False, attn_mask=None):
+        weights = self.in_proj_weight.chunk(3)
+        biases = self.in_proj_bias.chunk(3)
+        return _attention(query, key, value, weights, biases, self.out_proj, self.heads, attn_mask), None
+
+
+class _ExplicitAttentionPool(nn.Module):
+    def __init__(self, pool: nn.Module):
+        super().__init__()
+        self.pool = pool
+
+    def forward(self, x):
+        p = self.pool
+        x = x.reshape(x.shape[0], x.shape[1], x.shape[2] * x.shape[3]).permute(2, 0, 1)
+        x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0)
+        x = x + p.positional_embedding[:, None, :].to(x.dtype)
+        weights = (p.q_proj.weight, p.k_proj.weight, p.v_proj.weight)
+        biases = (p.q_proj.bias, p.k_proj.bias, p.v_proj.bias)
+        return _attention(x, x, x, weights, biases, p.c_proj, p.num_heads)[0]

@@ -1,0 +1,268 @@
+"""The export job behind `mlflow run .` and `mlflow-clip export`: build, check, log, register.
+
+    >>> result = export_and_register(classes="a red circle,a blue square", model="demo")  # doctest: +SKIP
+    >>> result.model_version  # doctest: +SKIP
+    '1'
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import mlflow
+import pandas as pd
+import torch
+from mlflow.tracking import MlflowClient
+
+from mlflow_clip import flavor
+from mlflow_clip.config import ClassifierConfig, sha256_file
+from mlflow_clip.export.checkpoints import LoadedClip, load_clip
+from mlflow_clip.export.graph import (
+    DEFAULT_OPSET,
+    ZeroShotHead,
+    apply_conventions,
+    check_dynamic_batch,
+    encode_text_features,
+    export_onnx,
+    simplify_onnx,
+)
+from mlflow_clip.export.parity import (
+    ParityError,
+    ParityReport,
+    ParityThresholds,
+    check_gates,
+    load_sample_images,
+    measure_parity,
+    plot_parity,
+)
+from mlflow_clip.preprocess import Preprocessor
+from mlflow_clip.prompts import describe_templates, parse_classes, resolve_templates
+
+_logger = logging.getLogger(__name__)
+
+DEFAULT_REGISTERED_MODEL_NAME = "clip-zero-shot"
+MODEL_ARTIFACT_NAME = "model"
+EDGE_ARTIFACT_DIR = "onnx"
+EDGE_FILE_NAME = "classifier.onnx"
+
+
+@dataclass
+class BuiltClassifier:
+    onnx_path: Path
+    config: ClassifierConfig
+    head: ZeroShotHead
+    loaded: LoadedClip
+    export_seconds: float
+    simplified: bool
+    simplify_note: str
+
+
+@dataclass
+class ExportResult:
+    run_id: str
+    model_uri: str
+    registered_model_name: str | None
+    model_version: str | None
+    onnx_sha256: str
+    parity: ParityReport
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _step(message: str) -> None:
+    print(f"[mlflow-clip] {message}", flush=True)
+    _logger.info(message)
+
+
+def build_classifier(
+    classes: Sequence[str],
+    model: str = "RN50",
+    templates: str | Sequence[str] = "ensemble",
+    opset: int = DEFAULT_OPSET,
+    out_dir: str | Path | None = None,
+) -> BuiltClassifier:
+    """Load CLIP, bake the class text features, export, simplify and apply the conventions."""
+    template_texts = resolve_templates(templates)
+    started = time.perf_counter()
+    _step(f"loading CLIP {model}")
+    loaded = load_clip(model)
+    _step(f"encoding {len(classes)} classes x {len(template_texts)} templates")
+    text_features = encode_text_features(loaded.model, classes, template_texts)
+    logit_scale = float(loaded.model.logit_scale.detach().exp())
+    head = ZeroShotHead(loaded.model.visual, text_features, logit_scale).eval()
+    out_dir = Path(out_dir or tempfile.mkdtemp(prefix="mlflow-clip-"))
+    onnx_path = out_dir / EDGE_FILE_NAME
+    _step(f"exporting to ONNX (opset {opset})")
+    export_onnx(head, onnx_path, loaded.input_resolution, opset)
+    _step("simplifying with onnxsim")
+    simplified, note = simplify_onnx(onnx_path)
+    if not simplified:
+        _logger.warning("Keeping the unsimplified graph: %s", note)
+    config = _config_for(loaded, classes, templates, template_texts, logit_scale, opset)
+    config = apply_conventions(onnx_path, config)
+    check_dynamic_batch(onnx_path, loaded.input_resolution)
+    return BuiltClassifier(onnx_path, config, head, loaded, time.perf_counter() - started, simplified, note)
+
+
+def _config_for(loaded, classes, templates, template_texts, logit_scale, opset) -> ClassifierConfig:
+    import clip
+    import onnx
+
+    from mlflow_clip.preprocess import CLIP_MEAN, CLIP_STD
+
+    return ClassifierConfig(
+        classes=list(classes),
+        clip_model=loaded.name,
+        input_resolution=loaded.input_resolution,
+        mean=list(CLIP_MEAN),
+        std=list(CLIP_STD),
+        logit_scale=logit_scale,
+        templates=describe_templates(templates),
+        template_texts=list(template_texts),
+        opset=opset,
+        torch_version=torch.__version__,
+        clip_version=_package_version("openai-clip") or getattr(clip, "__version__", ""),
+        onnx_version=onnx.__version__,
+    )
+
+
+def _package_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return ""
+
+
+def check_parity(built: BuiltClassifier, images: str | Path | None, thresholds: ParityThresholds) -> tuple[ParityReport, list[str]]:
+    _step("measuring parity against PyTorch")
+    samples = load_sample_images(images)
+    preprocessor = Preprocessor(built.config.input_resolution, tuple(built.config.mean), tuple(built.config.std))
+    report = measure_parity(built.head, built.onnx_path, samples, built.loaded.preprocess, preprocessor)
+    return report, check_gates(report, thresholds)
+
+
+def export_and_register(
+    classes: str | Sequence[str],
+    model: str = "RN50",
+    templates: str | Sequence[str] = "ensemble",
+    registered_model_name: str | None = DEFAULT_REGISTERED_MODEL_NAME,
+    opset: int = DEFAULT_OPSET,
+    images: str | Path | None = None,
+    max_prob_diff: float = 1e-4,
+    alias: str | None = None,
+    thresholds: ParityThresholds | None = None,
+) -> ExportResult:
+    """The whole job in one MLflow run: export, parity gates, log, register, tag, alias.
+
+    If a parity gate fails the run fails with the gate's figures and nothing is registered.
+    """
+    class_names = parse_classes(classes)
+    thresholds = thresholds or ParityThresholds(max_prob_diff=max_prob_diff)
+    active = mlflow.active_run()
+    run = active or mlflow.start_run()
+    try:
+        result = _export_in_run(run.info.run_id, class_names, model, templates, registered_model_name, opset, images, thresholds, alias)
+    except BaseException:
+        if active is None:
+            mlflow.end_run(status="FAILED")
+        raise
+    if active is None:
+        mlflow.end_run()
+    return result
+
+
+def _export_in_run(run_id, classes, model, templates, registered_model_name, opset, images, thresholds, alias) -> ExportResult:
+    mlflow.log_params(
+        {
+            "classes": json.dumps(classes, ensure_ascii=False)[:6000],
+            "num_classes": len(classes),
+            "model": model,
+            "templates": templates if isinstance(templates, str) else "custom",
+            "registered_model_name": registered_model_name or "",
+            "opset": opset,
+            "images": str(images or "package samples"),
+            "max_prob_diff": thresholds.max_prob_diff,
+            "max_logit_diff": thresholds.max_logit_diff,
+            "min_top1_agreement": thresholds.min_top1_agreement,
+            "max_pixel_diff": thresholds.max_pixel_diff,
+            "alias": alias or "",
+        }
+    )
+    with tempfile.TemporaryDirectory(prefix="mlflow-clip-") as tmp:
+        built = build_classifier(classes, model, templates, opset, tmp)
+        report, failures = check_parity(built, images, thresholds)
+        metrics = {
+            **report.metrics(),
+            "export_seconds": built.export_seconds,
+            "onnx_size_mb": built.onnx_path.stat().st_size / 1e6,
+            "simplified": float(built.simplified),
+        }
+        mlflow.log_metrics(metrics)
+        _log_reports(Path(tmp), built, report, failures)
+        if failures:
+            mlflow.set_tag("parity_status", "failed")
+            raise ParityError("Parity gate failed, nothing was registered: " + "; ".join(failures) + ".")
+        mlflow.set_tag("parity_status", "passed")
+        mlflow.log_artifact(str(built.onnx_path), EDGE_ARTIFACT_DIR)
+        return _log_and_register(run_id, built, report, metrics, registered_model_name, alias)
+
+
+def _log_reports(tmp: Path, built: BuiltClassifier, report: ParityReport, failures: list[str]) -> None:
+    (tmp / "classes.json").write_text(json.dumps(built.config.classes, indent=2, ensure_ascii=False), encoding="utf-8")
+    (tmp / "parity_report.json").write_text(
+        json.dumps({"failures": failures, "simplify": built.simplify_note, **json.loads(report.to_json())}, indent=2),
+        encoding="utf-8",
+    )
+    plot_parity(report, tmp / "parity.png", built.config.classes)
+    for name in ("classes.json", "parity_report.json", "parity.png"):
+        mlflow.log_artifact(str(tmp / name))
+
+
+def _log_and_register(run_id, built, report, metrics, registered_model_name, alias) -> ExportResult:
+    _step("logging the model" + (f" and registering it as {registered_model_name!r}" if registered_model_name else ""))
+    example = pd.DataFrame({"image": [_example_image_bytes()]})
+    sha = sha256_file(built.onnx_path)
+    info = flavor.log_model(
+        built.onnx_path,
+        name=MODEL_ARTIFACT_NAME,
+        registered_model_name=registered_model_name or None,
+        input_example=example,
+        metadata={"parity": report.metrics(), "onnx_sha256": sha},
+    )
+    version = None
+    if registered_model_name:
+        version = str(info.registered_model_version)
+        _tag_version(registered_model_name, version, built.config, sha, alias)
+        _step(f"registered {registered_model_name} version {version}" + (f" with alias @{alias}" if alias else ""))
+    return ExportResult(run_id, info.model_uri, registered_model_name, version, sha, report, metrics)
+
+
+def _tag_version(name: str, version: str, config: ClassifierConfig, sha: str, alias: str | None) -> None:
+    client = MlflowClient()
+    tags = {
+        "clip_model": config.clip_model,
+        "templates": config.templates,
+        "num_classes": str(len(config.classes)),
+        "parity_status": "passed",
+        "onnx_sha256": sha,
+        "precision": config.precision,
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    if alias:
+        client.set_registered_model_alias(name, alias, version)
+
+
+def _example_image_bytes() -> bytes:
+    from mlflow_clip.export.parity import IMAGE_SUFFIXES, default_images_dir
+
+    paths = sorted(p for p in default_images_dir().iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    smallest = min(paths, key=lambda p: p.stat().st_size)
+    return smallest.read_bytes()

@@ -1,0 +1,176 @@
+"""Parity: the exported ONNX classifier against the PyTorch original, measured and enforced.
+
+Pixels: the torch-free preprocessing serving uses against CLIP's own `preprocess`.
+Model: onnxruntime (fed by our preprocessing) against PyTorch (fed by CLIP's preprocessing),
+at batch 1, an odd batch size and the whole set.
+
+    >>> report = measure_parity(head, "model.onnx", images, clip_preprocess, preprocessor)  # doctest: +SKIP
+    >>> failures = check_gates(report, ParityThresholds(max_prob_diff=1e-4))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+import torch
+from PIL import Image
+
+from mlflow_clip.images import decode_image
+from mlflow_clip.preprocess import Preprocessor
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+PARITY_BATCH_SIZES = (1, 3)
+
+
+@dataclass(frozen=True)
+class ParityThresholds:
+    max_prob_diff: float = 1e-4
+    max_logit_diff: float = 1e-2
+    min_top1_agreement: float = 1.0
+    max_pixel_diff: float = 0.0
+
+
+@dataclass
+class ParityReport:
+    image_names: list[str]
+    batch_sizes: list[int]
+    max_abs_prob_diff: float
+    max_abs_logit_diff: float
+    top1_agreement: float
+    max_abs_pixel_diff: float
+    torch_probabilities: list[list[float]] = field(repr=False)
+    onnx_probabilities: list[list[float]] = field(repr=False)
+
+    def metrics(self, prefix: str = "parity_") -> dict[str, float]:
+        return {
+            f"{prefix}max_abs_prob_diff": self.max_abs_prob_diff,
+            f"{prefix}max_abs_logit_diff": self.max_abs_logit_diff,
+            f"{prefix}top1_agreement": self.top1_agreement,
+            f"{prefix}max_abs_pixel_diff": self.max_abs_pixel_diff,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+class ParityError(RuntimeError):
+    """A parity gate failed; nothing was registered."""
+
+
+def default_images_dir() -> Path:
+    return Path(str(resources.files("mlflow_clip") / "assets" / "sample_images"))
+
+
+def load_sample_images(folder: str | Path | None = None) -> list[tuple[str, Image.Image]]:
+    """Decode every image in `folder` (default: the samples shipped in the package) the way
+    serving does: upright, RGB, 8-bit."""
+    folder = Path(folder) if folder else default_images_dir()
+    if not folder.is_dir():
+        raise ParityError(f"The parity images folder {folder} does not exist; pass -P images=<folder of images>.")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise ParityError(f"No images ({', '.join(IMAGE_SUFFIXES)}) in {folder}; parity needs at least one.")
+    return [(p.name, decode_image(p.read_bytes())) for p in paths]
+
+
+@torch.no_grad()
+def measure_parity(
+    head: torch.nn.Module,
+    onnx_path: str | Path,
+    images: Sequence[tuple[str, Image.Image]],
+    clip_preprocess: Callable,
+    preprocessor: Preprocessor,
+    batch_sizes: Sequence[int] = PARITY_BATCH_SIZES,
+) -> ParityReport:
+    names = [name for name, _ in images]
+    reference_pixels = torch.stack([clip_preprocess(image) for _, image in images])
+    ours = preprocessor.batch([image for _, image in images])
+    pixel_diff = float(np.abs(reference_pixels.numpy() - ours).max())
+
+    torch_logits = head.logits(reference_pixels).float()
+    torch_probs = torch_logits.softmax(dim=-1).numpy()
+    torch_logits = torch_logits.numpy()
+    sizes = sorted({*batch_sizes, len(images)})
+    onnx_probs, onnx_logits = {}, {}
+    for size in sizes:
+        onnx_probs[size], onnx_logits[size] = run_with_logits(onnx_path, ours, size)
+    prob_diff = max(float(np.abs(p - torch_probs).max()) for p in onnx_probs.values())
+    logit_diff = max(float(np.abs(l - torch_logits).max()) for l in onnx_logits.values())
+    agreement = min(float((p.argmax(1) == torch_probs.argmax(1)).mean()) for p in onnx_probs.values())
+    return ParityReport(
+        image_names=names,
+        batch_sizes=sizes,
+        max_abs_prob_diff=prob_diff,
+        max_abs_logit_diff=logit_diff,
+        top1_agreement=agreement,
+        max_abs_pixel_diff=pixel_diff,
+        torch_probabilities=torch_probs.tolist(),
+        onnx_probabilities=onnx_probs[len(images)].tolist(),
+    )
+
+
+def run_with_logits(onnx_path: str | Path, batch: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Run the shipped graph in chunks of `batch_size`, also reading the logits that feed its
+    final Softmax (exposed as an extra output on an in-memory copy)."""
+    import onnxruntime as ort
+
+    model = onnx.load(str(onnx_path))
+    output = model.graph.output[0].name
+    producer = next(node for node in model.graph.node if output in node.output)
+    outputs = [output]
+    if producer.op_type == "Softmax":
+        logits_name = producer.input[0]
+        model.graph.output.append(onnx.helper.make_empty_tensor_value_info(logits_name))
+        outputs.append(logits_name)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feed = session.get_inputs()[0].name
+    probs, logits = [], []
+    for start in range(0, len(batch), batch_size):
+        result = session.run(outputs, {feed: batch[start : start + batch_size]})
+        probs.append(result[0])
+        logits.append(result[1] if len(result) > 1 else np.log(np.clip(result[0], 1e-30, None)))
+    return np.concatenate(probs), np.concatenate(logits)
+
+
+def check_gates(report: ParityReport, thresholds: ParityThresholds, prefix: str = "parity_") -> list[str]:
+    """Each failed gate as a sentence with its figures; empty when all pass."""
+    failures = []
+    if not report.max_abs_prob_diff <= thresholds.max_prob_diff:
+        failures.append(f"{prefix}max_abs_prob_diff = {report.max_abs_prob_diff:.3g} exceeds max_prob_diff = {thresholds.max_prob_diff:.3g}")
+    if not report.max_abs_logit_diff <= thresholds.max_logit_diff:
+        failures.append(f"{prefix}max_abs_logit_diff = {report.max_abs_logit_diff:.3g} exceeds max_logit_diff = {thresholds.max_logit_diff:.3g}")
+    if not report.top1_agreement >= thresholds.min_top1_agreement:
+        failures.append(f"{prefix}top1_agreement = {report.top1_agreement:.4f} is below min_top1_agreement = {thresholds.min_top1_agreement:.4f}")
+    if not report.max_abs_pixel_diff <= thresholds.max_pixel_diff:
+        failures.append(f"{prefix}max_abs_pixel_diff = {report.max_abs_pixel_diff:.3g} exceeds max_pixel_diff = {thresholds.max_pixel_diff:.3g}")
+    return failures
+
+
+def plot_parity(report: ParityReport, path: str | Path, classes: Sequence[str]) -> Path:
+    """Scatter of ONNX vs PyTorch probabilities, one colour per class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    torch_p = np.asarray(report.torch_probabilities)
+    onnx_p = np.asarray(report.onnx_probabilities)
+    fig, (ax, ax_diff) = plt.subplots(1, 2, figsize=(10, 4.5))
+    for c, name in enumerate(classes[:20]):
+        ax.scatter(torch_p[:, c], onnx_p[:, c], s=18, label=name)
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+    ax.set(xlabel="PyTorch probability", ylabel="ONNX Runtime probability", title="ONNX vs PyTorch")
+    if len(classes) <= 10:
+        ax.legend(fontsize=7)
+    ax_diff.hist(np.abs(onnx_p - torch_p).ravel(), bins=30, color="tab:orange")
+    ax_diff.set(xlabel="|ONNX - PyTorch|", ylabel="count", title=f"max abs diff {report.max_abs_prob_diff:.2e}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

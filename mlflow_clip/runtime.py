@@ -1,0 +1,143 @@
+"""onnxruntime ownership: one session per loaded model, explicit providers, chunked runs.
+
+The classifier depends on `OrtSession.run`, not on onnxruntime itself, so the runtime
+settings (providers, threads, arena) live in one place and are read from the model's MLmodel.
+
+    >>> session = OrtSession("model.onnx", RuntimeSettings(providers=("CPUExecutionProvider",)))  # doctest: +SKIP
+    >>> probabilities = session.run(batch)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+_logger = logging.getLogger(__name__)
+
+DEFAULT_PROVIDERS: tuple[str, ...] = ("CPUExecutionProvider",)
+# Environment overrides, for operators who cannot change the model: MLFLOW_CLIP_INTRA_OP_THREADS=2
+_ENV_PREFIX = "MLFLOW_CLIP_"
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """How the onnxruntime session runs; stored in MLmodel, overridable at load time."""
+
+    providers: tuple[str, ...] = DEFAULT_PROVIDERS
+    intra_op_num_threads: int = 0  # 0: onnxruntime's default (one per physical core)
+    inter_op_num_threads: int = 0
+    # Largest batch handed to onnxruntime at once; larger inputs run in chunks.
+    chunk_size: int = 32
+    # onnxruntime's CPU memory arena grows with every new input shape and never shrinks;
+    # a server fed varying batch sizes keeps a flat footprint without it.
+    enable_cpu_mem_arena: bool = False
+    graph_optimization_level: str = "all"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["providers"] = list(self.providers)
+        data["extra"] = dict(self.extra)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "RuntimeSettings":
+        data = dict(data or {})
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"Received unknown runtime settings {unknown}; expected any of {sorted(known)}."
+            )
+        if "providers" in data:
+            data["providers"] = tuple(data["providers"])
+        return cls(**data)
+
+    def with_overrides(self, overrides: Mapping[str, Any] | None) -> "RuntimeSettings":
+        merged = {**self.to_dict(), **_env_overrides(), **dict(overrides or {})}
+        return RuntimeSettings.from_dict(merged)
+
+
+def _env_overrides() -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for name in ("intra_op_num_threads", "inter_op_num_threads", "chunk_size"):
+        value = os.environ.get(_ENV_PREFIX + name.upper())
+        if value:
+            overrides[name] = int(value)
+    providers = os.environ.get(_ENV_PREFIX + "PROVIDERS")
+    if providers:
+        overrides["providers"] = tuple(p.strip() for p in providers.split(",") if p.strip())
+    return overrides
+
+
+_OPT_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
+
+
+def select_providers(requested: tuple[str, ...]) -> tuple[str, ...]:
+    """Keep the requested providers that this onnxruntime build has, in order, and say so."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    chosen = tuple(p for p in requested if p in available)
+    dropped = [p for p in requested if p not in available]
+    if dropped:
+        _logger.warning(
+            "Execution providers %s requested by the model are not available in this "
+            "onnxruntime build (available: %s); install the matching onnxruntime package "
+            "(e.g. onnxruntime-gpu) to use them.",
+            dropped,
+            available,
+        )
+    if not chosen:
+        _logger.warning("Falling back to CPUExecutionProvider.")
+        chosen = ("CPUExecutionProvider",)
+    return chosen
+
+
+class OrtSession:
+    """One onnxruntime InferenceSession; `run` is safe to call from concurrent threads."""
+
+    def __init__(self, model_path: str | Path, settings: RuntimeSettings = RuntimeSettings()):
+        import onnxruntime as ort
+
+        self.settings = settings
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = settings.intra_op_num_threads
+        options.inter_op_num_threads = settings.inter_op_num_threads
+        options.enable_cpu_mem_arena = settings.enable_cpu_mem_arena
+        options.graph_optimization_level = getattr(
+            ort.GraphOptimizationLevel, _OPT_LEVELS[settings.graph_optimization_level]
+        )
+        providers = select_providers(settings.providers)
+        self._session = ort.InferenceSession(str(model_path), options, providers=list(providers))
+        self.providers: tuple[str, ...] = tuple(self._session.get_providers())
+        self.input_name: str = self._session.get_inputs()[0].name
+        self.output_names: list[str] = [o.name for o in self._session.get_outputs()]
+        _logger.info("Loaded %s with execution providers %s", Path(model_path).name, self.providers)
+
+    def run(self, batch: np.ndarray, outputs: list[str] | None = None) -> list[np.ndarray]:
+        """Run the graph on `batch`, in chunks of `settings.chunk_size` rows."""
+        names = outputs or self.output_names
+        size = max(1, self.settings.chunk_size)
+        if len(batch) <= size:
+            return self._session.run(names, {self.input_name: batch})
+        parts = [
+            self._session.run(names, {self.input_name: batch[start : start + size]})
+            for start in range(0, len(batch), size)
+        ]
+        return [np.concatenate([p[i] for p in parts]) for i in range(len(names))]
+
+
+def describe(settings: RuntimeSettings) -> dict[str, Any]:
+    """Settings as written into MLmodel."""
+    return replace(settings).to_dict()

@@ -1,0 +1,68 @@
+"""mlflow-clip: CLIP zero-shot image classifiers as parity-checked ONNX models in MLflow.
+
+`pip install .` is the serving install (onnxruntime, no torch);
+`pip install ".[export]"` adds what exporting needs; `".[test]"` the test tools.
+"""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+version: dict = {}
+exec((ROOT / "mlflow_clip" / "version.py").read_text(), version)
+
+# Serving: what a model's requirements.txt lists, and nothing heavier.
+# Pillow >= 12.1.1 and onnx >= 1.21.0 are the first releases free of the known
+# image-decoding and external-data (path traversal / symlink) CVEs.
+SERVING_REQUIRES = [
+    "mlflow>=3.1,<4",
+    "onnxruntime>=1.20",
+    "onnx>=1.21.0",
+    "numpy>=1.24",
+    "pillow>=12.1.1",
+    "click>=8",
+]
+EXPORT_REQUIRES = [
+    "torch>=2.3",
+    "torchvision>=0.18",
+    "openai-clip==1.0.1",
+    # openai-clip still imports pkg_resources, which setuptools 81 removed.
+    "setuptools<81",
+    "ftfy",
+    "regex",
+    "onnxsim>=0.4.36",
+    "sclblonnx>=0.3.0",
+    "matplotlib>=3.7",
+    "tqdm",
+]
+TEST_REQUIRES = [
+    "pytest>=8",
+    "pytest-timeout>=2.3",
+    "requests>=2.31",
+    "pyspark>=3.5",
+]
+
+setup(
+    name="mlflow-clip",
+    version=version["__version__"],
+    description="Ship CLIP zero-shot image classifiers as parity-checked ONNX models through MLflow.",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mlflow_clip", "mlflow_clip.*"]),
+    package_data={"mlflow_clip": ["assets/*.pt", "assets/sample_images/*"]},
+    include_package_data=True,
+    install_requires=SERVING_REQUIRES,
+    extras_require={
+        "export": EXPORT_REQUIRES,
+        "test": TEST_REQUIRES,
+    },
+    entry_points={
+        "console_scripts": ["mlflow-clip=mlflow_clip.cli:cli"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

@@ -1,0 +1,139 @@
+"""Shared fixtures: tiny purpose-built models, images made here, and a fresh MLflow store per test."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+COLOUR_CLASSES = ["red", "green", "blue"]
+COLOUR_RGB = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+
+
+def has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+requires_export = pytest.mark.skipif(
+    not (has_module("torch") and has_module("clip")), reason="needs the export extra: pip install '.[export]'"
+)
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def solid(colour: str, size=(40, 30)) -> Image.Image:
+    return Image.new("RGB", size, COLOUR_RGB[colour])
+
+
+def build_colour_onnx(path: Path, resolution: int = 32) -> Path:
+    """A hand-built ONNX 'classifier' that tells red, green and blue images apart: it averages
+    each channel and scores classes with a fixed matrix. With mlflow-clip's metadata, it stands
+    in for an exported CLIP where the test is about the flavor, not about CLIP."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from mlflow_clip.config import ClassifierConfig, edge_output_name
+    from mlflow_clip.preprocess import CLIP_MEAN, CLIP_STD
+
+    output = edge_output_name(COLOUR_CLASSES)
+    weights = (np.eye(3, dtype=np.float32) * 20.0).astype(np.float32)  # channel mean -> class logit
+    nodes = [
+        helper.make_node("ReduceMean", ["image-"], ["pooled"], axes=[2, 3], keepdims=0),
+        helper.make_node("MatMul", ["pooled", "w"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], [output], axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "colour",
+        [helper.make_tensor_value_info("image-", TensorProto.FLOAT, ["batch", 3, resolution, resolution])],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["batch", 3])],
+        [helper.make_tensor("w", TensorProto.FLOAT, [3, 3], weights.ravel())],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    config = ClassifierConfig(
+        classes=COLOUR_CLASSES,
+        clip_model="colour-test",
+        input_resolution=resolution,
+        mean=list(CLIP_MEAN),
+        std=list(CLIP_STD),
+        logit_scale=20.0,
+        output_name=output,
+        opset=13,
+    )
+    helper.set_model_props(model, config.to_metadata_props())
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def colour_onnx(tmp_path_factory) -> Path:
+    return build_colour_onnx(tmp_path_factory.mktemp("colour") / "colour.onnx")
+
+
+@pytest.fixture(scope="session")
+def colour_model_dir(tmp_path_factory, colour_onnx) -> Path:
+    import mlflow_clip
+
+    path = tmp_path_factory.mktemp("colour-model") / "model"
+    mlflow_clip.save_model(colour_onnx, path)
+    return path
+
+
+@pytest.fixture()
+def tracking_uri(tmp_path, monkeypatch) -> str:
+    """A fresh SQLite tracking store and registry, and a local artifact root, for one test."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def demo_built(tmp_path_factory):
+    """The demo CLIP exported once for the session (all 9 classes, ensemble templates)."""
+    if not (has_module("torch") and has_module("clip")):
+        pytest.skip("needs the export extra")
+    from mlflow_clip.demo_data import DEMO_CLASSES
+    from mlflow_clip.export.job import build_classifier
+
+    return build_classifier(DEMO_CLASSES, model="demo", templates="ensemble", out_dir=tmp_path_factory.mktemp("demo"))
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(tmp_path_factory, demo_built) -> Path:
+    import mlflow_clip
+
+    path = tmp_path_factory.mktemp("demo-model") / "model"
+    mlflow_clip.save_model(demo_built.onnx_path, path)
+    return path
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_RUN")}
+    env.update(extra)
+    return env

@@ -1,0 +1,215 @@
+"""The mlflow_clip flavor: the model directory contract, inputs, outputs, errors, runtime."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from conftest import COLOUR_CLASSES, encode, solid, subprocess_env
+
+import mlflow
+import mlflow_clip
+from mlflow.exceptions import MlflowException
+
+TOL = 1e-6
+
+
+def test_mlmodel_carries_the_contract(colour_model_dir):
+    mlmodel = yaml.safe_load((colour_model_dir / "MLmodel").read_text())
+    conf = mlmodel["flavors"]["mlflow_clip"]
+    assert conf["classes"] == COLOUR_CLASSES
+    assert conf["input_resolution"] == 32
+    assert conf["clip_model"] == "colour-test"
+    assert conf["providers"] == ["CPUExecutionProvider"]
+    assert len(conf["onnx_sha256"]) == 64
+    assert set(conf) >= {"templates", "mean", "std", "opset", "logit_scale", "runtime", "limits"}
+    pyfunc = mlmodel["flavors"]["python_function"]
+    assert pyfunc["loader_module"] == "mlflow_clip.flavor"
+    assert (colour_model_dir / pyfunc["code"] / "mlflow_clip" / "flavor.py").exists()
+    assert not (colour_model_dir / pyfunc["code"] / "mlflow_clip" / "export").exists()
+    signature = mlmodel["signature"]
+    assert json.loads(signature["inputs"]) == [{"type": "binary", "name": "image", "required": True}]
+    assert {p["name"] for p in json.loads(signature["params"])} >= {"top_k", "on_error"}
+
+
+def test_requirements_are_serving_only(colour_model_dir):
+    requirements = (colour_model_dir / "requirements.txt").read_text().lower()
+    names = {line.split("==")[0].split(">")[0].strip() for line in requirements.splitlines() if line.strip()}
+    assert names == {"mlflow", "onnxruntime", "numpy", "pillow"}
+    assert "torch" not in requirements and "clip" not in requirements
+
+
+def test_serving_code_in_model_is_complete():
+    """Every mlflow_clip module a serving module imports is itself copied into the model."""
+    import ast
+    from pathlib import Path
+
+    from mlflow_clip.flavor import SERVING_MODULES
+
+    package = Path(mlflow_clip.__file__).parent
+    for name in SERVING_MODULES:
+        tree = ast.parse((package / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mlflow_clip"):
+                module = node.module.split(".")[1:]
+                if module:
+                    assert f"{module[0]}.py" in SERVING_MODULES, f"{name} imports {node.module}, not shipped"
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + [getattr(node, "module", "") or ""]
+                assert not any(n.split(".")[0] in {"torch", "torchvision", "clip"} for n in names), name
+
+
+def test_native_classifier_predicts(colour_model_dir):
+    classifier = mlflow_clip.load_model(str(colour_model_dir))
+    assert classifier.classes == COLOUR_CLASSES
+    out = classifier.predict([encode(solid("green")), encode(solid("red"), "JPEG")])
+    assert list(out["label"]) == ["green", "red"]
+    np.testing.assert_allclose([sum(p) for p in out["probabilities"]], 1.0, atol=1e-5)
+    assert out["score"][0] == pytest.approx(max(out["probabilities"][0]), abs=TOL)
+
+
+@pytest.mark.parametrize(
+    "make_input",
+    [
+        lambda imgs: pd.DataFrame({"image": imgs}),
+        lambda imgs: {"image": imgs},
+        lambda imgs: [{"image": i} for i in imgs],
+        lambda imgs: pd.DataFrame({"image": [base64.b64encode(i).decode() for i in imgs]}),
+        lambda imgs: pd.DataFrame({"image": [base64.b64encode(i) for i in imgs]}),
+        lambda imgs: pd.DataFrame({"image": ["data:image/png;base64," + base64.b64encode(i).decode() for i in imgs]}),
+    ],
+    ids=["dataframe", "dict", "records", "b64-str", "b64-bytes", "data-uri"],
+)
+def test_pyfunc_accepts_every_input_form(colour_model_dir, make_input):
+    model = mlflow.pyfunc.load_model(str(colour_model_dir))
+    images = [encode(solid(c)) for c in ("blue", "red", "green")]
+    out = model.predict(make_input(images))
+    assert list(out["label"]) == ["blue", "red", "green"]
+
+
+def test_native_accepts_lists_and_decoded_arrays(colour_model_dir):
+    classifier = mlflow_clip.load_model(str(colour_model_dir))
+    images = [encode(solid("blue")), "data:image/png;base64," + base64.b64encode(encode(solid("red"))).decode()]
+    assert list(classifier.predict(images)["label"]) == ["blue", "red"]
+    arrays = [np.asarray(solid(c, (17, 23))) for c in ("red", "blue")]
+    assert list(classifier.predict(arrays)["label"]) == ["red", "blue"]
+    assert list(classifier.predict(np.stack([arrays[0], arrays[0]]))["label"]) == ["red", "red"]
+
+
+def test_top_k_adds_ranked_columns(colour_model_dir):
+    model = mlflow.pyfunc.load_model(str(colour_model_dir))
+    out = model.predict(pd.DataFrame({"image": [encode(solid("blue"))]}), params={"top_k": 2})
+    assert out["top_labels"][0][0] == "blue" and len(out["top_labels"][0]) == 2
+    probs = dict(zip(COLOUR_CLASSES, out["probabilities"][0]))
+    np.testing.assert_allclose(out["top_scores"][0], [probs[c] for c in out["top_labels"][0]], atol=TOL)
+    assert out["top_scores"][0][0] >= out["top_scores"][0][1]
+
+
+def test_bad_row_raises_with_row_index_and_no_payload(colour_model_dir):
+    model = mlflow.pyfunc.load_model(str(colour_model_dir))
+    payload = base64.b64encode(b"SECRET-PAYLOAD-" * 20).decode()
+    frame = pd.DataFrame({"image": [encode(solid("red")), payload]})
+    with pytest.raises(MlflowException) as info:
+        model.predict(frame)
+    assert info.value.error_code == "INVALID_PARAMETER_VALUE"
+    assert "row 1" in info.value.message
+    assert "SECRET" not in info.value.message and payload[:20] not in info.value.message
+
+
+def test_on_error_null_keeps_the_batch_going(colour_model_dir):
+    model = mlflow.pyfunc.load_model(str(colour_model_dir))
+    frame = pd.DataFrame({"image": [encode(solid("red")), b"not an image", encode(solid("blue"))]})
+    out = model.predict(frame, params={"on_error": "null"})
+    assert list(out["label"]) == ["red", None, "blue"]
+    assert out["error"][1] and out["error"][0] is None
+    assert out["probabilities"][1] is None
+
+
+def test_paths_and_urls_are_never_opened(colour_model_dir, tmp_path):
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(encode(solid("red")))
+    classifier = mlflow_clip.load_model(str(colour_model_dir))
+    for value in (str(secret), f"file://{secret}", "http://127.0.0.1:9/x.png"):
+        out = classifier.predict([value], on_error="null")
+        assert out["label"][0] is None
+        assert "path or URL" in out["error"][0]
+
+
+def test_rows_per_request_limit(colour_model_dir):
+    model = mlflow.pyfunc.load_model(str(colour_model_dir), model_config={"max_rows": 2})
+    with pytest.raises(MlflowException, match="at most 2"):
+        model.predict(pd.DataFrame({"image": [encode(solid("red"))] * 3}))
+
+
+def test_chunked_and_concurrent_predictions_agree(colour_model_dir):
+    images = [encode(solid(c, (20 + i, 31))) for i, c in enumerate(["red", "green", "blue"] * 4)]
+    whole = mlflow_clip.load_model(str(colour_model_dir)).predict(images)
+    chunked_model = mlflow_clip.load_model(str(colour_model_dir), model_config={"chunk_size": 5})
+    chunked = chunked_model.predict(images)
+    np.testing.assert_allclose(np.stack(chunked["probabilities"]), np.stack(whole["probabilities"]), atol=TOL)
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: chunked_model.predict(images), range(16)))
+    for result in results:
+        np.testing.assert_allclose(np.stack(result["probabilities"]), np.stack(whole["probabilities"]), atol=TOL)
+
+
+def test_providers_are_filtered_and_logged(colour_onnx, tmp_path, caplog):
+    path = tmp_path / "model"
+    mlflow_clip.save_model(colour_onnx, path, runtime={"providers": ["NoSuchExecutionProvider", "CPUExecutionProvider"]})
+    with caplog.at_level(logging.INFO, logger="mlflow_clip"):
+        classifier = mlflow_clip.load_model(str(path))
+    assert classifier.session.providers == ("CPUExecutionProvider",)
+    assert "NoSuchExecutionProvider" in caplog.text and "not available" in caplog.text
+    assert "execution providers ('CPUExecutionProvider',)" in caplog.text
+
+
+def test_unknown_runtime_override_is_a_clear_error(colour_model_dir):
+    with pytest.raises(MlflowException, match="unknown runtime settings"):
+        mlflow_clip.load_model(str(colour_model_dir), model_config={"threads": 2})
+
+
+def test_log_model_registers_a_version(colour_onnx, tracking_uri):
+    with mlflow.start_run():
+        info = mlflow_clip.log_model(colour_onnx, name="model", registered_model_name="colours",
+                                     input_example=pd.DataFrame({"image": [encode(solid("red"))]}))
+    assert str(info.registered_model_version) == "1"
+    model = mlflow.pyfunc.load_model("models:/colours/1")
+    assert list(model.predict(pd.DataFrame({"image": [encode(solid("green"))]}))["label"]) == ["green"]
+
+
+def test_loads_and_predicts_without_torch(colour_model_dir, tmp_path):
+    """A serving machine without torch, torchvision or clip: the model must load from its own
+    code/ folder and predict."""
+    image_path = tmp_path / "blue.png"
+    image_path.write_bytes(encode(solid("blue")))
+    script = textwrap.dedent(
+        f"""
+        import importlib.abc, sys
+        BLOCKED = {{"torch", "torchvision", "clip"}}
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name.split(".")[0] in BLOCKED:
+                    raise ImportError(f"{{name}} is blocked: serving must not import it")
+        sys.meta_path.insert(0, Block())
+        import mlflow, pandas as pd
+        model = mlflow.pyfunc.load_model({str(colour_model_dir)!r})
+        out = model.predict(pd.DataFrame({{"image": [open({str(image_path)!r}, "rb").read()]}}))
+        import mlflow_clip
+        assert mlflow_clip.__file__.startswith({str(colour_model_dir)!r}), mlflow_clip.__file__
+        assert not any(m.split(".")[0] in BLOCKED for m in sys.modules)
+        print("LABEL", out["label"][0])
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                            env=subprocess_env(), timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "LABEL blue" in result.stdout
