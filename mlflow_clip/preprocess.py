@@ -1,0 +1,177 @@
+"""CLIP's image preprocessing in Pillow + numpy, bit-for-bit (serving side: never imports torch).
+
+Reproduces ``clip.clip._transform(n_px)`` exactly (max abs diff 0.0): torchvision
+``Resize(n_px, BICUBIC)`` on a PIL image, ``CenterCrop(n_px)``, RGB, ``ToTensor()``,
+``Normalize(mean, std)``. The integer arithmetic of the resize size and the crop offsets is
+torchvision's; the float math is float32 in the same order, ``(x / 255 - mean) / std``, computed
+once per channel for the 256 possible byte values and applied as a lookup table.
+
+    >>> from PIL import Image
+    >>> pixels = Preprocessor(224)(Image.new("RGB", (640, 480), (255, 0, 0)))
+    >>> pixels.shape, pixels.dtype
+    ((3, 224, 224), dtype('float32'))
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from mlflow_clip.images import to_rgb
+
+CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+RESAMPLE_FILTERS: dict[str, Image.Resampling] = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+# Above this many pixels, the intermediate "resize the short side, then crop" image is not built
+# (CLIP would need gigabytes for a 100000x2 image): only the crop region is resampled, with
+# Pillow's ``box=``, whose float coefficients can move a few pixels by one grey level. At 336 px
+# exact parity holds up to aspect ratios of about 300:1, at 224 px up to about 670:1.
+MAX_EXACT_RESIZED_PIXELS = 1 << 25
+
+
+def compute_resized_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) after torchvision's ``Resize(size)``: the short side becomes ``size``.
+
+        >>> compute_resized_size(640, 480, 224)
+        (298, 224)
+    """
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = size, int(size * long / short)
+    return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
+def compute_crop_origin(width: int, height: int, size: int) -> tuple[int, int]:
+    """(left, top) of torchvision's ``CenterCrop(size)``; Python's round(), so halves go to even.
+
+        >>> compute_crop_origin(299, 224, 224), compute_crop_origin(301, 224, 224)
+        ((38, 0), (38, 0))
+    """
+    return int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """Turn PIL images into CLIP's float32 input, ``[3, R, R]`` per image, ``[N, 3, R, R]`` per batch.
+
+    RGB and L images follow CLIP exactly. Any other mode is first made upright RGB with
+    ``mlflow_clip.images.to_rgb`` (transparency over white, 16-bit scaled), which deliberately
+    differs from CLIP's raw pipeline: that one resizes P and 1 images with nearest neighbour
+    (Pillow's rule for those modes) and drops alpha only after resizing.
+
+        >>> from PIL import Image
+        >>> Preprocessor(64).batch([Image.new("L", (80, 64))] * 2).shape
+        (2, 3, 64, 64)
+    """
+
+    input_resolution: int
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    resample: str = "bicubic"
+    _table: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _check_resolution(self.input_resolution)
+        object.__setattr__(self, "input_resolution", int(self.input_resolution))
+        object.__setattr__(self, "mean", _three_floats("mean", self.mean))
+        object.__setattr__(self, "std", _three_floats("std", self.std))
+        if any(value == 0.0 for value in self.std):
+            raise ValueError(f"Preprocessor std must not contain 0; received {self.std}.")
+        if self.resample not in RESAMPLE_FILTERS:
+            raise ValueError(
+                f"Received resample={self.resample!r}; expected one of {sorted(RESAMPLE_FILTERS)}."
+            )
+        object.__setattr__(self, "_table", _normalization_table(self.mean, self.std))
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        """One image as float32 ``[3, R, R]``."""
+        size = self.input_resolution
+        out = np.empty((3, size, size), dtype=np.float32)
+        self._write(image, out)
+        return out
+
+    def batch(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Several images as one float32 ``[N, 3, R, R]`` array, written in place."""
+        size = self.input_resolution
+        out = np.empty((len(images), 3, size, size), dtype=np.float32)
+        for index, image in enumerate(images):
+            self._write(image, out[index])
+        return out
+
+    def resize_and_crop(self, image: Image.Image) -> Image.Image:
+        """The ``R x R`` RGB or L image the model sees, before normalisation."""
+        if image.mode not in ("RGB", "L"):
+            image = to_rgb(image)
+        size = self.input_resolution
+        new_width, new_height = compute_resized_size(image.width, image.height, size)
+        left, top = compute_crop_origin(new_width, new_height, size)
+        if new_width * new_height > MAX_EXACT_RESIZED_PIXELS:
+            return self._resize_crop_region(image, new_width, new_height, left, top)
+        if (new_width, new_height) != image.size:
+            image = image.resize((new_width, new_height), RESAMPLE_FILTERS[self.resample])
+        return image.crop((left, top, left + size, top + size))
+
+    def _resize_crop_region(
+        self, image: Image.Image, new_width: int, new_height: int, left: int, top: int
+    ) -> Image.Image:
+        """Resample only the crop, horizontal pass first like Pillow's full resize.
+
+        Each call resamples one axis: a single 2-D ``box=`` call may switch Pillow to vertical
+        first, and the rounding between passes then moves pixels by up to ~25 levels.
+        """
+        size, resample = self.input_resolution, RESAMPLE_FILTERS[self.resample]
+        width, height = image.size
+        if new_width >= new_height:  # wide: keep columns [left, left + size)
+            scale = width / new_width
+            box = (left * scale, 0.0, min(width, (left + size) * scale), float(height))
+            return image.resize((size, height), resample, box=box).resize((size, size), resample)
+        scale = height / new_height  # tall: keep rows [top, top + size), plus the filter's reach
+        margin = 3 * max(scale, 1.0) + 2
+        first = max(0, int(top * scale - margin))
+        last = min(height, math.ceil((top + size) * scale + margin))
+        rows = image.crop((0, first, width, last)).resize((size, last - first), resample)
+        box = (0.0, top * scale - first, float(size), min(last, (top + size) * scale) - first)
+        return rows.resize((size, size), resample, box=box)
+
+    def _write(self, image: Image.Image, out: np.ndarray) -> None:
+        pixels = np.asarray(self.resize_and_crop(image))
+        for channel in range(3):
+            plane = pixels if pixels.ndim == 2 else pixels[:, :, channel]
+            np.take(self._table[channel], plane, out=out[channel], mode="clip")
+
+
+def _normalization_table(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """[3, 256] float32: (byte / 255 - mean) / std, each step in float32 like ToTensor + Normalize."""
+    scaled = np.arange(256, dtype=np.float32) / np.float32(255)
+    mean32 = np.asarray(mean, dtype=np.float32)[:, None]
+    std32 = np.asarray(std, dtype=np.float32)[:, None]
+    return np.ascontiguousarray((scaled[None, :] - mean32) / std32, dtype=np.float32)
+
+
+def _check_resolution(value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(
+            f"Received input_resolution={value!r}; expected a positive int such as 224."
+        )
+
+
+def _three_floats(name: str, values: Sequence[float]) -> tuple[float, float, float]:
+    try:
+        floats = tuple(float(v) for v in values)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"Received {name}={values!r}; expected three numbers (R, G, B).") from e
+    if len(floats) != 3:
+        raise ValueError(f"Received {name}={values!r}; expected three numbers (R, G, B).")
+    return floats  # type: ignore[return-value]
