@@ -41,6 +41,7 @@ TEST_REQUIRES = [
     "pytest-timeout>=2.3",
     "requests>=2.31",
     "pyspark>=3.5",
+    "psycopg2-binary>=2.9",
 ]
 
 setup(

@@ -60,6 +60,50 @@ def export_command(classes, model, templates, registered_model_name, opset, imag
     )
 
 
+@cli.command("promote")
+@click.option("--model-name", "--model_name", default="clip-zero-shot", show_default=True)
+@click.option("--version", required=True, help="A version number, or an alias naming one (e.g. challenger).")
+@click.option("--alias", default="production", show_default=True)
+@click.option("--max-prob-diff", "--max_prob_diff", default="", help="Parity gate (default: the export's own).")
+@click.option("--max-accuracy-drop", "--max_accuracy_drop", default="", help="Accuracy gate vs the current holder (off by default).")
+@click.option("--copy-to", "--copy_to", default="", help="Copy the version into this registered model first.")
+def promote_command(model_name, version, alias, max_prob_diff, max_accuracy_drop, copy_to) -> None:
+    """Gate a version and point an alias (default: production) at it."""
+    from mlflow_clip.registry import GateThresholds, PromotionError, promote
+
+    thresholds = GateThresholds(max_prob_diff=_optional_float(max_prob_diff), max_accuracy_drop=_optional_float(max_accuracy_drop))
+    try:
+        result = promote(model_name, version, alias, thresholds, copy_to=copy_to or None)
+    except PromotionError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    for gate in result.gates:
+        click.echo(f"gate {gate.name}: {'passed' if gate.passed else 'FAILED'}: {gate.detail}")
+    click.echo(result.message)
+
+
+def _optional_float(text: str) -> float | None:
+    try:
+        return float(text) if str(text).strip() else None
+    except ValueError:
+        raise click.BadParameter(f"Received {text!r}; expected a number or nothing.") from None
+
+
+@cli.command("rollback")
+@click.option("--model-name", "--model_name", default="clip-zero-shot", show_default=True)
+@click.option("--alias", default="production", show_default=True)
+def rollback_command(model_name, alias) -> None:
+    """Move an alias back to the version that held it before the last promotion."""
+    from mlflow_clip.registry import PromotionError, rollback
+
+    try:
+        result = rollback(model_name, alias)
+    except PromotionError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    click.echo(result.message)
+
+
 def main() -> None:
     cli(prog_name="mlflow-clip")
 

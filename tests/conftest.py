@@ -137,3 +137,45 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_RUN")}
     env.update(extra)
     return env
+
+
+@pytest.fixture(scope="session")
+def demo_registry(tmp_path_factory, demo_built):
+    """The demo classifier registered as `clip-demo` version 1 in a session SQLite store.
+
+    Yields (tracking_uri, model_uri); the store is private to the test session.
+    """
+    import mlflow
+    import pandas as pd
+
+    import mlflow_clip
+
+    root = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        experiment = mlflow.create_experiment("demo", artifact_location=(root / "artifacts").as_uri())
+        with mlflow.start_run(experiment_id=experiment):
+            example = pd.DataFrame({"image": [encode(solid("red"))]})
+            info = mlflow_clip.log_model(demo_built.onnx_path, name="model", registered_model_name="clip-demo",
+                                         input_example=example)
+    finally:
+        mlflow.set_tracking_uri(previous)
+        mlflow.set_registry_uri(previous)
+    return uri, f"models:/clip-demo/{info.registered_model_version}"
+
+
+def demo_image_bytes(classes_and_formats, seed: int = 123, size=(150, 110)):
+    """(encoded bytes, class name) pairs of freshly drawn demo images."""
+    import numpy as np
+
+    from mlflow_clip.demo_data import draw_image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for name, fmt in classes_and_formats:
+        _, colour, shape = name.split()
+        out.append((encode(draw_image(colour, shape, size=size, rng=rng), fmt), name))
+    return out
