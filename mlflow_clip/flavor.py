@@ -72,7 +72,9 @@ SERVING_MODULES = (
     "prompts.py",
     "client.py",
 )
-PARAM_DEFAULTS: dict[str, Any] = {"top_k": 0, "on_error": "raise"}
+PARAM_DEFAULTS: dict[str, Any] = {"top_k": 0, "on_error": "raise", "output": "full"}
+# output="label" returns only the label column, the shape MLflow's default classifier evaluator expects.
+OUTPUT_CHOICES = ("full", "label")
 
 
 def get_default_pip_requirements() -> list[str]:
@@ -99,6 +101,7 @@ def default_signature() -> ModelSignature:
         [
             ParamSpec("top_k", DataType.long, PARAM_DEFAULTS["top_k"]),
             ParamSpec("on_error", DataType.string, PARAM_DEFAULTS["on_error"]),
+            ParamSpec("output", DataType.string, PARAM_DEFAULTS["output"]),
         ]
     )
     return _Signature(inputs=inputs, outputs=outputs, params=params)
@@ -335,7 +338,10 @@ class _ClipPyfuncWrapper:
 
     def predict(self, data: Any, params: dict[str, Any] | None = None):
         options = {**PARAM_DEFAULTS, **(params or {})}
+        if options["output"] not in OUTPUT_CHOICES:
+            raise ClientInputError(f"Received output={options['output']!r}; expected one of {list(OUTPUT_CHOICES)}.")
         try:
-            return self.classifier.predict(data, top_k=int(options["top_k"]), on_error=str(options["on_error"]))
+            out = self.classifier.predict(data, top_k=int(options["top_k"]), on_error=str(options["on_error"]))
         except InvalidInputError as e:
             raise ClientInputError(str(e)) from None
+        return out[["label"]] if options["output"] == "label" else out

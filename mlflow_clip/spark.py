@@ -1,0 +1,46 @@
+"""Batch scoring on Spark: a folder of images in, one row of predictions per file out.
+
+    >>> from mlflow_clip.spark import score_image_files
+    >>> scores = score_image_files(spark, "models:/clip-zero-shot/1", "s3://bucket/images/")  # doctest: +SKIP
+    >>> scores.select("path", "label", "score", "error").show()  # doctest: +SKIP
+
+Wraps `mlflow.pyfunc.spark_udf` (env_manager="local") over Spark's binaryFile source with
+`on_error="null"`, so an unreadable file gets a null label and an error text instead of failing
+the job. It also restores real nulls: spark_udf converts string fields of a struct result with
+`astype(str)`, which turns a bad row's missing label (and a good row's missing error) into the
+text "None"; `score` stays a true null, so it says which rows failed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def classify_column(spark: Any, model_uri: str, content: Any, params: dict[str, Any] | None = None) -> Any:
+    """A struct column (label, score, probabilities, error) for a column of image bytes."""
+    import mlflow
+    from pyspark.sql import functions as F
+
+    options = {"on_error": "null", **(params or {})}
+    udf = mlflow.pyfunc.spark_udf(spark, model_uri, env_manager="local", params=options)
+    result = udf(content)
+    failed = result["score"].isNull()
+    return F.struct(
+        F.when(failed, F.lit(None).cast("string")).otherwise(result["label"]).alias("label"),
+        result["score"].alias("score"),
+        result["probabilities"].alias("probabilities"),
+        F.when(failed, result["error"]).otherwise(F.lit(None).cast("string")).alias("error"),
+    )
+
+
+def score_image_files(
+    spark: Any,
+    model_uri: str,
+    path: str,
+    params: dict[str, Any] | None = None,
+    recursive: bool = True,
+) -> Any:
+    """Score every file under `path`: columns path, label, score, probabilities, error."""
+    files = spark.read.format("binaryFile").option("recursiveFileLookup", str(recursive).lower()).load(path)
+    scored = classify_column(spark, model_uri, files["content"], params)
+    return files.select("path", scored.alias("prediction")).select("path", "prediction.*")
