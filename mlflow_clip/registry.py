@@ -77,8 +77,8 @@ def resolve_version(client: MlflowClient, model_name: str, version: str) -> str:
     """A version number, or an alias naming one."""
     try:
         if str(version).isdigit():
-            return client.get_model_version(model_name, str(version)).version
-        return client.get_model_version_by_alias(model_name, str(version)).version
+            return str(client.get_model_version(model_name, str(version)).version)
+        return str(client.get_model_version_by_alias(model_name, str(version)).version)
     except MlflowException as e:
         raise PromotionError(
             f"Gate 'version exists' failed: registered model {model_name!r} has no version or alias "
@@ -88,7 +88,7 @@ def resolve_version(client: MlflowClient, model_name: str, version: str) -> str:
 
 def current_holder(client: MlflowClient, model_name: str, alias: str) -> str | None:
     try:
-        return client.get_model_version_by_alias(model_name, alias).version
+        return str(client.get_model_version_by_alias(model_name, alias).version)
     except MlflowException:
         return None
 
@@ -330,7 +330,7 @@ def _copy(client: MlflowClient, model_name: str, version: str, destination: str)
     for key, value in source.tags.items():
         client.set_model_version_tag(destination, copied.version, key, value)
     client.set_model_version_tag(destination, copied.version, "copied_from", f"{model_name}/{version}")
-    return copied.version
+    return str(copied.version)
 
 
 def _move_alias(client, model_name, alias, version, gates, copied_from=None) -> PromotionResult:

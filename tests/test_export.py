@@ -77,7 +77,7 @@ def test_export_run_records_everything_and_registers(tracking_uri):
     assert version.tags["clip_model"] == "demo" and version.tags["templates"] == "photo"
     assert version.tags["num_classes"] == "4" and version.tags["parity_status"] == "passed"
     assert version.tags["onnx_sha256"] == result.onnx_sha256
-    assert client.get_model_version_by_alias("clip-demo", "challenger").version == result.model_version
+    assert str(client.get_model_version_by_alias("clip-demo", "challenger").version) == result.model_version
     classifier = mlflow.pyfunc.load_model("models:/clip-demo@challenger").get_raw_model()
     assert classifier.classes == FOUR
 

@@ -114,7 +114,7 @@ def test_promote_gate_serve_tamper_rollback(tracking_server, two_versions):
 
     second = promote(NAME, "challenger", "production")
     assert second.version == v2 and second.previous_version == v1
-    assert client.get_model_version_by_alias(NAME, "production").version == v2
+    assert str(client.get_model_version_by_alias(NAME, "production").version) == v2
     tags = client.get_model_version(NAME, v2).tags
     assert tags["promoted_alias"] == "production" and tags["promoted_previous_version"] == v1
     assert tags["promoted_by"] and tags["promoted_at"] and "parity_max_abs_prob_diff" in tags["promotion_gates"]
@@ -128,10 +128,10 @@ def test_promote_gate_serve_tamper_rollback(tracking_server, two_versions):
     v3 = _tampered_version(client, tracking_server["artifacts"])
     with pytest.raises(PromotionError, match=r"gate 'checksum' failed: ONNX SHA-256 .* does not match"):
         promote(NAME, v3, "production")
-    assert client.get_model_version_by_alias(NAME, "production").version == v2
+    assert str(client.get_model_version_by_alias(NAME, "production").version) == v2
 
     assert rollback(NAME, "production").version == v1
-    assert client.get_model_version_by_alias(NAME, "production").version == v1
+    assert str(client.get_model_version_by_alias(NAME, "production").version) == v1
     rollback(NAME, "production")
     with pytest.raises(Exception):
         client.get_model_version_by_alias(NAME, "production")
@@ -191,14 +191,14 @@ def test_concurrent_promotions_leave_one_holder_and_a_consistent_history(trackin
         copied = client.copy_model_version(f"models:/{NAME}/{v1}", NAME)
         for key, value in client.get_model_version(NAME, v1).tags.items():
             client.set_model_version_tag(NAME, copied.version, key, value)
-        versions.append(copied.version)
+        versions.append(str(copied.version))
     before = len(read_history(client, NAME, "live"))
 
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda v: promote(NAME, v, "live", client=MlflowClient()), versions))
 
     assert all(r.moved for r in results)
-    holder = client.get_model_version_by_alias(NAME, "live").version
+    holder = str(client.get_model_version_by_alias(NAME, "live").version)
     assert holder in versions
     history = read_history(client, NAME, "live")[before:]
     assert len(history) == 8 and sorted(e["version"] for e in history) == sorted(versions)
