@@ -41,7 +41,7 @@ TEST_REQUIRES = [
     "pytest-timeout>=2.3",
     "requests>=2.31",
     "pyspark>=3.5",
-    "psycopg2-binary>=2.9",
+    "psycopg[binary]>=3.1",
 ]
 
 setup(
@@ -61,6 +61,7 @@ setup(
     },
     entry_points={
         "console_scripts": ["mlflow-clip=mlflow_clip.cli:cli"],
+        "mlflow.model_evaluator": ["clip-zero-shot=mlflow_clip.evaluator:ClipZeroShotEvaluator"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -104,6 +104,21 @@ def rollback_command(model_name, alias) -> None:
     click.echo(result.message)
 
 
+@cli.command("evaluate")
+@click.option("--model-uri", "--model_uri", required=True, help="The model to evaluate, e.g. models:/clip-zero-shot@challenger.")
+@click.option("--data", required=True, help="A folder with one subfolder of images per class, or a CSV with path,label columns.")
+@click.option("--reference", default="", help="Also evaluate CLIP's PyTorch pipeline: a CLIP model name, 'demo', or a checkpoint path.")
+def evaluate_command(model_uri, data, reference) -> None:
+    """Measure a model's accuracy on labelled images; record it on the registered version."""
+    from mlflow_clip.evaluate import EvaluationError, evaluate_command_impl
+
+    try:
+        evaluate_command_impl(model_uri, data, reference)
+    except EvaluationError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
 def main() -> None:
     cli(prog_name="mlflow-clip")
 

@@ -73,7 +73,7 @@ SERVING_MODULES = (
     "client.py",
 )
 PARAM_DEFAULTS: dict[str, Any] = {"top_k": 0, "on_error": "raise", "output": "full"}
-# output="label" returns only the label column, the shape MLflow's default classifier evaluator expects.
+# output="label" returns the labels alone (a Series), for tools that expect one prediction per row.
 OUTPUT_CHOICES = ("full", "label")
 
 
@@ -344,4 +344,4 @@ class _ClipPyfuncWrapper:
             out = self.classifier.predict(data, top_k=int(options["top_k"]), on_error=str(options["on_error"]))
         except InvalidInputError as e:
             raise ClientInputError(str(e)) from None
-        return out[["label"]] if options["output"] == "label" else out
+        return out["label"] if options["output"] == "label" else out

@@ -173,7 +173,9 @@ def _predict_gate(local: Path) -> GateResult:
 
     from mlflow_clip.flavor import _load_classifier
 
-    samples = sorted(p for p in _sample_images_dir().iterdir() if p.is_file())
+    from mlflow_clip.samples import sample_image_paths
+
+    samples = sample_image_paths()
     try:
         classifier = _load_classifier(str(local))
         out = classifier.predict([p.read_bytes() for p in samples])
@@ -183,12 +185,6 @@ def _predict_gate(local: Path) -> GateResult:
     ok = bool(out["label"].notna().all() and np.allclose(sums, 1.0, atol=1e-3))
     detail = f"predicted {len(out)} sample images" + ("" if ok else " but some rows were not valid probabilities")
     return GateResult("loads and predicts", ok, detail, {"images": len(out), "max_sum_error": float(np.abs(sums - 1).max())})
-
-
-def _sample_images_dir() -> Path:
-    from importlib import resources
-
-    return Path(str(resources.files("mlflow_clip") / "assets" / "sample_images"))
 
 
 def _accuracy_gate(client, model_name, mv, holder, max_drop) -> GateResult:

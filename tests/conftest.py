@@ -134,7 +134,15 @@ def demo_model_dir(tmp_path_factory, demo_built) -> Path:
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
+    """This environment without the active run, and with a registry that follows the tracking
+    store named in `extra`."""
+    import sys
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_RUN")}
+    # MLflow starts `uvicorn` and `python` by name: this interpreter's bin/ comes first.
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    if "MLFLOW_TRACKING_URI" in extra:
+        env.pop("MLFLOW_REGISTRY_URI", None)
     env.update(extra)
     return env
 
@@ -152,18 +160,19 @@ def demo_registry(tmp_path_factory, demo_built):
 
     root = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
+    # MLflow's set_*_uri also write MLFLOW_*_URI into os.environ; the context puts both back.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("MLFLOW_REGISTRY_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
         experiment = mlflow.create_experiment("demo", artifact_location=(root / "artifacts").as_uri())
         with mlflow.start_run(experiment_id=experiment):
             example = pd.DataFrame({"image": [encode(solid("red"))]})
             info = mlflow_clip.log_model(demo_built.onnx_path, name="model", registered_model_name="clip-demo",
                                          input_example=example)
-    finally:
-        mlflow.set_tracking_uri(previous)
-        mlflow.set_registry_uri(previous)
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"))
+    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI"))
     return uri, f"models:/clip-demo/{info.registered_model_version}"
 
 
@@ -179,3 +188,64 @@ def demo_image_bytes(classes_and_formats, seed: int = 123, size=(150, 110)):
         _, colour, shape = name.split()
         out.append((encode(draw_image(colour, shape, size=size, rng=rng), fmt), name))
     return out
+
+
+@pytest.fixture(scope="module")
+def module_store(tmp_path_factory) -> str:
+    """A fresh SQLite store for one test module, in os.environ (so subprocesses and Spark
+    workers see it), with the working directory as artifact root."""
+    import mlflow
+
+    root = tmp_path_factory.mktemp("module-store")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("MLFLOW_REGISTRY_URI", uri)
+        mp.chdir(root)  # the default artifact root is relative to the working directory
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        yield uri
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+
+
+def start_server(argv: list[str], log_path: Path, env: dict[str, str], cwd: Path | None = None):
+    """Start a server process whose output goes to a file (a pipe nobody reads would fill up
+    and block it)."""
+    import subprocess
+
+    log = open(log_path, "w")
+    process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
+    process.log_path = log_path
+    return process
+
+
+def wait_for_http(url: str, process, timeout: float = 180) -> None:
+    """Poll `url` until it answers 200; fail early with the process's output if it exits."""
+    import time
+
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            log_path = getattr(process, "log_path", None)
+            output = Path(log_path).read_text(errors="replace") if log_path else ""
+            raise RuntimeError(f"the server exited early:\n{output[-3000:]}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def stop_process(process, timeout: float = 20) -> None:
+    import subprocess
+
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()

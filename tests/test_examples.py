@@ -33,18 +33,8 @@ NOT_AN_IMAGE = b"shopping list: milk, eggs, a red circle\n"
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("examples-store")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("MLFLOW_REGISTRY_URI", uri)
-        mp.chdir(root)  # the default artifact root is relative to the working directory
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
-        yield uri
-        mlflow.set_tracking_uri(None)
-        mlflow.set_registry_uri(None)
+def store(module_store) -> str:
+    return module_store
 
 
 @pytest.fixture(scope="module")

@@ -69,7 +69,7 @@ def test_export_run_records_everything_and_registers(tracking_uri):
     assert metrics["parity_max_abs_logit_diff"] < 1e-2
     assert metrics["export_seconds"] > 0 and metrics["onnx_size_mb"] > 0
     params = run.data.params
-    assert params["model"] == "demo" and params["templates"] == "photo" and json.loads(params["classes"]) == FOUR
+    assert params["model"] == "demo" and params["templates"] == "photo" and json.loads(params["class_names"]) == FOUR
     assert params["max_prob_diff"] == "0.0001" and params["alias"] == "challenger"
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"classes.json", "parity_report.json", "parity.png", "onnx"} <= artifacts
@@ -180,3 +180,19 @@ def test_full_size_random_weights_reach_parity(architecture, tracking_uri, tmp_p
     assert result.parity.max_abs_pixel_diff == 0.0
     assert result.parity.top1_agreement == 1.0
     assert MlflowClient().get_model_version("random-clip", result.model_version).tags["parity_status"] == "passed"
+
+
+def test_onnxsim_failure_keeps_the_unsimplified_graph_and_says_why(tmp_path, monkeypatch):
+    import onnxsim
+
+    from mlflow_clip.export.job import build_classifier, check_parity
+    from mlflow_clip.export.parity import ParityThresholds
+
+    def broken_simplify(model, *args, **kwargs):
+        raise RuntimeError("shape inference exploded")
+
+    monkeypatch.setattr(onnxsim, "simplify", broken_simplify)
+    built = build_classifier(FOUR, model="demo", templates="none", out_dir=tmp_path)
+    assert not built.simplified and "shape inference exploded" in built.simplify_note
+    report, failures = check_parity(built, None, ParityThresholds())
+    assert failures == [] and report.max_abs_prob_diff <= 1e-5

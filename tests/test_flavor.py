@@ -213,3 +213,12 @@ def test_loads_and_predicts_without_torch(colour_model_dir, tmp_path):
                             env=subprocess_env(), timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LABEL blue" in result.stdout
+
+
+def test_output_label_returns_one_label_per_row(colour_model_dir):
+    model = mlflow.pyfunc.load_model(str(colour_model_dir))
+    frame = pd.DataFrame({"image": [encode(solid("green")), encode(solid("blue"))]})
+    labels = model.predict(frame, params={"output": "label"})
+    assert isinstance(labels, pd.Series) and list(labels) == ["green", "blue"]
+    with pytest.raises(MlflowException, match="expected one of"):
+        model.predict(frame, params={"output": "everything"})

@@ -62,11 +62,13 @@ def test_quickstart_mlflow_run_registers_a_checked_version(tmp_path):
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     (version,) = client.search_model_versions("name='clip-zero-shot'")
-    assert version.version == "1"
+    assert str(version.version) == "1"
     assert version.tags["parity_status"] == "passed" and version.tags["clip_model"] == "demo"
     assert version.tags["num_classes"] == "3"
     run = client.get_run(version.run_id)
-    assert run.data.params["classes"] == '["a red circle", "a green square", "a blue triangle"]'
+    # mlflow run records entry-point parameters shell-quoted, as it passed them to the command
+    assert shlex.split(run.data.params["classes"]) == ["a red circle,a green square,a blue triangle"]
+    assert run.data.params["class_names"] == '["a red circle", "a green square", "a blue triangle"]'
     assert run.data.metrics["parity_max_abs_prob_diff"] <= 1e-4
     assert run.data.metrics["parity_max_abs_pixel_diff"] == 0.0
 

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import demo_image_bytes, free_port, requires_export, subprocess_env
+from conftest import demo_image_bytes, free_port, requires_export, start_server, stop_process, subprocess_env, wait_for_http
 
 requests = pytest.importorskip("requests")
 
@@ -48,46 +48,27 @@ def tracking_server(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"server-{request.param}")
     backend = _backend_uri(request.param, tmp)
     port = free_port()
-    process = subprocess.Popen(
+    process = start_server(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
          "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"],
-        env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp,
+        tmp / "server.log", subprocess_env(), cwd=tmp,
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait(url + "/health", process)
-        previous = os.environ.get("MLFLOW_TRACKING_URI")
-        os.environ["MLFLOW_TRACKING_URI"] = url
+        wait_for_http(url + "/health", process)
         import mlflow
 
-        mlflow.set_tracking_uri(url)
-        mlflow.set_registry_uri(url)
-        yield {"url": url, "artifacts": tmp / "artifacts", "backend": request.param}
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MLFLOW_TRACKING_URI", url)
+            mp.setenv("MLFLOW_REGISTRY_URI", url)
+            mlflow.set_tracking_uri(url)
+            mlflow.set_registry_uri(url)
+            yield {"url": url, "artifacts": tmp / "artifacts", "backend": request.param}
+        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"))
+        mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI"))
     finally:
-        if previous is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-
-
-def _wait(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(process.stdout.read()[-3000:])
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer")
+        stop_process(process)
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +104,7 @@ def test_promote_gate_serve_tamper_rollback(tracking_server, two_versions):
     assert not again.moved and "already holds" in again.message
 
     if tracking_server["backend"] == "sqlite":
-        _serve_alias_and_predict(tracking_server["url"])
+        _serve_alias_and_predict(tracking_server["url"], tracking_server["artifacts"].parent)
 
     v3 = _tampered_version(client, tracking_server["artifacts"])
     with pytest.raises(PromotionError, match=r"gate 'checksum' failed: ONNX SHA-256 .* does not match"):
@@ -154,16 +135,15 @@ def _tampered_version(client, artifacts: Path) -> str:
     return result.model_version
 
 
-def _serve_alias_and_predict(tracking_url: str) -> None:
+def _serve_alias_and_predict(tracking_url: str, log_dir: Path) -> None:
     port = free_port()
-    process = subprocess.Popen(
+    process = start_server(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@production",
          "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-        env=subprocess_env(MLFLOW_TRACKING_URI=tracking_url), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True,
+        log_dir / "serve.log", subprocess_env(MLFLOW_TRACKING_URI=tracking_url),
     )
     try:
-        _wait(f"http://127.0.0.1:{port}/ping", process, timeout=180)
+        wait_for_http(f"http://127.0.0.1:{port}/ping", process)
         import base64
 
         images = demo_image_bytes([(c, "PNG") for c in CLASSES])
@@ -172,11 +152,7 @@ def _serve_alias_and_predict(tracking_url: str) -> None:
         assert response.status_code == 200, response.text
         assert [p["label"] for p in response.json()["predictions"]] == CLASSES
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_process(process)
 
 
 def test_concurrent_promotions_leave_one_holder_and_a_consistent_history(tracking_server, two_versions):

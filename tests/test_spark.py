@@ -32,19 +32,8 @@ TEXT_AS_JPEG = "notes.jpg"
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """A fresh SQLite store for the module, in os.environ before Spark starts its workers."""
-    root = tmp_path_factory.mktemp("spark-store")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("MLFLOW_REGISTRY_URI", uri)
-        mp.chdir(root)  # the default artifact root is relative to the working directory
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
-        yield uri
-        mlflow.set_tracking_uri(None)
-        mlflow.set_registry_uri(None)
+def store(module_store) -> str:
+    return module_store
 
 
 @pytest.fixture(scope="module")

@@ -121,14 +121,15 @@ def simplify_onnx(path: str | Path) -> tuple[bool, str]:
 def apply_conventions(path: str | Path, config: ClassifierConfig) -> ClassifierConfig:
     """Name the input `image-` and the output `scores-0:a;1:b`, write the normalization JSON into
     the graph doc_string (both with sclblonnx), and the full config as metadata_props."""
-    import sclblonnx as so
+    from sclblonnx.input import rename_input_image
+    from sclblonnx.output import rename_class_probabilities_output
 
     model = onnx.load(str(path))
     graph = model.graph
     output_name = edge_output_name(config.classes)
-    if so.rename_input_image(graph, graph.input[0].name) is False:
+    if rename_input_image(graph, graph.input[0].name) is False:
         raise RuntimeError("sclblonnx could not rename the graph input")
-    if so.rename_class_probabilities_output(graph, graph.output[0].name, config.classes) is False:
+    if rename_class_probabilities_output(graph, graph.output[0].name, config.classes) is False:
         raise RuntimeError("sclblonnx could not rename the graph output")
     graph.doc_string = edge_doc_string(config.mean, config.std)
     config = ClassifierConfig.from_dict({**config.to_dict(), "input_name": EDGE_INPUT_NAME, "output_name": output_name})

@@ -96,6 +96,7 @@ def build_classifier(
     logit_scale = float(loaded.model.logit_scale.detach().exp())
     head = ZeroShotHead(loaded.model.visual, text_features, logit_scale).eval()
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="mlflow-clip-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = out_dir / EDGE_FILE_NAME
     _step(f"exporting to ONNX (opset {opset})")
     export_onnx(head, onnx_path, loaded.input_resolution, opset)
@@ -179,21 +180,23 @@ def export_and_register(
 
 
 def _export_in_run(run_id, classes, model, templates, registered_model_name, opset, images, thresholds, alias) -> ExportResult:
-    mlflow.log_params(
+    _log_params(
+        run_id,
         {
-            "classes": json.dumps(classes, ensure_ascii=False)[:6000],
+            "classes": ",".join(classes),
+            "class_names": json.dumps(classes, ensure_ascii=False),
             "num_classes": len(classes),
             "model": model,
             "templates": templates if isinstance(templates, str) else "custom",
             "registered_model_name": registered_model_name or "",
             "opset": opset,
-            "images": str(images or "package samples"),
+            "images": str(images or ""),
             "max_prob_diff": thresholds.max_prob_diff,
             "max_logit_diff": thresholds.max_logit_diff,
             "min_top1_agreement": thresholds.min_top1_agreement,
             "max_pixel_diff": thresholds.max_pixel_diff,
             "alias": alias or "",
-        }
+        },
     )
     with tempfile.TemporaryDirectory(prefix="mlflow-clip-") as tmp:
         built = build_classifier(classes, model, templates, opset, tmp)
@@ -212,6 +215,13 @@ def _export_in_run(run_id, classes, model, templates, registered_model_name, ops
         mlflow.set_tag("parity_status", "passed")
         mlflow.log_artifact(str(built.onnx_path), EDGE_ARTIFACT_DIR)
         return _log_and_register(run_id, built, report, metrics, registered_model_name, alias)
+
+
+def _log_params(run_id: str, params: dict) -> None:
+    """Log the job's parameters, except those the run already has: `mlflow run` logs the
+    entry point's parameters itself (as given on the command line) before the job starts."""
+    existing = MlflowClient().get_run(run_id).data.params
+    mlflow.log_params({k: str(v)[:6000] for k, v in params.items() if k not in existing})
 
 
 def _log_reports(tmp: Path, built: BuiltClassifier, report: ParityReport, failures: list[str]) -> None:
@@ -261,8 +271,7 @@ def _tag_version(name: str, version: str, config: ClassifierConfig, sha: str, al
 
 
 def _example_image_bytes() -> bytes:
-    from mlflow_clip.export.parity import IMAGE_SUFFIXES, default_images_dir
+    from mlflow_clip.samples import sample_image_paths
 
-    paths = sorted(p for p in default_images_dir().iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    smallest = min(paths, key=lambda p: p.stat().st_size)
+    smallest = min(sample_image_paths(), key=lambda p: p.stat().st_size)
     return smallest.read_bytes()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -23,8 +22,7 @@ from PIL import Image
 
 from mlflow_clip.images import decode_image
 from mlflow_clip.preprocess import Preprocessor
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+from mlflow_clip.samples import IMAGE_SUFFIXES, default_images_dir, sample_image_paths
 PARITY_BATCH_SIZES = (1, 3)
 
 
@@ -63,17 +61,13 @@ class ParityError(RuntimeError):
     """A parity gate failed; nothing was registered."""
 
 
-def default_images_dir() -> Path:
-    return Path(str(resources.files("mlflow_clip") / "assets" / "sample_images"))
-
-
 def load_sample_images(folder: str | Path | None = None) -> list[tuple[str, Image.Image]]:
     """Decode every image in `folder` (default: the samples shipped in the package) the way
     serving does: upright, RGB, 8-bit."""
     folder = Path(folder) if folder else default_images_dir()
     if not folder.is_dir():
         raise ParityError(f"The parity images folder {folder} does not exist; pass -P images=<folder of images>.")
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = sample_image_paths(folder)
     if not paths:
         raise ParityError(f"No images ({', '.join(IMAGE_SUFFIXES)}) in {folder}; parity needs at least one.")
     return [(p.name, decode_image(p.read_bytes())) for p in paths]
