@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import socket
@@ -160,19 +161,12 @@ def demo_registry(tmp_path_factory, demo_built):
 
     root = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    # MLflow's set_*_uri also write MLFLOW_*_URI into os.environ; the context puts both back.
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("MLFLOW_REGISTRY_URI", uri)
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
+    with using_store(uri):
         experiment = mlflow.create_experiment("demo", artifact_location=(root / "artifacts").as_uri())
         with mlflow.start_run(experiment_id=experiment):
             example = pd.DataFrame({"image": [encode(solid("red"))]})
             info = mlflow_clip.log_model(demo_built.onnx_path, name="model", registered_model_name="clip-demo",
                                          input_example=example)
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"))
-    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI"))
     return uri, f"models:/clip-demo/{info.registered_model_version}"
 
 
@@ -249,3 +243,23 @@ def stop_process(process, timeout: float = 20) -> None:
         process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         process.kill()
+
+
+@contextlib.contextmanager
+def using_store(uri: str):
+    """Point MLflow (its globals and the MLFLOW_*_URI variables it mirrors them into) at `uri`
+    for the block, then put both back."""
+    import mlflow
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("MLFLOW_REGISTRY_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(None)
+            mlflow.set_registry_uri(None)
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"))
+    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI"))

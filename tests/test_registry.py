@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import demo_image_bytes, free_port, requires_export, start_server, stop_process, subprocess_env, wait_for_http
+from conftest import using_store, demo_image_bytes, free_port, requires_export, start_server, stop_process, subprocess_env, wait_for_http
 
 requests = pytest.importorskip("requests")
 
@@ -57,16 +57,8 @@ def tracking_server(request, tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(url + "/health", process)
-        import mlflow
-
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("MLFLOW_TRACKING_URI", url)
-            mp.setenv("MLFLOW_REGISTRY_URI", url)
-            mlflow.set_tracking_uri(url)
-            mlflow.set_registry_uri(url)
+        with using_store(url):
             yield {"url": url, "artifacts": tmp / "artifacts", "backend": request.param}
-        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"))
-        mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI"))
     finally:
         stop_process(process)
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import demo_image_bytes, free_port, requires_export, start_server, stop_process, subprocess_env, wait_for_http
+from conftest import using_store, demo_image_bytes, free_port, requires_export, start_server, stop_process, subprocess_env, wait_for_http
 
 requests = pytest.importorskip("requests")
 
@@ -52,9 +52,7 @@ def _in_process_labels(registry: tuple[str, str], images) -> list[str]:
     import pandas as pd
 
     tracking_uri, model_uri = registry
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", tracking_uri)
-        mp.setenv("MLFLOW_REGISTRY_URI", tracking_uri)
+    with using_store(tracking_uri):
         model = mlflow.pyfunc.load_model(model_uri)
     return list(model.predict(pd.DataFrame({"image": [data for data, _ in images]}))["label"])
 
