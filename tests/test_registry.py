@@ -176,3 +176,19 @@ def test_concurrent_promotions_leave_one_holder_and_a_consistent_history(trackin
     assert promotion_stack(read_history(client, NAME, "live"))[-1]["version"] == holder
     lock_tags = [k for k in client.get_registered_model(NAME).tags if k.startswith("mlflow_clip.lock.")]
     assert lock_tags == []
+
+
+def test_promote_across_registered_models_copies_the_version(tracking_server, two_versions):
+    from mlflow.tracking import MlflowClient
+
+    from mlflow_clip.export.job import export_and_register
+    from mlflow_clip.registry import promote
+
+    staging = export_and_register(CLASSES, model="demo", templates="photo", registered_model_name=f"{NAME}-staging")
+    result = promote(f"{NAME}-staging", staging.model_version, "release", copy_to=NAME)
+    client = MlflowClient()
+    copied = client.get_model_version(NAME, result.version)
+    assert copied.tags["copied_from"] == f"{NAME}-staging/{staging.model_version}"
+    assert copied.tags["onnx_sha256"] == staging.onnx_sha256 and copied.tags["promoted_alias"] == "release"
+    assert str(client.get_model_version_by_alias(NAME, "release").version) == result.version
+    assert client.get_registered_model(f"{NAME}-staging").aliases == {}
