@@ -263,3 +263,29 @@ def using_store(uri: str):
             mlflow.set_registry_uri(None)
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"))
     mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI"))
+
+
+@pytest.fixture(scope="module")
+def module_demo_model_uri(module_store, demo_built) -> str:
+    """The demo classifier registered as `clip-zero-shot` version 1 in the module's store."""
+    import mlflow
+
+    import mlflow_clip
+
+    with mlflow.start_run():
+        info = mlflow_clip.log_model(demo_built.onnx_path, registered_model_name="clip-zero-shot")
+    assert str(info.registered_model_version) == "1"
+    return "models:/clip-zero-shot/1"
+
+
+# Prepended to scripts that must run as on a serving machine: torch, torchvision and clip
+# cannot be imported.
+BLOCK_TORCH = """
+import importlib.abc, sys
+BLOCKED = {"torch", "torchvision", "clip"}
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{name} is blocked: serving code must not import it")
+sys.meta_path.insert(0, _Block())
+"""

@@ -13,7 +13,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import COLOUR_CLASSES, requires_export, solid, subprocess_env
+from conftest import BLOCK_TORCH, COLOUR_CLASSES, requires_export, solid, subprocess_env
 from PIL import Image
 
 import mlflow_clip
@@ -320,15 +320,8 @@ def test_inside_mlflow_run_the_entry_point_params_are_kept(colour_onnx, tracking
 
 def test_evaluation_never_imports_torch(colour_model_dir, tmp_path):
     root = write_colour_folder(tmp_path / "val")
-    script = textwrap.dedent(
+    script = BLOCK_TORCH + textwrap.dedent(
         f"""
-        import importlib.abc, sys
-        BLOCKED = {{"torch", "torchvision", "clip"}}
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name.split(".")[0] in BLOCKED:
-                    raise ImportError(f"{{name}} is blocked: evaluation must not import it")
-        sys.meta_path.insert(0, Block())
         import mlflow_clip
         from mlflow_clip.evaluate import evaluate_classifier, load_labelled_images, write_reports
         import mlflow_clip.evaluator

@@ -38,11 +38,8 @@ def store(module_store) -> str:
 
 
 @pytest.fixture(scope="module")
-def model_uri(store, demo_built) -> str:
-    with mlflow.start_run():
-        info = mlflow_clip.log_model(demo_built.onnx_path, registered_model_name=MODEL_NAME)
-    assert info.registered_model_version == 1
-    return f"models:/{MODEL_NAME}/1"
+def model_uri(store, module_demo_model_uri) -> str:
+    return module_demo_model_uri
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import COLOUR_CLASSES, encode, solid, subprocess_env
+from conftest import BLOCK_TORCH, COLOUR_CLASSES, encode, solid, subprocess_env
 
 import mlflow
 import mlflow_clip
@@ -191,15 +191,8 @@ def test_loads_and_predicts_without_torch(colour_model_dir, tmp_path):
     code/ folder and predict."""
     image_path = tmp_path / "blue.png"
     image_path.write_bytes(encode(solid("blue")))
-    script = textwrap.dedent(
+    script = BLOCK_TORCH + textwrap.dedent(
         f"""
-        import importlib.abc, sys
-        BLOCKED = {{"torch", "torchvision", "clip"}}
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name.split(".")[0] in BLOCKED:
-                    raise ImportError(f"{{name}} is blocked: serving must not import it")
-        sys.meta_path.insert(0, Block())
         import mlflow, pandas as pd
         model = mlflow.pyfunc.load_model({str(colour_model_dir)!r})
         out = model.predict(pd.DataFrame({{"image": [open({str(image_path)!r}, "rb").read()]}}))

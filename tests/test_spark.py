@@ -23,7 +23,6 @@ pytest.importorskip("pyspark")
 import mlflow  # noqa: E402
 import mlflow_clip  # noqa: E402
 
-MODEL_NAME = "clip-demo-spark"
 N_PER_CLASS = 3
 MIN_ACCURACY = 0.9
 SCORE_TOL = 1e-6
@@ -37,10 +36,8 @@ def store(module_store) -> str:
 
 
 @pytest.fixture(scope="module")
-def model_uri(store, demo_built) -> str:
-    with mlflow.start_run():
-        info = mlflow_clip.log_model(demo_built.onnx_path, registered_model_name=MODEL_NAME)
-    return f"models:/{MODEL_NAME}/{info.registered_model_version}"
+def model_uri(store, module_demo_model_uri) -> str:
+    return module_demo_model_uri
 
 
 @pytest.fixture(scope="module")
