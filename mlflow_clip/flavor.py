@@ -26,7 +26,6 @@ from mlflow import pyfunc
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.models.model import MLMODEL_FILE_NAME
-from mlflow.models.signature import ModelSignature as _Signature
 from mlflow.models.utils import _save_example
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
 from mlflow.tracking.artifact_utils import _download_artifact_from_uri
@@ -104,7 +103,7 @@ def default_signature() -> ModelSignature:
             ParamSpec("output", DataType.string, PARAM_DEFAULTS["output"]),
         ]
     )
-    return _Signature(inputs=inputs, outputs=outputs, params=params)
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
 def save_model(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -136,8 +136,3 @@ class OrtSession:
             for start in range(0, len(batch), size)
         ]
         return [np.concatenate([p[i] for p in parts]) for i in range(len(names))]
-
-
-def describe(settings: RuntimeSettings) -> dict[str, Any]:
-    """Settings as written into MLmodel."""
-    return replace(settings).to_dict()

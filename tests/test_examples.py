@@ -18,8 +18,6 @@ import pandas as pd
 import pytest
 from conftest import ROOT, free_port, subprocess_env
 
-import mlflow
-import mlflow_clip
 
 pytestmark = pytest.mark.slow
 

@@ -15,13 +15,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("pyspark")
 
 import mlflow  # noqa: E402
-import mlflow_clip  # noqa: E402
 
 N_PER_CLASS = 3
 MIN_ACCURACY = 0.9
