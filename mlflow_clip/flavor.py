@@ -49,11 +49,11 @@ from mlflow.utils.model_utils import (
 )
 from mlflow.utils.requirements_utils import _get_pinned_requirement
 
+from mlflow_clip import FLAVOR_NAME
 from mlflow_clip.classifier import InputLimits, InvalidInputError, ZeroShotClassifier
 from mlflow_clip.config import CONFIG_FILE_NAME, ClassifierConfig, sha256_file
 from mlflow_clip.runtime import RuntimeSettings
 
-FLAVOR_NAME = "mlflow_clip"
 ONNX_FILE_NAME = "model.onnx"
 _logger = logging.getLogger(__name__)
 

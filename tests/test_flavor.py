@@ -215,3 +215,19 @@ def test_output_label_returns_one_label_per_row(colour_model_dir):
     assert isinstance(labels, pd.Series) and list(labels) == ["green", "blue"]
     with pytest.raises(MlflowException, match="expected one of"):
         model.predict(frame, params={"output": "everything"})
+
+
+def test_importing_the_package_needs_no_heavy_dependency(tmp_path):
+    """`import mlflow_clip` (and the image modules) work where mlflow, onnxruntime, pandas and
+    torch are absent; the flavor API loads them on first use."""
+    script = BLOCK_TORCH.replace('{"torch", "torchvision", "clip"}', '{"torch", "torchvision", "clip", "mlflow", "onnxruntime", "pandas"}') + textwrap.dedent(
+        """
+        import mlflow_clip, mlflow_clip.images, mlflow_clip.preprocess, mlflow_clip.prompts
+        assert mlflow_clip.FLAVOR_NAME == "mlflow_clip" and mlflow_clip.__version__
+        print("OK")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                            env=subprocess_env(), timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "OK" in result.stdout
