@@ -32,7 +32,9 @@ import numpy as np
 import pandas as pd
 
 from mlflow_clip.registry import ACCURACY_TAG
+from mlflow_clip.prompts import strip_article
 from mlflow_clip.samples import IMAGE_SUFFIXES
+from mlflow_clip.tracking import active_or_new_run, log_new_params
 
 _logger = logging.getLogger(__name__)
 
@@ -45,7 +47,6 @@ PREDICTIONS_TABLE = "predictions.json"  # the mlflow.log_table artifact (shown i
 PER_CLASS_CSV = "per_class_metrics.csv"
 FAILED_IMAGES_JSON = "failed_images.json"
 MAX_ERROR_THUMBNAILS = 16
-_LEADING_ARTICLE = re.compile(r"^(a|an|the)\s+", re.IGNORECASE)
 _REGISTERED_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[^/]+))/?$")
 _MAX_LISTED = 40
 _METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
@@ -149,7 +150,7 @@ def map_labels(names: Sequence[str], classes: Sequence[str], source: str = "the 
     lookups = [
         _lookup(classes, lambda s: s),
         _lookup(classes, str.casefold),
-        _lookup(classes, lambda s: _LEADING_ARTICLE.sub("", s.strip()).casefold()),
+        _lookup(classes, lambda s: strip_article(s.strip()).casefold()),
     ]
     mapping, unmatched = {}, []
     for name in dict.fromkeys(names):
@@ -591,9 +592,9 @@ def run_evaluation(
     classifier = mlflow_clip.load_model(f"models:/{resolved[0]}/{resolved[1]}" if resolved else model_uri)
     items = load_labelled_images(data, classifier.classes)
     reference_classifier = _reference_classifier(reference, classifier) if reference else None
-    with _active_or_new_run() as run:
+    with active_or_new_run() as run:
         run_id = run.info.run_id
-        _log_new_params(run_id, _params(model_uri, resolved, data, len(items), classifier, batch_size, reference))
+        log_new_params(run_id, _params(model_uri, resolved, data, len(items), classifier, batch_size, reference))
         mlflow.set_tag("mlflow_clip.job", "evaluate")
         evaluation = evaluate_classifier(classifier, items, batch_size, progress)
         log_evaluation(evaluation, run_id)
@@ -608,18 +609,6 @@ def run_evaluation(
     return result
 
 
-@contextmanager
-def _active_or_new_run():
-    import mlflow
-
-    active = mlflow.active_run()
-    if active is not None:
-        yield active
-        return
-    with mlflow.start_run() as run:  # ends FAILED if the evaluation raises
-        yield run
-
-
 def _params(model_uri, resolved, data, num_images, classifier, batch_size, reference) -> dict[str, Any]:
     return {
         "model_uri": model_uri,
@@ -630,16 +619,6 @@ def _params(model_uri, resolved, data, num_images, classifier, batch_size, refer
         "batch_size": batch_size,
         "reference": reference or "",
     }
-
-
-def _log_new_params(run_id: str, params: dict[str, Any]) -> None:
-    """Log the params the run does not have yet. `mlflow run` has already logged the entry
-    point's parameters (as given, shell-quoted: '' for an empty one), and MLflow refuses to
-    change a logged param."""
-    import mlflow
-
-    logged = mlflow.MlflowClient().get_run(run_id).data.params
-    mlflow.log_params({key: value for key, value in params.items() if key not in logged}, run_id=run_id)
 
 
 def _reference_classifier(reference: str, classifier) -> Scorer:

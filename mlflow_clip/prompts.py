@@ -229,6 +229,11 @@ def fill_template(template: str, class_name: str) -> str:
     return f"{prefix}{bare}{suffix}"
 
 
+def strip_article(name: str) -> str:
+    """`a red circle` -> `red circle`; names without a leading article are returned unchanged."""
+    return _LEADING_ARTICLE.sub("", name, count=1)
+
+
 def texts_for_class(class_name: str, templates: Sequence[str]) -> list[str]:
     """All prompt texts for one class, in template order."""
     return [fill_template(template, class_name) for template in templates]

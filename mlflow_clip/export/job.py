@@ -43,6 +43,7 @@ from mlflow_clip.export.parity import (
 )
 from mlflow_clip.preprocess import Preprocessor
 from mlflow_clip.prompts import describe_templates, parse_classes, resolve_templates
+from mlflow_clip.tracking import active_or_new_run, log_new_params
 
 _logger = logging.getLogger(__name__)
 
@@ -166,21 +167,12 @@ def export_and_register(
     """
     class_names = parse_classes(classes)
     thresholds = thresholds or ParityThresholds(max_prob_diff=max_prob_diff)
-    active = mlflow.active_run()
-    run = active or mlflow.start_run()
-    try:
-        result = _export_in_run(run.info.run_id, class_names, model, templates, registered_model_name, opset, images, thresholds, alias)
-    except BaseException:
-        if active is None:
-            mlflow.end_run(status="FAILED")
-        raise
-    if active is None:
-        mlflow.end_run()
-    return result
+    with active_or_new_run() as run:
+        return _export_in_run(run.info.run_id, class_names, model, templates, registered_model_name, opset, images, thresholds, alias)
 
 
 def _export_in_run(run_id, classes, model, templates, registered_model_name, opset, images, thresholds, alias) -> ExportResult:
-    _log_params(
+    log_new_params(
         run_id,
         {
             "classes": ",".join(classes),
@@ -215,13 +207,6 @@ def _export_in_run(run_id, classes, model, templates, registered_model_name, ops
         mlflow.set_tag("parity_status", "passed")
         mlflow.log_artifact(str(built.onnx_path), EDGE_ARTIFACT_DIR)
         return _log_and_register(run_id, built, report, metrics, registered_model_name, alias)
-
-
-def _log_params(run_id: str, params: dict) -> None:
-    """Log the job's parameters, except those the run already has: `mlflow run` logs the
-    entry point's parameters itself (as given on the command line) before the job starts."""
-    existing = MlflowClient().get_run(run_id).data.params
-    mlflow.log_params({k: str(v)[:6000] for k, v in params.items() if k not in existing})
 
 
 def _log_reports(tmp: Path, built: BuiltClassifier, report: ParityReport, failures: list[str]) -> None:

@@ -91,9 +91,10 @@ def measure_parity(
     torch_probs = torch_logits.softmax(dim=-1).numpy()
     torch_logits = torch_logits.numpy()
     sizes = sorted({*batch_sizes, len(images)})
+    session, outputs = session_with_logits(onnx_path)
     onnx_probs, onnx_logits = {}, {}
     for size in sizes:
-        onnx_probs[size], onnx_logits[size] = run_with_logits(onnx_path, ours, size)
+        onnx_probs[size], onnx_logits[size] = run_with_logits(session, outputs, ours, size)
     prob_diff = max(float(np.abs(p - torch_probs).max()) for p in onnx_probs.values())
     logit_diff = max(float(np.abs(l - torch_logits).max()) for l in onnx_logits.values())
     agreement = min(float((p.argmax(1) == torch_probs.argmax(1)).mean()) for p in onnx_probs.values())
@@ -109,9 +110,9 @@ def measure_parity(
     )
 
 
-def run_with_logits(onnx_path: str | Path, batch: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Run the shipped graph in chunks of `batch_size`, also reading the logits that feed its
-    final Softmax (exposed as an extra output on an in-memory copy)."""
+def session_with_logits(onnx_path: str | Path):
+    """A session on the shipped graph that also returns the logits feeding its final Softmax
+    (exposed as an extra output on an in-memory copy), and the output names to fetch."""
     import onnxruntime as ort
 
     model = onnx.load(str(onnx_path))
@@ -122,7 +123,11 @@ def run_with_logits(onnx_path: str | Path, batch: np.ndarray, batch_size: int) -
         logits_name = producer.input[0]
         model.graph.output.append(onnx.helper.make_empty_tensor_value_info(logits_name))
         outputs.append(logits_name)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]), outputs
+
+
+def run_with_logits(session, outputs: list[str], batch: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities and logits for `batch`, run in chunks of `batch_size`."""
     feed = session.get_inputs()[0].name
     probs, logits = [], []
     for start in range(0, len(batch), batch_size):
