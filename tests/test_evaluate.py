@@ -13,7 +13,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import BLOCK_TORCH, COLOUR_CLASSES, requires_export, solid, subprocess_env
+from conftest import BLOCK_TORCH, using_store, COLOUR_CLASSES, requires_export, solid, subprocess_env
 from PIL import Image
 
 import mlflow_clip
@@ -356,15 +356,9 @@ def demo_store(demo_registry, tmp_path):
     """The session's demo registry as tracking store, with an experiment whose artifacts go
     under tmp_path; the previous tracking and registry URIs are restored afterwards."""
     uri, model_uri = demo_registry
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
+    with using_store(uri):
         experiment = mlflow.create_experiment(f"evaluate-{tmp_path.name}", artifact_location=(tmp_path / "artifacts").as_uri())
         yield model_uri, experiment
-    finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
 
 
 def demo_frame(n_per_class: int, seed: int, tmp_path: Path) -> pd.DataFrame:

@@ -22,7 +22,6 @@ from conftest import ROOT, free_port, subprocess_env
 pytestmark = pytest.mark.slow
 
 EXAMPLES = ROOT / "examples"
-MODEL_NAME = "clip-zero-shot"
 N_PER_CLASS = 2
 MIN_ACCURACY = 0.9
 SERVER_START_SECONDS = 120
@@ -31,20 +30,10 @@ NOT_AN_IMAGE = b"shopping list: milk, eggs, a red circle\n"
 
 
 @pytest.fixture(scope="module")
-def store(module_store) -> str:
-    return module_store
-
-
-@pytest.fixture(scope="module")
-def model_uri(store, module_demo_model_uri) -> str:
-    return module_demo_model_uri
-
-
-@pytest.fixture(scope="module")
-def env(store) -> dict[str, str]:
+def env(module_store) -> dict[str, str]:
     """The store, and this interpreter's bin/ (mlflow, python) first on PATH."""
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    return subprocess_env(MLFLOW_TRACKING_URI=store, MLFLOW_REGISTRY_URI=store, PATH=path, PYTHONUNBUFFERED="1")
+    return subprocess_env(MLFLOW_TRACKING_URI=module_store, MLFLOW_REGISTRY_URI=module_store, PATH=path, PYTHONUNBUFFERED="1")
 
 
 def run(args: list[str], env: dict[str, str], timeout: float = SCRIPT_TIMEOUT, **extra) -> subprocess.CompletedProcess:
@@ -109,13 +98,13 @@ def demo_images(tmp_path_factory, env) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server_url(model_uri, env, tmp_path_factory):
+def server_url(module_demo_model_uri, env, tmp_path_factory):
     """One `mlflow models serve --env-manager local` for the module, always stopped."""
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "serve.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+            [sys.executable, "-m", "mlflow", "models", "serve", "-m", module_demo_model_uri, "--env-manager", "local",
              "-h", "127.0.0.1", "-p", str(port)],
             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
@@ -151,7 +140,7 @@ def test_make_demo_images_writes_one_folder_per_class(demo_images):
     assert len(sizes) > 1  # --varied-sizes
 
 
-def test_serve_and_query_prints_the_right_label(model_uri, demo_images, env):
+def test_serve_and_query_prints_the_right_label(module_demo_model_uri, demo_images, env):
     port = free_port()
     # MODEL_URI left unset: the script's default, models:/clip-zero-shot/latest
     result = run(["bash", EXAMPLES / "serve_and_query.sh", demo_images], env, PORT=str(port), TOP_K="3")
@@ -196,7 +185,7 @@ def test_query_server_shows_the_servers_message_on_a_bad_request(server_url, env
     assert proc.stdout == ""
 
 
-def test_spark_batch_score_writes_labels_and_errors(model_uri, demo_images, env, tmp_path):
+def test_spark_batch_score_writes_labels_and_errors(module_demo_model_uri, demo_images, env, tmp_path):
     pytest.importorskip("pyspark")
     folder = tmp_path / "to score"
     for path in demo_images.rglob("*.png"):
@@ -206,7 +195,7 @@ def test_spark_batch_score_writes_labels_and_errors(model_uri, demo_images, env,
     (folder / "notes.jpg").write_bytes(NOT_AN_IMAGE)
     output = tmp_path / "scores.parquet"
 
-    result = run([sys.executable, EXAMPLES / "spark_batch_score.py", model_uri, folder, output,
+    result = run([sys.executable, EXAMPLES / "spark_batch_score.py", module_demo_model_uri, folder, output,
                   "--master", "local[2]"], env)
 
     n_images = len(list(demo_images.rglob("*.png")))

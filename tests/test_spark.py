@@ -29,16 +29,6 @@ TEXT_AS_JPEG = "notes.jpg"
 
 
 @pytest.fixture(scope="module")
-def store(module_store) -> str:
-    return module_store
-
-
-@pytest.fixture(scope="module")
-def model_uri(store, module_demo_model_uri) -> str:
-    return module_demo_model_uri
-
-
-@pytest.fixture(scope="module")
 def image_folder(tmp_path_factory) -> Path:
     """9 classes x N_PER_CLASS drawings of varied sizes, one subfolder per class."""
     from mlflow_clip.demo_data import write_image_folder
@@ -64,7 +54,7 @@ def mixed_folder(tmp_path_factory, image_folder) -> Path:
 
 
 @pytest.fixture(scope="module")
-def spark(store):
+def spark(module_store):
     """A small local Spark whose Python workers run this interpreter and see the store."""
     from pyspark.sql import SparkSession
 
@@ -102,44 +92,44 @@ def to_frame(scored) -> pd.DataFrame:
     return scored.toPandas().assign(path=lambda df: df["path"].map(local_path)).set_index("path")
 
 
-def score_folder(spark, model_uri: str, folder: Path, params: dict | None = None, partitions: int | None = None):
+def score_folder(spark, module_demo_model_uri: str, folder: Path, params: dict | None = None, partitions: int | None = None):
     """The UDF's struct as it comes: path, label, score, probabilities, error; one row per file."""
-    udf = mlflow.pyfunc.spark_udf(spark, model_uri, env_manager="local", params=params)
+    udf = mlflow.pyfunc.spark_udf(spark, module_demo_model_uri, env_manager="local", params=params)
     return to_frame(read_files(spark, folder, partitions).select("path", udf("content").alias("p")).select("path", "p.*"))
 
 
-def score_folder_null_on_error(spark, model_uri: str, folder: Path) -> pd.DataFrame:
+def score_folder_null_on_error(spark, module_demo_model_uri: str, folder: Path) -> pd.DataFrame:
     """on_error=null through mlflow_clip.spark, which restores the real nulls that MLflow 3.17's
     spark_udf turns into the text "None" (it casts string struct fields with astype(np.str_))."""
     from mlflow_clip.spark import score_image_files
 
-    return to_frame(score_image_files(spark, model_uri, str(folder)))
+    return to_frame(score_image_files(spark, module_demo_model_uri, str(folder)))
 
 
-def predict_in_process(model_uri: str, paths: list[Path]) -> pd.DataFrame:
-    model = mlflow.pyfunc.load_model(model_uri)
+def predict_in_process(module_demo_model_uri: str, paths: list[Path]) -> pd.DataFrame:
+    model = mlflow.pyfunc.load_model(module_demo_model_uri)
     frame = pd.DataFrame({"image": [path.read_bytes() for path in paths]})
     return model.predict(frame, params={"on_error": "null"}).set_index(pd.Index(paths, name="path"))
 
 
-def test_udf_result_is_a_struct_of_the_output_schema(spark, model_uri, image_folder):
+def test_udf_result_is_a_struct_of_the_output_schema(spark, module_demo_model_uri, image_folder):
     """spark_udf builds its return type from the signature's outputs only: params that add
     columns (top_k: top_labels, top_scores) do not change it, and the extra columns are dropped."""
-    udf = mlflow.pyfunc.spark_udf(spark, model_uri, env_manager="local", params={"top_k": 2})
+    udf = mlflow.pyfunc.spark_udf(spark, module_demo_model_uri, env_manager="local", params={"top_k": 2})
     schema = read_files(spark, image_folder).select(udf("content").alias("p")).schema
     assert schema["p"].dataType.simpleString() == (
         "struct<label:string,score:double,probabilities:array<double>,error:string>"
     )
 
 
-def test_spark_udf_matches_in_process_predict_and_truth(spark, model_uri, image_folder):
+def test_spark_udf_matches_in_process_predict_and_truth(spark, module_demo_model_uri, image_folder):
     from mlflow_clip.demo_data import DEMO_CLASSES
 
-    scored = score_folder(spark, model_uri, image_folder)
+    scored = score_folder(spark, module_demo_model_uri, image_folder)
 
     files = sorted(image_folder.rglob("*.png"))
     assert sorted(scored.index) == files  # one row per file, nothing dropped or duplicated
-    expected = predict_in_process(model_uri, files)
+    expected = predict_in_process(module_demo_model_uri, files)
     assert list(scored.loc[files, "label"]) == list(expected["label"])
     np.testing.assert_allclose(scored.loc[files, "score"].astype(float), expected["score"].astype(float), atol=SCORE_TOL)
     np.testing.assert_allclose(
@@ -152,8 +142,8 @@ def test_spark_udf_matches_in_process_predict_and_truth(spark, model_uri, image_
     assert accuracy >= MIN_ACCURACY, f"{accuracy:.0%} right on {len(files)} drawings"
 
 
-def test_on_error_null_gives_null_labels_and_the_job_completes(spark, model_uri, mixed_folder):
-    scored = score_folder_null_on_error(spark, model_uri, mixed_folder)
+def test_on_error_null_gives_null_labels_and_the_job_completes(spark, module_demo_model_uri, mixed_folder):
+    scored = score_folder_null_on_error(spark, module_demo_model_uri, mixed_folder)
 
     bad = [mixed_folder / TRUNCATED, mixed_folder / TEXT_AS_JPEG]
     good = sorted(mixed_folder.rglob("*.png"))
@@ -163,15 +153,15 @@ def test_on_error_null_gives_null_labels_and_the_job_completes(spark, model_uri,
     assert "truncated or corrupt image" in scored.loc[bad[0], "error"]
     assert "not an image" in scored.loc[bad[1], "error"]
     assert scored.loc[good, "error"].isna().all()
-    expected = predict_in_process(model_uri, good)
+    expected = predict_in_process(module_demo_model_uri, good)
     assert list(scored.loc[good, "label"]) == list(expected["label"])
 
 
-def test_default_on_error_fails_the_job_with_the_row_reason(spark, model_uri, mixed_folder):
+def test_default_on_error_fails_the_job_with_the_row_reason(spark, module_demo_model_uri, mixed_folder):
     from pyspark.errors import PythonException
 
     with pytest.raises(PythonException, match="could not be read as images") as raised:
-        score_folder(spark, model_uri, mixed_folder)
+        score_folder(spark, module_demo_model_uri, mixed_folder)
     assert 'on_error": "null"' in str(raised.value)  # the message tells the fix
 
 
@@ -181,7 +171,7 @@ def test_default_on_error_fails_the_job_with_the_row_reason(spark, model_uri, mi
     reason="MLflow 3.17 spark_udf (_convert_struct_values) casts struct string fields with "
     "astype(np.str_): None becomes 'None' when a batch mixes good and bad rows",
 )
-def test_raw_udf_keeps_none_as_null_in_a_mixed_batch(spark, model_uri, mixed_folder):
-    scored = score_folder(spark, model_uri, mixed_folder, params={"on_error": "null"}, partitions=1)
+def test_raw_udf_keeps_none_as_null_in_a_mixed_batch(spark, module_demo_model_uri, mixed_folder):
+    scored = score_folder(spark, module_demo_model_uri, mixed_folder, params={"on_error": "null"}, partitions=1)
     assert scored.loc[mixed_folder / TRUNCATED, "label"] is None
     assert scored.loc[sorted(mixed_folder.rglob("*.png")), "error"].isna().all()
