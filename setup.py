@@ -22,6 +22,9 @@ SERVING_REQUIRES = [
     "numpy>=1.24",
     "pillow>=12.1.1",
     "click>=8",
+    # The text tokenizer (mlflow_clip/tokenizer.py) cleans and splits text exactly as CLIP does.
+    "ftfy",
+    "regex",
 ]
 EXPORT_REQUIRES = [
     "torch>=2.3",
@@ -29,8 +32,6 @@ EXPORT_REQUIRES = [
     "openai-clip==1.0.1",
     # openai-clip still imports pkg_resources, which setuptools 81 removed.
     "setuptools<81",
-    "ftfy",
-    "regex",
     "onnxsim>=0.4.36",
     "sclblonnx>=0.3.0",
     "matplotlib>=3.7",
@@ -52,7 +53,14 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["mlflow_clip", "mlflow_clip.*"]),
-    package_data={"mlflow_clip": ["assets/*.pt", "assets/sample_images/*"]},
+    package_data={
+        "mlflow_clip": [
+            "assets/*.pt",
+            "assets/sample_images/*",
+            "assets/bpe_simple_vocab_16e6.txt.gz",
+            "assets/CLIP_LICENSE",
+        ]
+    },
     include_package_data=True,
     install_requires=SERVING_REQUIRES,
     extras_require={

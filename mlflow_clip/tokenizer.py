@@ -1,0 +1,238 @@
+"""CLIP's text tokenizer without torch: the same token ids as ``clip.tokenize``.
+
+A port of ``clip/simple_tokenizer.py`` and ``clip.tokenize`` from OpenAI CLIP
+(https://github.com/openai/CLIP, MIT License, Copyright (c) 2021 OpenAI). The byte-pair-encoding
+vocabulary CLIP uses, ``bpe_simple_vocab_16e6.txt.gz``, ships unchanged in ``mlflow_clip/assets``
+with that license (``assets/CLIP_LICENSE``); the exporter copies it into each model directory and
+serving loads it from there.
+
+Text is cleaned exactly as CLIP cleans it (``ftfy.fix_text``, HTML unescaped twice, whitespace
+runs collapsed, lower-cased), split with CLIP's pattern (the ``regex`` module, for its Unicode
+classes) and byte-pair encoded. Each word's ids are cached in a bounded LRU cache, safe to share
+between the threads of a server.
+
+    >>> tokenizer = ClipTokenizer.from_file(default_vocab_path())
+    >>> tokenizer(["a photo of a cat."], context_length=8).tolist()
+    [[49406, 320, 1125, 539, 320, 2368, 269, 49407]]
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import html
+from collections.abc import Iterable
+from pathlib import Path
+
+import ftfy
+import numpy as np
+import regex
+
+VOCAB_FILE_NAME = "bpe_simple_vocab_16e6.txt.gz"
+VOCAB_LICENSE_FILE_NAME = "CLIP_LICENSE"
+# SHA-256 of CLIP's vocabulary file, byte for byte as the `clip` package ships it.
+VOCAB_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
+CONTEXT_LENGTH = 77
+START_OF_TEXT = "<|startoftext|>"
+END_OF_TEXT = "<|endoftext|>"
+
+# CLIP's vocabulary: 256 byte symbols, the same 256 ending a word, 48,894 merges, 2 special tokens.
+_NUM_MERGES = 49152 - 256 - 2
+VOCAB_SIZE = 256 + 256 + _NUM_MERGES + 2
+# Words seen by a server are mostly a small set; the cache bounds memory on arbitrary input.
+BPE_CACHE_SIZE = 65_536
+_WORD_END = "</w>"
+_NOT_A_MERGE = float("inf")
+_WHITESPACE = regex.compile(r"\s+")
+_PRETOKEN = regex.compile(
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+    regex.IGNORECASE,
+)
+_EXCERPT_CHARS = 40
+
+
+class TextInputError(ValueError):
+    """A text that cannot be tokenized; the message names its index and the fix."""
+
+
+def default_vocab_path() -> Path:
+    """The vocabulary file shipped with this package, the one the exporter copies into a model.
+
+        >>> default_vocab_path().name
+        'bpe_simple_vocab_16e6.txt.gz'
+    """
+    return Path(__file__).resolve().parent / "assets" / VOCAB_FILE_NAME
+
+
+def default_vocab_license_path() -> Path:
+    """CLIP's license, which must travel with every copy of the vocabulary file."""
+    return default_vocab_path().with_name(VOCAB_LICENSE_FILE_NAME)
+
+
+class ClipTokenizer:
+    """CLIP's byte-pair-encoding tokenizer, loaded from an explicit vocabulary file.
+
+        >>> tokenizer = ClipTokenizer.from_file(default_vocab_path())
+        >>> tokenizer.encode("Hello, world!")
+        [3306, 267, 1002, 256]
+    """
+
+    def __init__(self, vocab_path: str | Path) -> None:
+        self.vocab_path = Path(vocab_path)
+        merges = _read_merges(self.vocab_path)
+        symbols = list(_byte_to_symbol().values())
+        vocab = symbols + [s + _WORD_END for s in symbols] + ["".join(m) for m in merges]
+        vocab += [START_OF_TEXT, END_OF_TEXT]
+        self._ids = {token: i for i, token in enumerate(vocab)}
+        self._ranks = {merge: rank for rank, merge in enumerate(merges)}
+        self._to_symbols = str.maketrans({chr(b): s for b, s in _byte_to_symbol().items()})
+        self.sot_token_id = self._ids[START_OF_TEXT]
+        self.eot_token_id = self._ids[END_OF_TEXT]
+        self._word_ids = functools.lru_cache(maxsize=BPE_CACHE_SIZE)(self._encode_word)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_word_ids"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._word_ids = functools.lru_cache(maxsize=BPE_CACHE_SIZE)(self._encode_word)
+
+    @classmethod
+    def from_file(cls, vocab_path: str | Path) -> ClipTokenizer:
+        """Load the tokenizer from a copy of ``bpe_simple_vocab_16e6.txt.gz``."""
+        return cls(vocab_path)
+
+    def __repr__(self) -> str:
+        return f"ClipTokenizer({str(self.vocab_path)!r})"
+
+    def __call__(
+        self, texts: str | Iterable[str], context_length: int = CONTEXT_LENGTH, truncate: bool = True
+    ) -> np.ndarray:
+        """Token ids as ``clip.tokenize`` gives them, as an int64 array ``[len(texts), context_length]``.
+
+        Each row is the start token, the text's ids, the end token, then zeros. A longer text is
+        cut to ``context_length`` ids whose last is the end token when ``truncate`` is true, and
+        raises ``TextInputError`` otherwise. (``clip.tokenize`` defaults to ``truncate=False`` and
+        returns int32 under torch >= 1.8; the ids are the same, and all below 2**16.)
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        elif isinstance(texts, (bytes, bytearray)) or not isinstance(texts, Iterable):
+            raise TextInputError(
+                f"Received {type(texts).__name__}; expected a str or a list of str. Fix: send text, decoded."
+            )
+        if isinstance(context_length, bool) or not isinstance(context_length, (int, np.integer)):
+            raise TypeError(f"context_length must be an int; received {context_length!r}.")
+        if context_length < 1:
+            raise ValueError(f"context_length must be at least 1; received {context_length}.")
+        rows = [self._row(i, text, context_length, truncate) for i, text in enumerate(texts)]
+        result = np.zeros((len(rows), context_length), dtype=np.int64)
+        for i, ids in enumerate(rows):
+            result[i, : len(ids)] = ids
+        return result
+
+    def encode(self, text: str) -> list[int]:
+        """The ids of one text, without the start and end tokens."""
+        ids: list[int] = []
+        for word in _PRETOKEN.findall(clean_text(text)):
+            ids.extend(self._word_ids(word))
+        return ids
+
+    def _row(self, index: int, text: object, context_length: int, truncate: bool) -> list[int]:
+        if not isinstance(text, str):
+            raise TextInputError(
+                f"Text {index} is a {type(text).__name__}, not a str. Fix: send every text as a string."
+            )
+        ids = [self.sot_token_id, *self.encode(text), self.eot_token_id]
+        if len(ids) <= context_length:
+            return ids
+        if not truncate:
+            excerpt = text if len(text) <= _EXCERPT_CHARS else text[:_EXCERPT_CHARS] + "..."
+            raise TextInputError(
+                f"Text {index} ({excerpt!r}) is {len(ids)} tokens long with its start and end tokens, "
+                f"more than the context length {context_length}. Fix: shorten it, or pass "
+                f"truncate=True to keep its first {context_length - 1} tokens and the end token."
+            )
+        ids = ids[:context_length]
+        ids[-1] = self.eot_token_id
+        return ids
+
+    def _encode_word(self, word: str) -> tuple[int, ...]:
+        if word in (START_OF_TEXT, END_OF_TEXT):
+            return (self._ids[word],)
+        symbols = word.encode("utf-8").decode("latin-1").translate(self._to_symbols)
+        return tuple(self._ids[part] for part in self._merge(symbols))
+
+    def _merge(self, symbols: str) -> tuple[str, ...]:
+        ranks = self._ranks
+        parts = (*symbols[:-1], symbols[-1] + _WORD_END)
+        while len(parts) > 1:
+            pair = min(zip(parts, parts[1:]), key=lambda p: ranks.get(p, _NOT_A_MERGE))
+            if pair not in ranks:
+                break
+            parts = _apply_merge(parts, *pair)
+        return parts
+
+
+def clean_text(text: str) -> str:
+    """CLIP's text cleaning: fix mojibake, unescape HTML twice, collapse whitespace, lower-case.
+
+        >>> clean_text("  Caf\\u00c3\\u00a9 &amp;amp;  Bar\\n")
+        'café & bar'
+    """
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return _WHITESPACE.sub(" ", text).strip().lower()
+
+
+def _apply_merge(parts: tuple[str, ...], first: str, second: str) -> tuple[str, ...]:
+    merged: list[str] = []
+    i, last = 0, len(parts) - 1
+    while i <= last:
+        if i < last and parts[i] == first and parts[i + 1] == second:
+            merged.append(first + second)
+            i += 2
+        else:
+            merged.append(parts[i])
+            i += 1
+    return tuple(merged)
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_to_symbol() -> dict[int, str]:
+    """GPT-2's reversible map from UTF-8 bytes to printable characters, as CLIP uses it."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    # Order matters: the first 256 vocabulary entries are these symbols, printable bytes first.
+    symbols = {b: chr(b) for b in printable}
+    symbols.update({b: chr(256 + n) for n, b in enumerate(others)})
+    return symbols
+
+
+def _read_merges(path: Path) -> list[tuple[str, str]]:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"No CLIP vocabulary file at {path}. Fix: pass the path of a copy of {VOCAB_FILE_NAME} "
+            f"(the exporter puts one in each model directory; this package ships one at {default_vocab_path()})."
+        )
+    try:
+        with gzip.open(path) as f:
+            lines = f.read().decode("utf-8").split("\n")
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a gzipped UTF-8 {VOCAB_FILE_NAME}: {e}. Fix: copy the file again.") from e
+    merges = [tuple(line.split()) for line in lines[1 : _NUM_MERGES + 1]]
+    if len(merges) < _NUM_MERGES or any(len(merge) != 2 for merge in merges):
+        raise ValueError(
+            f"{path} does not hold CLIP's {_NUM_MERGES} byte-pair merges (one pair per line after a "
+            f"header line). Fix: use {VOCAB_FILE_NAME} from the clip package, SHA-256 {VOCAB_SHA256}."
+        )
+    return merges  # type: ignore[return-value]
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, to check a vocabulary copy against ``VOCAB_SHA256``."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
