@@ -21,13 +21,18 @@ import pandas as pd
 from mlflow_clip.config import ClassifierConfig
 from mlflow_clip.images import ImageInputError, ImageLimits, decode_image
 from mlflow_clip.preprocess import Preprocessor
+from mlflow_clip.prompts import TEMPLATE_PRESETS, PromptError, parse_classes, resolve_templates
 from mlflow_clip.runtime import OrtSession, RuntimeSettings
+from mlflow_clip.text import TextEncoder, softmax_scores
 
 _logger = logging.getLogger(__name__)
 
 IMAGE_COLUMN = "image"
 ON_ERROR_CHOICES = ("raise", "null")
 DEFAULT_MAX_ROWS = 10_000  # Spark's default Arrow batch size, so spark_udf works out of the box.
+# Per-request labels: every class x template is one text-encoder input on a cache miss.
+MAX_REQUEST_CLASSES = 1_000
+MAX_REQUEST_TEMPLATES = 100
 
 
 class InvalidInputError(ValueError):
@@ -51,7 +56,8 @@ class InputLimits:
 
 
 class ZeroShotClassifier:
-    """Scores images against the classes baked into the ONNX graph."""
+    """Scores images against the classes baked into the ONNX graph, or against labels chosen per
+    request (with the model's text encoder), and returns image or text embeddings."""
 
     def __init__(
         self,
@@ -60,6 +66,7 @@ class ZeroShotClassifier:
         settings: RuntimeSettings = RuntimeSettings(),
         limits: InputLimits = InputLimits(),
         decode_workers: int | None = None,
+        text_encoder: TextEncoder | None = None,
     ):
         self.config = config
         self.limits = limits
@@ -70,61 +77,212 @@ class ZeroShotClassifier:
         )
         self.session = OrtSession(onnx_path, settings)
         self._probabilities_output = self.session.output_names[0]
-        workers = decode_workers or min(4, os.cpu_count() or 1)
+        outputs = self.session.output_names
+        self._embedding_output = config.embedding_output if config.embedding_output in outputs[1:] else None
+        self.text_encoder = text_encoder
+        self._draft_size = config.input_resolution if settings.jpeg_draft else None
+        workers = decode_workers or settings.decode_workers or min(4, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mlflow-clip-decode")
 
     @property
     def classes(self) -> list[str]:
         return list(self.config.classes)
 
+    @property
+    def has_embeddings(self) -> bool:
+        return self._embedding_output is not None
+
     def predict(
-        self, images: Any, top_k: int = 0, on_error: str = "raise"
+        self,
+        images: Any,
+        top_k: int = 0,
+        on_error: str = "raise",
+        classes: Sequence[str] | None = None,
+        templates: str | Sequence[str] | None = None,
     ) -> pd.DataFrame:
         """Classify images; one output row per input row, in order.
 
         `images`: a DataFrame with an `image` column, a list/Series/dict of image values
         (encoded bytes, base64 text, data URIs, uint8 arrays), or a uint8 array batch.
+        `classes` (with `templates`, default the model's own) classifies against those labels
+        instead of the baked ones, through the model's text encoder; the columns are the same.
         """
         rows = coerce_rows(images)
-        _check_options(top_k, on_error, len(self.config.classes))
-        if len(rows) > self.limits.max_rows:
+        if classes is None or len(classes) == 0:
+            _check_options(top_k, on_error, len(self.config.classes))
+            self._check_row_count(rows)
+            probabilities, errors = self._run_images(rows, on_error, self._probabilities_output)
+            return format_predictions(probabilities, errors, self.config.classes, top_k, on_error)
+        names = request_classes(classes)
+        template_texts = request_templates(templates) if templates else list(self.config.template_texts)
+        _check_options(top_k, on_error, len(names))
+        self._check_row_count(rows)
+        features = self._text_encoder("per-request classes").class_features(names, template_texts)
+        embeddings, errors = self._run_images(rows, on_error, self._require_embeddings("per-request classes"))
+        probabilities = np.full((len(rows), len(names)), np.nan, dtype=np.float32)
+        ok = ~np.isnan(embeddings).any(axis=1)
+        if ok.any():
+            probabilities[ok] = softmax_scores(embeddings[ok], features, self.config.logit_scale)
+        return format_predictions(probabilities, errors, names, top_k, on_error)
+
+    def embed_images(self, images: Any, on_error: str = "raise") -> pd.DataFrame:
+        """One L2-normalized image embedding per row: columns `embedding` and `error`."""
+        rows = coerce_rows(images)
+        _check_options(0, on_error, 0)
+        self._check_row_count(rows)
+        embeddings, errors = self._run_images(rows, on_error, self._require_embeddings("image embeddings"))
+        return format_embeddings(embeddings, errors)
+
+    def embed_text(self, texts: Sequence[Any]) -> pd.DataFrame:
+        """One L2-normalized text embedding per text (CLIP truncates texts over its context)."""
+        texts = list(texts)
+        self._check_row_count(texts)
+        bad = [(i, _describe_text(t)) for i, t in enumerate(texts) if not isinstance(t, str)]
+        if bad:
+            parts = "; ".join(f"row {i}: {reason}" for i, reason in bad[:5])
             raise InvalidInputError(
-                f"Received {len(rows)} rows; expected at most {self.limits.max_rows} per request. "
-                "Split the request, or raise max_rows in the model's runtime configuration."
+                f"{len(bad)} text row(s) are not text: {parts}. Send a string in every row of the 'text' column.", bad
             )
-        probabilities = np.full((len(rows), len(self.config.classes)), np.nan, dtype=np.float32)
-        errors: list[str | None] = [None] * len(rows)
-        chunk = max(1, self.session.settings.chunk_size)
-        for start in range(0, len(rows), chunk):
-            self._predict_chunk(rows, start, min(start + chunk, len(rows)), probabilities, errors, on_error)
-        return format_predictions(probabilities, errors, self.config.classes, top_k, on_error)
+        embeddings = self._text_encoder("text embeddings").embed(texts)
+        return format_embeddings(embeddings, [None] * len(texts))
 
     def predict_tensors(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities for already-preprocessed float32 images [N, 3, R, R]."""
         return self.session.run(np.ascontiguousarray(batch, dtype=np.float32), [self._probabilities_output])[0]
 
-    def _predict_chunk(self, rows, start, stop, probabilities, errors, on_error) -> None:
+    def _text_encoder(self, purpose: str) -> TextEncoder:
+        if self.text_encoder is None:
+            raise InvalidInputError(
+                f"This model has no text encoder, which {purpose} need. Re-export it with the text "
+                "encoder (the default; -P text_encoder=true), or omit that parameter."
+            )
+        return self.text_encoder
+
+    def _require_embeddings(self, purpose: str) -> str:
+        if self._embedding_output is None:
+            raise InvalidInputError(
+                f"This model's graph has no image-embedding output, which {purpose} need. Re-export it "
+                "with this version of mlflow-clip, or omit that parameter."
+            )
+        return self._embedding_output
+
+    def _check_row_count(self, rows: Sequence[Any]) -> None:
+        if len(rows) > self.limits.max_rows:
+            raise InvalidInputError(
+                f"Received {len(rows)} rows; expected at most {self.limits.max_rows} per request. "
+                "Split the request, or raise max_rows in the model's runtime configuration."
+            )
+
+    def _run_images(self, rows: list[Any], on_error: str, output: str) -> tuple[np.ndarray, list[str | None]]:
+        """`output` for every row (NaN rows where an image could not be read), and the errors.
+
+        Decoding runs on the thread pool in chunks of `chunk_size`; with on_error="raise" every
+        chunk is still decoded so that the error lists all bad rows, but nothing more is run.
+        """
+        values: np.ndarray | None = None
+        errors: list[str | None] = [None] * len(rows)
+        bad: list[tuple[int, str]] = []
+        chunk = max(1, self.session.settings.chunk_size)
         limits = self.limits.image_limits()
-        loaded = list(self._pool.map(lambda value: self._load(value, limits), rows[start:stop]))
-        bad = [(start + i, item.reason) for i, item in enumerate(loaded) if isinstance(item, ImageInputError)]
+        for start in range(0, len(rows), chunk):
+            loaded = list(self._pool.map(lambda value: self._load(value, limits), rows[start : start + chunk]))
+            good = []
+            for offset, item in enumerate(loaded):
+                if isinstance(item, ImageInputError):
+                    bad.append((start + offset, item.reason))
+                    errors[start + offset] = item.reason
+                else:
+                    good.append(offset)
+            if not good or (bad and on_error == "raise"):
+                continue
+            result = self.session.run(np.stack([loaded[i] for i in good]), [output])[0]
+            if values is None:
+                values = np.full((len(rows), result.shape[1]), np.nan, dtype=np.float32)
+            values[[start + i for i in good]] = result
         if bad and on_error == "raise":
             raise InvalidInputError(_describe_bad_rows(bad), bad)
-        for index, reason in bad:
-            errors[index] = reason
-        good = [i for i, item in enumerate(loaded) if not isinstance(item, ImageInputError)]
-        if not good:
-            return
-        batch = np.stack([loaded[i] for i in good])
-        probabilities[[start + i for i in good]] = self.predict_tensors(batch)
+        if values is None:
+            values = np.full((len(rows), self._output_width(output)), np.nan, dtype=np.float32)
+        return values, errors
+
+    def _output_width(self, output: str) -> int:
+        if output == self._probabilities_output:
+            return len(self.config.classes)
+        return int(self.config.embedding_dim)
 
     def _load(self, value: Any, limits: ImageLimits) -> np.ndarray | ImageInputError:
         try:
-            return self.preprocessor(decode_image(value, limits))
+            return self.preprocessor(decode_image(value, limits, self._draft_size))
         except ImageInputError as e:
             return e
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
+
+
+def request_classes(value: Any) -> list[str]:
+    """Labels sent with a request: a list of names, or one comma-separated string."""
+    if isinstance(value, str):
+        if value.lstrip().startswith("@"):
+            raise InvalidInputError(
+                f"Received classes={value!r}; a request cannot read files. Send the names as a list."
+            )
+        value = value.split(",")
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)):
+        raise InvalidInputError(f"Received classes of type {type(value).__name__}; expected a list of names.")
+    for index, name in enumerate(value):
+        if not isinstance(name, str):
+            raise InvalidInputError(f"Class {index} is {type(name).__name__}, not text; send a list of names.")
+    if len(value) > MAX_REQUEST_CLASSES:
+        raise InvalidInputError(
+            f"Received {len(value)} classes; expected at most {MAX_REQUEST_CLASSES} per request. "
+            "Export a model with the classes baked in instead."
+        )
+    try:
+        return parse_classes(list(value))
+    except PromptError as e:
+        raise InvalidInputError(str(e)) from None
+
+
+def request_templates(value: Any) -> list[str]:
+    """Templates sent with a request: a preset name, one template with {}, or a list of them."""
+    if isinstance(value, str):
+        key = value.strip()
+        if key.startswith("@"):
+            raise InvalidInputError(
+                f"Received templates={value!r}; a request cannot read files. Send a preset "
+                f"({', '.join(sorted(TEMPLATE_PRESETS))}) or a template containing {{}}."
+            )
+        value = list(TEMPLATE_PRESETS[key]) if key in TEMPLATE_PRESETS else [value]
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)) or not all(isinstance(t, str) for t in value):
+        raise InvalidInputError("Received templates that are not text; send a preset name or templates with {}.")
+    if len(value) > MAX_REQUEST_TEMPLATES:
+        raise InvalidInputError(f"Received {len(value)} templates; expected at most {MAX_REQUEST_TEMPLATES}.")
+    try:
+        return resolve_templates(list(value))
+    except PromptError as e:
+        raise InvalidInputError(
+            f"{e} Or send one of the presets: {', '.join(sorted(TEMPLATE_PRESETS))}."
+        ) from None
+
+
+def _describe_text(value: Any) -> str:
+    return "missing (null)" if value is None or (isinstance(value, float) and np.isnan(value)) else f"a {type(value).__name__}"
+
+
+def format_embeddings(embeddings: np.ndarray, errors: list[str | None]) -> pd.DataFrame:
+    """The embedding table: `embedding` (a list of floats, None for unreadable rows), `error`."""
+    ok = ~np.isnan(embeddings).any(axis=1) if embeddings.size else np.ones(len(errors), dtype=bool)
+    return pd.DataFrame(
+        {
+            "embedding": [row.astype(float).tolist() if good else None for row, good in zip(embeddings, ok)],
+            "error": pd.Series(errors, dtype=object),
+        }
+    )
 
 
 def coerce_rows(data: Any) -> list[Any]:

@@ -19,7 +19,10 @@ from typing import Any, Mapping
 CONFIG_FILE_NAME = "clip_classifier.json"
 EDGE_INPUT_NAME = "image-"
 # Keys of ONNX metadata_props whose values are JSON.
-_JSON_KEYS = ("classes", "template_texts", "mean", "std", "input_resolution", "logit_scale", "opset")
+_JSON_KEYS = (
+    "classes", "template_texts", "mean", "std", "input_resolution", "logit_scale", "opset",
+    "embedding_dim", "context_length",
+)
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,11 @@ class ClassifierConfig:
     output_name: str = ""
     opset: int = 17
     precision: str = "fp32"
+    # Image embeddings: the served graph's second output (the edge file has only the scores).
+    embedding_output: str = ""
+    embedding_dim: int = 0
+    # Per-request labels: CLIP's text encoder and tokenizer, shipped in the model directory.
+    context_length: int = 77
     interpolation: str = "bicubic"
     resize_mode: str = "shortest_side_then_center_crop"
     torch_version: str = ""

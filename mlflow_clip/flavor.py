@@ -70,15 +70,21 @@ SERVING_MODULES = (
     "runtime.py",
     "prompts.py",
     "client.py",
+    "tokenizer.py",
+    "text.py",
 )
-PARAM_DEFAULTS: dict[str, Any] = {"top_k": 0, "on_error": "raise", "output": "full"}
-# output="label" returns the labels alone (a Series), for tools that expect one prediction per row.
-OUTPUT_CHOICES = ("full", "label")
+TEXT_ENCODER_FILE_NAME = "text_encoder.onnx"
+PARAM_DEFAULTS: dict[str, Any] = {"top_k": 0, "on_error": "raise", "output": "full", "classes": [], "templates": ""}
+# output="label" returns the labels alone (a Series), for tools that expect one prediction per row;
+# output="embedding" returns one normalized image embedding per row (column `embedding`).
+OUTPUT_CHOICES = ("full", "label", "embedding")
+TEXT_COLUMN = "text"
 
 
 def get_default_pip_requirements() -> list[str]:
-    """The serving requirements: onnxruntime, numpy, Pillow and MLflow; never torch."""
-    return [_get_pinned_requirement(name) for name in ("mlflow", "onnxruntime", "numpy", "pillow")]
+    """The serving requirements: onnxruntime, numpy, Pillow and MLflow (plus the tokenizer's
+    ftfy and regex); never torch."""
+    return [_get_pinned_requirement(name) for name in ("mlflow", "onnxruntime", "numpy", "pillow", "ftfy", "regex")]
 
 
 def get_default_conda_env() -> dict:
@@ -86,8 +92,9 @@ def get_default_conda_env() -> dict:
 
 
 def default_signature() -> ModelSignature:
-    """Input: a binary `image` column; params `top_k` and `on_error`; the output columns."""
-    inputs = Schema([ColSpec(DataType.binary, "image")])
+    """Input: a binary `image` column (or a `text` column, for text embeddings); params `top_k`,
+    `on_error`, `output`, `classes` and `templates`; the output columns of classification."""
+    inputs = Schema([ColSpec(DataType.binary, "image", required=False), ColSpec(DataType.string, TEXT_COLUMN, required=False)])
     outputs = Schema(
         [
             ColSpec(DataType.string, "label"),
@@ -101,6 +108,10 @@ def default_signature() -> ModelSignature:
             ParamSpec("top_k", DataType.long, PARAM_DEFAULTS["top_k"]),
             ParamSpec("on_error", DataType.string, PARAM_DEFAULTS["on_error"]),
             ParamSpec("output", DataType.string, PARAM_DEFAULTS["output"]),
+            # Labels chosen per request (empty: the baked classes), and their templates: a preset
+            # (none, photo, ensemble) or one template with {} (empty: the model's own templates).
+            ParamSpec("classes", DataType.string, PARAM_DEFAULTS["classes"], (-1,)),
+            ParamSpec("templates", DataType.string, PARAM_DEFAULTS["templates"]),
         ]
     )
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
@@ -120,12 +131,15 @@ def save_model(
     runtime: RuntimeSettings | dict | None = None,
     limits: InputLimits | dict | None = None,
     extra_files: dict[str, str | os.PathLike] | None = None,
+    text_encoder: str | os.PathLike | None = None,
 ) -> None:
     """Save an ONNX classifier written by mlflow-clip's exporter as an MLflow model.
 
     `onnx_model` is the path of the `.onnx` file; its metadata (classes, normalization, input
     size) becomes the flavor configuration. `runtime` sets providers and thread counts,
     `limits` the per-request input limits; both can be overridden at load time.
+    `text_encoder` is the exporter's text-encoder ONNX file: with it (and the tokenizer's
+    vocabulary, copied alongside) the model also takes per-request labels and text input.
     """
     path = Path(path)
     config = ClassifierConfig.from_onnx(onnx_model)
@@ -134,6 +148,8 @@ def save_model(
     _validate_and_prepare_target_save_path(str(path))
     code_dir_subpath = _copy_code(path, code_paths)
     shutil.copyfile(onnx_model, path / ONNX_FILE_NAME)
+    if text_encoder is not None:
+        _copy_text_encoder(Path(text_encoder), path)
     config.write(path)
     for name, source in (extra_files or {}).items():
         shutil.copyfile(source, path / name)
@@ -154,7 +170,9 @@ def save_model(
         # MLFLOW_PYFUNC_INFERENCE_CONFIG environment variable of `mlflow models serve`).
         model_config=_overridable(settings, input_limits),
     )
-    mlflow_model.add_flavor(FLAVOR_NAME, **_flavor_conf(config, settings, input_limits, path, code_dir_subpath))
+    mlflow_model.add_flavor(
+        FLAVOR_NAME, **_flavor_conf(config, settings, input_limits, path, code_dir_subpath, text_encoder is not None)
+    )
     mlflow_model.save(str(path / MLMODEL_FILE_NAME))
     _write_environment(path, conda_env, pip_requirements, extra_pip_requirements)
 
@@ -185,10 +203,32 @@ def _as_limits(limits: InputLimits | dict | None) -> InputLimits:
     return InputLimits(**(limits or {}))
 
 
-def _flavor_conf(config, settings, limits, path, code_dir_subpath) -> dict[str, Any]:
+def _copy_text_encoder(source: Path, path: Path) -> None:
+    from mlflow_clip.tokenizer import VOCAB_FILE_NAME, VOCAB_LICENSE_FILE_NAME, default_vocab_license_path, default_vocab_path
+
+    shutil.copyfile(source, path / TEXT_ENCODER_FILE_NAME)
+    shutil.copyfile(default_vocab_path(), path / VOCAB_FILE_NAME)
+    shutil.copyfile(default_vocab_license_path(), path / VOCAB_LICENSE_FILE_NAME)
+
+
+def _text_conf(path: Path) -> dict[str, Any]:
+    from mlflow_clip.tokenizer import VOCAB_FILE_NAME
+
+    return {
+        "text_encoder": TEXT_ENCODER_FILE_NAME,
+        "text_encoder_sha256": sha256_file(path / TEXT_ENCODER_FILE_NAME),
+        "tokenizer_vocab": VOCAB_FILE_NAME,
+        "tokenizer_vocab_sha256": sha256_file(path / VOCAB_FILE_NAME),
+    }
+
+
+def _flavor_conf(config, settings, limits, path, code_dir_subpath, has_text_encoder: bool) -> dict[str, Any]:
     from mlflow_clip.version import __version__
 
     return {
+        **(_text_conf(path) if has_text_encoder else {}),
+        "embedding_output": config.embedding_output,
+        "context_length": config.context_length,
         "mlflow_clip_version": __version__,
         "onnx_model": ONNX_FILE_NAME,
         "onnx_sha256": sha256_file(path / ONNX_FILE_NAME),
@@ -250,6 +290,7 @@ def log_model(
     runtime: RuntimeSettings | dict | None = None,
     limits: InputLimits | dict | None = None,
     extra_files: dict[str, str | os.PathLike] | None = None,
+    text_encoder: str | os.PathLike | None = None,
     **kwargs: Any,
 ):
     """Log an mlflow-clip ONNX classifier to the active run (and register it if asked).
@@ -275,6 +316,7 @@ def log_model(
         runtime=runtime,
         limits=limits,
         extra_files=extra_files,
+        text_encoder=text_encoder,
         **kwargs,
     )
 
@@ -298,7 +340,17 @@ def _load_classifier(local_path: str, model_config: dict | None = None) -> ZeroS
     if not onnx_path.exists():
         raise MlflowException(f"The model directory {local_path} has no {onnx_path.name}.", RESOURCE_DOES_NOT_EXIST)
     config = ClassifierConfig.read(local_path)
-    return ZeroShotClassifier(onnx_path, config, settings, limits)
+    text_encoder = None
+    if conf.get("text_encoder"):
+        from mlflow_clip.text import TextEncoder
+
+        text_encoder = TextEncoder(
+            Path(local_path) / conf["text_encoder"],
+            Path(local_path) / conf["tokenizer_vocab"],
+            config.context_length,
+            settings,
+        )
+    return ZeroShotClassifier(onnx_path, config, settings, limits, text_encoder=text_encoder)
 
 
 def _load_pyfunc(path: str, model_config: dict | None = None) -> "_ClipPyfuncWrapper":
@@ -336,11 +388,41 @@ class _ClipPyfuncWrapper:
         return self.classifier
 
     def predict(self, data: Any, params: dict[str, Any] | None = None):
-        options = {**PARAM_DEFAULTS, **(params or {})}
-        if options["output"] not in OUTPUT_CHOICES:
-            raise ClientInputError(f"Received output={options['output']!r}; expected one of {list(OUTPUT_CHOICES)}.")
+        options = {**PARAM_DEFAULTS, **{k: v for k, v in (params or {}).items() if v is not None}}
+        output = options["output"]
+        if output not in OUTPUT_CHOICES:
+            raise ClientInputError(f"Received output={output!r}; expected one of {list(OUTPUT_CHOICES)}.")
         try:
-            out = self.classifier.predict(data, top_k=int(options["top_k"]), on_error=str(options["on_error"]))
+            texts = _text_rows(data)
+            if texts is not None:
+                return self.classifier.embed_text(texts)
+            if output == "embedding":
+                return self.classifier.embed_images(data, on_error=str(options["on_error"]))
+            out = self.classifier.predict(
+                data,
+                top_k=int(options["top_k"]),
+                on_error=str(options["on_error"]),
+                classes=options["classes"] or None,
+                templates=options["templates"] or None,
+            )
         except InvalidInputError as e:
             raise ClientInputError(str(e)) from None
-        return out["label"] if options["output"] == "label" else out
+        return out["label"] if output == "label" else out
+
+
+def _text_rows(data: Any) -> list[Any] | None:
+    """The texts of a text-only request (a `text` column and no images), else None."""
+    import pandas as pd
+
+    if isinstance(data, dict) and TEXT_COLUMN in data:
+        data = pd.DataFrame({k: (v if isinstance(v, (list, tuple)) else [v]) for k, v in data.items()})
+    if not isinstance(data, pd.DataFrame) or TEXT_COLUMN not in data.columns:
+        return None
+    if "image" in data.columns and data["image"].notna().any():
+        if data[TEXT_COLUMN].notna().any():
+            raise InvalidInputError(
+                "Received both 'image' and 'text' values; send images (to classify or embed them) "
+                "or texts (to embed them), one kind per request."
+            )
+        return None
+    return list(data[TEXT_COLUMN])

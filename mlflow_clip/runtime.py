@@ -37,6 +37,11 @@ class RuntimeSettings:
     # a server fed varying batch sizes keeps a flat footprint without it.
     enable_cpu_mem_arena: bool = False
     graph_optimization_level: str = "all"
+    # Decode JPEGs at a reduced DCT scale (never below the model's input size) before the exact
+    # resize: several times faster on photos, with small, measured probability differences.
+    jpeg_draft: bool = False
+    # Threads decoding and preprocessing images (0: min(4, CPU count)).
+    decode_workers: int = 0
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

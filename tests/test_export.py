@@ -19,7 +19,7 @@ STDS_255 = [68.5, 66.63, 70.32]
 def test_edge_conventions_and_metadata(demo_built):
     import onnx
 
-    model = onnx.load(str(demo_built.onnx_path))
+    model = onnx.load(str(demo_built.edge_path))
     graph = model.graph
     assert [i.name for i in graph.input] == ["image-"]
     classes = demo_built.config.classes
@@ -36,18 +36,39 @@ def test_edge_conventions_and_metadata(demo_built):
     assert batch_dim.dim_param and not batch_dim.HasField("dim_value")
     # one self-contained file: no tensor points at external data, no side file
     assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer)
-    assert os.listdir(demo_built.onnx_path.parent) == [demo_built.onnx_path.name]
+    files = [demo_built.onnx_path, demo_built.edge_path, demo_built.text_encoder_path]
+    assert sorted(os.listdir(demo_built.onnx_path.parent)) == sorted(p.name for p in files)
+
+
+def test_served_graph_is_the_edge_graph_plus_the_embedding(demo_built):
+    """One visual graph per file: the served graph adds the normalized embedding as a second
+    output; the weights are the edge file's, byte for byte."""
+    import onnx
+
+    served, edge = onnx.load(str(demo_built.onnx_path)), onnx.load(str(demo_built.edge_path))
+    assert [o.name for o in served.graph.output] == [edge.graph.output[0].name, "embedding"]
+    assert [i.name for i in served.graph.input] == ["image-"]
+    assert sorted(t.SerializeToString() for t in served.graph.initializer) == sorted(
+        t.SerializeToString() for t in edge.graph.initializer
+    )
+    assert served.metadata_props == edge.metadata_props
+    assert demo_built.config.embedding_output == "embedding" and demo_built.config.embedding_dim == 64
 
 
 @pytest.mark.parametrize("batch", [1, 5])
 def test_dynamic_batch(demo_built, batch):
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(demo_built.onnx_path), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(batch).standard_normal((batch, 3, 64, 64), dtype=np.float32)
-    (probs,) = session.run(None, {"image-": x})
+    edge = ort.InferenceSession(str(demo_built.edge_path), providers=["CPUExecutionProvider"])
+    (probs,) = edge.run(None, {"image-": x})
     assert probs.shape == (batch, 9)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    served = ort.InferenceSession(str(demo_built.onnx_path), providers=["CPUExecutionProvider"])
+    served_probs, embedding = served.run(None, {"image-": x})
+    np.testing.assert_allclose(served_probs, probs, atol=1e-6)
+    assert embedding.shape == (batch, 64)
+    np.testing.assert_allclose(np.linalg.norm(embedding, axis=1), 1.0, atol=1e-5)
 
 
 def test_export_run_records_everything_and_registers(tracking_uri):

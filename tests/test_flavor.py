@@ -37,14 +37,17 @@ def test_mlmodel_carries_the_contract(colour_model_dir):
     assert (colour_model_dir / pyfunc["code"] / "mlflow_clip" / "flavor.py").exists()
     assert not (colour_model_dir / pyfunc["code"] / "mlflow_clip" / "export").exists()
     signature = mlmodel["signature"]
-    assert json.loads(signature["inputs"]) == [{"type": "binary", "name": "image", "required": True}]
+    assert json.loads(signature["inputs"]) == [
+        {"type": "binary", "name": "image", "required": False},
+        {"type": "string", "name": "text", "required": False},
+    ]
     assert {p["name"] for p in json.loads(signature["params"])} >= {"top_k", "on_error"}
 
 
 def test_requirements_are_serving_only(colour_model_dir):
     requirements = (colour_model_dir / "requirements.txt").read_text().lower()
     names = {line.split("==")[0].split(">")[0].strip() for line in requirements.splitlines() if line.strip()}
-    assert names == {"mlflow", "onnxruntime", "numpy", "pillow"}
+    assert names == {"mlflow", "onnxruntime", "numpy", "pillow", "ftfy", "regex"}
     assert "torch" not in requirements and "clip" not in requirements
 
 

@@ -1,7 +1,12 @@
-"""The exported graph: CLIP's visual encoder with the class text features baked in.
+"""The exported graphs: CLIP's visual encoder with the class text features baked in, and CLIP's
+text encoder.
 
-image [N,3,R,R] -> visual encoder -> L2 normalize -> logit_scale * cosine similarity with the
-normalized class text features -> softmax -> probabilities [N,C].
+Classifier: image [N,3,R,R] -> visual encoder -> L2 normalize -> logit_scale * cosine similarity
+with the normalized class text features -> softmax -> probabilities [N,C]. The served graph also
+returns the normalized image embedding [N,D] as a second output; the edge file is the same graph
+with only the probabilities (`write_edge_file`), so the visual weights are stored once per file.
+
+Text encoder: token ids [N,L] (L <= context_length) -> L2-normalized text embeddings [N,D].
 
     >>> head = ZeroShotHead(model.visual, text_features, logit_scale=100.0)  # doctest: +SKIP
     >>> export_onnx(head, "model.onnx", resolution=224, opset=17)  # doctest: +SKIP
@@ -50,6 +55,57 @@ class ZeroShotHead(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.logits(image).softmax(dim=-1)
 
+    def embed(self, image: torch.Tensor) -> torch.Tensor:
+        features = self.visual(image)
+        return features / features.norm(dim=-1, keepdim=True)
+
+
+class _WithEmbedding(nn.Module):
+    """Export wrapper: (probabilities, normalized embedding) from one pass of the encoder."""
+
+    def __init__(self, head: ZeroShotHead):
+        super().__init__()
+        self.head = head
+
+    def forward(self, image: torch.Tensor):
+        embedding = self.head.embed(image)
+        logits = self.head.logit_scale * embedding @ self.head.text_features
+        return logits.softmax(dim=-1), embedding
+
+
+class TextEncoder(nn.Module):
+    """CLIP's `encode_text` followed by L2 normalization, for token ids [N, L], L <= context_length.
+
+    CLIP's text transformer is causal and reads its output at the end-of-text token, so the
+    positions after the last end-of-text token of a batch cannot change the result: serving trims
+    the ids to that length, which costs a fraction of the full context for short prompts.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.token_embedding = model.token_embedding
+        self.register_buffer("positional_embedding", model.positional_embedding.detach().float().clone())
+        self.blocks = model.transformer.resblocks
+        self.ln_final = model.ln_final
+        self.register_buffer("text_projection", model.text_projection.detach().float().clone())
+        self.register_buffer("attn_mask", model.build_attention_mask())
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        length = tokens.shape[1]
+        x = self.token_embedding(tokens).float() + self.positional_embedding[:length]
+        x = x.permute(1, 0, 2)  # NLD -> LND
+        mask = self.attn_mask[:length, :length]
+        for block in self.blocks:
+            # Written out (not nn.MultiheadAttention): the TorchScript exporter bakes the batch
+            # size into the fused attention's reshapes when a mask is given.
+            y = block.ln_1(x)
+            weights, biases = block.attn.in_proj_weight.chunk(3), block.attn.in_proj_bias.chunk(3)
+            x = x + _attention(y, y, y, weights, biases, block.attn.out_proj, block.attn.num_heads, mask)
+            x = x + block.mlp(block.ln_2(x))
+        x = self.ln_final(x.permute(1, 0, 2))
+        x = x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)] @ self.text_projection
+        return x / x.norm(dim=-1, keepdim=True)
+
 
 @torch.no_grad()
 def encode_text_features(model: nn.Module, classes: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
@@ -70,23 +126,53 @@ def encode_text_features(model: nn.Module, classes: Sequence[str], templates: Se
     return torch.stack(rows)
 
 
-def export_onnx(head: nn.Module, path: str | Path, resolution: int, opset: int = DEFAULT_OPSET) -> Path:
+EMBEDDING_OUTPUT = "embedding"
+TEXT_INPUT = "tokens"
+TEXT_OUTPUT = "text_embedding"
+
+
+def export_onnx(
+    head: ZeroShotHead, path: str | Path, resolution: int, opset: int = DEFAULT_OPSET, embedding: bool = True
+) -> Path:
     """Export with the TorchScript exporter (supports the original guide's opset 12),
-    with a dynamic batch axis, into one self-contained file."""
+    with a dynamic batch axis, into one self-contained file. With `embedding`, the graph also
+    returns the normalized image embedding as a second output named `embedding`."""
+    _check_opset(opset)
+    module: nn.Module = _WithEmbedding(head) if embedding else head
+    outputs = ["probabilities", EMBEDDING_OUTPUT] if embedding else ["probabilities"]
+    dummy = torch.randn(2, 3, resolution, resolution)
+    return _export(module, (dummy,), path, ["image"], outputs, {name: {0: "batch"} for name in ["image", *outputs]}, opset)
+
+
+def export_text_encoder(model: nn.Module, path: str | Path, opset: int = DEFAULT_OPSET) -> Path:
+    """CLIP's text encoder as ONNX: int64 `tokens` [N, L] -> float32 `text_embedding` [N, D],
+    L2-normalized, with dynamic N and L (up to the model's context length)."""
+    _check_opset(opset)
+    encoder = TextEncoder(model).eval()
+    dummy = torch.zeros(2, 7, dtype=torch.int64)
+    dummy[:, 1:6] = 320
+    dummy[:, 6] = model.vocab_size - 1
+    axes = {TEXT_INPUT: {0: "batch", 1: "length"}, TEXT_OUTPUT: {0: "batch"}}
+    return _export(encoder, (dummy,), path, [TEXT_INPUT], [TEXT_OUTPUT], axes, opset)
+
+
+def _check_opset(opset: int) -> None:
     if opset < MIN_OPSET:
         raise ValueError(f"Received opset={opset}; expected {MIN_OPSET} or newer.")
+
+
+def _export(module: nn.Module, args, path, input_names, output_names, dynamic_axes, opset: int) -> Path:
     if opset < SDPA_OPSET:
-        head = with_explicit_attention(head)
+        module = with_explicit_attention(module)
     path = Path(path)
     buffer = io.BytesIO()
-    dummy = torch.randn(2, 3, resolution, resolution)
     torch.onnx.export(
-        head.eval(),
-        (dummy,),
+        module.eval(),
+        args,
         buffer,
-        input_names=["image"],
-        output_names=["probabilities"],
-        dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
+        input_names=input_names,
+        output_names=output_names,
+        dynamic_axes=dynamic_axes,
         opset_version=opset,
         do_constant_folding=True,
         dynamo=False,
@@ -94,6 +180,15 @@ def export_onnx(head: nn.Module, path: str | Path, resolution: int, opset: int =
     model = onnx.load_from_string(buffer.getvalue())
     save_single_file(model, path)
     return path
+
+
+def write_edge_file(served_path: str | Path, edge_path: str | Path) -> Path:
+    """The edge-convention file: the served graph with only its first output (the scores)."""
+    model = onnx.load(str(served_path))
+    while len(model.graph.output) > 1:
+        model.graph.output.pop()
+    save_single_file(model, edge_path)
+    return Path(edge_path)
 
 
 def save_single_file(model: onnx.ModelProto, path: str | Path) -> None:
@@ -154,7 +249,7 @@ def check_dynamic_batch(path: str | Path, resolution: int, batch_sizes: Sequence
     rng = np.random.default_rng(0)
     for batch in batch_sizes:
         x = rng.standard_normal((batch, 3, resolution, resolution), dtype=np.float32)
-        (out,) = session.run(None, {name: x})
+        out = session.run(None, {name: x})[0]
         if out.shape[0] != batch or not np.allclose(out.sum(axis=1), 1.0, atol=1e-4):
             raise RuntimeError(f"The exported graph gave shape {out.shape} for batch {batch}; expected ({batch}, C).")
 
@@ -197,7 +292,7 @@ def _attention(q, k, v, weights, biases, out_proj: nn.Linear, heads: int, mask=N
 class _ExplicitMultiheadAttention(nn.Module):
     def __init__(self, mha: nn.MultiheadAttention):
         super().__init__()
-        self.heads = mha.num_heads
+        self.heads = self.num_heads = mha.num_heads
         self.in_proj_weight = mha.in_proj_weight
         self.in_proj_bias = mha.in_proj_bias
         self.out_proj = mha.out_proj

@@ -25,12 +25,15 @@ from mlflow_clip.config import ClassifierConfig, sha256_file
 from mlflow_clip.export.checkpoints import LoadedClip, load_clip
 from mlflow_clip.export.graph import (
     DEFAULT_OPSET,
+    EMBEDDING_OUTPUT,
     ZeroShotHead,
     apply_conventions,
     check_dynamic_batch,
     encode_text_features,
     export_onnx,
+    export_text_encoder,
     simplify_onnx,
+    write_edge_file,
 )
 from mlflow_clip.export.parity import (
     ParityError,
@@ -39,6 +42,7 @@ from mlflow_clip.export.parity import (
     check_gates,
     load_sample_images,
     measure_parity,
+    measure_text_parity,
     plot_parity,
 )
 from mlflow_clip.preprocess import Preprocessor
@@ -51,10 +55,16 @@ DEFAULT_REGISTERED_MODEL_NAME = "clip-zero-shot"
 MODEL_ARTIFACT_NAME = "model"
 EDGE_ARTIFACT_DIR = "onnx"
 EDGE_FILE_NAME = "classifier.onnx"
+SERVED_FILE_NAME = "model.onnx"
+TEXT_ENCODER_FILE_NAME = "text_encoder.onnx"
 
 
 @dataclass
 class BuiltClassifier:
+    """The export's files: `onnx_path` is the served graph (scores, then the image embedding),
+    `edge_path` the same graph with the scores alone (the edge-platform file), and
+    `text_encoder_path` CLIP's text encoder (None when left out)."""
+
     onnx_path: Path
     config: ClassifierConfig
     head: ZeroShotHead
@@ -62,6 +72,8 @@ class BuiltClassifier:
     export_seconds: float
     simplified: bool
     simplify_note: str
+    edge_path: Path | None = None
+    text_encoder_path: Path | None = None
 
 
 @dataclass
@@ -86,8 +98,10 @@ def build_classifier(
     templates: str | Sequence[str] = "ensemble",
     opset: int = DEFAULT_OPSET,
     out_dir: str | Path | None = None,
+    text_encoder: bool = True,
 ) -> BuiltClassifier:
-    """Load CLIP, bake the class text features, export, simplify and apply the conventions."""
+    """Load CLIP, bake the class text features, export, simplify and apply the conventions;
+    with `text_encoder`, also export CLIP's text encoder for per-request labels."""
     template_texts = resolve_templates(templates)
     started = time.perf_counter()
     _step(f"loading CLIP {model}")
@@ -98,9 +112,9 @@ def build_classifier(
     head = ZeroShotHead(loaded.model.visual, text_features, logit_scale).eval()
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="mlflow-clip-"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    onnx_path = out_dir / EDGE_FILE_NAME
+    onnx_path = out_dir / SERVED_FILE_NAME
     _step(f"exporting to ONNX (opset {opset})")
-    export_onnx(head, onnx_path, loaded.input_resolution, opset)
+    export_onnx(head, onnx_path, loaded.input_resolution, opset, embedding=True)
     _step("simplifying with onnxsim")
     simplified, note = simplify_onnx(onnx_path)
     if not simplified:
@@ -108,7 +122,16 @@ def build_classifier(
     config = _config_for(loaded, classes, templates, template_texts, logit_scale, opset)
     config = apply_conventions(onnx_path, config)
     check_dynamic_batch(onnx_path, loaded.input_resolution)
-    return BuiltClassifier(onnx_path, config, head, loaded, time.perf_counter() - started, simplified, note)
+    edge_path = write_edge_file(onnx_path, out_dir / EDGE_FILE_NAME)
+    text_path = None
+    if text_encoder:
+        _step("exporting the text encoder")
+        text_path = export_text_encoder(loaded.model, out_dir / TEXT_ENCODER_FILE_NAME, opset)
+        text_simplified, text_note = simplify_onnx(text_path)
+        if not text_simplified:
+            _logger.warning("Keeping the unsimplified text encoder: %s", text_note)
+    seconds = time.perf_counter() - started
+    return BuiltClassifier(onnx_path, config, head, loaded, seconds, simplified, note, edge_path, text_path)
 
 
 def _config_for(loaded, classes, templates, template_texts, logit_scale, opset) -> ClassifierConfig:
@@ -120,6 +143,9 @@ def _config_for(loaded, classes, templates, template_texts, logit_scale, opset) 
     return ClassifierConfig(
         classes=list(classes),
         clip_model=loaded.name,
+        embedding_output=EMBEDDING_OUTPUT,
+        embedding_dim=int(loaded.model.text_projection.shape[1]),
+        context_length=int(loaded.model.context_length),
         input_resolution=loaded.input_resolution,
         mean=list(CLIP_MEAN),
         std=list(CLIP_STD),
@@ -147,6 +173,13 @@ def check_parity(built: BuiltClassifier, images: str | Path | None, thresholds: 
     samples = load_sample_images(images)
     preprocessor = Preprocessor(built.config.input_resolution, tuple(built.config.mean), tuple(built.config.std))
     report = measure_parity(built.head, built.onnx_path, samples, built.loaded.preprocess, preprocessor)
+    if built.text_encoder_path is not None:
+        from mlflow_clip.prompts import texts_for_class
+        from mlflow_clip.tokenizer import ClipTokenizer, default_vocab_path
+
+        texts = [text for name in built.config.classes for text in texts_for_class(name, built.config.template_texts)]
+        tokenizer = ClipTokenizer.from_file(default_vocab_path())
+        report.text = measure_text_parity(built.loaded.model, built.text_encoder_path, texts, tokenizer)
     return report, check_gates(report, thresholds)
 
 
@@ -160,6 +193,7 @@ def export_and_register(
     max_prob_diff: float = 1e-4,
     alias: str | None = None,
     thresholds: ParityThresholds | None = None,
+    text_encoder: bool = True,
 ) -> ExportResult:
     """The whole job in one MLflow run: export, parity gates, log, register, tag, alias.
 
@@ -168,10 +202,12 @@ def export_and_register(
     class_names = parse_classes(classes)
     thresholds = thresholds or ParityThresholds(max_prob_diff=max_prob_diff)
     with active_or_new_run() as run:
-        return _export_in_run(run.info.run_id, class_names, model, templates, registered_model_name, opset, images, thresholds, alias)
+        return _export_in_run(
+            run.info.run_id, class_names, model, templates, registered_model_name, opset, images, thresholds, alias, text_encoder
+        )
 
 
-def _export_in_run(run_id, classes, model, templates, registered_model_name, opset, images, thresholds, alias) -> ExportResult:
+def _export_in_run(run_id, classes, model, templates, registered_model_name, opset, images, thresholds, alias, text_encoder) -> ExportResult:
     log_new_params(
         run_id,
         {
@@ -188,15 +224,18 @@ def _export_in_run(run_id, classes, model, templates, registered_model_name, ops
             "min_top1_agreement": thresholds.min_top1_agreement,
             "max_pixel_diff": thresholds.max_pixel_diff,
             "alias": alias or "",
+            "text_encoder": bool(text_encoder),
+            "max_text_embedding_diff": thresholds.max_text_embedding_diff,
         },
     )
     with tempfile.TemporaryDirectory(prefix="mlflow-clip-") as tmp:
-        built = build_classifier(classes, model, templates, opset, tmp)
+        built = build_classifier(classes, model, templates, opset, tmp, text_encoder=text_encoder)
         report, failures = check_parity(built, images, thresholds)
         metrics = {
             **report.metrics(),
             "export_seconds": built.export_seconds,
             "onnx_size_mb": built.onnx_path.stat().st_size / 1e6,
+            **({"text_encoder_size_mb": built.text_encoder_path.stat().st_size / 1e6} if built.text_encoder_path else {}),
             "simplified": float(built.simplified),
         }
         mlflow.log_metrics(metrics)
@@ -205,7 +244,7 @@ def _export_in_run(run_id, classes, model, templates, registered_model_name, ops
             mlflow.set_tag("parity_status", "failed")
             raise ParityError("Parity gate failed, nothing was registered: " + "; ".join(failures) + ".")
         mlflow.set_tag("parity_status", "passed")
-        mlflow.log_artifact(str(built.onnx_path), EDGE_ARTIFACT_DIR)
+        mlflow.log_artifact(str(built.edge_path), EDGE_ARTIFACT_DIR)
         return _log_and_register(run_id, built, report, metrics, registered_model_name, alias)
 
 
@@ -230,16 +269,17 @@ def _log_and_register(run_id, built, report, metrics, registered_model_name, ali
         registered_model_name=registered_model_name or None,
         input_example=example,
         metadata={"parity": report.metrics(), "onnx_sha256": sha},
+        text_encoder=built.text_encoder_path,
     )
     version = None
     if registered_model_name:
         version = str(info.registered_model_version)
-        _tag_version(registered_model_name, version, built.config, sha, alias)
+        _tag_version(registered_model_name, version, built.config, sha, alias, built.text_encoder_path is not None)
         _step(f"registered {registered_model_name} version {version}" + (f" with alias @{alias}" if alias else ""))
     return ExportResult(run_id, info.model_uri, registered_model_name, version, sha, report, metrics)
 
 
-def _tag_version(name: str, version: str, config: ClassifierConfig, sha: str, alias: str | None) -> None:
+def _tag_version(name: str, version: str, config: ClassifierConfig, sha: str, alias: str | None, has_text_encoder: bool) -> None:
     client = MlflowClient()
     tags = {
         "clip_model": config.clip_model,
@@ -248,6 +288,7 @@ def _tag_version(name: str, version: str, config: ClassifierConfig, sha: str, al
         "parity_status": "passed",
         "onnx_sha256": sha,
         "precision": config.precision,
+        "text_encoder": "true" if has_text_encoder else "false",
     }
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)

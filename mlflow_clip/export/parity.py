@@ -32,6 +32,8 @@ class ParityThresholds:
     max_logit_diff: float = 1e-2
     min_top1_agreement: float = 1.0
     max_pixel_diff: float = 0.0
+    # The text encoder always ships in fp32: per-request labels must match the baked ones.
+    max_text_embedding_diff: float = 1e-5
 
 
 @dataclass
@@ -44,17 +46,37 @@ class ParityReport:
     max_abs_pixel_diff: float
     torch_probabilities: list[list[float]] = field(repr=False)
     onnx_probabilities: list[list[float]] = field(repr=False)
+    # Only for graphs with an `embedding` output / a text encoder (None otherwise).
+    max_abs_embedding_diff: float | None = None
+    text: "TextParity | None" = None
 
     def metrics(self, prefix: str = "parity_") -> dict[str, float]:
-        return {
+        metrics = {
             f"{prefix}max_abs_prob_diff": self.max_abs_prob_diff,
             f"{prefix}max_abs_logit_diff": self.max_abs_logit_diff,
             f"{prefix}top1_agreement": self.top1_agreement,
             f"{prefix}max_abs_pixel_diff": self.max_abs_pixel_diff,
         }
+        if self.max_abs_embedding_diff is not None:
+            metrics[f"{prefix}max_abs_embedding_diff"] = self.max_abs_embedding_diff
+        if self.text is not None:
+            metrics[f"{prefix}max_abs_text_embedding_diff"] = self.text.max_abs_text_embedding_diff
+            metrics[f"{prefix}token_mismatches"] = float(self.text.token_mismatches)
+            metrics[f"{prefix}text_count"] = float(self.text.count)
+        return metrics
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
+
+
+@dataclass
+class TextParity:
+    """The ONNX text encoder fed by the torch-free tokenizer, against `clip.tokenize` +
+    PyTorch `encode_text`, over `count` texts."""
+
+    count: int
+    max_abs_text_embedding_diff: float
+    token_mismatches: int
 
 
 class ParityError(RuntimeError):
@@ -92,9 +114,13 @@ def measure_parity(
     torch_logits = torch_logits.numpy()
     sizes = sorted({*batch_sizes, len(images)})
     session, outputs = session_with_logits(onnx_path)
-    onnx_probs, onnx_logits = {}, {}
+    onnx_probs, onnx_logits, onnx_embeddings = {}, {}, {}
     for size in sizes:
-        onnx_probs[size], onnx_logits[size] = run_with_logits(session, outputs, ours, size)
+        onnx_probs[size], onnx_logits[size], onnx_embeddings[size] = run_with_logits(session, outputs, ours, size)
+    embedding_diff = None
+    if onnx_embeddings[len(images)] is not None:
+        torch_embeddings = head.embed(reference_pixels).float().numpy()
+        embedding_diff = max(float(np.abs(e - torch_embeddings).max()) for e in onnx_embeddings.values())
     prob_diff = max(float(np.abs(p - torch_probs).max()) for p in onnx_probs.values())
     logit_diff = max(float(np.abs(l - torch_logits).max()) for l in onnx_logits.values())
     agreement = min(float((p.argmax(1) == torch_probs.argmax(1)).mean()) for p in onnx_probs.values())
@@ -107,7 +133,53 @@ def measure_parity(
         max_abs_pixel_diff=pixel_diff,
         torch_probabilities=torch_probs.tolist(),
         onnx_probabilities=onnx_probs[len(images)].tolist(),
+        max_abs_embedding_diff=embedding_diff,
     )
+
+
+# Texts beyond the class prompts that the text encoder must also get right.
+TEXT_PROBES = (
+    "",
+    "a photo of a forklift.",
+    "Is this a FORKLIFT or a pallet?!",
+    "caf\u00e9 cr\u00e8me br\u00fbl\u00e9e",
+    "\u72ac\u306e\u5199\u771f",
+    "\U0001f415 \U0001f469\u200d\U0001f4bb &amp; &lt;b&gt;",
+    "tabs\tand   runs of   spaces\n",
+    "it's what they're doing, we've seen, I'm sure you'll, he'd",
+    "a very long description " * 20,
+)
+MAX_PARITY_TEXTS = 96
+
+
+@torch.no_grad()
+def measure_text_parity(model: torch.nn.Module, text_encoder_path: str | Path, texts: Sequence[str], tokenizer) -> TextParity:
+    """Tokenize with ours and with `clip.tokenize`; embed with ONNX (ids trimmed as serving trims
+    them) and with PyTorch; at most MAX_PARITY_TEXTS texts, spread evenly over `texts`."""
+    import clip
+    import onnxruntime as ort
+
+    texts = list(texts)
+    if len(texts) > MAX_PARITY_TEXTS:
+        step = len(texts) / MAX_PARITY_TEXTS
+        texts = [texts[int(i * step)] for i in range(MAX_PARITY_TEXTS)]
+    texts = [*texts, *TEXT_PROBES]
+    context = int(model.context_length)
+    reference_ids = clip.tokenize(texts, context_length=context, truncate=True)
+    ours = tokenizer(texts, context_length=context, truncate=True)
+    mismatches = int((reference_ids.numpy() != ours).any(axis=1).sum())
+    reference = model.encode_text(reference_ids).float()
+    reference = (reference / reference.norm(dim=-1, keepdim=True)).numpy()
+    session = ort.InferenceSession(str(text_encoder_path), providers=["CPUExecutionProvider"])
+    onnx_embeddings = np.concatenate(
+        [session.run(None, {"tokens": trim_tokens(ours[start : start + 32])})[0] for start in range(0, len(texts), 32)]
+    )
+    return TextParity(len(texts), float(np.abs(onnx_embeddings - reference).max()), mismatches)
+
+
+def trim_tokens(ids: np.ndarray) -> np.ndarray:
+    """Drop the columns after the last end-of-text token (the highest id in each row)."""
+    return np.ascontiguousarray(ids[:, : int(ids.argmax(axis=1).max()) + 1])
 
 
 def session_with_logits(onnx_path: str | Path):
@@ -119,22 +191,30 @@ def session_with_logits(onnx_path: str | Path):
     output = model.graph.output[0].name
     producer = next(node for node in model.graph.node if output in node.output)
     outputs = [output]
+    embedding = [o.name for o in model.graph.output[1:] if o.name == "embedding"]
     if producer.op_type == "Softmax":
         logits_name = producer.input[0]
         model.graph.output.append(onnx.helper.make_empty_tensor_value_info(logits_name))
         outputs.append(logits_name)
+    else:
+        outputs.append(None)
+    outputs.extend(embedding)
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]), outputs
 
 
-def run_with_logits(session, outputs: list[str], batch: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities and logits for `batch`, run in chunks of `batch_size`."""
+def run_with_logits(session, outputs: list, batch: np.ndarray, batch_size: int):
+    """Probabilities, logits and embeddings (None without that output) for `batch`, run in
+    chunks of `batch_size`. `outputs` is [probabilities, logits or None, (embedding)]."""
     feed = session.get_inputs()[0].name
-    probs, logits = [], []
+    fetch = [name for name in outputs if name is not None]
+    probs, logits, embeddings = [], [], []
     for start in range(0, len(batch), batch_size):
-        result = session.run(outputs, {feed: batch[start : start + batch_size]})
-        probs.append(result[0])
-        logits.append(result[1] if len(result) > 1 else np.log(np.clip(result[0], 1e-30, None)))
-    return np.concatenate(probs), np.concatenate(logits)
+        result = dict(zip(fetch, session.run(fetch, {feed: batch[start : start + batch_size]})))
+        probs.append(result[outputs[0]])
+        logits.append(result[outputs[1]] if outputs[1] else np.log(np.clip(result[outputs[0]], 1e-30, None)))
+        if len(outputs) > 2:
+            embeddings.append(result[outputs[2]])
+    return np.concatenate(probs), np.concatenate(logits), (np.concatenate(embeddings) if embeddings else None)
 
 
 def check_gates(report: ParityReport, thresholds: ParityThresholds, prefix: str = "parity_") -> list[str]:
@@ -148,6 +228,15 @@ def check_gates(report: ParityReport, thresholds: ParityThresholds, prefix: str 
         failures.append(f"{prefix}top1_agreement = {report.top1_agreement:.4f} is below min_top1_agreement = {thresholds.min_top1_agreement:.4f}")
     if not report.max_abs_pixel_diff <= thresholds.max_pixel_diff:
         failures.append(f"{prefix}max_abs_pixel_diff = {report.max_abs_pixel_diff:.3g} exceeds max_pixel_diff = {thresholds.max_pixel_diff:.3g}")
+    if report.text is not None:
+        text = report.text
+        if not text.max_abs_text_embedding_diff <= thresholds.max_text_embedding_diff:
+            failures.append(
+                f"{prefix}max_abs_text_embedding_diff = {text.max_abs_text_embedding_diff:.3g} exceeds "
+                f"max_text_embedding_diff = {thresholds.max_text_embedding_diff:.3g}"
+            )
+        if text.token_mismatches:
+            failures.append(f"{prefix}token_mismatches = {text.token_mismatches} of {text.count} texts tokenized differently from clip.tokenize")
     return failures
 
 
