@@ -30,7 +30,8 @@ def cli(verbose: bool) -> None:
 @click.option("--images", default="", help="Folder of sample images for the parity check (default: the package's samples).")
 @click.option("--max-prob-diff", "--max_prob_diff", default=1e-4, show_default=True, type=float, help="Parity gate: largest allowed |ONNX - PyTorch| probability.")
 @click.option("--alias", default="", help="Alias to set on the new version, e.g. challenger.")
-def export_command(classes, model, templates, registered_model_name, opset, images, max_prob_diff, alias) -> None:
+@click.option("--text-encoder", "--text_encoder", default="true", type=click.BOOL, show_default=True, help="Also ship CLIP's text encoder (per-request labels, text embeddings).")
+def export_command(classes, model, templates, registered_model_name, opset, images, max_prob_diff, alias, text_encoder) -> None:
     """Export CLIP as a parity-checked ONNX zero-shot classifier and register it."""
     from mlflow_clip.export.checkpoints import CheckpointError
     from mlflow_clip.export.job import export_and_register
@@ -47,6 +48,7 @@ def export_command(classes, model, templates, registered_model_name, opset, imag
             images=images or None,
             max_prob_diff=max_prob_diff,
             alias=alias or None,
+            text_encoder=text_encoder,
         )
     except (PromptError, CheckpointError, ParityError) as e:
         click.echo(f"error: {e}", err=True)
