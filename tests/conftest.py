@@ -130,7 +130,7 @@ def demo_model_dir(tmp_path_factory, demo_built) -> Path:
     import mlflow_clip
 
     path = tmp_path_factory.mktemp("demo-model") / "model"
-    mlflow_clip.save_model(demo_built.onnx_path, path)
+    mlflow_clip.save_model(demo_built.onnx_path, path, text_encoder=demo_built.text_encoder_path)
     return path
 
 
@@ -166,7 +166,7 @@ def demo_registry(tmp_path_factory, demo_built):
         with mlflow.start_run(experiment_id=experiment):
             example = pd.DataFrame({"image": [encode(solid("red"))]})
             info = mlflow_clip.log_model(demo_built.onnx_path, name="model", registered_model_name="clip-demo",
-                                         input_example=example)
+                                         input_example=example, text_encoder=demo_built.text_encoder_path)
     return uri, f"models:/clip-demo/{info.registered_model_version}"
 
 
@@ -273,7 +273,8 @@ def module_demo_model_uri(module_store, demo_built) -> str:
     import mlflow_clip
 
     with mlflow.start_run():
-        info = mlflow_clip.log_model(demo_built.onnx_path, registered_model_name="clip-zero-shot")
+        info = mlflow_clip.log_model(demo_built.onnx_path, registered_model_name="clip-zero-shot",
+                                     text_encoder=demo_built.text_encoder_path)
     assert str(info.registered_model_version) == "1"
     return "models:/clip-zero-shot/1"
 

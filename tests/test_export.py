@@ -199,7 +199,27 @@ def test_full_size_random_weights_reach_parity(architecture, tracking_uri, tmp_p
     assert result.parity.max_abs_prob_diff <= 1e-5
     assert result.parity.max_abs_pixel_diff == 0.0
     assert result.parity.top1_agreement == 1.0
-    assert MlflowClient().get_model_version("random-clip", result.model_version).tags["parity_status"] == "passed"
+    assert result.metrics["parity_max_abs_text_embedding_diff"] <= 1e-5
+    assert result.metrics["parity_max_abs_embedding_diff"] <= 1e-5
+    assert result.metrics["parity_token_mismatches"] == 0
+    tags = MlflowClient().get_model_version("random-clip", result.model_version).tags
+    assert tags["parity_status"] == "passed" and tags["text_encoder"] == "true"
+    _per_request_labels_match_the_baked_ones(result.model_uri, ["a person", "a car", "a dog", "a cat"], "photo")
+
+
+def _per_request_labels_match_the_baked_ones(model_uri, classes, templates):
+    import mlflow
+    import pandas as pd
+
+    from mlflow_clip.samples import sample_image_paths
+
+    model = mlflow.pyfunc.load_model(model_uri)
+    frame = pd.DataFrame({"image": [p.read_bytes() for p in sample_image_paths()]})
+    baked = np.array(model.predict(frame)["probabilities"].tolist())
+    per_request = np.array(model.predict(frame, params={"classes": classes, "templates": templates})["probabilities"].tolist())
+    assert np.abs(per_request - baked).max() <= 1e-5
+    embeddings = np.array(model.predict(frame, params={"output": "embedding"})["embedding"].tolist())
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
 
 
 def test_onnxsim_failure_keeps_the_unsimplified_graph_and_says_why(tmp_path, monkeypatch):
