@@ -56,10 +56,22 @@ def predict_files(
     params: dict[str, Any] | None = None,
     timeout: float = 60.0,
 ) -> list[dict[str, Any]]:
-    """Classify image files with a model served at `url` (e.g. http://127.0.0.1:5000)."""
-    data = json.dumps(request_body(paths, params)).encode("utf-8")
+    """Classify image files with a model served at `url` (e.g. http://127.0.0.1:5000).
+
+    `params={"classes": ["a forklift", "a pallet"]}` asks about labels the model was not
+    exported with; `params={"output": "embedding"}` returns image embeddings instead.
+    """
+    return _post(url, request_body(paths, params), timeout)
+
+
+def embed_texts(url: str, texts: Sequence[str], timeout: float = 60.0) -> list[list[float]]:
+    """Normalized CLIP text embeddings from a served model, one per text (for image search)."""
+    return [row["embedding"] for row in _post(url, {"inputs": {"text": list(texts)}}, timeout)]
+
+
+def _post(url: str, body: dict[str, Any], timeout: float) -> list[dict[str, Any]]:
     request = urllib.request.Request(
-        url.rstrip("/") + "/invocations", data=data, headers={"Content-Type": "application/json"}
+        url.rstrip("/") + "/invocations", data=json.dumps(body).encode("utf-8"), headers={"Content-Type": "application/json"}
     )
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())["predictions"]
