@@ -121,6 +121,42 @@ def evaluate_command(model_uri, data, reference) -> None:
         sys.exit(2)
 
 
+@cli.command("benchmark")
+@click.option("--models", default=None, help="Comma-separated CLIP architectures (random weights), 'demo', or checkpoint paths. [default: RN50,ViT-B/32,demo; --quick: demo]")
+@click.option("--sizes", default=None, help="Comma-separated JPEG sizes WxH. [default: 640x480,1920x1080,4000x3000; --quick: 320x240]")
+@click.option("--batches", default=None, help="Comma-separated batch sizes (images per request). [default: 1,8,32; --quick: 1,4]")
+@click.option("--rows", default=None, help="Comma-separated rows: torch, onnxruntime, pyfunc, server, precision, draft, load. [default: all]")
+@click.option("--precisions", default=None, help="Variants for the precision rows: int8, fp16. [default: int8,fp16]")
+@click.option("--threads", default=2, show_default=True, type=int, help="Threads for every row (torch, onnxruntime, pyfunc).")
+@click.option("--quick", is_flag=True, help="A tiny configuration (demo model, small images, few requests).")
+@click.option("--work-dir", default=None, help="Cache of models, checkpoints, images and logs. [default: ~/.cache/mlflow-clip/benchmark]")
+@click.option("--requests", type=int, default=None, help="Measured requests per row, at least. [default: 5; --quick: 3]")
+@click.option("--seconds", type=float, default=None, help="Measured seconds per row, at least. [default: 10; --quick: 0]")
+@click.option("--warmup", type=int, default=None, help="Warm-up requests per row, not counted. [default: 2; --quick: 1]")
+@click.option("--rounds", type=int, default=None, help="Rounds the measured requests are split into, alternating between rows. [default: 3; --quick: 2]")
+@click.option("--server-configs", default=None, help="Server settings to compare, WORKERSxTHREADS each, e.g. 1x2,2x1.")
+@click.option("--server-form", default="dataframe_split", show_default=True, type=click.Choice(["dataframe_split", "inputs"]))
+@click.option("--soak", is_flag=True, help="Also run a sustained load on the server and sample its RSS.")
+@click.option("--soak-requests", type=int, default=None, help="Soak requests. [default: 2000; --quick: 100]")
+@click.option("--soak-model", default=None, help="Model for the soak. [default: demo]")
+@click.option("--soak-size", default=None, help="Image size for the soak. [default: 640x480; --quick: 320x240]")
+@click.option("--soak-arena", default="both", show_default=True, type=click.Choice(["both", "off", "on"]), help="onnxruntime CPU memory arena in the soak.")
+@click.option("--rebuild", is_flag=True, help="Export the models again instead of using the cached ones.")
+@click.option("--json", "json_path", default=None, help="Write the full results as JSON to this file.")
+@click.option("--write-docs", "docs_path", default=None, help="Write the Markdown page (e.g. docs/benchmark.md).")
+@click.option("--mlflow", "--log-to-mlflow", "log_to_mlflow", is_flag=True, help="Log the tables to an MLflow run.")
+def benchmark_command(json_path, docs_path, log_to_mlflow, **options) -> None:
+    """Throughput, latency and memory: CLIP's PyTorch pipeline vs onnxruntime vs the pyfunc vs the server."""
+    from mlflow_clip.benchmark import BenchmarkError, make_options, run_from_cli
+
+    try:
+        parsed = make_options(**options)
+    except BenchmarkError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    run_from_cli(parsed, json_path, docs_path, log_to_mlflow, echo=click.echo)
+
+
 def main() -> None:
     cli(prog_name="mlflow-clip")
 
