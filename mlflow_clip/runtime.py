@@ -44,6 +44,20 @@ class RuntimeSettings:
     decode_workers: int = 0
     extra: Mapping[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.jpeg_draft, bool):
+            raise ValueError(f"Received jpeg_draft={self.jpeg_draft!r}; expected true or false.")
+        for name in ("intra_op_num_threads", "inter_op_num_threads", "decode_workers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"Received {name}={value!r}; expected a whole number, 0 for the default.")
+        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise ValueError(f"Received chunk_size={self.chunk_size!r}; expected a whole number of images, at least 1.")
+        if self.graph_optimization_level not in _OPT_LEVELS:
+            raise ValueError(
+                f"Received graph_optimization_level={self.graph_optimization_level!r}; expected one of {sorted(_OPT_LEVELS)}."
+            )
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["providers"] = list(self.providers)
@@ -70,10 +84,13 @@ class RuntimeSettings:
 
 def _env_overrides() -> dict[str, Any]:
     overrides: dict[str, Any] = {}
-    for name in ("intra_op_num_threads", "inter_op_num_threads", "chunk_size"):
+    for name in ("intra_op_num_threads", "inter_op_num_threads", "chunk_size", "decode_workers"):
         value = os.environ.get(_ENV_PREFIX + name.upper())
         if value:
             overrides[name] = int(value)
+    draft = os.environ.get(_ENV_PREFIX + "JPEG_DRAFT")
+    if draft:
+        overrides["jpeg_draft"] = draft.strip().lower() in ("1", "true", "yes", "on")
     providers = os.environ.get(_ENV_PREFIX + "PROVIDERS")
     if providers:
         overrides["providers"] = tuple(p.strip() for p in providers.split(",") if p.strip())
