@@ -34,6 +34,8 @@ EXPORT_REQUIRES = [
     "setuptools<81",
     "onnxsim>=0.4.36",
     "sclblonnx>=0.3.0",
+    # fp16 conversion (precision=fp16); int8 uses onnxruntime's own quantization.
+    "onnxconverter-common>=1.14",
     "matplotlib>=3.7",
     "tqdm",
 ]

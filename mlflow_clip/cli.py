@@ -28,14 +28,16 @@ def cli(verbose: bool) -> None:
 @click.option("--registered-model-name", "--registered_model_name", default="clip-zero-shot", show_default=True, help="Registered model to add a version to ('' to skip registering).")
 @click.option("--opset", default=17, show_default=True, type=int, help="ONNX opset (12 or newer).")
 @click.option("--images", default="", help="Folder of sample images for the parity check (default: the package's samples).")
-@click.option("--max-prob-diff", "--max_prob_diff", default=1e-4, show_default=True, type=float, help="Parity gate: largest allowed |ONNX - PyTorch| probability.")
+@click.option("--max-prob-diff", "--max_prob_diff", default=None, type=float, help="Parity gate: largest allowed |ONNX - PyTorch| probability. [default: per precision: fp32 1e-4, fp16 1e-2, int8 0.1]")
 @click.option("--alias", default="", help="Alias to set on the new version, e.g. challenger.")
 @click.option("--text-encoder", "--text_encoder", default="true", type=click.BOOL, show_default=True, help="Also ship CLIP's text encoder (per-request labels, text embeddings).")
-def export_command(classes, model, templates, registered_model_name, opset, images, max_prob_diff, alias, text_encoder) -> None:
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "int8"]), help="fp16 for GPU providers, int8 (onnxruntime quantization) for CPUs.")
+def export_command(classes, model, templates, registered_model_name, opset, images, max_prob_diff, alias, text_encoder, precision) -> None:
     """Export CLIP as a parity-checked ONNX zero-shot classifier and register it."""
     from mlflow_clip.export.checkpoints import CheckpointError
     from mlflow_clip.export.job import export_and_register
     from mlflow_clip.export.parity import ParityError
+    from mlflow_clip.export.precision import PrecisionError
     from mlflow_clip.prompts import PromptError
 
     try:
@@ -49,8 +51,9 @@ def export_command(classes, model, templates, registered_model_name, opset, imag
             max_prob_diff=max_prob_diff,
             alias=alias or None,
             text_encoder=text_encoder,
+            precision=precision,
         )
-    except (PromptError, CheckpointError, ParityError) as e:
+    except (PromptError, CheckpointError, ParityError, PrecisionError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     report = result.parity
@@ -136,6 +139,7 @@ def evaluate_command(model_uri, data, reference) -> None:
 @click.option("--rounds", type=int, default=None, help="Rounds the measured requests are split into, alternating between rows. [default: 3; --quick: 2]")
 @click.option("--server-configs", default=None, help="Server settings to compare, WORKERSxTHREADS each, e.g. 1x2,2x1.")
 @click.option("--server-form", default="dataframe_split", show_default=True, type=click.Choice(["dataframe_split", "inputs"]))
+@click.option("--server-env", default=None, help="Environment for the servers, NAME=VALUE comma-separated, e.g. MALLOC_ARENA_MAX=2.")
 @click.option("--soak", is_flag=True, help="Also run a sustained load on the server and sample its RSS.")
 @click.option("--soak-requests", type=int, default=None, help="Soak requests. [default: 2000; --quick: 100]")
 @click.option("--soak-model", default=None, help="Model for the soak. [default: demo]")

@@ -41,6 +41,9 @@ class ClassifierConfig:
     output_name: str = ""
     opset: int = 17
     precision: str = "fp32"
+    # How the graph got its precision: "" (fp32 as exported), "float16", "int8-static-qdq"
+    # (ResNet towers) or "int8-dynamic" (ViT towers); see mlflow_clip/export/precision.py.
+    precision_method: str = ""
     # Image embeddings: the served graph's second output (the edge file has only the scores).
     embedding_output: str = ""
     embedding_dim: int = 0

@@ -69,7 +69,7 @@ class PromotionResult:
 class GateThresholds:
     max_prob_diff: float | None = None  # default: the export run's own max_prob_diff parameter
     max_pixel_diff: float = 0.0
-    min_top1_agreement: float = 1.0
+    min_top1_agreement: float | None = None  # default: the export run's own, which follows its precision
     max_accuracy_drop: float | None = None  # None: the accuracy gate is off
 
 
@@ -144,13 +144,16 @@ def _parity_gate(client: MlflowClient, mv, thresholds: GateThresholds) -> GateRe
     max_prob = thresholds.max_prob_diff
     if max_prob is None:
         max_prob = float(params.get("max_prob_diff", 1e-4))
+    min_top1 = thresholds.min_top1_agreement
+    if min_top1 is None:
+        min_top1 = float(params.get("min_top1_agreement", 1.0))
     figures = {
         "parity_max_abs_prob_diff": metrics.get("parity_max_abs_prob_diff"),
         "parity_max_abs_pixel_diff": metrics.get("parity_max_abs_pixel_diff"),
         "parity_top1_agreement": metrics.get("parity_top1_agreement"),
         "max_prob_diff": max_prob,
         "max_pixel_diff": thresholds.max_pixel_diff,
-        "min_top1_agreement": thresholds.min_top1_agreement,
+        "min_top1_agreement": min_top1,
     }
     if None in (figures["parity_max_abs_prob_diff"], figures["parity_max_abs_pixel_diff"], figures["parity_top1_agreement"]):
         return GateResult("parity", False, f"the export run {mv.run_id} has no parity metrics", figures)
@@ -159,8 +162,8 @@ def _parity_gate(client: MlflowClient, mv, thresholds: GateThresholds) -> GateRe
         failures.append(f"parity_max_abs_prob_diff {figures['parity_max_abs_prob_diff']:.3g} > {max_prob:.3g}")
     if figures["parity_max_abs_pixel_diff"] > thresholds.max_pixel_diff:
         failures.append(f"parity_max_abs_pixel_diff {figures['parity_max_abs_pixel_diff']:.3g} > {thresholds.max_pixel_diff:.3g}")
-    if figures["parity_top1_agreement"] < thresholds.min_top1_agreement:
-        failures.append(f"parity_top1_agreement {figures['parity_top1_agreement']:.4f} < {thresholds.min_top1_agreement:.4f}")
+    if figures["parity_top1_agreement"] < min_top1:
+        failures.append(f"parity_top1_agreement {figures['parity_top1_agreement']:.4f} < {min_top1:.4f}")
     detail = "; ".join(failures) or (
         f"parity_max_abs_prob_diff {figures['parity_max_abs_prob_diff']:.2e} <= {max_prob:.0e}, "
         f"pixel diff {figures['parity_max_abs_pixel_diff']:.1g}, top-1 agreement {figures['parity_top1_agreement']:.3f}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -45,8 +46,10 @@ from mlflow_clip.export.parity import (
     measure_text_parity,
     plot_parity,
 )
+from mlflow_clip.export.precision import PrecisionInfo, apply_precision, check_precision, fp16_emulation
 from mlflow_clip.preprocess import Preprocessor
 from mlflow_clip.prompts import describe_templates, parse_classes, resolve_templates
+from mlflow_clip.runtime import RuntimeSettings
 from mlflow_clip.tracking import active_or_new_run, log_new_params
 
 _logger = logging.getLogger(__name__)
@@ -74,6 +77,9 @@ class BuiltClassifier:
     simplify_note: str
     edge_path: Path | None = None
     text_encoder_path: Path | None = None
+    precision: PrecisionInfo = field(default_factory=lambda: PrecisionInfo("fp32", ""))
+    # fp16 only: the GPU-like emulation whose parity is also gated (precision.fp16_emulation).
+    fp16_emulation_path: Path | None = None
 
 
 @dataclass
@@ -99,9 +105,13 @@ def build_classifier(
     opset: int = DEFAULT_OPSET,
     out_dir: str | Path | None = None,
     text_encoder: bool = True,
+    precision: str = "fp32",
+    images: str | Path | None = None,
 ) -> BuiltClassifier:
-    """Load CLIP, bake the class text features, export, simplify and apply the conventions;
-    with `text_encoder`, also export CLIP's text encoder for per-request labels."""
+    """Load CLIP, bake the class text features, export, simplify, convert to `precision`
+    (fp32, fp16 or int8; int8 calibrates on `images`, default the package's samples) and apply
+    the conventions; with `text_encoder`, also export CLIP's text encoder for per-request labels."""
+    check_precision(precision)
     template_texts = resolve_templates(templates)
     started = time.perf_counter()
     _step(f"loading CLIP {model}")
@@ -119,7 +129,9 @@ def build_classifier(
     simplified, note = simplify_onnx(onnx_path)
     if not simplified:
         _logger.warning("Keeping the unsimplified graph: %s", note)
+    precision_info, emulation_path = _convert_precision(onnx_path, precision, loaded, images)
     config = _config_for(loaded, classes, templates, template_texts, logit_scale, opset)
+    config = ClassifierConfig.from_dict({**config.to_dict(), "precision": precision, "precision_method": precision_info.method})
     config = apply_conventions(onnx_path, config)
     check_dynamic_batch(onnx_path, loaded.input_resolution)
     edge_path = write_edge_file(onnx_path, out_dir / EDGE_FILE_NAME)
@@ -131,7 +143,29 @@ def build_classifier(
         if not text_simplified:
             _logger.warning("Keeping the unsimplified text encoder: %s", text_note)
     seconds = time.perf_counter() - started
-    return BuiltClassifier(onnx_path, config, head, loaded, seconds, simplified, note, edge_path, text_path)
+    return BuiltClassifier(
+        onnx_path, config, head, loaded, seconds, simplified, note, edge_path, text_path, precision_info, emulation_path
+    )
+
+
+def _convert_precision(onnx_path: Path, precision: str, loaded: LoadedClip, images) -> tuple[PrecisionInfo, Path | None]:
+    """Convert the simplified fp32 graph in place; for fp16 also write its GPU-like emulation."""
+    if precision == "fp32":
+        return PrecisionInfo("fp32", ""), None
+    _step(f"converting the graph to {precision}")
+    fp32_path = onnx_path.with_name("fp32-" + onnx_path.name)
+    shutil.copyfile(onnx_path, fp32_path)
+    calibration = None
+    if precision == "int8":
+        preprocessor = Preprocessor(loaded.input_resolution)
+        calibration = preprocessor.batch([image for _, image in load_sample_images(images)])
+    info = apply_precision(fp32_path, precision, calibration, out_path=onnx_path)
+    emulation_path = None
+    if precision == "fp16":
+        emulation_path = fp16_emulation(fp32_path, onnx_path, onnx_path.with_name("fp16-emulated-" + onnx_path.name))
+    fp32_path.unlink()
+    _step(f"{precision}: {info.method}" + (f" ({info.choices})" if info.choices else ""))
+    return info, emulation_path
 
 
 def _config_for(loaded, classes, templates, template_texts, logit_scale, opset) -> ClassifierConfig:
@@ -180,7 +214,13 @@ def check_parity(built: BuiltClassifier, images: str | Path | None, thresholds: 
         texts = [text for name in built.config.classes for text in texts_for_class(name, built.config.template_texts)]
         tokenizer = ClipTokenizer.from_file(default_vocab_path())
         report.text = measure_text_parity(built.loaded.model, built.text_encoder_path, texts, tokenizer)
-    return report, check_gates(report, thresholds)
+    failures = check_gates(report, thresholds)
+    if built.fp16_emulation_path is not None:
+        prefix = "parity_fp16_emulated_"
+        emulated = measure_parity(built.head, built.fp16_emulation_path, samples, built.loaded.preprocess, preprocessor)
+        report.extra_metrics.update(emulated.metrics(prefix))
+        failures += check_gates(emulated, thresholds, prefix)
+    return report, failures
 
 
 def export_and_register(
@@ -190,24 +230,31 @@ def export_and_register(
     registered_model_name: str | None = DEFAULT_REGISTERED_MODEL_NAME,
     opset: int = DEFAULT_OPSET,
     images: str | Path | None = None,
-    max_prob_diff: float = 1e-4,
+    max_prob_diff: float | None = None,
     alias: str | None = None,
     thresholds: ParityThresholds | None = None,
     text_encoder: bool = True,
+    precision: str = "fp32",
 ) -> ExportResult:
     """The whole job in one MLflow run: export, parity gates, log, register, tag, alias.
 
+    `precision` is fp32, fp16 (for GPU providers) or int8 (for CPUs); the parity gates default
+    to `ParityThresholds.for_precision(precision)`, `max_prob_diff` overriding its gate.
     If a parity gate fails the run fails with the gate's figures and nothing is registered.
     """
     class_names = parse_classes(classes)
-    thresholds = thresholds or ParityThresholds(max_prob_diff=max_prob_diff)
+    check_precision(precision)
+    thresholds = thresholds or ParityThresholds.for_precision(precision, max_prob_diff=max_prob_diff)
     with active_or_new_run() as run:
         return _export_in_run(
-            run.info.run_id, class_names, model, templates, registered_model_name, opset, images, thresholds, alias, text_encoder
+            run.info.run_id, class_names, model, templates, registered_model_name, opset, images, thresholds, alias, text_encoder,
+            precision,
         )
 
 
-def _export_in_run(run_id, classes, model, templates, registered_model_name, opset, images, thresholds, alias, text_encoder) -> ExportResult:
+def _export_in_run(
+    run_id, classes, model, templates, registered_model_name, opset, images, thresholds, alias, text_encoder, precision="fp32"
+) -> ExportResult:
     log_new_params(
         run_id,
         {
@@ -226,10 +273,12 @@ def _export_in_run(run_id, classes, model, templates, registered_model_name, ops
             "alias": alias or "",
             "text_encoder": bool(text_encoder),
             "max_text_embedding_diff": thresholds.max_text_embedding_diff,
+            "precision": precision,
         },
     )
     with tempfile.TemporaryDirectory(prefix="mlflow-clip-") as tmp:
-        built = build_classifier(classes, model, templates, opset, tmp, text_encoder=text_encoder)
+        built = build_classifier(classes, model, templates, opset, tmp, text_encoder=text_encoder, precision=precision, images=images)
+        log_new_params(run_id, built.precision.params())
         report, failures = check_parity(built, images, thresholds)
         metrics = {
             **report.metrics(),
@@ -251,7 +300,10 @@ def _export_in_run(run_id, classes, model, templates, registered_model_name, ops
 def _log_reports(tmp: Path, built: BuiltClassifier, report: ParityReport, failures: list[str]) -> None:
     (tmp / "classes.json").write_text(json.dumps(built.config.classes, indent=2, ensure_ascii=False), encoding="utf-8")
     (tmp / "parity_report.json").write_text(
-        json.dumps({"failures": failures, "simplify": built.simplify_note, **json.loads(report.to_json())}, indent=2),
+        json.dumps(
+            {"failures": failures, "simplify": built.simplify_note, "precision": built.precision.params(), **json.loads(report.to_json())},
+            indent=2,
+        ),
         encoding="utf-8",
     )
     plot_parity(report, tmp / "parity.png", built.config.classes)
@@ -270,6 +322,7 @@ def _log_and_register(run_id, built, report, metrics, registered_model_name, ali
         input_example=example,
         metadata={"parity": report.metrics(), "onnx_sha256": sha},
         text_encoder=built.text_encoder_path,
+        runtime=RuntimeSettings(providers=built.precision.providers),
     )
     version = None
     if registered_model_name:

@@ -35,6 +35,34 @@ class ParityThresholds:
     # The text encoder always ships in fp32: per-request labels must match the baked ones.
     max_text_embedding_diff: float = 1e-5
 
+    @classmethod
+    def for_precision(cls, precision: str, **overrides: float | None) -> "ParityThresholds":
+        """The gates suited to a graph at `precision` (fp32, fp16, int8); any field passed in
+        `overrides` (not None) replaces its default.
+
+            >>> ParityThresholds.for_precision("int8", max_prob_diff=0.05).max_logit_diff
+            1.5
+        """
+        if precision not in PRECISION_THRESHOLDS:
+            raise ValueError(f"Received precision={precision!r}; expected one of {', '.join(PRECISION_THRESHOLDS)}.")
+        values = {**PRECISION_THRESHOLDS[precision], **{k: v for k, v in overrides.items() if v is not None}}
+        return cls(**values)
+
+
+# Per-precision gates, against fp32 PyTorch. Logits are CLIP's scaled cosine similarities
+# (logit scale 100: a logit error of 1.0 is a cosine error of 0.01). Worst figures measured on
+# the 12 sample images: fp16 (its GPU-like emulation) 0.026 logit, 8e-4 probability; int8 with
+# the chosen method 0.55 logit (a small trained ResNet CLIP, static QDQ) and 0.007 probability
+# (ViT-B/32, dynamic). The gates leave about 3x headroom over those, and int8's logit gate
+# refuses static QDQ on ViT-B/32 (1.58), the method not chosen for ViTs. With logit errors
+# bounded, a top-1 flip needs two classes within twice that error of each other; the
+# agreement gate tolerates one such near-tie among the 12 sample images.
+PRECISION_THRESHOLDS: dict[str, dict[str, float]] = {
+    "fp32": {},
+    "fp16": {"max_prob_diff": 1e-2, "max_logit_diff": 0.1, "min_top1_agreement": 0.9},
+    "int8": {"max_prob_diff": 0.1, "max_logit_diff": 1.5, "min_top1_agreement": 0.9},
+}
+
 
 @dataclass
 class ParityReport:
@@ -49,6 +77,8 @@ class ParityReport:
     # Only for graphs with an `embedding` output / a text encoder (None otherwise).
     max_abs_embedding_diff: float | None = None
     text: "TextParity | None" = None
+    # Figures of related graphs, already named (e.g. the fp16 graph's GPU-like emulation).
+    extra_metrics: dict[str, float] = field(default_factory=dict)
 
     def metrics(self, prefix: str = "parity_") -> dict[str, float]:
         metrics = {
@@ -63,6 +93,7 @@ class ParityReport:
             metrics[f"{prefix}max_abs_text_embedding_diff"] = self.text.max_abs_text_embedding_diff
             metrics[f"{prefix}token_mismatches"] = float(self.text.token_mismatches)
             metrics[f"{prefix}text_count"] = float(self.text.count)
+        metrics.update(self.extra_metrics)
         return metrics
 
     def to_json(self) -> str:
