@@ -1,0 +1,301 @@
+"""The benchmark: a real quick run on the demo model (every row in its own process, a real
+`mlflow models serve`, a short soak), checked for structure and consistency, never for speed."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import ROOT, requires_export, subprocess_env
+from PIL import Image
+
+from mlflow_clip.benchmark import (
+    BenchmarkError,
+    BenchmarkReport,
+    RowResult,
+    command_line,
+    compare_rows,
+    evaluate_targets,
+    log_report,
+    make_options,
+    make_photo_jpeg,
+    quick_options,
+    render_docs,
+    report_metrics,
+    request_images,
+    run_benchmark,
+    write_docs,
+)
+
+BASE_ROWS = ("torch", "onnxruntime", "pyfunc", "server-1c", "server-4c")
+SOAK_REQUESTS = 40
+# fp32 rows that see the same pixels must give the same probabilities as CLIP's own pipeline
+FP32_PROB_TOLERANCE = 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces (no child processes)
+
+
+def test_photo_jpegs_are_deterministic_textured_photos():
+    first, again, other = make_photo_jpeg(320, 240, 0), make_photo_jpeg(320, 240, 0), make_photo_jpeg(320, 240, 1)
+    assert first == again and first != other
+    image = Image.open(io.BytesIO(first))
+    assert image.format == "JPEG" and image.size == (320, 240) and image.mode == "RGB"
+    pixels = np.asarray(image, dtype=np.float32)
+    assert pixels.std() > 20  # not a flat colour
+    assert np.abs(np.diff(pixels, axis=1)).mean() > 2  # texture and noise, as in camera photos
+    assert len(first) * 8 / (320 * 240) > 1.0  # bits per pixel of a quality-90 photo, not of a cartoon
+
+
+def test_every_request_takes_the_same_images_in_every_row():
+    pool = ["a", "b", "c"]
+    assert request_images(pool, 2, 0) == ["a", "b"]
+    assert request_images(pool, 2, 1) == ["c", "a"]
+    assert request_images(pool, 4, 0) == ["a", "b", "c", "a"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sizes": "1920by1080"}, "--sizes item '1920by1080'"),
+        ({"batches": "1,0"}, "--batches item 0"),
+        ({"rows": "pyfunc,gpu"}, "--rows ['gpu']"),
+        ({"precisions": "int4"}, "--precisions ['int4']"),
+        ({"server_configs": "2"}, "WORKERSxTHREADS"),
+        ({"threads": 0}, "--threads 0"),
+    ],
+)
+def test_bad_options_name_the_option_and_the_fix(kwargs, message):
+    with pytest.raises(BenchmarkError) as error:
+        make_options(**kwargs)
+    assert message in str(error.value)
+    assert "expected" in str(error.value)
+
+
+def test_cli_refuses_bad_options_without_a_traceback():
+    from mlflow_clip.cli import cli
+
+    result = CliRunner().invoke(cli, ["benchmark", "--sizes", "640x"])
+    assert result.exit_code == 2
+    assert "--sizes item '640x'" in result.output and "Traceback" not in result.output
+
+
+def test_quick_options_and_the_command_line_that_reproduces_them():
+    options = make_options(quick=True, batches="1", rows="onnxruntime,pyfunc", soak=True, soak_arena="off")
+    assert options.models == ("demo",) and options.sizes == ((320, 240),) and options.batches == (1,)
+    assert options.soak_arena == (False,)
+    line = command_line(options)
+    assert line == "--quick --batches 1 --rows onnxruntime,pyfunc --soak --soak-arena off"
+    full = make_options(models="RN50", sizes="1920x1080", batches="8", server_configs="1x2,2x1")
+    assert command_line(full) == "--models RN50 --sizes 1920x1080 --batches 8 --server-configs 1x2,2x1"
+
+
+def _row(name: str, images_per_s: float, model="RN50", size="1920x1080", batch=8) -> RowResult:
+    return RowResult(model, size, batch, name, name, images_per_s=images_per_s)
+
+
+def test_ratios_divide_throughputs_within_one_model_size_and_batch():
+    rows = [_row("torch", 4.0), _row("onnxruntime", 12.0), _row("pyfunc", 10.0), _row("server-4c", 9.0),
+            _row("torch", 100.0, batch=1), _row("pyfunc", 50.0, batch=1)]
+    compare_rows(rows)
+    server = rows[3]
+    assert server.vs_torch == pytest.approx(9.0 / 4.0, rel=1e-12)
+    assert server.vs_onnxruntime == pytest.approx(9.0 / 12.0, rel=1e-12)
+    assert server.vs_pyfunc == pytest.approx(9.0 / 10.0, rel=1e-12)
+    assert rows[5].vs_torch == pytest.approx(0.5, rel=1e-12)
+    assert rows[5].vs_onnxruntime is None  # no onnxruntime row at batch 1
+
+
+def test_targets_pass_and_fail_at_their_thresholds():
+    rows = [_row("torch", 4.0), _row("onnxruntime", 10.0), _row("pyfunc", 8.0), _row("pyfunc-int8", 13.0),
+            _row("server-4c", 6.0)]
+    compare_rows(rows)
+    report = BenchmarkReport(options={}, machine={}, rows=rows)
+    results = {t.key: t for t in evaluate_targets(report)}
+    assert (results["pyfunc_fp32_vs_torch"].result, results["pyfunc_fp32_vs_torch"].measured) == ("PASS", "2.00x")
+    assert results["pyfunc_int8_vs_torch"].result == "FAIL"  # 3.25x < 3.5x
+    assert results["pyfunc_fp32_vs_onnxruntime"].result == "FAIL"  # 0.80x < 0.85x
+    assert results["server_4_clients_vs_pyfunc"].result == "FAIL"  # 0.75x < 0.8x
+    assert results["load_to_first_prediction"].result == "n/a"
+
+
+# ---------------------------------------------------------------------------------------------
+# A real quick run
+
+
+@pytest.fixture(scope="module")
+def work_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("benchmark-work")
+
+
+@pytest.fixture(scope="module")
+def quick_report(work_dir) -> BenchmarkReport:
+    if not _has_export():
+        pytest.skip("needs the export extra")
+    options = quick_options(work_dir=work_dir, batches=(1, 3), soak=True, soak_requests=(SOAK_REQUESTS,),
+                            soak_arena=(False,), soak_max_batch=6)
+    return run_benchmark(options, progress=lambda message: print(message, file=sys.stderr))
+
+
+def _has_export() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) for name in ("torch", "clip"))
+
+
+def _expected_rows(report: BenchmarkReport) -> set[str]:
+    from mlflow_clip.benchmark import pyfunc_config_keys
+
+    expected = set(BASE_ROWS)
+    model_dir = report.options["work_dir"] + "/models/demo/fp32/model"
+    if "jpeg_draft" in pyfunc_config_keys(model_dir):
+        expected.add("pyfunc-draft")
+    for precision in ("int8", "fp16"):
+        if not any(note.startswith(f"demo {precision}: not built") for note in report.notes):
+            expected.add(f"pyfunc-{precision}")
+    return expected
+
+
+@pytest.mark.slow
+@requires_export
+def test_the_table_has_every_requested_row(quick_report):
+    expected = _expected_rows(quick_report)
+    for batch in (1, 3):
+        rows = {r.row: r for r in quick_report.rows if (r.model, r.size, r.batch) == ("demo", "320x240", batch)}
+        assert set(rows) == expected, f"batch {batch}: {sorted(rows)}"
+        for name in BASE_ROWS:
+            assert rows[name].ok, f"{name} at batch {batch}: {rows[name].status}: {rows[name].note}"
+    assert len(quick_report.rows) == 2 * len(expected)
+
+
+@pytest.mark.slow
+@requires_export
+def test_measured_rows_have_positive_throughput_and_p95_at_least_p50(quick_report):
+    measured = [r for r in quick_report.rows if r.ok]
+    assert measured
+    for r in measured:
+        assert r.images_per_s > 0 and r.requests >= 3 and r.images == r.requests * r.batch
+        assert r.p95_ms >= r.p50_ms > 0
+        assert r.peak_rss_mb > 0
+    for r in quick_report.rows:
+        if not r.ok:
+            assert r.row == "pyfunc-fp16" and r.status == "not runnable" and r.note
+
+
+@pytest.mark.slow
+@requires_export
+def test_ratio_columns_are_the_ratios_of_the_throughputs(quick_report):
+    for batch in (1, 3):
+        rows = {r.row: r for r in quick_report.rows if r.batch == batch}
+        for row in rows.values():
+            if not row.ok:
+                continue
+            for reference in ("torch", "onnxruntime", "pyfunc"):
+                expected = row.images_per_s / rows[reference].images_per_s
+                np.testing.assert_allclose(getattr(row, f"vs_{reference}"), expected, rtol=1e-12)
+        assert rows["torch"].vs_torch == pytest.approx(1.0, rel=1e-12)
+
+
+@pytest.mark.slow
+@requires_export
+def test_every_fp32_row_scores_the_same_images_as_clips_pipeline(quick_report):
+    for r in quick_report.rows:
+        if r.row in ("onnxruntime", "pyfunc", "server-1c", "server-4c"):
+            assert r.max_prob_diff is not None and r.max_prob_diff <= FP32_PROB_TOLERANCE, (r.row, r.max_prob_diff)
+
+
+@pytest.mark.slow
+@requires_export
+def test_peak_rss_is_each_rows_own(quick_report):
+    rows = {r.row: r for r in quick_report.rows if r.batch == 1}
+    # torch + CLIP cost hundreds of MB that the onnxruntime row's fresh process never loads
+    assert rows["torch"].peak_rss_mb > rows["onnxruntime"].peak_rss_mb + 100
+
+
+@pytest.mark.slow
+@requires_export
+def test_load_to_first_prediction_is_measured_in_a_fresh_interpreter(quick_report):
+    (load,) = [l for l in quick_report.loads if l.precision == "fp32"]
+    assert load.status == "ok" and load.model_uri.startswith("models:/benchmark-demo-fp32/")
+    assert load.seconds > 0 and len(load.runs) == 1
+    assert load.imports_s + load.load_s + load.predict_s <= load.seconds
+    assert load.imports_s > 0 and load.load_s > 0 and load.predict_s > 0
+
+
+@pytest.mark.slow
+@requires_export
+def test_soak_reports_zero_errors_and_the_servers_memory(quick_report):
+    (soak,) = quick_report.soaks
+    assert (soak.status, soak.errors, soak.requests) == ("ok", 0, SOAK_REQUESTS), soak.note
+    assert soak.arena is False and soak.clients == 4
+    assert 0 < soak.rss_start_mb and 0 < soak.rss_warm_mb and 0 < soak.rss_end_mb
+    assert soak.rss_peak_mb >= max(soak.rss_warm_mb, soak.rss_end_mb) * 0.999
+    assert soak.growth_mb == pytest.approx(soak.rss_end_mb - soak.rss_warm_mb)
+    assert SOAK_REQUESTS <= soak.images <= SOAK_REQUESTS * 6
+    assert soak.samples and soak.samples[-1][2] <= SOAK_REQUESTS
+
+
+@pytest.mark.slow
+@requires_export
+def test_docs_writer_produces_the_markdown_table(quick_report, tmp_path):
+    path = write_docs(quick_report, tmp_path / "docs" / "benchmark.md")
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("# Benchmark") and "--write-docs docs/benchmark.md" in text
+    header = next(line for line in text.splitlines() if line.startswith("| model | image | batch | row |"))
+    lines = text.splitlines()
+    start = lines.index(header)
+    table = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        table.append(line)
+    assert len(table) == len(quick_report.rows)
+    assert all(line.count("|") == header.count("|") for line in table)
+    assert "| demo | 320x240 | 1 | (c) pyfunc fp32 |" in text
+    assert "### Targets" in text and "**n/a**" in text  # the targets' configuration was not run
+    assert "### Load to first prediction" in text and "### Memory under load (soak)" in text
+    assert text == render_docs(quick_report)
+
+
+@pytest.mark.slow
+@requires_export
+def test_report_logs_to_mlflow(quick_report, tracking_uri):
+    from mlflow.tracking import MlflowClient
+
+    run_id = log_report(quick_report)
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    metrics = report_metrics(quick_report)
+    assert metrics and run.data.metrics == pytest.approx(metrics)
+    pyfunc = next(r for r in quick_report.rows if r.row == "pyfunc" and r.batch == 1)
+    assert run.data.metrics["demo.320x240.b1.pyfunc.images_per_s"] == pytest.approx(pyfunc.images_per_s)
+    assert run.data.params["models"] == '["demo"]'
+    assert run.data.tags["target.load_to_first_prediction"].startswith("n/a")
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"benchmark.md", "benchmark.json"} <= artifacts
+    logged = json.loads(open(client.download_artifacts(run_id, "benchmark.json")).read())
+    assert len(logged["rows"]) == len(quick_report.rows)
+
+
+@pytest.mark.slow
+@requires_export
+def test_example_runs_a_quick_benchmark_and_writes_the_docs(quick_report, work_dir, tmp_path):
+    docs, results = tmp_path / "benchmark.md", tmp_path / "benchmark.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "benchmark.py"), "--quick", "--batches", "2", "--rows",
+         "onnxruntime,pyfunc", "--work-dir", str(work_dir), "--write-docs", str(docs), "--json", str(results)],
+        env=subprocess_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "building" not in proc.stderr  # the models cached by the first run were reused
+    assert "| demo | 320x240 | 2 | (c) pyfunc fp32 |" in proc.stdout
+    rows = json.loads(results.read_text())["rows"]
+    assert [(r["row"], r["status"]) for r in rows] == [("onnxruntime", "ok"), ("pyfunc", "ok")]
+    assert rows[1]["vs_onnxruntime"] == pytest.approx(rows[1]["images_per_s"] / rows[0]["images_per_s"], rel=1e-12)
+    assert "--quick --batches 2 --rows onnxruntime,pyfunc" in docs.read_text()
