@@ -47,7 +47,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-ROW_KINDS: tuple[str, ...] = ("torch", "onnxruntime", "pyfunc", "server", "precision", "draft", "load")
+ROW_KINDS: tuple[str, ...] = ("torch", "onnxruntime", "pyfunc", "labels", "server", "precision", "draft", "load")
 DEFAULT_MODELS: tuple[str, ...] = ("RN50", "ViT-B/32", "demo")
 DEFAULT_SIZES: tuple[tuple[int, int], ...] = ((640, 480), (1920, 1080), (4000, 3000))
 DEFAULT_BATCHES: tuple[int, ...] = (1, 8, 32)
@@ -955,7 +955,8 @@ def _model_dir(work_dir: Path, model: str, precision: str) -> Path:
 
 
 def _build_key(model: str, precision: str) -> dict[str, Any]:
-    return {"model": model, "precision": precision, "templates": TEMPLATES, "classes": list(_classes_for(model))}
+    return {"model": model, "precision": precision, "templates": TEMPLATES, "classes": list(_classes_for(model)),
+            "text_encoder": precision == "fp32"}
 
 
 def _classes_for(model: str) -> tuple[str, ...]:
@@ -1018,14 +1019,15 @@ def _build_one(work_dir: Path, model: str, clip_spec: str, precision: str) -> di
     out = _model_dir(work_dir, model, precision)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    kwargs = {} if precision == "fp32" else {"precision": precision}
+    # Only the fp32 model ships the text encoder: it feeds the per-request labels row.
+    kwargs = {"text_encoder": True} if precision == "fp32" else {"precision": precision, "text_encoder": False}
     try:
         built = build_classifier(_classes_for(model), clip_spec, TEMPLATES, DEFAULT_OPSET, out / "export", **kwargs)
     except TypeError as e:
         return {"status": "skipped", "note": f"build_classifier does not build precision={precision!r} yet ({e})"}
     except Exception as e:
         return {"status": "failed", "note": f"{type(e).__name__}: {str(e)[:400]}"}
-    flavor.save_model(built.onnx_path, out / "model")
+    flavor.save_model(built.onnx_path, out / "model", text_encoder=built.text_encoder_path)
     np.savez(out / "head.npz", text_features=built.head.text_features.t().numpy(), logit_scale=float(built.head.logit_scale))
     info = {
         "status": "ok",
@@ -1131,7 +1133,7 @@ def _task_pyfunc(spec: dict[str, Any]) -> _InProcessRow:
 
     def call(index: int, _state: Any) -> np.ndarray:
         frame = pd.DataFrame({"image": request_images(pool, spec["batch"], index)})
-        return np.stack(model.predict(frame)["probabilities"].to_numpy())
+        return np.stack(model.predict(frame, params=spec.get("params"))["probabilities"].to_numpy())
 
     return _InProcessRow(call, spec)
 
@@ -1381,6 +1383,7 @@ ROW_LABELS = {
     "onnxruntime": "(b) onnxruntime",
     "pyfunc": "(c) pyfunc fp32",
     "pyfunc-draft": "pyfunc fp32 jpeg_draft",
+    "pyfunc-labels": "(c) pyfunc fp32, labels per request (cached)",
     "pyfunc-int8": "(e) pyfunc int8",
     "pyfunc-fp16": "(e) pyfunc fp16",
 }
@@ -1454,6 +1457,12 @@ def _row_plan(options: BenchmarkOptions, model: str, builds: dict) -> list[tuple
         plan.append(("onnxruntime", ROW_LABELS["onnxruntime"], "onnxruntime", {"model_dir": fp32["model_dir"], "model_config": threads}))
     if "pyfunc" in options.rows:
         plan.append(("pyfunc", ROW_LABELS["pyfunc"], "pyfunc", {"model_dir": fp32["model_dir"], "model_config": exact}))
+    if "labels" in options.rows and (Path(fp32["model_dir"]) / "text_encoder.onnx").exists():
+        # The same classes and templates as the baked graph, sent per request: after the first
+        # (warm-up) request the label set is cached, so this is the per-request labels path's cost.
+        params = {"classes": list(_classes_for(model)), "templates": TEMPLATES}
+        plan.append(("pyfunc-labels", ROW_LABELS["pyfunc-labels"], "pyfunc",
+                     {"model_dir": fp32["model_dir"], "model_config": exact, "params": params}))
     if "draft" in options.rows and has_draft:
         plan.append(("pyfunc-draft", ROW_LABELS["pyfunc-draft"], "pyfunc",
                      {"model_dir": fp32["model_dir"], "model_config": {**threads, "jpeg_draft": True}}))
@@ -1740,6 +1749,8 @@ def evaluate_targets(report: BenchmarkReport) -> list[TargetResult]:
         ("pyfunc_int8_vs_torch", "pyfunc int8 vs (a) torch", 3.5, _ratio(group.get("pyfunc-int8"), "vs_torch")),
         ("pyfunc_fp32_vs_onnxruntime", "pyfunc fp32 vs (b) onnxruntime", 0.85, _ratio(group.get("pyfunc"), "vs_onnxruntime")),
         ("server_4_clients_vs_pyfunc", "server 4 clients vs in-process pyfunc", 0.8, _ratio(best_server, "vs_pyfunc")),
+        # Cached per-request labels cost at most 5% more than the baked classes.
+        ("labels_per_request_vs_pyfunc", "pyfunc labels per request vs baked", 1 / 1.05, _ratio(group.get("pyfunc-labels"), "vs_pyfunc")),
     ]
     where = f"{TARGET_MODEL}, {TARGET_SIZE}, batch {TARGET_BATCH}"
     targets = [
@@ -1914,23 +1925,31 @@ DOCS_SETTINGS = """
 ## Server settings
 
 ```bash
-MLFLOW_PYFUNC_INFERENCE_CONFIG='{"intra_op_num_threads": 2}' \\
+MLFLOW_PYFUNC_INFERENCE_CONFIG='{"intra_op_num_threads": 1}' \\
   mlflow models serve -m models:/clip-zero-shot@production --env-manager local --workers 1 -p 5001
 ```
 
-- **One worker, onnxruntime threads = cores.** `mlflow models serve` runs each prediction in a
-  thread pool (`asyncio.to_thread`), so one worker already serves concurrent requests, sharing
-  one onnxruntime session and its decode threads. Every extra uvicorn worker loads its own copy
-  of the model; on 2 cores, `2x1` (2 workers, 1 thread each) has not been faster than `1x2`
-  beyond the noise, for about twice the memory. Compare on your machine with
-  `--server-configs 1x2,2x1,1x1` (workers x threads per worker): the rows then carry the setting.
-- **Thread counts go through `MLFLOW_PYFUNC_INFERENCE_CONFIG`** (any key the model's MLmodel
-  lists under `python_function.config`: `intra_op_num_threads`, `enable_cpu_mem_arena`,
-  `jpeg_draft`, `max_rows`, ...).
+The server rows use this setting (`w1t1`) unless `--server-configs` says otherwise; rerun with
+`--server-configs 1x1,1x2,2x1` (uvicorn workers x onnxruntime threads per worker) to compare
+on your machine, the rows then carry the setting in their label.
+
+- **One worker.** `mlflow models serve` runs each prediction in a thread pool
+  (`asyncio.to_thread`), so one worker already serves concurrent requests from one copy of the
+  model. Every extra uvicorn worker loads its own copy: on RN50, `2x1` held about 0.9 GB more
+  than `1x1` and was not faster on 2 cores, with 1 client or with 4.
+- **One onnxruntime thread per request under concurrent load.** With 4 clients, 4 predictions
+  run at once, so the cores are busy without intra-op threads; `1x1` was the fastest setting
+  with 4 clients in repeated runs, and level with `1x2` with 1 client. A server that sees one
+  request at a time can give each request all the cores instead (`intra_op_num_threads` = cores).
+- **Settings reach the model through `MLFLOW_PYFUNC_INFERENCE_CONFIG`**: any key the model's
+  MLmodel lists under `python_function.config` (`intra_op_num_threads`, `enable_cpu_mem_arena`,
+  `jpeg_draft`, `decode_workers`, `max_rows`, ...).
 - **onnxruntime's CPU memory arena stays off** (the model's default). The soak sends batches of
-  1 to 32 images from 4 clients: with the arena on, the server keeps the largest allocations of
-  every shape it has seen and its idle RSS climbs with the run; with it off, memory goes back
-  after each request, at the same throughput. `--soak-arena both` measures both.
+  1 to 32 images from 4 clients: with the arena on, the server keeps the largest buffers of every
+  shape it has seen, and on RN50 its idle RSS climbed through the whole run; with it off, memory
+  goes back after each request, at the same throughput. On the 64-pixel demo model the arena's
+  buffers are too small to matter. `--soak-arena both` measures both; `--soak-models RN50,demo
+  --soak-requests 120,2000` soaks each model.
 - The server's RSS counts the `mlflow models serve` launcher (it stays resident, about 250 MB)
   as well as the uvicorn worker that holds the model.
 

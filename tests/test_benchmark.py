@@ -32,7 +32,7 @@ from mlflow_clip.benchmark import (
     write_docs,
 )
 
-BASE_ROWS = ("torch", "onnxruntime", "pyfunc", "server-1c", "server-4c")
+BASE_ROWS = ("torch", "onnxruntime", "pyfunc", "pyfunc-labels", "server-1c", "server-4c")
 SOAK_REQUESTS = 40
 # fp32 rows that see the same pixels must give the same probabilities as CLIP's own pipeline
 FP32_PROB_TOLERANCE = 1e-4
@@ -69,6 +69,8 @@ def test_every_request_takes_the_same_images_in_every_row():
         ({"precisions": "int4"}, "--precisions ['int4']"),
         ({"server_configs": "2"}, "WORKERSxTHREADS"),
         ({"threads": 0}, "--threads 0"),
+        ({"soak_models": "RN50,demo", "soak_requests": "100,200,300"}, "--soak-requests 100,200,300 for 2 soak models"),
+        ({"server_env": "MALLOC_ARENA_MAX"}, "--server-env item 'MALLOC_ARENA_MAX'"),
     ],
 )
 def test_bad_options_name_the_option_and_the_fix(kwargs, message):
@@ -92,8 +94,11 @@ def test_quick_options_and_the_command_line_that_reproduces_them():
     assert options.soak_arena == (False,)
     line = command_line(options)
     assert line == "--quick --batches 1 --rows onnxruntime,pyfunc --soak --soak-arena off"
-    full = make_options(models="RN50", sizes="1920x1080", batches="8", server_configs="1x2,2x1")
-    assert command_line(full) == "--models RN50 --sizes 1920x1080 --batches 8 --server-configs 1x2,2x1"
+    full = make_options(models="RN50", sizes="1920x1080", batches="8", server_configs="1x2,2x1", soak=True,
+                        soak_models="RN50,demo", soak_requests="120,2000")
+    assert command_line(full) == ("--models RN50 --sizes 1920x1080 --batches 8 --server-configs 1x2,2x1 --soak "
+                                  "--soak-models RN50,demo --soak-requests 120,2000")
+    assert full.soak_models == ("RN50", "demo") and full.soak_requests == (120, 2000)
 
 
 def _row(name: str, images_per_s: float, model="RN50", size="1920x1080", batch=8) -> RowResult:
@@ -114,7 +119,7 @@ def test_ratios_divide_throughputs_within_one_model_size_and_batch():
 
 def test_targets_pass_and_fail_at_their_thresholds():
     rows = [_row("torch", 4.0), _row("onnxruntime", 10.0), _row("pyfunc", 8.0), _row("pyfunc-int8", 13.0),
-            _row("server-4c", 6.0)]
+            _row("server-4c", 6.0), _row("pyfunc-labels", 7.7)]
     compare_rows(rows)
     report = BenchmarkReport(options={}, machine={}, rows=rows)
     results = {t.key: t for t in evaluate_targets(report)}
@@ -123,6 +128,11 @@ def test_targets_pass_and_fail_at_their_thresholds():
     assert results["pyfunc_fp32_vs_onnxruntime"].result == "FAIL"  # 0.80x < 0.85x
     assert results["server_4_clients_vs_pyfunc"].result == "FAIL"  # 0.75x < 0.8x
     assert results["load_to_first_prediction"].result == "n/a"
+    assert results["labels_per_request_vs_pyfunc"].result == "PASS"  # 0.96x: 4% slower than baked
+    rows[-1].images_per_s = 7.5
+    compare_rows(rows)
+    results = {t.key: t for t in evaluate_targets(report)}
+    assert results["labels_per_request_vs_pyfunc"].result == "FAIL"  # 0.94x: 6.7% slower
 
 
 # ---------------------------------------------------------------------------------------------
