@@ -52,7 +52,6 @@ DEFAULT_MODELS: tuple[str, ...] = ("RN50", "ViT-B/32", "demo")
 DEFAULT_SIZES: tuple[tuple[int, int], ...] = ((640, 480), (1920, 1080), (4000, 3000))
 DEFAULT_BATCHES: tuple[int, ...] = (1, 8, 32)
 VARIANT_PRECISIONS: tuple[str, ...] = ("int8", "fp16")
-PRECISIONS: tuple[str, ...] = ("fp32", *VARIANT_PRECISIONS)
 SERVER_FORMS: tuple[str, ...] = ("dataframe_split", "inputs")
 DEFAULT_WORK_DIR = Path.home() / ".cache" / "mlflow-clip" / "benchmark"
 # Full-size architectures get random weights and these classes; the demo model gets its own.
@@ -66,6 +65,7 @@ SERVER_START_SECONDS = 300
 SERVER_REQUEST_TIMEOUT_SECONDS = 900
 RSS_SAMPLE_SECONDS = 0.1
 MIN_CPU_WALL_SECONDS = 1.0
+MIN_TREND_REQUESTS = 500  # soak requests after the warm-up needed to show an RSS trend
 # The configuration the targets are stated for.
 TARGET_MODEL, TARGET_SIZE, TARGET_BATCH = "RN50", "1920x1080", 8
 LOAD_TARGET_SECONDS = 3.0
@@ -442,6 +442,17 @@ class BenchmarkReport:
     def to_markdown(self) -> str:
         return render_markdown(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BenchmarkReport":
+        """A report read back from `to_json` (to render its tables again)."""
+        kinds = {"rows": RowResult, "loads": LoadResult, "soaks": SoakResult, "targets": TargetResult}
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        for name, kind in kinds.items():
+            names = {f.name for f in fields(kind)}
+            values[name] = [kind(**{k: v for k, v in item.items() if k in names}) for item in data.get(name, [])]
+        return cls(**values)
+
 
 # --------------------------------------------------------------------------------------------
 # Images: deterministic, photo-like JPEGs (so decoding costs what real photos cost)
@@ -801,7 +812,7 @@ def _die_with_parent() -> None:
         pass
 
 
-def run_child(task: str, spec: dict[str, Any], work_dir: Path, name: str, timeout: float, env: dict | None = None) -> dict:
+def run_child(task: str, spec: dict[str, Any], work_dir: Path, name: str, timeout: float) -> dict:
     """Run `task` in a fresh `python -m mlflow_clip.benchmark`; its JSON result, or a failure."""
     logs = work_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -812,7 +823,7 @@ def run_child(task: str, spec: dict[str, Any], work_dir: Path, name: str, timeou
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow_clip.benchmark", task, str(spec_path), str(result_path)],
-            stdout=log, stderr=subprocess.STDOUT, env=_child_env(env), cwd=work_dir, preexec_fn=_die_with_parent,
+            stdout=log, stderr=subprocess.STDOUT, env=_child_env(), cwd=work_dir, preexec_fn=_die_with_parent,
         )
         try:
             proc.wait(timeout=timeout)
@@ -1822,6 +1833,11 @@ def loads_table(loads: Sequence[LoadResult]) -> str:
     return "\n".join(lines)
 
 
+def _trend(soak: SoakResult) -> float | None:
+    """The RSS trend, shown only when enough requests follow the warm-up to carry one."""
+    return soak.growth_mb_per_1000 if soak.requests - soak.warmup_requests >= MIN_TREND_REQUESTS else None
+
+
 def soaks_table(soaks: Sequence[SoakResult]) -> str:
     lines = [
         "| model | image | CPU arena | clients | requests | errors | images/s | p50 ms | p95 ms | RSS idle at start MB "
@@ -1833,7 +1849,7 @@ def soaks_table(soaks: Sequence[SoakResult]) -> str:
             f"| {s.model} | {s.size} | {'on' if s.arena else 'off'} | {s.clients} | {s.requests} | {s.errors} | "
             f"{_num(s.images_per_s, 1)} | {_num(s.p50_ms, 0)} | {_num(s.p95_ms, 0)} | {_num(s.rss_start_mb, 0)} | "
             f"{_num(s.rss_warm_mb, 0)} | {_num(s.rss_end_mb, 0)} | {_num(s.growth_mb, 1)} | "
-            f"{_num(s.growth_mb_per_1000, 1)} | {_num(s.rss_peak_mb, 0)} | "
+            f"{_num(_trend(s), 1)} | {_num(s.rss_peak_mb, 0)} | "
             f"{'' if s.status == 'ok' else s.status + ': '}{_cell(s.note)} |"
         )
     return "\n".join(lines)
@@ -1905,6 +1921,7 @@ cost) with the same number of threads, starting from the encoded bytes unless it
 | (a) torch | CLIP's own `preprocess` (PIL decode, torchvision resize and crop) + the PyTorch model + the same zero-shot head that was exported, `torch.set_num_threads(threads)`, `torch.inference_mode()` |
 | (b) onnxruntime | the exported graph alone on float32 tensors preprocessed beforehand, the pyfunc's session settings: the ceiling for the graph |
 | (c) pyfunc fp32 | `mlflow.pyfunc.load_model(dir).predict(DataFrame({{"image": [bytes, ...]}}))`, `intra_op_num_threads=threads` |
+| (c) labels per request | (c) with the model's own classes and templates sent as request `params` (`classes`, `templates`): scored through the model's text encoder, the label set cached after the first (warm-up) request |
 | (d) server | `mlflow models serve --env-manager local` over HTTP, JSON `dataframe_split` bodies of base64 images, 1 and 4 concurrent clients (client threads run on the same machine) |
 | (e) pyfunc int8 / fp16 | (c) on the quantized / half-precision export |
 | jpeg_draft | (c) with the model's `jpeg_draft` decode option, when the model offers it |
@@ -1935,35 +1952,44 @@ on your machine, the rows then carry the setting in their label.
 
 - **One worker.** `mlflow models serve` runs each prediction in a thread pool
   (`asyncio.to_thread`), so one worker already serves concurrent requests from one copy of the
-  model. Every extra uvicorn worker loads its own copy: on RN50, `2x1` held about 0.9 GB more
-  than `1x1` and was not faster on 2 cores, with 1 client or with 4.
-- **One onnxruntime thread per request under concurrent load.** With 4 clients, 4 predictions
-  run at once, so the cores are busy without intra-op threads; `1x1` was the fastest setting
-  with 4 clients in repeated runs, and level with `1x2` with 1 client. A server that sees one
-  request at a time can give each request all the cores instead (`intra_op_num_threads` = cores).
+  model. Every extra uvicorn worker loads its own copy: on RN50, `2x1` held about 0.8 GB more
+  than `1x1`. In four runs on a busy 2-core machine (RN50, 1920x1080, batch 8) the two were
+  level: the faster of them changed from run to run, by up to 20%.
+- **One onnxruntime thread per request.** With 4 clients, 4 predictions run at once and keep
+  the cores busy without intra-op threads; `1x2` was never the fastest setting with 4 clients
+  in those runs, and with 1 client it was level with `1x1` (decoding already runs on its own
+  threads). On an otherwise idle machine that serves one request at a time, giving each request
+  all the cores (`intra_op_num_threads` = cores) can lower latency: measure with
+  `--server-configs`.
 - **Settings reach the model through `MLFLOW_PYFUNC_INFERENCE_CONFIG`**: any key the model's
   MLmodel lists under `python_function.config` (`intra_op_num_threads`, `enable_cpu_mem_arena`,
   `jpeg_draft`, `decode_workers`, `max_rows`, ...).
 - **onnxruntime's CPU memory arena stays off** (the model's default). The soak sends batches of
   1 to 32 images from 4 clients: with the arena on, the server keeps the largest buffers of every
   shape it has seen, and on RN50 its idle RSS climbed through the whole run; with it off, memory
-  goes back after each request, at the same throughput. On the 64-pixel demo model the arena's
+  goes back after each request, and throughput was no lower. On the 64-pixel demo model the arena's
   buffers are too small to matter. `--soak-arena both` measures both; `--soak-models RN50,demo
   --soak-requests 120,2000` soaks each model.
 - The server's RSS counts the `mlflow models serve` launcher (it stays resident, about 250 MB)
   as well as the uvicorn worker that holds the model.
+- The soak's RSS trend (least squares over the run, MB per 1000 requests) is shown for soaks with
+  at least 500 requests after the warm-up.
 
 ## Reproduce
 
 ```bash
 python examples/benchmark.py --quick                                   # demo model, in about a minute
-python examples/benchmark.py --models RN50 --sizes 1920x1080 --batches 8 --soak --soak-requests 2000
-python examples/benchmark.py                                           # the full sweep
+python examples/benchmark.py --models RN50 --sizes 1920x1080 --batches 8   # the targets: about 15 minutes
+python examples/benchmark.py --models RN50 --sizes 1920x1080 --batches 8 \\
+    --soak --soak-models RN50,demo --soak-requests 120,2000           # + memory under load: about 50 minutes
+python examples/benchmark.py                                           # the full sweep: about 2 hours on 2 cores
 ```
 
 Models, images and checkpoints are cached in `--work-dir` (default `~/.cache/mlflow-clip/benchmark`);
-`--rebuild` exports again. `--mlflow` logs the tables, as metrics and as `benchmark.md` and
-`benchmark.json` artifacts, to an MLflow run.
+`--rebuild` exports again. `--json run.json` saves every figure; `--from-json run.json
+--write-docs docs/benchmark.md` writes this page again from a saved run without measuring.
+`--mlflow` logs the tables, as metrics and as `benchmark.md` and `benchmark.json` artifacts, to
+an MLflow run.
 """
 
 
@@ -2018,10 +2044,16 @@ def log_report(report: BenchmarkReport, run_name: str = "benchmark") -> str:
     return run.info.run_id
 
 
+def load_report(path: str | os.PathLike) -> BenchmarkReport:
+    """A report saved with `--json`."""
+    return BenchmarkReport.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
 def run_from_cli(options: BenchmarkOptions, json_path: str | None, docs_path: str | None, log_to_mlflow: bool,
-                 echo: Callable[[str], None] = print) -> BenchmarkReport:
-    """What `mlflow-clip benchmark` does: run, print the tables, then write/log what was asked."""
-    report = run_benchmark(options)
+                 echo: Callable[[str], None] = print, from_json: str | None = None) -> BenchmarkReport:
+    """What `mlflow-clip benchmark` does: run (or read a saved run), print the tables, then
+    write/log what was asked."""
+    report = load_report(from_json) if from_json else run_benchmark(options)
     echo(report.to_markdown())
     if json_path:
         Path(json_path).write_text(report.to_json(), encoding="utf-8")

@@ -149,7 +149,8 @@ def evaluate_command(model_uri, data, reference) -> None:
 @click.option("--json", "json_path", default=None, help="Write the full results as JSON to this file.")
 @click.option("--write-docs", "docs_path", default=None, help="Write the Markdown page (e.g. docs/benchmark.md).")
 @click.option("--mlflow", "--log-to-mlflow", "log_to_mlflow", is_flag=True, help="Log the tables to an MLflow run.")
-def benchmark_command(json_path, docs_path, log_to_mlflow, **options) -> None:
+@click.option("--from-json", default=None, help="Measure nothing: read a run saved with --json (to write its docs or log it).")
+def benchmark_command(json_path, docs_path, log_to_mlflow, from_json, **options) -> None:
     """Throughput, latency and memory: CLIP's PyTorch pipeline vs onnxruntime vs the pyfunc vs the server."""
     from mlflow_clip.benchmark import BenchmarkError, make_options, run_from_cli
 
@@ -158,7 +159,7 @@ def benchmark_command(json_path, docs_path, log_to_mlflow, **options) -> None:
     except BenchmarkError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
-    run_from_cli(parsed, json_path, docs_path, log_to_mlflow, echo=click.echo)
+    run_from_cli(parsed, json_path, docs_path, log_to_mlflow, echo=click.echo, from_json=from_json)
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from mlflow_clip.benchmark import (
     command_line,
     compare_rows,
     evaluate_targets,
+    load_report,
     log_report,
     make_options,
     make_photo_jpeg,
@@ -271,6 +272,9 @@ def test_docs_writer_produces_the_markdown_table(quick_report, tmp_path):
     assert "### Targets" in text and "**n/a**" in text  # the targets' configuration was not run
     assert "### Load to first prediction" in text and "### Memory under load (soak)" in text
     assert text == render_docs(quick_report)
+    saved = tmp_path / "run.json"
+    saved.write_text(quick_report.to_json())
+    assert render_docs(load_report(saved)) == text  # a saved run renders the same page
 
 
 @pytest.mark.slow
