@@ -83,6 +83,9 @@ class ZeroShotClassifier:
         self._draft_size = config.input_resolution if settings.jpeg_draft else None
         workers = decode_workers or settings.decode_workers or min(4, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mlflow-clip-decode")
+        self._shards = settings.shard_count
+        self._shard_pool = ThreadPoolExecutor(max_workers=max(1, self._shards), thread_name_prefix="mlflow-clip-shard")
+        self._image_limits = limits.image_limits()
 
     @property
     def classes(self) -> list[str]:
@@ -176,48 +179,72 @@ class ZeroShotClassifier:
     def _run_images(self, rows: list[Any], on_error: str, output: str) -> tuple[np.ndarray, list[str | None]]:
         """`output` for every row (NaN rows where an image could not be read), and the errors.
 
-        Decoding runs on the thread pool in chunks of `chunk_size`; with on_error="raise" every
-        chunk is still decoded so that the error lists all bad rows, but nothing more is run.
+        Rows go to onnxruntime in chunks of `chunk_size`. Each chunk is split into `shards` that
+        run concurrently, each decoding its own images and then running the graph, so one
+        shard's decoding overlaps another's inference; with one shard the decode pool decodes
+        the whole chunk first. With on_error="raise" every row is still decoded, so that the
+        error lists all bad rows.
         """
         values: np.ndarray | None = None
         errors: list[str | None] = [None] * len(rows)
         bad: list[tuple[int, str]] = []
         chunk = max(1, self.session.settings.chunk_size)
-        limits = self.limits.image_limits()
         for start in range(0, len(rows), chunk):
-            loaded = list(self._pool.map(lambda value: self._load(value, limits), rows[start : start + chunk]))
-            good = []
-            for offset, item in enumerate(loaded):
-                if isinstance(item, ImageInputError):
-                    bad.append((start + offset, item.reason))
-                    errors[start + offset] = item.reason
-                else:
-                    good.append(offset)
-            if not good or (bad and on_error == "raise"):
-                continue
-            result = self.session.run(np.stack([loaded[i] for i in good]), [output])[0]
-            if values is None:
-                values = np.full((len(rows), result.shape[1]), np.nan, dtype=np.float32)
-            values[[start + i for i in good]] = result
+            part = rows[start : start + chunk]
+            shards = min(self._shards, len(part))
+            run = not (bad and on_error == "raise")  # a failed request only collects its bad rows
+            if shards <= 1:
+                loaded = list(self._pool.map(self._load, part))
+                results = [self._run_loaded(loaded, 0, run, on_error, output)]
+            else:
+                cuts = np.linspace(0, len(part), shards + 1).astype(int)
+                results = list(
+                    self._shard_pool.map(
+                        lambda i: self._run_loaded([self._load(v) for v in part[cuts[i] : cuts[i + 1]]], cuts[i], run, on_error, output),
+                        range(shards),
+                    )
+                )
+            for offsets, result, failures in results:
+                for offset, reason in failures:
+                    bad.append((start + offset, reason))
+                    errors[start + offset] = reason
+                if result is None:
+                    continue
+                if values is None:
+                    values = np.full((len(rows), result.shape[1]), np.nan, dtype=np.float32)
+                values[[start + i for i in offsets]] = result
         if bad and on_error == "raise":
             raise InvalidInputError(_describe_bad_rows(bad), bad)
         if values is None:
             values = np.full((len(rows), self._output_width(output)), np.nan, dtype=np.float32)
         return values, errors
 
+    def _run_loaded(
+        self, loaded: list[Any], first: int, run: bool, on_error: str, output: str
+    ) -> tuple[list[int], np.ndarray | None, list[tuple[int, str]]]:
+        """Run the graph on the decoded images of one shard starting at row offset `first`:
+        (offsets of the rows run, their outputs, (offset, reason) of the rows that failed)."""
+        good = [first + i for i, item in enumerate(loaded) if not isinstance(item, ImageInputError)]
+        failures = [(first + i, item.reason) for i, item in enumerate(loaded) if isinstance(item, ImageInputError)]
+        if not good or not run or (failures and on_error == "raise"):
+            return good, None, failures
+        batch = np.stack([loaded[i - first] for i in good])
+        return good, self.session.run(batch, [output])[0], failures
+
     def _output_width(self, output: str) -> int:
         if output == self._probabilities_output:
             return len(self.config.classes)
         return int(self.config.embedding_dim)
 
-    def _load(self, value: Any, limits: ImageLimits) -> np.ndarray | ImageInputError:
+    def _load(self, value: Any) -> np.ndarray | ImageInputError:
         try:
-            return self.preprocessor(decode_image(value, limits, self._draft_size))
+            return self.preprocessor(decode_image(value, self._image_limits, self._draft_size))
         except ImageInputError as e:
             return e
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
+        self._shard_pool.shutdown(wait=False)
 
 
 def request_classes(value: Any) -> list[str]:

@@ -20,7 +20,7 @@ import numpy as np
 _logger = logging.getLogger(__name__)
 
 DEFAULT_PROVIDERS: tuple[str, ...] = ("CPUExecutionProvider",)
-# Environment overrides, for operators who cannot change the model: MLFLOW_CLIP_INTRA_OP_THREADS=2
+# Environment overrides, for operators who cannot change the model: MLFLOW_CLIP_INTRA_OP_NUM_THREADS=2
 _ENV_PREFIX = "MLFLOW_CLIP_"
 
 
@@ -42,12 +42,20 @@ class RuntimeSettings:
     jpeg_draft: bool = False
     # Threads decoding and preprocessing images (0: min(4, CPU count)).
     decode_workers: int = 0
+    # A request's images are split into this many shards that run concurrently, each decoding
+    # its own images and then running the graph, so that decoding one shard overlaps inference
+    # on another (0: the intra-op thread count, or the CPU count; 1: decode all, then one run).
+    shards: int = 0
+    # onnxruntime's worker threads busy-wait between operators by default; that spinning takes
+    # the cores the decoding threads need.
+    allow_spinning: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.jpeg_draft, bool):
-            raise ValueError(f"Received jpeg_draft={self.jpeg_draft!r}; expected true or false.")
-        for name in ("intra_op_num_threads", "inter_op_num_threads", "decode_workers"):
+        for name in ("jpeg_draft", "allow_spinning", "enable_cpu_mem_arena"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"Received {name}={getattr(self, name)!r}; expected true or false.")
+        for name in ("intra_op_num_threads", "inter_op_num_threads", "decode_workers", "shards"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"Received {name}={value!r}; expected a whole number, 0 for the default.")
@@ -77,20 +85,38 @@ class RuntimeSettings:
             data["providers"] = tuple(data["providers"])
         return cls(**data)
 
+    @property
+    def shard_count(self) -> int:
+        """How many shards a request's images are split into (see `shards`)."""
+        return self.shards or self.intra_op_num_threads or os.cpu_count() or 1
+
     def with_overrides(self, overrides: Mapping[str, Any] | None) -> "RuntimeSettings":
-        merged = {**self.to_dict(), **_env_overrides(), **dict(overrides or {})}
-        return RuntimeSettings.from_dict(merged)
+        """These settings, then the `MLFLOW_CLIP_*` environment, then `overrides` on top.
+
+        MLflow hands a pyfunc its whole saved `model_config` merged with the caller's, so a
+        value equal to the saved one is not an override: it must not hide the environment's.
+        """
+        saved = self.to_dict()
+        explicit = {
+            k: v for k, v in dict(overrides or {}).items() if k not in saved or _comparable(v) != _comparable(saved[k])
+        }
+        return RuntimeSettings.from_dict({**saved, **_env_overrides(), **explicit})
+
+
+def _comparable(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def _env_overrides() -> dict[str, Any]:
     overrides: dict[str, Any] = {}
-    for name in ("intra_op_num_threads", "inter_op_num_threads", "chunk_size", "decode_workers"):
+    for name in ("intra_op_num_threads", "inter_op_num_threads", "chunk_size", "decode_workers", "shards"):
         value = os.environ.get(_ENV_PREFIX + name.upper())
         if value:
             overrides[name] = int(value)
-    draft = os.environ.get(_ENV_PREFIX + "JPEG_DRAFT")
-    if draft:
-        overrides["jpeg_draft"] = draft.strip().lower() in ("1", "true", "yes", "on")
+    for name in ("jpeg_draft", "allow_spinning"):
+        value = os.environ.get(_ENV_PREFIX + name.upper())
+        if value:
+            overrides[name] = value.strip().lower() in ("1", "true", "yes", "on")
     providers = os.environ.get(_ENV_PREFIX + "PROVIDERS")
     if providers:
         overrides["providers"] = tuple(p.strip() for p in providers.split(",") if p.strip())
@@ -137,6 +163,7 @@ class OrtSession:
         options.intra_op_num_threads = settings.intra_op_num_threads
         options.inter_op_num_threads = settings.inter_op_num_threads
         options.enable_cpu_mem_arena = settings.enable_cpu_mem_arena
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.allow_spinning else "0")
         options.graph_optimization_level = getattr(
             ort.GraphOptimizationLevel, _OPT_LEVELS[settings.graph_optimization_level]
         )

@@ -78,3 +78,57 @@ def test_draft_is_a_load_time_choice_with_small_measured_effect(demo_model_dir):
 def test_bad_runtime_settings_are_refused(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         RuntimeSettings.from_dict(bad)
+
+
+@pytest.mark.parametrize("bad", [{"allow_spinning": "no"}, {"shards": -2}, {"shards": 1.5}])
+def test_bad_shard_and_spinning_settings_are_refused(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        RuntimeSettings.from_dict(bad)
+
+
+def test_shard_count_follows_the_thread_count_unless_set():
+    assert RuntimeSettings(intra_op_num_threads=3).shard_count == 3
+    assert RuntimeSettings(intra_op_num_threads=3, shards=1).shard_count == 1
+    assert RuntimeSettings().shard_count >= 1
+
+
+def test_environment_overrides_the_saved_config_that_mlflow_passes_back(demo_model_dir, monkeypatch):
+    """MLflow hands `_load_pyfunc` the whole saved `python_function.config` (merged with the
+    caller's model_config): values that merely repeat the saved ones must not hide the
+    operator's MLFLOW_CLIP_* environment, and an explicit model_config still wins over it."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_CLIP_INTRA_OP_NUM_THREADS", "3")
+    monkeypatch.setenv("MLFLOW_CLIP_JPEG_DRAFT", "true")
+    monkeypatch.setenv("MLFLOW_CLIP_SHARDS", "2")
+    loaded = mlflow.pyfunc.load_model(str(demo_model_dir))
+    settings = loaded._model_impl.classifier.session.settings
+    assert (settings.intra_op_num_threads, settings.jpeg_draft, settings.shards) == (3, True, 2)
+    loaded = mlflow.pyfunc.load_model(str(demo_model_dir), model_config={"intra_op_num_threads": 1})
+    settings = loaded._model_impl.classifier.session.settings
+    assert (settings.intra_op_num_threads, settings.jpeg_draft) == (1, True)
+
+
+def test_shards_give_the_same_rows_and_errors_as_one_run(demo_model_dir):
+    """Splitting a request into concurrent shards (each decoding, then running its slice)
+    changes neither the probabilities (at 1e-6) nor which rows fail, and the error still names
+    every bad row across shards and chunks."""
+    import mlflow_clip
+    from conftest import demo_image_bytes
+
+    images = [data for data, _ in demo_image_bytes([(n, "JPEG") for n in ("a red circle", "a blue square")] * 5)]
+    rows = images[:3] + [b"not an image"] + images[3:8] + [b"\x00" * 10] + images[8:]
+    one = mlflow_clip.load_model(str(demo_model_dir), model_config={"shards": 1})
+    outputs = {}
+    for shards, chunk in [(1, 32), (2, 32), (3, 32), (4, 5)]:
+        model = mlflow_clip.load_model(str(demo_model_dir), model_config={"shards": shards, "chunk_size": chunk})
+        assert model.session.settings.shards == shards
+        outputs[shards] = model.predict(rows, on_error="null")
+        with pytest.raises(ValueError, match=r"2 input row\(s\).*row 3:.*row 9:"):
+            model.predict(rows)
+    reference = np.array(outputs[1]["probabilities"].dropna().tolist())
+    for shards, frame in outputs.items():
+        assert frame["probabilities"].isna().tolist() == [i in (3, 9) for i in range(len(rows))]
+        assert frame["label"].tolist() == outputs[1]["label"].tolist()
+        np.testing.assert_allclose(np.array(frame["probabilities"].dropna().tolist()), reference, atol=1e-6)
+    assert one.predict(images)["label"].tolist() == outputs[2]["label"].dropna().tolist()
