@@ -170,6 +170,8 @@ def _expected_rows(report: BenchmarkReport) -> set[str]:
     for precision in ("int8", "fp16"):
         if not any(note.startswith(f"demo {precision}: not built") for note in report.notes):
             expected.add(f"pyfunc-{precision}")
+    if {"pyfunc-draft", "pyfunc-int8"} <= expected:
+        expected.add("pyfunc-int8-draft")
     return expected
 
 
@@ -313,3 +315,32 @@ def test_example_runs_a_quick_benchmark_and_writes_the_docs(quick_report, work_d
     assert [(r["row"], r["status"]) for r in rows] == [("onnxruntime", "ok"), ("pyfunc", "ok")]
     assert rows[1]["vs_onnxruntime"] == pytest.approx(rows[1]["images_per_s"] / rows[0]["images_per_s"], rel=1e-12)
     assert "--quick --batches 2 --rows onnxruntime,pyfunc" in docs.read_text()
+
+
+def test_decode_bound_is_the_share_of_the_cores_left_after_decoding():
+    from mlflow_clip.benchmark import RowResult, decode_bound
+
+    row = RowResult("RN50", "1920x1080", 8, "onnxruntime", "(b)", images_per_s=15.0, cores_busy=2.0, decode_ms=40.0)
+    assert decode_bound(row, 2) == pytest.approx(2 / (2.0 + 0.040 * 15.0))
+    # a graph that leaves a core idle can hide all of the decoding
+    assert decode_bound(RowResult("m", "s", 1, "onnxruntime", "(b)", images_per_s=10.0, cores_busy=1.0, decode_ms=20.0), 2) == 1.0
+    assert decode_bound(RowResult("m", "s", 1, "onnxruntime", "(b)", status="failed"), 2) is None
+    assert decode_bound(RowResult("m", "s", 1, "onnxruntime", "(b)", images_per_s=10.0, cores_busy=1.0), 2) is None
+
+
+def test_load_target_counts_the_load_and_first_prediction_and_shows_the_imports():
+    from mlflow_clip.benchmark import BenchmarkReport, LoadResult, evaluate_targets
+
+    load = LoadResult("RN50", "fp32", "models:/m/1", seconds=4.4, imports_s=1.9, load_s=2.1, predict_s=0.2)
+    report = BenchmarkReport(options={"threads": 2}, machine={}, loads=[load])
+    target = {t.key: t for t in evaluate_targets(report)}["load_to_first_prediction"]
+    assert target.result == "PASS" and target.measured.startswith("2.30 s") and "4.40 s" in target.measured
+    load.load_s = 3.0
+    assert {t.key: t for t in evaluate_targets(report)}["load_to_first_prediction"].result == "FAIL"
+
+
+@pytest.mark.slow
+@requires_export
+def test_onnxruntime_row_times_the_exact_decode(quick_report):
+    rows = [r for r in quick_report.rows if r.row == "onnxruntime" and r.ok]
+    assert rows and all(r.decode_ms is not None and r.decode_ms > 0 for r in rows)
