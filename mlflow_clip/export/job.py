@@ -209,11 +209,10 @@ def check_parity(built: BuiltClassifier, images: str | Path | None, thresholds: 
     report = measure_parity(built.head, built.onnx_path, samples, built.loaded.preprocess, preprocessor)
     if built.text_encoder_path is not None:
         from mlflow_clip.prompts import texts_for_class
-        from mlflow_clip.tokenizer import ClipTokenizer, default_vocab_path
+        from mlflow_clip.tokenizer import default_vocab_path
 
         texts = [text for name in built.config.classes for text in texts_for_class(name, built.config.template_texts)]
-        tokenizer = ClipTokenizer.from_file(default_vocab_path())
-        report.text = measure_text_parity(built.loaded.model, built.text_encoder_path, texts, tokenizer)
+        report.text = measure_text_parity(built.loaded.model, built.text_encoder_path, texts, default_vocab_path())
     failures = check_gates(report, thresholds)
     if built.fp16_emulation_path is not None:
         prefix = "parity_fp16_emulated_"

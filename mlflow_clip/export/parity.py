@@ -184,11 +184,14 @@ MAX_PARITY_TEXTS = 96
 
 
 @torch.no_grad()
-def measure_text_parity(model: torch.nn.Module, text_encoder_path: str | Path, texts: Sequence[str], tokenizer) -> TextParity:
-    """Tokenize with ours and with `clip.tokenize`; embed with ONNX (ids trimmed as serving trims
-    them) and with PyTorch; at most MAX_PARITY_TEXTS texts, spread evenly over `texts`."""
+def measure_text_parity(model: torch.nn.Module, text_encoder_path: str | Path, texts: Sequence[str],
+                        vocab_path: str | Path) -> TextParity:
+    """The serving path (`mlflow_clip.text.TextEncoder`: our tokenizer, ids trimmed after the
+    last end-of-text token, the ONNX graph) against `clip.tokenize` + PyTorch `encode_text`, on
+    at most MAX_PARITY_TEXTS texts spread evenly over `texts`, plus TEXT_PROBES."""
     import clip
-    import onnxruntime as ort
+
+    from mlflow_clip.text import TextEncoder
 
     texts = list(texts)
     if len(texts) > MAX_PARITY_TEXTS:
@@ -196,21 +199,12 @@ def measure_text_parity(model: torch.nn.Module, text_encoder_path: str | Path, t
         texts = [texts[int(i * step)] for i in range(MAX_PARITY_TEXTS)]
     texts = [*texts, *TEXT_PROBES]
     context = int(model.context_length)
+    encoder = TextEncoder(text_encoder_path, vocab_path, context)
     reference_ids = clip.tokenize(texts, context_length=context, truncate=True)
-    ours = tokenizer(texts, context_length=context, truncate=True)
-    mismatches = int((reference_ids.numpy() != ours).any(axis=1).sum())
+    mismatches = int((reference_ids.numpy() != encoder.tokenize(texts)).any(axis=1).sum())
     reference = model.encode_text(reference_ids).float()
     reference = (reference / reference.norm(dim=-1, keepdim=True)).numpy()
-    session = ort.InferenceSession(str(text_encoder_path), providers=["CPUExecutionProvider"])
-    onnx_embeddings = np.concatenate(
-        [session.run(None, {"tokens": trim_tokens(ours[start : start + 32])})[0] for start in range(0, len(texts), 32)]
-    )
-    return TextParity(len(texts), float(np.abs(onnx_embeddings - reference).max()), mismatches)
-
-
-def trim_tokens(ids: np.ndarray) -> np.ndarray:
-    """Drop the columns after the last end-of-text token (the highest id in each row)."""
-    return np.ascontiguousarray(ids[:, : int(ids.argmax(axis=1).max()) + 1])
+    return TextParity(len(texts), float(np.abs(encoder.embed(texts) - reference).max()), mismatches)
 
 
 def session_with_logits(onnx_path: str | Path):
