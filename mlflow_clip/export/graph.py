@@ -47,17 +47,20 @@ class ZeroShotHead(nn.Module):
         self.register_buffer("text_features", text_features.float().t().contiguous())  # [D, C]
         self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
 
-    def logits(self, image: torch.Tensor) -> torch.Tensor:
+    def embed(self, image: torch.Tensor) -> torch.Tensor:
+        """The L2-normalized image embedding [N, D]."""
         features = self.visual(image)
-        features = features / features.norm(dim=-1, keepdim=True)
-        return self.logit_scale * features @ self.text_features
+        return features / features.norm(dim=-1, keepdim=True)
+
+    def scores(self, embedding: torch.Tensor) -> torch.Tensor:
+        """Logits [N, C]: the logit scale times the cosine similarity to each class."""
+        return self.logit_scale * embedding @ self.text_features
+
+    def logits(self, image: torch.Tensor) -> torch.Tensor:
+        return self.scores(self.embed(image))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.logits(image).softmax(dim=-1)
-
-    def embed(self, image: torch.Tensor) -> torch.Tensor:
-        features = self.visual(image)
-        return features / features.norm(dim=-1, keepdim=True)
 
 
 class _WithEmbedding(nn.Module):
@@ -69,8 +72,7 @@ class _WithEmbedding(nn.Module):
 
     def forward(self, image: torch.Tensor):
         embedding = self.head.embed(image)
-        logits = self.head.logit_scale * embedding @ self.head.text_features
-        return logits.softmax(dim=-1), embedding
+        return self.head.scores(embedding).softmax(dim=-1), embedding
 
 
 class TextEncoder(nn.Module):
@@ -292,7 +294,7 @@ def _attention(q, k, v, weights, biases, out_proj: nn.Linear, heads: int, mask=N
 class _ExplicitMultiheadAttention(nn.Module):
     def __init__(self, mha: nn.MultiheadAttention):
         super().__init__()
-        self.heads = self.num_heads = mha.num_heads
+        self.num_heads = mha.num_heads
         self.in_proj_weight = mha.in_proj_weight
         self.in_proj_bias = mha.in_proj_bias
         self.out_proj = mha.out_proj
@@ -300,7 +302,7 @@ class _ExplicitMultiheadAttention(nn.Module):
     def forward(self, query, key, value, need_weights=False, attn_mask=None):
         weights = self.in_proj_weight.chunk(3)
         biases = self.in_proj_bias.chunk(3)
-        return _attention(query, key, value, weights, biases, self.out_proj, self.heads, attn_mask), None
+        return _attention(query, key, value, weights, biases, self.out_proj, self.num_heads, attn_mask), None
 
 
 class _ExplicitAttentionPool(nn.Module):
