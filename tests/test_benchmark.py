@@ -344,3 +344,21 @@ def test_load_target_counts_the_load_and_first_prediction_and_shows_the_imports(
 def test_onnxruntime_row_times_the_exact_decode(quick_report):
     rows = [r for r in quick_report.rows if r.row == "onnxruntime" and r.ok]
     assert rows and all(r.decode_ms is not None and r.decode_ms > 0 for r in rows)
+
+
+def test_pyfunc_target_divides_by_the_faster_raw_onnxruntime_row():
+    """The pyfunc's session settings are not assumed best: with both spinning settings measured,
+    the (c) / (b) target uses the faster raw onnxruntime row."""
+    from mlflow_clip.benchmark import TARGET_BATCH, TARGET_MODEL, TARGET_SIZE, BenchmarkReport, RowResult, evaluate_targets
+
+    def row(name, images_per_s):
+        return RowResult(TARGET_MODEL, TARGET_SIZE, TARGET_BATCH, name, name, images_per_s=images_per_s,
+                         cores_busy=2.0, decode_ms=40.0)
+
+    rows = [row("onnxruntime", 10.0), row("onnxruntime-spin", 12.0), row("pyfunc", 9.0)]
+    target = {t.key: t for t in evaluate_targets(BenchmarkReport(options={"threads": 2}, machine={}, rows=rows))}
+    assert target["pyfunc_fp32_vs_onnxruntime"].measured.startswith("0.75x")
+    assert target["pyfunc_fp32_vs_onnxruntime"].result == "FAIL"
+    rows[1].images_per_s = 8.0
+    target = {t.key: t for t in evaluate_targets(BenchmarkReport(options={"threads": 2}, machine={}, rows=rows))}
+    assert target["pyfunc_fp32_vs_onnxruntime"].measured.startswith("0.90x") and target["pyfunc_fp32_vs_onnxruntime"].result == "PASS"
