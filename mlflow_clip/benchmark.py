@@ -1791,8 +1791,6 @@ def evaluate_targets(report: BenchmarkReport) -> list[TargetResult]:
     # thread spinning, when both ran): the pyfunc's own session settings are not assumed best.
     graph = max((r for r in (group.get("onnxruntime"), group.get("onnxruntime-spin")) if r is not None and r.ok),
                 key=lambda r: r.images_per_s or 0, default=None)
-    if graph is not None and graph.decode_ms is None and group.get("onnxruntime") is not None:
-        graph = replace(graph, decode_ms=group["onnxruntime"].decode_ms)
     ceiling = decode_bound(graph, int(report.options.get("threads") or 0))
     torch_ceiling = None
     if ceiling is not None and _ratio(graph, "vs_torch") is not None:
@@ -1861,9 +1859,8 @@ def _extras(draft: float | None, ceiling: float | None) -> str:
     parts = []
     if ceiling is not None:
         parts.append(f"decode-bound ceiling {ceiling:.2f}x")
-    value = draft
-    if value is not None:
-        parts.append(f"with jpeg_draft {value:.2f}x")
+    if draft is not None:
+        parts.append(f"with jpeg_draft {draft:.2f}x")
     return f" ({'; '.join(parts)})" if parts else ""
 
 

@@ -200,8 +200,9 @@ class ZeroShotClassifier:
                 cuts = np.linspace(0, len(part), shards + 1).astype(int)
                 results = list(
                     self._shard_pool.map(
-                        lambda i: self._run_loaded([self._load(v) for v in part[cuts[i] : cuts[i + 1]]], cuts[i], run, on_error, output),
-                        range(shards),
+                        lambda lo, hi: self._run_loaded([self._load(v) for v in part[lo:hi]], lo, run, on_error, output),
+                        cuts[:-1],
+                        cuts[1:],
                     )
                 )
             for offsets, result, failures in results:

@@ -12,7 +12,7 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -131,7 +131,7 @@ def build_classifier(
         _logger.warning("Keeping the unsimplified graph: %s", note)
     precision_info, emulation_path = _convert_precision(onnx_path, precision, loaded, images)
     config = _config_for(loaded, classes, templates, template_texts, logit_scale, opset)
-    config = ClassifierConfig.from_dict({**config.to_dict(), "precision": precision, "precision_method": precision_info.method})
+    config = replace(config, precision=precision, precision_method=precision_info.method)
     config = apply_conventions(onnx_path, config)
     check_dynamic_batch(onnx_path, loaded.input_resolution)
     edge_path = write_edge_file(onnx_path, out_dir / EDGE_FILE_NAME)
