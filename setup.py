@@ -6,7 +6,7 @@
 
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 ROOT = Path(__file__).parent
 version: dict = {}
@@ -47,6 +47,18 @@ TEST_REQUIRES = [
     "psycopg[binary]>=3.1",
 ]
 
+# CLIP's resize + crop + normalize in one native pass, bit-exact with Pillow (mlflow_clip/resample.py
+# checks that before using it). Optional: without a C compiler the install still succeeds and
+# Pillow does the same work more slowly. A top-level module, so that a model's own copy of the
+# package (its code/ directory, first on sys.path when served) still finds it.
+RESAMPLE_EXTENSION = Extension(
+    "_mlflow_clip_resample",
+    sources=["csrc/resample.c"],
+    # No fused multiply-add: the filter weights must round exactly as Pillow's do.
+    extra_compile_args=["-O3", "-ffp-contract=off"],
+    optional=True,
+)
+
 setup(
     name="mlflow-clip",
     version=version["__version__"],
@@ -55,6 +67,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["mlflow_clip", "mlflow_clip.*"]),
+    ext_modules=[RESAMPLE_EXTENSION],
     package_data={
         "mlflow_clip": [
             "assets/*.pt",

@@ -67,6 +67,7 @@ SERVING_MODULES = (
     "config.py",
     "images.py",
     "preprocess.py",
+    "resample.py",
     "runtime.py",
     "prompts.py",
     "client.py",

@@ -6,6 +6,10 @@ Reproduces ``clip.clip._transform(n_px)`` exactly (max abs diff 0.0): torchvisio
 torchvision's; the float math is float32 in the same order, ``(x / 255 - mean) / std``, computed
 once per channel for the 256 possible byte values and applied as a lookup table.
 
+When the native extension is built and has matched the installed Pillow bit for bit
+(``mlflow_clip.resample``), resize, crop and table run in one native pass over only the pixels
+the crop keeps; otherwise Pillow and numpy do it. Both give the same float32 values.
+
     >>> from PIL import Image
     >>> pixels = Preprocessor(224)(Image.new("RGB", (640, 480), (255, 0, 0)))
     >>> pixels.shape, pixels.dtype
@@ -21,6 +25,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from mlflow_clip import resample as native_resample
 from mlflow_clip.images import to_rgb
 
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
@@ -80,6 +85,9 @@ class Preprocessor:
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     resample: str = "bicubic"
+    # None: the native pass when available (mlflow_clip.resample), else Pillow. True or False
+    # force one path (True still falls back for what the native pass does not cover).
+    native: bool | None = None
     _table: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -146,10 +154,27 @@ class Preprocessor:
         return rows.resize((size, size), resample, box=box)
 
     def _write(self, image: Image.Image, out: np.ndarray) -> None:
+        if self.native is not False and (self.native or native_resample.available()):
+            if self._write_native(image, out):
+                return
         pixels = np.asarray(self.resize_and_crop(image))
         for channel in range(3):
             plane = pixels if pixels.ndim == 2 else pixels[:, :, channel]
             np.take(self._table[channel], plane, out=out[channel], mode="clip")
+
+    def _write_native(self, image: Image.Image, out: np.ndarray) -> bool:
+        """Resize, crop and normalize in one native pass; False if this image needs Pillow."""
+        if not native_resample.built() or self.resample not in native_resample.NATIVE_FILTERS:
+            return False
+        if image.mode not in ("RGB", "L"):
+            image = to_rgb(image)
+        size = self.input_resolution
+        new_size = compute_resized_size(image.width, image.height, size)
+        if new_size[0] * new_size[1] > MAX_EXACT_RESIZED_PIXELS:
+            return False
+        origin = compute_crop_origin(*new_size, size)
+        native_resample.resize_crop_into(image, new_size, origin, size, self.resample, self._table, out)
+        return True
 
 
 def _normalization_table(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

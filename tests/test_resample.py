@@ -1,0 +1,154 @@
+"""The native resize + crop + normalize pass: built, bit-identical to Pillow, and safe to fall back."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mlflow_clip import resample
+from mlflow_clip.benchmark import make_photo_jpeg
+from mlflow_clip.images import decode_image
+from mlflow_clip.preprocess import Preprocessor, compute_crop_origin, compute_resized_size
+
+import _mlflow_clip_resample as extension  # the install builds it (setup.py); see test_built
+
+
+def _image(rng: np.random.Generator, width: int, height: int, mode: str) -> Image.Image:
+    shape = (height, width) if mode == "L" else (height, width, 3)
+    pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+    pixels[rng.random(shape) < 0.2] = 255  # hard edges: the sums overshoot and get clipped
+    return Image.fromarray(pixels, mode)
+
+
+def test_built_and_checked_against_the_installed_pillow():
+    assert resample.built()
+    assert resample.available(), resample.reason()
+    assert "identical to Pillow" in resample.reason()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_identical_to_pillow_on_random_shapes(seed):
+    rng = np.random.default_rng(seed)
+    for case in range(40):
+        width, height = (int(v) for v in rng.integers(1, 700, 2))
+        if case % 5 == 0:  # very tall or very wide: the other pass order, and 1-pixel sides
+            width, height = (int(rng.integers(1, 30)), int(rng.integers(300, 2500)))[:: 1 if case % 2 else -1]
+        size = int(rng.choice([224, 336, 64, 9]))
+        filter_name = resample.NATIVE_FILTERS[case % len(resample.NATIVE_FILTERS)]
+        image = _image(rng, width, height, "L" if case % 4 == 3 else "RGB")
+        expected = Preprocessor(size, resample=filter_name, native=False)(image)
+        got = Preprocessor(size, resample=filter_name, native=True)(image)
+        assert np.array_equal(expected, got), (width, height, size, filter_name, image.mode)
+
+
+@pytest.mark.parametrize("width, height", [(640, 480), (1920, 1080), (1080, 1920), (4000, 3000), (300, 2000)])
+def test_identical_on_photos(width, height):
+    for seed in range(2):
+        image = decode_image(make_photo_jpeg(width, height, seed))
+        np.testing.assert_array_equal(Preprocessor(224, native=True)(image), Preprocessor(224, native=False)(image))
+
+
+def test_pass_order_rule_matches_pillow():
+    """The rule for Pillow's pass order, compared with what Pillow actually does."""
+    rng = np.random.default_rng(7)
+    bicubic = Image.Resampling.BICUBIC
+    seen = set()
+    for _ in range(150):
+        width, height = (int(v) for v in rng.integers(8, 160, 2))
+        new_width = int(rng.integers(1, width))
+        new_height = height - 2 * (width - new_width) + int(rng.integers(-3, 4))  # near the boundary
+        if not 1 <= new_height < height:
+            continue
+        image = _image(rng, width, height, "RGB")
+        both = np.asarray(image.resize((new_width, new_height), bicubic))
+        horizontal = np.asarray(image.resize((new_width, height), bicubic).resize((new_width, new_height), bicubic))
+        vertical = np.asarray(image.resize((width, new_height), bicubic).resize((new_width, new_height), bicubic))
+        if np.array_equal(horizontal, vertical):
+            continue  # this image cannot tell the orders apart
+        first = resample.vertical_first(width, height, new_width, new_height)
+        assert np.array_equal(both, vertical if first else horizontal), (width, height, new_width, new_height)
+        seen.add(first)
+    assert seen == {True, False} or not resample._pillow_rule()
+
+
+def test_large_images_without_arrow_export_use_a_copy_and_stay_identical():
+    """Pillow cannot export a 12 MP image's rows without a copy; the native pass reads numpy's."""
+    rng = np.random.default_rng(3)
+    image = Image.fromarray(np.repeat(rng.integers(0, 256, (3000, 1, 3), dtype=np.uint8), 4000, axis=1))
+    with pytest.raises(ValueError):
+        image.__arrow_c_array__()
+    np.testing.assert_array_equal(Preprocessor(224, native=True)(image), Preprocessor(224, native=False)(image))
+
+
+def test_a_native_pass_that_differs_from_pillow_is_not_used(monkeypatch):
+    class Wrong:
+        API_VERSION = resample.API_VERSION
+
+        @staticmethod
+        def resize_crop(*args):
+            args[-1][...] = 0.0  # plausible shape, wrong values
+
+    monkeypatch.setattr(resample, "_extension", Wrong)
+    monkeypatch.setattr(resample, "_state", {})
+    assert not resample.available()
+    assert "differs from Pillow" in resample.reason()
+    image = _image(np.random.default_rng(0), 300, 200, "RGB")
+    np.testing.assert_array_equal(Preprocessor(64)(image), Preprocessor(64, native=False)(image))
+
+
+def test_environment_switch_turns_it_off():
+    code = "from mlflow_clip import resample; print(resample.available(), resample.reason())"
+    env = {**os.environ, resample.ENV_VAR: "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.startswith("False") and resample.ENV_VAR in out
+
+
+def _call(pixels, width=4, height=3, channels=3, size=2, table=None, out=None, **kw):
+    args = dict(new_width=4, new_height=3, left=0, top=0, filter="bicubic", vertical_first=False)
+    args.update(kw)
+    table = np.zeros((3, 256), np.float32) if table is None else table
+    out = np.zeros((3, size, size), np.float32) if out is None else out
+    extension.resize_crop(
+        pixels, width, height, channels, args["new_width"], args["new_height"], args["left"], args["top"], size,
+        args["filter"], args["vertical_first"], table, out,
+    )
+    return out
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(pixels=np.zeros(10, np.uint8)), "width \\* height \\* channels"),
+        (dict(channels=2), "channels=2"),
+        (dict(left=3), "inside the resized image"),
+        (dict(size=5), "inside the resized image"),
+        (dict(width=0), "between 1 and"),
+        (dict(filter="nearest"), "expected box, bilinear"),
+        (dict(table=np.zeros((3, 255), np.float32)), "table must be"),
+        (dict(out=np.zeros((3, 3, 3), np.float32)), "out must be"),
+        (dict(pixels=("not", "capsules")), "not an Arrow export"),
+    ],
+)
+def test_bad_arguments_raise_instead_of_reading_out_of_bounds(kwargs, message):
+    kwargs.setdefault("pixels", np.zeros((3, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match=message):
+        _call(**kwargs)
+
+
+def test_arrow_export_of_gray_and_rgb_is_read_in_place():
+    rng = np.random.default_rng(5)
+    for mode, channels in (("RGB", 4), ("L", 1)):
+        image = _image(rng, 50, 40, mode)
+        preprocessor = Preprocessor(32, native=False)
+        new_size = compute_resized_size(50, 40, 32)
+        out = np.empty((3, 32, 32), np.float32)
+        extension.resize_crop(
+            image.__arrow_c_array__(), 50, 40, channels, *new_size, *compute_crop_origin(*new_size, 32), 32,
+            "bicubic", resample.vertical_first(50, 40, *new_size), preprocessor._table, out,
+        )
+        np.testing.assert_array_equal(out, preprocessor(image))
