@@ -177,12 +177,12 @@ def decode_image(value: object, limits: ImageLimits = DEFAULT_LIMITS, draft_size
         >>> decode_image(np.zeros((2, 3), dtype=np.uint8)).size
         (3, 2)
     """
-    if isinstance(value, np.ndarray):
+    if isinstance(value, np.ndarray):  # Image.fromarray shares the caller's memory: copy it
         image = _image_from_array(value, limits)
-    else:
-        image = _open_image(_encoded_bytes(value, limits), limits, draft_size)
-    rgb = to_rgb(image)
-    return rgb.copy() if rgb is image else rgb
+        rgb = to_rgb(image)
+        return rgb.copy() if rgb is image else rgb
+    # Decoded pixels live in memory the image owns; a copy would cost ~5 ms for a 1080p photo.
+    return to_rgb(_open_image(_encoded_bytes(value, limits), limits, draft_size))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
