@@ -237,6 +237,96 @@ pass_horizontal(
     }
 }
 
+/* The same horizontal pass for 4-byte pixels (RGBX, Pillow's own layout) with AVX2: two taps
+ * per step, each pixel's 4 bytes widened to 4 int32 lanes and multiplied by its tap's weight,
+ * repeated 4 times in `wide` ([ncols][ksize rounded up to even][4]). Exact integer sums, so
+ * the result equals the scalar pass's. Only built for x86-64 with GCC or Clang, and only run
+ * when the CPU has AVX2. */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define HAVE_AVX2_PATH 1
+
+__attribute__((target("avx2"))) static void
+pass_horizontal_rgbx_avx2(
+    const uint8_t *src, Py_ssize_t row_stride, int col0, int nrows, const Weights *w,
+    const int32_t *wide, int wide_stride, int ncols, uint8_t *dst
+) {
+    int r, j, t;
+    for (r = 0; r < nrows; r++) {
+        const uint8_t *line = src + (Py_ssize_t)r * row_stride;
+        uint8_t *out = dst + (size_t)r * ncols * 3;
+        for (j = 0; j < ncols; j++) {
+            const int32_t *k = wide + (size_t)j * wide_stride;
+            const uint8_t *p = line + (Py_ssize_t)(w->start[j] - col0) * 4;
+            const int n = w->taps[j];
+            __m256i acc = _mm256_setzero_si256();
+            __m128i sum;
+            int32_t s[4];
+            for (t = 0; t + 2 <= n; t += 2) {
+                __m256i px = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + t * 4)));
+                __m256i kv = _mm256_loadu_si256((const __m256i *)(k + t * 4));
+                acc = _mm256_add_epi32(acc, _mm256_mullo_epi32(px, kv));
+            }
+            sum = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+            if (t < n) {
+                int32_t last;
+                memcpy(&last, p + t * 4, 4);
+                sum = _mm_add_epi32(
+                    sum, _mm_mullo_epi32(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(last)), _mm_loadu_si128((const __m128i *)(k + t * 4)))
+                );
+            }
+            _mm_storeu_si128((__m128i *)s, _mm_add_epi32(sum, _mm_set1_epi32(HALF)));
+            out[0] = clip8(s[0]);
+            out[1] = clip8(s[1]);
+            out[2] = clip8(s[2]);
+            out += 3;
+        }
+    }
+}
+
+static int
+have_avx2(void) {
+    static int known = -1;
+    if (known < 0) {
+        __builtin_cpu_init();
+        known = __builtin_cpu_supports("avx2") ? 1 : 0;
+    }
+    return known;
+}
+#else
+#define HAVE_AVX2_PATH 0
+#endif
+
+/* The horizontal pass, by the fastest kernel that applies. Returns -1 when out of memory. */
+static int
+horizontal(
+    const uint8_t *src, Py_ssize_t row_stride, int bpp, int nch, int col0, int nrows,
+    const Weights *w, int ncols, uint8_t *dst
+) {
+#if HAVE_AVX2_PATH
+    if (bpp == 4 && nch == 3 && have_avx2()) {
+        const int stride = ((w->ksize + 1) & ~1) * 4;
+        int32_t *wide = calloc((size_t)ncols * stride, sizeof(int32_t));
+        int j, t, c;
+        if (!wide) {
+            return -1;
+        }
+        for (j = 0; j < ncols; j++) {
+            for (t = 0; t < w->taps[j]; t++) {
+                for (c = 0; c < 4; c++) {
+                    wide[(size_t)j * stride + t * 4 + c] = w->k[(size_t)j * w->ksize + t];
+                }
+            }
+        }
+        pass_horizontal_rgbx_avx2(src, row_stride, col0, nrows, w, wide, stride, ncols, dst);
+        free(wide);
+        return 0;
+    }
+#endif
+    pass_horizontal(src, row_stride, bpp, nch, col0, nrows, w, ncols, dst);
+    return 0;
+}
+
 /* Vertical: output rows described by `w` (nrows of them, input indices counted from `row0`),
  * each from `taps` rows of `src` (row_stride bytes apart, `width` bytes used), into `dst`
  * [nrows][width]. The inner loops run along the row, so they vectorize. */
@@ -311,7 +401,9 @@ run_job(const Job *job) {
                 goto done;
             }
             pass_vertical(job->src + (Py_ssize_t)col0 * bpp, job->row_stride, width, 0, &wv, size, acc, tmp);
-            pass_horizontal(tmp, width, bpp, nch, col0, size, &wh, size, crop);
+            if (horizontal(tmp, width, bpp, nch, col0, size, &wh, size, crop) < 0) {
+                goto done;
+            }
         } else {
             /* Horizontal pass on the rows the vertical filter reads, then vertical. */
             const int row0 = wv.start[0], row1 = wv.start[size - 1] + wv.taps[size - 1];
@@ -321,10 +413,12 @@ run_job(const Job *job) {
             if (!tmp || !acc) {
                 goto done;
             }
-            pass_horizontal(
-                job->src + (Py_ssize_t)row0 * job->row_stride, job->row_stride, bpp, nch, 0,
-                row1 - row0, &wh, size, tmp
-            );
+            if (horizontal(
+                    job->src + (Py_ssize_t)row0 * job->row_stride, job->row_stride, bpp, nch, 0,
+                    row1 - row0, &wh, size, tmp
+                ) < 0) {
+                goto done;
+            }
             pass_vertical(tmp, width, width, row0, &wv, size, acc, crop);
         }
         pixels = crop;
@@ -335,10 +429,12 @@ run_job(const Job *job) {
         if (!crop) {
             goto done;
         }
-        pass_horizontal(
-            job->src + (Py_ssize_t)job->top * job->row_stride, job->row_stride, bpp, nch, 0, size,
-            &wh, size, crop
-        );
+        if (horizontal(
+                job->src + (Py_ssize_t)job->top * job->row_stride, job->row_stride, bpp, nch, 0,
+                size, &wh, size, crop
+            ) < 0) {
+            goto done;
+        }
         pixels = crop;
         stride = (Py_ssize_t)size * nch;
         pix = nch;

@@ -49,6 +49,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from mlflow_clip import resample
+
 ROW_KINDS: tuple[str, ...] = (
     "torch", "onnxruntime", "pyfunc", "labels", "server", "precision", "draft", "load", "settings",
 )
@@ -867,7 +869,7 @@ class RowProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "mlflow_clip.benchmark", task, str(spec_path), str(self.result_path), str(write_fd)],
                 stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, text=True, pass_fds=(write_fd,),
-                env=_child_env(), cwd=work_dir, preexec_fn=_die_with_parent,
+                env=_child_env(spec.get("env")), cwd=work_dir, preexec_fn=_die_with_parent,
             )
         os.close(write_fd)
         self.replies = os.fdopen(read_fd, "r")
@@ -1409,6 +1411,7 @@ ROW_LABELS = {
     "onnxruntime-spin": "(b) onnxruntime, spinning on",
     "pyfunc-1shard": "pyfunc fp32, 1 shard",
     "pyfunc-spin": "pyfunc fp32, spinning on",
+    "pyfunc-pillow": "pyfunc fp32, Pillow resampling",
     "pyfunc-labels": "(c) pyfunc fp32, labels per request (cached)",
     "pyfunc-int8": "(e) pyfunc int8",
     "pyfunc-int8-draft": "(e) pyfunc int8 jpeg_draft",
@@ -1503,6 +1506,9 @@ def _row_plan(options: BenchmarkOptions, model: str, builds: dict) -> list[tuple
             ("pyfunc-spin", ROW_LABELS["pyfunc-spin"], "pyfunc",
              {"model_dir": fp32["model_dir"], "model_config": {**exact, "allow_spinning": True}}),
         ]
+    if "settings" in options.rows and resample.available():  # the same pixels, by Pillow
+        plan.append(("pyfunc-pillow", ROW_LABELS["pyfunc-pillow"], "pyfunc",
+                     {"model_dir": fp32["model_dir"], "model_config": exact, "env": {resample.ENV_VAR: "0"}}))
     if "precision" in options.rows:
         for precision in options.precisions:
             info = builds.get((model, precision), {})
@@ -1755,6 +1761,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "versions": versions,
+        "resampling": ("native, " if resample.available() else "Pillow: ") + resample.reason(),
         "loadavg_start": _loadavg(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
@@ -1948,7 +1955,8 @@ def render_markdown(report: BenchmarkReport) -> str:
         f"Machine: {machine['cpu']}, {machine['cpu_count']} cores; threads {options['threads']}; "
         f"load average {_num(machine.get('loadavg_start'), 2)} at the start, {_num(machine.get('loadavg_end'), 2)} at the end; "
         f"onnxruntime {machine['versions'].get('onnxruntime')}, torch {machine['versions'].get('torch')}, "
-        f"mlflow {machine['versions'].get('mlflow')}; run took {report.seconds / 60:.1f} min.",
+        f"mlflow {machine['versions'].get('mlflow')}; run took {report.seconds / 60:.1f} min."
+        + (f" Resize and crop: {machine['resampling']}." if machine.get("resampling") else ""),
         f"Server: {', '.join(options['server_configs'])} (w = uvicorn workers, t = onnxruntime threads per worker), "
         f"`{options['server_form']}` requests{_env_text(options.get('server_env'))}. Warm-up: {options['warmup']} requests per row, excluded; then at "
         f"least {options['min_requests']} requests and {options['min_seconds']:g} s per row, in {options['rounds']} "
@@ -2020,7 +2028,7 @@ cost) with the same number of threads, starting from the encoded bytes unless it
 | (d) server | `mlflow models serve --env-manager local` over HTTP, JSON `dataframe_split` bodies of base64 images, 1 and 4 concurrent clients (client threads run on the same machine) |
 | (e) pyfunc int8 / fp16 | (c) on the quantized / half-precision export |
 | jpeg_draft | (c) with the model's `jpeg_draft` decode option, when the model offers it |
-| settings (`--rows settings`) | (b) with onnxruntime's thread spinning on, and (c) with one shard per request or with spinning on: each of the pyfunc's defaults switched back alone |
+| settings (`--rows settings`) | (b) with onnxruntime's thread spinning on, and (c) with one shard per request, with spinning on, or with Pillow doing the resampling (`MLFLOW_CLIP_NATIVE_RESAMPLE=0`, the same pixels): each of the pyfunc's defaults switched back alone |
 
 A request is one batch; latency is per request; images/s counts images. Ratios divide a row's
 images/s by the reference row's, for the same model, image size and batch. "max abs Δp vs (a)"
