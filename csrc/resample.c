@@ -237,40 +237,52 @@ pass_horizontal(
     }
 }
 
-/* The same horizontal pass for 4-byte pixels (RGBX, Pillow's own layout) with AVX2: two taps
- * per step, each pixel's 4 bytes widened to 4 int32 lanes and multiplied by its tap's weight,
- * repeated 4 times in `wide` ([ncols][ksize rounded up to even][4]). Exact integer sums, so
- * the result equals the scalar pass's. Only built for x86-64 with GCC or Clang, and only run
- * when the CPU has AVX2. */
+/* The same horizontal pass for RGB pixels, 4 bytes each (RGBX, Pillow's own layout) or 3 (a
+ * packed array), with AVX2: two taps per step, each pixel's channels widened to 4 int32 lanes and
+ * multiplied by its tap's weight, repeated 4 times in `wide` ([ncols][ksize rounded up][4]).
+ * Exact integer sums, so the result equals the scalar pass's. Only built for x86-64 with GCC or
+ * Clang, and only run when the CPU has AVX2. */
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define HAVE_AVX2_PATH 1
 
-__attribute__((target("avx2"))) static void
-pass_horizontal_rgbx_avx2(
-    const uint8_t *src, Py_ssize_t row_stride, int col0, int nrows, const Weights *w,
-    const int32_t *wide, int wide_stride, int ncols, uint8_t *dst
+__attribute__((target("avx2"))) static inline void
+rgb_avx2_kernel(
+    const uint8_t *src, Py_ssize_t row_stride, const int bpp, int col0, int nrows,
+    const Weights *w, const int32_t *wide, int wide_stride, int ncols, uint8_t *dst
 ) {
+    /* 3-byte pixels: spread [R0 G0 B0 R1 G1 B1 ..] to [R0 G0 B0 0 R1 G1 B1 0] before widening. */
+    const __m128i spread = _mm_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    const uint8_t *end = src + (Py_ssize_t)nrows * row_stride; /* bytes the caller owns */
     int r, j, t;
     for (r = 0; r < nrows; r++) {
         const uint8_t *line = src + (Py_ssize_t)r * row_stride;
         uint8_t *out = dst + (size_t)r * ncols * 3;
         for (j = 0; j < ncols; j++) {
             const int32_t *k = wide + (size_t)j * wide_stride;
-            const uint8_t *p = line + (Py_ssize_t)(w->start[j] - col0) * 4;
+            const uint8_t *p = line + (Py_ssize_t)(w->start[j] - col0) * bpp;
             const int n = w->taps[j];
             __m256i acc = _mm256_setzero_si256();
-            __m128i sum;
+            __m128i sum, bytes;
             int32_t s[4];
             for (t = 0; t + 2 <= n; t += 2) {
-                __m256i px = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + t * 4)));
-                __m256i kv = _mm256_loadu_si256((const __m256i *)(k + t * 4));
-                acc = _mm256_add_epi32(acc, _mm256_mullo_epi32(px, kv));
+                if (bpp == 4) {
+                    bytes = _mm_loadl_epi64((const __m128i *)(p + t * 4));
+                } else if (p + t * 3 + 8 <= end) { /* 8 bytes, 2 unused: still inside */
+                    bytes = _mm_shuffle_epi8(_mm_loadl_epi64((const __m128i *)(p + t * 3)), spread);
+                } else { /* the last pixels of the buffer: copy only what is there */
+                    int64_t two = 0;
+                    memcpy(&two, p + t * 3, 6);
+                    bytes = _mm_shuffle_epi8(_mm_cvtsi64_si128(two), spread);
+                }
+                acc = _mm256_add_epi32(
+                    acc, _mm256_mullo_epi32(_mm256_cvtepu8_epi32(bytes), _mm256_loadu_si256((const __m256i *)(k + t * 4)))
+                );
             }
             sum = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
             if (t < n) {
-                int32_t last;
-                memcpy(&last, p + t * 4, 4);
+                int32_t last = 0;
+                memcpy(&last, p + t * bpp, bpp == 4 ? 4 : 3);
                 sum = _mm_add_epi32(
                     sum, _mm_mullo_epi32(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(last)), _mm_loadu_si128((const __m128i *)(k + t * 4)))
                 );
@@ -282,6 +294,23 @@ pass_horizontal_rgbx_avx2(
             out += 3;
         }
     }
+}
+
+/* One instance per pixel size, so the compiler drops the bpp branch from the inner loop. */
+__attribute__((target("avx2"))) static void
+pass_horizontal_rgbx_avx2(
+    const uint8_t *src, Py_ssize_t row_stride, int col0, int nrows, const Weights *w,
+    const int32_t *wide, int wide_stride, int ncols, uint8_t *dst
+) {
+    rgb_avx2_kernel(src, row_stride, 4, col0, nrows, w, wide, wide_stride, ncols, dst);
+}
+
+__attribute__((target("avx2"))) static void
+pass_horizontal_rgb_avx2(
+    const uint8_t *src, Py_ssize_t row_stride, int col0, int nrows, const Weights *w,
+    const int32_t *wide, int wide_stride, int ncols, uint8_t *dst
+) {
+    rgb_avx2_kernel(src, row_stride, 3, col0, nrows, w, wide, wide_stride, ncols, dst);
 }
 
 static int
@@ -304,7 +333,7 @@ horizontal(
     const Weights *w, int ncols, uint8_t *dst
 ) {
 #if HAVE_AVX2_PATH
-    if (bpp == 4 && nch == 3 && have_avx2()) {
+    if ((bpp == 4 || bpp == 3) && nch == 3 && have_avx2()) {
         const int stride = ((w->ksize + 1) & ~1) * 4;
         int32_t *wide = calloc((size_t)ncols * stride, sizeof(int32_t));
         int j, t, c;
@@ -318,7 +347,11 @@ horizontal(
                 }
             }
         }
-        pass_horizontal_rgbx_avx2(src, row_stride, col0, nrows, w, wide, stride, ncols, dst);
+        if (bpp == 4) {
+            pass_horizontal_rgbx_avx2(src, row_stride, col0, nrows, w, wide, stride, ncols, dst);
+        } else {
+            pass_horizontal_rgb_avx2(src, row_stride, col0, nrows, w, wide, stride, ncols, dst);
+        }
         free(wide);
         return 0;
     }

@@ -140,15 +140,22 @@ def test_bad_arguments_raise_instead_of_reading_out_of_bounds(kwargs, message):
         _call(**kwargs)
 
 
-def test_arrow_export_of_gray_and_rgb_is_read_in_place():
-    rng = np.random.default_rng(5)
-    for mode, channels in (("RGB", 4), ("L", 1)):
-        image = _image(rng, 50, 40, mode)
-        preprocessor = Preprocessor(32, native=False)
-        new_size = compute_resized_size(50, 40, 32)
-        out = np.empty((3, 32, 32), np.float32)
-        extension.resize_crop(
-            image.__arrow_c_array__(), 50, 40, channels, *new_size, *compute_crop_origin(*new_size, 32), 32,
-            "bicubic", resample.vertical_first(50, 40, *new_size), preprocessor._table, out,
-        )
-        np.testing.assert_array_equal(out, preprocessor(image))
+@pytest.mark.parametrize("width, height", [(50, 40), (100, 1000), (640, 480), (60, 2000), (300, 300), (7, 5)])
+@pytest.mark.parametrize("source", ["arrow-rgb", "array-rgb", "arrow-gray", "array-gray"])
+def test_every_pixel_source_gives_the_same_values(source, width, height):
+    """Pillow's Arrow export (4-byte RGB pixels, read in place) and packed numpy arrays (3-byte
+    pixels) take different native kernels; tall shapes take Pillow's vertical-first order."""
+    rng = np.random.default_rng(width * height)
+    image = _image(rng, width, height, "L" if source.endswith("gray") else "RGB")
+    preprocessor = Preprocessor(32, native=False)
+    new_size = compute_resized_size(width, height, 32)
+    if source.startswith("arrow"):
+        pixels, channels = image.__arrow_c_array__(), (4 if image.mode == "RGB" else 1)
+    else:
+        pixels, channels = np.asarray(image), (3 if image.mode == "RGB" else 1)
+    out = np.empty((3, 32, 32), np.float32)
+    extension.resize_crop(
+        pixels, width, height, channels, *new_size, *compute_crop_origin(*new_size, 32), 32,
+        "bicubic", resample.vertical_first(width, height, *new_size), preprocessor._table, out,
+    )
+    np.testing.assert_array_equal(out, preprocessor(image))
