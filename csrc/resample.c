@@ -241,8 +241,9 @@ pass_horizontal(
  * packed array), with AVX2: two taps per step, each pixel's channels widened to 4 int32 lanes and
  * multiplied by its tap's weight, repeated 4 times in `wide` ([ncols][ksize rounded up][4]).
  * Exact integer sums, so the result equals the scalar pass's. Only built for x86-64 with GCC or
- * Clang, and only run when the CPU has AVX2. */
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+ * Clang (and not with -DMLFLOW_CLIP_NO_SIMD, which tests the scalar pass), and only run when
+ * the CPU has AVX2. */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(MLFLOW_CLIP_NO_SIMD)
 #include <immintrin.h>
 #define HAVE_AVX2_PATH 1
 

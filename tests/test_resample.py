@@ -159,3 +159,43 @@ def test_every_pixel_source_gives_the_same_values(source, width, height):
         "bicubic", resample.vertical_first(width, height, *new_size), preprocessor._table, out,
     )
     np.testing.assert_array_equal(out, preprocessor(image))
+
+
+def test_portable_scalar_pass_is_identical_too(tmp_path):
+    """CPUs without AVX2 (and non-x86 builds) take the scalar pass: build it and check it here."""
+    import shutil
+    import sysconfig
+    from pathlib import Path
+
+    compiler = shutil.which(sysconfig.get_config_var("CC").split()[0]) or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler")
+    source = Path(__file__).resolve().parent.parent / "csrc" / "resample.c"
+    target = tmp_path / f"_mlflow_clip_resample{sysconfig.get_config_var('EXT_SUFFIX')}"
+    subprocess.run(
+        [compiler, "-O2", "-ffp-contract=off", "-DMLFLOW_CLIP_NO_SIMD", "-fPIC", "-shared",
+         f"-I{sysconfig.get_paths()['include']}", str(source), "-o", str(target), "-lm"],
+        check=True, capture_output=True,
+    )
+    code = """
+import numpy as np, _mlflow_clip_resample as ext
+from PIL import Image
+from mlflow_clip import resample
+from mlflow_clip.preprocess import Preprocessor, compute_crop_origin, compute_resized_size
+assert ext.__file__.startswith(%r), ext.__file__
+assert resample.available(), resample.reason()  # every filter, both orders, gray and RGB
+rng = np.random.default_rng(11)
+for width, height in [(1920, 1080), (100, 1000), (300, 300), (37, 23)]:
+    image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    expected = Preprocessor(224, native=False)(image)
+    assert np.array_equal(Preprocessor(224, native=True)(image), expected), (width, height)
+    new_size = compute_resized_size(width, height, 224)
+    out = np.empty_like(expected)  # packed 3-byte pixels
+    ext.resize_crop(np.asarray(image), width, height, 3, *new_size, *compute_crop_origin(*new_size, 224), 224,
+                    "bicubic", resample.vertical_first(width, height, *new_size), Preprocessor(224)._table, out)
+    assert np.array_equal(out, expected), (width, height)
+print("ok")
+""" % str(tmp_path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
