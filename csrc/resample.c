@@ -407,98 +407,55 @@ typedef struct {
 static int
 run_job(const Job *job) {
     const int size = job->size, nch = job->nch, bpp = job->bpp;
-    const int need_h = job->new_width != job->width;
-    const int need_v = job->new_height != job->height;
     Weights wh = {0}, wv = {0};
-    uint8_t *tmp = NULL, *crop = NULL;
+    uint8_t *tmp = NULL, *crop = NULL; /* crop: the size x size pixels, nch bytes each */
     int32_t *acc = NULL;
-    const uint8_t *pixels; /* the crop's size x size pixels, `pix` bytes each, `stride` apart */
-    Py_ssize_t stride;
-    int pix, i, c, status = -1;
+    int i, c, status = -1;
 
-    if ((need_h && weights_compute(&wh, job->filter, job->width, job->new_width, job->left, size) < 0) ||
-        (need_v && weights_compute(&wv, job->filter, job->height, job->new_height, job->top, size) < 0)) {
+    /* Pillow skips the pass of an axis whose size does not change; the weights of such an axis
+     * are 1 on the pixel itself and 0 elsewhere (every filter is 1 at 0 and 0 at the other
+     * integers), so running the pass copies its pixels exactly and both cases agree. */
+    if (weights_compute(&wh, job->filter, job->width, job->new_width, job->left, size) < 0 ||
+        weights_compute(&wv, job->filter, job->height, job->new_height, job->top, size) < 0 ||
+        !(crop = malloc((size_t)size * size * nch))) {
         goto done;
     }
-    if (need_h && need_v) {
-        crop = malloc((size_t)size * size * nch);
-        if (!crop) {
+    if (job->vertical_first) {
+        /* Vertical pass on the columns the horizontal filter reads, then horizontal. */
+        const int col0 = wh.start[0], col1 = wh.start[size - 1] + wh.taps[size - 1];
+        const int width = (col1 - col0) * bpp;
+        tmp = malloc((size_t)size * width);
+        acc = malloc(sizeof(int32_t) * (size_t)width);
+        if (!tmp || !acc) {
             goto done;
         }
-        if (job->vertical_first) {
-            /* Vertical pass on the columns the horizontal filter reads, then horizontal. */
-            const int col0 = wh.start[0], col1 = wh.start[size - 1] + wh.taps[size - 1];
-            const int width = (col1 - col0) * bpp;
-            tmp = malloc((size_t)size * width);
-            acc = malloc(sizeof(int32_t) * (size_t)width);
-            if (!tmp || !acc) {
-                goto done;
-            }
-            pass_vertical(job->src + (Py_ssize_t)col0 * bpp, job->row_stride, width, 0, &wv, size, acc, tmp);
-            if (horizontal(tmp, width, bpp, nch, col0, size, &wh, size, crop) < 0) {
-                goto done;
-            }
-        } else {
-            /* Horizontal pass on the rows the vertical filter reads, then vertical. */
-            const int row0 = wv.start[0], row1 = wv.start[size - 1] + wv.taps[size - 1];
-            const int width = size * nch;
-            tmp = malloc((size_t)(row1 - row0) * width);
-            acc = malloc(sizeof(int32_t) * (size_t)width);
-            if (!tmp || !acc) {
-                goto done;
-            }
-            if (horizontal(
-                    job->src + (Py_ssize_t)row0 * job->row_stride, job->row_stride, bpp, nch, 0,
-                    row1 - row0, &wh, size, tmp
-                ) < 0) {
-                goto done;
-            }
-            pass_vertical(tmp, width, width, row0, &wv, size, acc, crop);
+        pass_vertical(job->src + (Py_ssize_t)col0 * bpp, job->row_stride, width, 0, &wv, size, acc, tmp);
+        if (horizontal(tmp, width, bpp, nch, col0, size, &wh, size, crop) < 0) {
+            goto done;
         }
-        pixels = crop;
-        stride = (Py_ssize_t)size * nch;
-        pix = nch;
-    } else if (need_h) { /* Pillow skips the pass of an axis whose size does not change */
-        crop = malloc((size_t)size * size * nch);
-        if (!crop) {
+    } else {
+        /* Horizontal pass on the rows the vertical filter reads, then vertical. */
+        const int row0 = wv.start[0], row1 = wv.start[size - 1] + wv.taps[size - 1];
+        const int width = size * nch;
+        tmp = malloc((size_t)(row1 - row0) * width);
+        acc = malloc(sizeof(int32_t) * (size_t)width);
+        if (!tmp || !acc) {
             goto done;
         }
         if (horizontal(
-                job->src + (Py_ssize_t)job->top * job->row_stride, job->row_stride, bpp, nch, 0,
-                size, &wh, size, crop
+                job->src + (Py_ssize_t)row0 * job->row_stride, job->row_stride, bpp, nch, 0,
+                row1 - row0, &wh, size, tmp
             ) < 0) {
             goto done;
         }
-        pixels = crop;
-        stride = (Py_ssize_t)size * nch;
-        pix = nch;
-    } else if (need_v) {
-        const int width = size * bpp;
-        crop = malloc((size_t)size * width);
-        acc = malloc(sizeof(int32_t) * (size_t)width);
-        if (!crop || !acc) {
-            goto done;
-        }
-        pass_vertical(job->src + (Py_ssize_t)job->left * bpp, job->row_stride, width, 0, &wv, size, acc, crop);
-        pixels = crop;
-        stride = width;
-        pix = bpp;
-    } else {
-        pixels = job->src + (Py_ssize_t)job->top * job->row_stride + (Py_ssize_t)job->left * bpp;
-        stride = job->row_stride;
-        pix = bpp;
+        pass_vertical(tmp, width, width, row0, &wv, size, acc, crop);
     }
     for (c = 0; c < 3; c++) {
         const float *table = job->table + 256 * c;
+        const uint8_t *pixel = crop + (nch == 1 ? 0 : c);
         float *plane = job->out + (size_t)c * size * size;
-        const int channel = nch == 1 ? 0 : c;
-        for (i = 0; i < size; i++) {
-            const uint8_t *line = pixels + (Py_ssize_t)i * stride + channel;
-            float *row = plane + (size_t)i * size;
-            int x;
-            for (x = 0; x < size; x++) {
-                row[x] = table[line[(Py_ssize_t)x * pix]];
-            }
+        for (i = 0; i < size * size; i++) {
+            plane[i] = table[pixel[(size_t)i * nch]];
         }
     }
     status = 0;

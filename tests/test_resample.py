@@ -199,3 +199,17 @@ print("ok")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("filter_name", resample.NATIVE_FILTERS)
+def test_an_axis_that_keeps_its_size_is_copied_as_pillow_skips_it(filter_name):
+    """Pillow runs no pass on such an axis; the native pass runs one with identity weights."""
+    rng = np.random.default_rng(9)
+    image = _image(rng, 90, 70, "RGB")
+    table = Preprocessor(32)._table
+    for new_size in ((90, 50), (60, 70), (90, 70)):
+        expected = np.asarray(image.resize(new_size, getattr(Image.Resampling, filter_name.upper())).crop((3, 4, 35, 36)))
+        expected = np.stack([table[c][expected[:, :, c]] for c in range(3)])
+        out = _call(np.asarray(image), 90, 70, 3, size=32, table=table, new_width=new_size[0],
+                    new_height=new_size[1], left=3, top=4, filter=filter_name)
+        np.testing.assert_array_equal(out, expected)
