@@ -19,7 +19,8 @@ Rows, per model x image size x batch size:
 - `draft`: the pyfunc with the `jpeg_draft` decode option, when the model offers it.
 - `load`: a registered model's load-to-first-prediction time, in a fresh interpreter.
 - `settings` (only when asked for): the pyfunc and (b) with one default switched back at a
-  time (one shard per request; onnxruntime's thread spinning on), to show what each buys.
+  time (one shard per request; onnxruntime's thread spinning on; Pillow doing the resize), to
+  show what each buys.
 
 `--soak` adds a sustained run of the server (mixed batch sizes, several clients) that samples
 the server's RSS, with onnxruntime's CPU memory arena off and on.
@@ -2068,12 +2069,14 @@ on your machine, the rows then carry the setting in their label.
 - **Settings reach the model through `MLFLOW_PYFUNC_INFERENCE_CONFIG`**: any key the model's
   MLmodel lists under `python_function.config` (`intra_op_num_threads`, `enable_cpu_mem_arena`,
   `jpeg_draft`, `decode_workers`, `shards`, `allow_spinning`, `max_rows`, ...).
-- **Shards and spinning** (`--rows settings` switches each back alone). The pyfunc splits a
-  request into one shard per onnxruntime thread, each decoding its images and then running the
-  graph, and turns off onnxruntime's busy-waiting. On a quiet machine both helped (RN50, 1080p,
-  batch 8: 4 to 7% each for the pyfunc, 6 to 12% for raw onnxruntime); when other processes
-  compete for the cores, spinning threads hold on to them and the order can flip, so the target
-  divides by the faster of the two raw onnxruntime rows.
+- **Shards, spinning and the native resize** (`--rows settings` switches each back alone). The
+  pyfunc splits a request into one shard per onnxruntime thread, each decoding its images and
+  then running the graph, and turns off onnxruntime's busy-waiting. With Pillow resizing, both
+  helped on a quiet machine (RN50, 1080p, batch 8: 4 to 7% each); with the native resize,
+  decoding is cheaper and sharding went either way between runs (-9% to +17%), while spinning on
+  lowered the pyfunc in three runs of four. Raw onnxruntime was faster with spinning on in those
+  runs, so the target divides by the faster of the two raw onnxruntime rows. The pyfunc with
+  Pillow resizing (the same pixels) was 5% to 18% slower than with the native pass.
 - **onnxruntime's CPU memory arena stays off** (the model's default). The soak sends batches of
   1 to 32 images from 4 clients: with the arena on, the server keeps the largest buffers of every
   shape it has seen, and on RN50 its idle RSS climbed through the whole run; with it off, memory
