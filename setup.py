@@ -45,15 +45,17 @@ TEST_REQUIRES = [
     "requests>=2.31",
     "pyspark>=3.5",
     "psycopg[binary]>=3.1",
+    # `mlflow models serve --env-manager uv`: environments built from a model alone.
+    "uv>=0.4",
 ]
 
-# CLIP's resize + crop + normalize in one native pass, bit-exact with Pillow (mlflow_clip/resample.py
-# checks that before using it). Optional: without a C compiler the install still succeeds and
-# Pillow does the same work more slowly. A top-level module, so that a model's own copy of the
-# package (its code/ directory, first on sys.path when served) still finds it.
+# CLIP's resize + crop + normalize in one native pass, bit-exact with Pillow (checked against the
+# installed Pillow before use, mlflow_clip/serving/preprocess.py). Optional: without a C compiler
+# the install still succeeds and Pillow does the same work more slowly. It lives inside the
+# serving package, so every model carries it (with its C source) in its own copy of that package.
 RESAMPLE_EXTENSION = Extension(
-    "_mlflow_clip_resample",
-    sources=["csrc/resample.c"],
+    "mlflow_clip.serving._mlflow_clip_resample",
+    sources=["mlflow_clip/serving/resample.c"],
     # No fused multiply-add: the filter weights must round exactly as Pillow's do.
     extra_compile_args=["-O3", "-ffp-contract=off"],
     optional=True,
@@ -74,7 +76,9 @@ setup(
             "assets/sample_images/*",
             "assets/bpe_simple_vocab_16e6.txt.gz",
             "assets/CLIP_LICENSE",
-        ]
+        ],
+        # The native resize's source travels with the serving package into every model.
+        "mlflow_clip.serving": ["resample.c"],
     },
     include_package_data=True,
     install_requires=SERVING_REQUIRES,

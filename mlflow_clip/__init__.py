@@ -14,9 +14,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from mlflow_clip.serving.contract import FLAVOR_NAME
 from mlflow_clip.version import __version__
 
-FLAVOR_NAME = "mlflow_clip"
 _FLAVOR_API = ("_load_pyfunc", "get_default_pip_requirements", "load_model", "log_model", "save_model")
 
 __all__ = ["FLAVOR_NAME", "__version__", *_FLAVOR_API[1:]]

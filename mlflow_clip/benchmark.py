@@ -50,7 +50,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from mlflow_clip import resample
+from mlflow_clip.serving import resample
+from mlflow_clip.serving.preprocess import native_status
 
 ROW_KINDS: tuple[str, ...] = (
     "torch", "onnxruntime", "pyfunc", "labels", "server", "precision", "draft", "load", "settings",
@@ -1121,10 +1122,10 @@ def _task_torch(spec: dict[str, Any]) -> _InProcessRow:
 
 def _task_onnxruntime(spec: dict[str, Any]) -> _InProcessRow:
     """Row (b): the graph alone on float32 tensors preprocessed beforehand, same session settings."""
-    from mlflow_clip.config import ClassifierConfig
-    from mlflow_clip.images import decode_image
-    from mlflow_clip.preprocess import Preprocessor
-    from mlflow_clip.runtime import OrtSession, RuntimeSettings
+    from mlflow_clip.serving.contract import ClassifierConfig
+    from mlflow_clip.serving.images import decode_image
+    from mlflow_clip.serving.preprocess import Preprocessor
+    from mlflow_clip.serving.runtime import OrtSession, RuntimeSettings
 
     model_dir = Path(spec["model_dir"])
     settings = RuntimeSettings.from_dict(_flavor_conf(model_dir).get("runtime")).with_overrides(spec["model_config"])
@@ -1507,7 +1508,7 @@ def _row_plan(options: BenchmarkOptions, model: str, builds: dict) -> list[tuple
             ("pyfunc-spin", ROW_LABELS["pyfunc-spin"], "pyfunc",
              {"model_dir": fp32["model_dir"], "model_config": {**exact, "allow_spinning": True}}),
         ]
-    if "settings" in options.rows and resample.available():  # the same pixels, by Pillow
+    if "settings" in options.rows and native_status().available:  # the same pixels, by Pillow
         plan.append(("pyfunc-pillow", ROW_LABELS["pyfunc-pillow"], "pyfunc",
                      {"model_dir": fp32["model_dir"], "model_config": exact, "env": {resample.ENV_VAR: "0"}}))
     if "precision" in options.rows:
@@ -1762,7 +1763,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "versions": versions,
-        "resampling": ("native, " if resample.available() else "Pillow: ") + resample.reason(),
+        "resampling": native_status().describe(),
         "loadavg_start": _loadavg(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }

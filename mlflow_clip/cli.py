@@ -38,7 +38,7 @@ def export_command(classes, model, templates, registered_model_name, opset, imag
     from mlflow_clip.export.job import export_and_register
     from mlflow_clip.export.parity import ParityError
     from mlflow_clip.export.precision import PrecisionError
-    from mlflow_clip.prompts import PromptError
+    from mlflow_clip.serving.prompts import PromptError
 
     try:
         result = export_and_register(
@@ -72,11 +72,17 @@ def export_command(classes, model, templates, registered_model_name, opset, imag
 @click.option("--max-prob-diff", "--max_prob_diff", default="", help="Parity gate (default: the export's own).")
 @click.option("--max-accuracy-drop", "--max_accuracy_drop", default="", help="Accuracy gate vs the current holder (off by default).")
 @click.option("--copy-to", "--copy_to", default="", help="Copy the version into this registered model first.")
-def promote_command(model_name, version, alias, max_prob_diff, max_accuracy_drop, copy_to) -> None:
+@click.option("--allow-legacy", "--allow_legacy", default="false", type=click.BOOL, show_default=True,
+              help="Accept a version saved by mlflow-clip 0.1.0 (no manifest) on its graph's checksum alone.")
+def promote_command(model_name, version, alias, max_prob_diff, max_accuracy_drop, copy_to, allow_legacy) -> None:
     """Gate a version and point an alias (default: production) at it."""
     from mlflow_clip.registry import GateThresholds, PromotionError, promote
 
-    thresholds = GateThresholds(max_prob_diff=_optional_float(max_prob_diff), max_accuracy_drop=_optional_float(max_accuracy_drop))
+    thresholds = GateThresholds(
+        max_prob_diff=_optional_float(max_prob_diff),
+        max_accuracy_drop=_optional_float(max_accuracy_drop),
+        allow_legacy=allow_legacy,
+    )
     try:
         result = promote(model_name, version, alias, thresholds, copy_to=copy_to or None)
     except PromotionError as e:

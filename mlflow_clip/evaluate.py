@@ -32,8 +32,8 @@ import numpy as np
 import pandas as pd
 
 from mlflow_clip.registry import ACCURACY_TAG
-from mlflow_clip.prompts import strip_article
-from mlflow_clip.samples import IMAGE_SUFFIXES
+from mlflow_clip.serving.prompts import strip_article
+from mlflow_clip.package_data import IMAGE_SUFFIXES
 from mlflow_clip.tracking import active_or_new_run, log_new_params
 
 _logger = logging.getLogger(__name__)
@@ -474,7 +474,7 @@ def plot_confident_errors(evaluation: ZeroShotEvaluation, path: str | Path, limi
 
 
 def _thumbnail(item: LabelledImage | None, side: int = 192) -> np.ndarray:
-    from mlflow_clip.images import ImageInputError, decode_image
+    from mlflow_clip.serving.images import ImageInputError, decode_image
 
     try:
         image = decode_image(item.read())

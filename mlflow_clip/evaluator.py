@@ -23,7 +23,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models.evaluation.base import EvaluationResult, ModelEvaluator
 
-from mlflow_clip.classifier import IMAGE_COLUMN
+from mlflow_clip.serving.classifier import IMAGE_COLUMN
 from mlflow_clip.evaluate import (
     DEFAULT_BATCH_SIZE,
     EvaluationError,

@@ -2,7 +2,14 @@
 
 The model directory is the contract. `save_model` writes everything serving needs (the ONNX
 graph, `clip_classifier.json` with classes, normalization and input size, the runtime settings
-in MLmodel, and this package's serving modules under `code/`), and the loader only reads it back.
+in MLmodel, reference images with the predictions they must give, the serving code under
+`code/` with the native resize's source and binary) and a manifest of all of it; the loader reads it
+back, checked against that manifest.
+
+Which code serves a model is one rule: MLflow's loaders (`mlflow.pyfunc.load_model`,
+`mlflow models serve`, `spark_udf`, MLServer) run the model's own copy of `mlflow_clip.serving`,
+imported under a name of its own; this module's `load_model` runs the installed library on the
+model's files. Neither depends on what was imported first.
 
     >>> import mlflow_clip
     >>> mlflow_clip.save_model("model.onnx", "clip_model")  # doctest: +SKIP
@@ -13,24 +20,23 @@ in MLmodel, and this package's serving modules under `code/`), and the loader on
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
+import sysconfig
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
-
 from mlflow import pyfunc
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.models.utils import _save_example
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.tracking.artifact_utils import _download_artifact_from_uri
-from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
-from mlflow.types.schema import Array
 from mlflow.utils.environment import (
     _CONDA_ENV_FILE_NAME,
     _CONSTRAINTS_FILE_NAME,
@@ -42,80 +48,45 @@ from mlflow.utils.environment import (
     _PythonEnv,
 )
 from mlflow.utils.file_utils import write_to
-from mlflow.utils.model_utils import (
-    _get_flavor_configuration,
-    _validate_and_copy_code_paths,
-    _validate_and_prepare_target_save_path,
-)
+from mlflow.utils.model_utils import _validate_and_copy_code_paths, _validate_and_prepare_target_save_path
 from mlflow.utils.requirements_utils import _get_pinned_requirement
 
-from mlflow_clip import FLAVOR_NAME
-from mlflow_clip.classifier import InputLimits, InvalidInputError, ZeroShotClassifier
-from mlflow_clip.config import CONFIG_FILE_NAME, ClassifierConfig, sha256_file
-from mlflow_clip.runtime import RuntimeSettings
+from mlflow_clip.serving.classifier import ZeroShotClassifier
+from mlflow_clip.serving.contract import (
+    CONFIG_FILE_NAME,
+    FLAVOR_NAME,
+    ONNX_FILE_NAME,
+    TEXT_ENCODER_FILE_NAME,
+    VOCAB_FILE_NAME,
+    VOCAB_LICENSE_FILE_NAME,
+    ClassifierConfig,
+    MANIFEST_SHA256_TAG,
+    ONNX_SHA256_TAG,
+    FlavorKey,
+    sha256_bytes,
+    sha256_file,
+)
+from mlflow_clip.serving.limits import InputLimits
+from mlflow_clip.serving.loader import VERIFY_SETTING, _load_pyfunc, default_signature, load_classifier
+from mlflow_clip.serving.manifest import build_manifest, manifest_digest, read_mlmodel
+from mlflow_clip.serving.runtime import RuntimeSettings
 
-ONNX_FILE_NAME = "model.onnx"
 _logger = logging.getLogger(__name__)
 
-# The modules serving imports; save_model copies exactly these into the model's code/ folder,
-# so a model loads on a machine that has never installed mlflow-clip (and has no torch).
-SERVING_MODULES = (
-    "__init__.py",
-    "version.py",
-    "flavor.py",
-    "classifier.py",
-    "config.py",
-    "images.py",
-    "preprocess.py",
-    "resample.py",
-    "runtime.py",
-    "prompts.py",
-    "client.py",
-    "tokenizer.py",
-    "text.py",
-)
-TEXT_ENCODER_FILE_NAME = "text_encoder.onnx"
-PARAM_DEFAULTS: dict[str, Any] = {"top_k": 0, "on_error": "raise", "output": "full", "classes": [], "templates": ""}
-# output="label" returns the labels alone (a Series), for tools that expect one prediction per row;
-# output="embedding" returns one normalized image embedding per row (column `embedding`).
-OUTPUT_CHOICES = ("full", "label", "embedding")
-TEXT_COLUMN = "text"
+SERVING_PACKAGE_PREFIX = "mlflow_clip_serving_"
+SERVING_REQUIREMENTS = ("mlflow", "onnxruntime", "numpy", "pillow", "ftfy", "regex")
+
+__all__ = ["get_default_pip_requirements", "save_model", "log_model", "load_model", "_load_pyfunc"]
 
 
 def get_default_pip_requirements() -> list[str]:
     """The serving requirements: onnxruntime, numpy, Pillow and MLflow (plus the tokenizer's
-    ftfy and regex); never torch."""
-    return [_get_pinned_requirement(name) for name in ("mlflow", "onnxruntime", "numpy", "pillow", "ftfy", "regex")]
+    ftfy and regex); never torch. The native resize needs none: the model carries it."""
+    return [_get_pinned_requirement(name) for name in SERVING_REQUIREMENTS]
 
 
 def get_default_conda_env() -> dict:
     return _mlflow_conda_env(additional_pip_deps=get_default_pip_requirements())
-
-
-def default_signature() -> ModelSignature:
-    """Input: a binary `image` column (or a `text` column, for text embeddings); params `top_k`,
-    `on_error`, `output`, `classes` and `templates`; the output columns of classification."""
-    inputs = Schema([ColSpec(DataType.binary, "image", required=False), ColSpec(DataType.string, TEXT_COLUMN, required=False)])
-    outputs = Schema(
-        [
-            ColSpec(DataType.string, "label"),
-            ColSpec(DataType.double, "score"),
-            ColSpec(Array(DataType.double), "probabilities"),
-            ColSpec(DataType.string, "error", required=False),
-        ]
-    )
-    params = ParamSchema(
-        [
-            ParamSpec("top_k", DataType.long, PARAM_DEFAULTS["top_k"]),
-            ParamSpec("on_error", DataType.string, PARAM_DEFAULTS["on_error"]),
-            ParamSpec("output", DataType.string, PARAM_DEFAULTS["output"]),
-            # Labels chosen per request (empty: the baked classes), and their templates: a preset
-            # (none, photo, ensemble) or one template with {} (empty: the model's own templates).
-            ParamSpec("classes", DataType.string, PARAM_DEFAULTS["classes"], (-1,)),
-            ParamSpec("templates", DataType.string, PARAM_DEFAULTS["templates"]),
-        ]
-    )
-    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
 def save_model(
@@ -142,18 +113,23 @@ def save_model(
     `text_encoder` is the exporter's text-encoder ONNX file: with it (and the tokenizer's
     vocabulary, copied alongside) the model also takes per-request labels and text input.
     """
+    from mlflow_clip import references
+
     path = Path(path)
     config = ClassifierConfig.from_onnx(onnx_model)
-    settings = _as_settings(runtime)
-    input_limits = _as_limits(limits)
+    settings, input_limits = _as_settings(runtime), _as_limits(limits)
+    for graph in (onnx_model, text_encoder):
+        if graph is not None:
+            refuse_external_data(graph)
     _validate_and_prepare_target_save_path(str(path))
-    code_dir_subpath = _copy_code(path, code_paths)
+    package, code_dir_subpath = _copy_code(path, code_paths)
     shutil.copyfile(onnx_model, path / ONNX_FILE_NAME)
     if text_encoder is not None:
         _copy_text_encoder(Path(text_encoder), path)
     config.write(path)
     for name, source in (extra_files or {}).items():
         shutil.copyfile(source, path / name)
+    reference = references.write_reference(path, config, settings, text_encoder is not None)
 
     mlflow_model = mlflow_model or Model()
     mlflow_model.signature = signature if signature is not None else default_signature()
@@ -163,7 +139,7 @@ def save_model(
         mlflow_model.metadata = metadata
     pyfunc.add_to_model(
         mlflow_model,
-        loader_module="mlflow_clip.flavor",
+        loader_module=f"{package}.loader",
         conda_env=_CONDA_ENV_FILE_NAME,
         python_env=_PYTHON_ENV_FILE_NAME,
         code=code_dir_subpath,
@@ -171,16 +147,47 @@ def save_model(
         # MLFLOW_PYFUNC_INFERENCE_CONFIG environment variable of `mlflow models serve`).
         model_config=_overridable(settings, input_limits),
     )
-    mlflow_model.add_flavor(
-        FLAVOR_NAME, **_flavor_conf(config, settings, input_limits, path, code_dir_subpath, text_encoder is not None)
-    )
-    mlflow_model.save(str(path / MLMODEL_FILE_NAME))
+    conf = _flavor_conf(config, settings, input_limits, path, text_encoder is not None)
+    conf.update({FlavorKey.CODE: code_dir_subpath, FlavorKey.SERVING_PACKAGE: package, FlavorKey.REFERENCE: reference})
+    mlflow_model.add_flavor(FLAVOR_NAME, **conf)
     _write_environment(path, conda_env, pip_requirements, extra_pip_requirements)
+    _save_with_manifest(mlflow_model, path)
+
+
+def _save_with_manifest(mlflow_model: Model, path: Path) -> None:
+    """Write MLmodel, then the manifest of the whole directory into it."""
+    mlmodel_path = path / MLMODEL_FILE_NAME
+    mlflow_model.save(str(mlmodel_path))
+    manifest = build_manifest(path, read_mlmodel(path))
+    mlflow_model.flavors[FLAVOR_NAME][FlavorKey.MANIFEST] = manifest
+    mlflow_model.save(str(mlmodel_path))
+
+
+def refuse_external_data(onnx_path: str | os.PathLike) -> None:
+    """Refuse a graph whose weights live outside its own file: a model directory must be
+    self-contained, and a reference outside it could read any file of the serving machine."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    external = [t.name for t in _all_tensors(model) if uses_external_data(t)]
+    if external:
+        raise MlflowException(
+            f"Received {Path(onnx_path).name} whose tensors {external[:3]} keep their data in side files; "
+            "expected a self-contained graph. Save it with onnx.save_model(model, path, save_as_external_data=False).",
+            error_code=INVALID_PARAMETER_VALUE,
+        )
+
+
+def _all_tensors(model):
+    from onnx.external_data_helper import _get_all_tensors
+
+    return _get_all_tensors(model)
 
 
 def _overridable(settings: RuntimeSettings, limits: InputLimits) -> dict[str, Any]:
     runtime = {k: v for k, v in settings.to_dict().items() if k != "extra"}
-    return {**runtime, "max_bytes": limits.max_bytes, "max_pixels": limits.max_pixels, "max_rows": limits.max_rows}
+    return {**runtime, **limits.to_dict(), VERIFY_SETTING: True}
 
 
 def _as_settings(runtime: RuntimeSettings | dict | None) -> RuntimeSettings:
@@ -195,17 +202,14 @@ def _as_settings(runtime: RuntimeSettings | dict | None) -> RuntimeSettings:
 def _as_limits(limits: InputLimits | dict | None) -> InputLimits:
     if isinstance(limits, InputLimits):
         return limits
-    unknown = sorted(set(limits or {}) - set(InputLimits.__dataclass_fields__))
-    if unknown:
-        raise MlflowException(
-            f"Received unknown limits {unknown}; expected any of {sorted(InputLimits.__dataclass_fields__)}.",
-            error_code=INVALID_PARAMETER_VALUE,
-        )
-    return InputLimits(**(limits or {}))
+    try:
+        return InputLimits.from_dict(limits)
+    except (TypeError, ValueError) as e:
+        raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from e
 
 
 def _copy_text_encoder(source: Path, path: Path) -> None:
-    from mlflow_clip.tokenizer import VOCAB_FILE_NAME, VOCAB_LICENSE_FILE_NAME, default_vocab_license_path, default_vocab_path
+    from mlflow_clip.package_data import default_vocab_license_path, default_vocab_path
 
     shutil.copyfile(source, path / TEXT_ENCODER_FILE_NAME)
     shutil.copyfile(default_vocab_path(), path / VOCAB_FILE_NAME)
@@ -213,51 +217,73 @@ def _copy_text_encoder(source: Path, path: Path) -> None:
 
 
 def _text_conf(path: Path) -> dict[str, Any]:
-    from mlflow_clip.tokenizer import VOCAB_FILE_NAME
-
     return {
-        "text_encoder": TEXT_ENCODER_FILE_NAME,
-        "text_encoder_sha256": sha256_file(path / TEXT_ENCODER_FILE_NAME),
-        "tokenizer_vocab": VOCAB_FILE_NAME,
-        "tokenizer_vocab_sha256": sha256_file(path / VOCAB_FILE_NAME),
+        FlavorKey.TEXT_ENCODER: TEXT_ENCODER_FILE_NAME,
+        FlavorKey.TEXT_ENCODER_SHA256: sha256_file(path / TEXT_ENCODER_FILE_NAME),
+        FlavorKey.TOKENIZER_VOCAB: VOCAB_FILE_NAME,
+        FlavorKey.TOKENIZER_VOCAB_SHA256: sha256_file(path / VOCAB_FILE_NAME),
     }
 
 
-def _flavor_conf(config, settings, limits, path, code_dir_subpath, has_text_encoder: bool) -> dict[str, Any]:
+def _flavor_conf(config, settings, limits, path, has_text_encoder: bool) -> dict[str, Any]:
     from mlflow_clip.version import __version__
 
     return {
         **(_text_conf(path) if has_text_encoder else {}),
         "embedding_output": config.embedding_output,
         "context_length": config.context_length,
-        "mlflow_clip_version": __version__,
-        "onnx_model": ONNX_FILE_NAME,
-        "onnx_sha256": sha256_file(path / ONNX_FILE_NAME),
-        "config": CONFIG_FILE_NAME,
-        "classes": list(config.classes),
+        FlavorKey.VERSION: __version__,
+        FlavorKey.ONNX_MODEL: ONNX_FILE_NAME,
+        FlavorKey.ONNX_SHA256: sha256_file(path / ONNX_FILE_NAME),
+        FlavorKey.CONFIG: CONFIG_FILE_NAME,
+        FlavorKey.CLASSES: list(config.classes),
         "templates": config.templates,
-        "clip_model": config.clip_model,
+        FlavorKey.CLIP_MODEL: config.clip_model,
         "input_resolution": config.input_resolution,
         "mean": list(config.mean),
         "std": list(config.std),
         "logit_scale": config.logit_scale,
         "opset": config.opset,
-        "precision": config.precision,
-        "providers": list(settings.providers),
-        "runtime": settings.to_dict(),
-        "limits": {"max_bytes": limits.max_bytes, "max_pixels": limits.max_pixels, "max_rows": limits.max_rows},
-        "code": code_dir_subpath,
+        FlavorKey.PRECISION: config.precision,
+        FlavorKey.PROVIDERS: list(settings.providers),
+        FlavorKey.RUNTIME: settings.to_dict(),
+        FlavorKey.LIMITS: limits.to_dict(),
     }
 
 
-def _copy_code(path: Path, code_paths: Sequence[str] | None) -> str:
-    package_dir = Path(__file__).resolve().parent
+def serving_package_dir() -> Path:
+    import mlflow_clip.serving
+
+    return Path(mlflow_clip.serving.__file__).resolve().parent
+
+
+def serving_package_files() -> list[Path]:
+    """What a model carries of the serving package: its modules, the native resize's C source,
+    and the native resize as built for this interpreter (when it is)."""
+    source = serving_package_dir()
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    return sorted([*source.glob("*.py"), *source.glob("*.c"), *source.glob(f"_mlflow_clip_resample{suffix}")])
+
+
+def serving_package_name() -> str:
+    """`mlflow_clip_serving_<12 hex>`: named by the digest of the serving code (its Python and C
+    sources), so two models with different serving code can be served in one process, each by
+    its own."""
+    digest = hashlib.sha256()
+    for file in serving_package_files():
+        if file.suffix in (".py", ".c"):
+            digest.update(file.name.encode() + b"\0" + sha256_bytes(file.read_bytes()).encode() + b"\n")
+    return SERVING_PACKAGE_PREFIX + digest.hexdigest()[:12]
+
+
+def _copy_code(path: Path, code_paths: Sequence[str] | None) -> tuple[str, str]:
+    package = serving_package_name()
     with tempfile.TemporaryDirectory() as tmp:
-        staged = Path(tmp) / "mlflow_clip"
+        staged = Path(tmp) / package
         staged.mkdir()
-        for name in SERVING_MODULES:
-            shutil.copyfile(package_dir / name, staged / name)
-        return _validate_and_copy_code_paths([str(staged), *(code_paths or [])], str(path))
+        for file in serving_package_files():
+            shutil.copyfile(file, staged / file.name)
+        return package, _validate_and_copy_code_paths([str(staged), *(code_paths or [])], str(path))
 
 
 def _write_environment(path: Path, conda_env, pip_requirements, extra_pip_requirements) -> None:
@@ -278,7 +304,7 @@ def _write_environment(path: Path, conda_env, pip_requirements, extra_pip_requir
 
 def log_model(
     onnx_model: str | os.PathLike,
-    name: str | None = None,
+    artifact_path: str | None = None,
     conda_env: dict | str | None = None,
     code_paths: Sequence[str] | None = None,
     registered_model_name: str | None = None,
@@ -292,25 +318,34 @@ def log_model(
     limits: InputLimits | dict | None = None,
     extra_files: dict[str, str | os.PathLike] | None = None,
     text_encoder: str | os.PathLike | None = None,
+    name: str | None = None,
+    params: dict[str, Any] | None = None,
+    tags: dict[str, Any] | None = None,
+    model_type: str | None = None,
+    step: int = 0,
+    model_id: str | None = None,
     **kwargs: Any,
 ):
-    """Log an mlflow-clip ONNX classifier to the active run (and register it if asked).
+    """Log an mlflow-clip ONNX classifier as an MLflow model (and register it if asked).
 
+    The arguments are those of MLflow 3's built-in flavors (`name`; `artifact_path`, deprecated
+    by MLflow; `params`, `tags`, `model_type`, `step`, `model_id` for the logged model) plus
+    `save_model`'s. A registered version carries the model's integrity tags (`onnx_sha256`,
+    `manifest_sha256`) from its creation, which promotion checks.
     Returns MLflow's `ModelInfo`; `.registered_model_version` is set when registered.
     """
+    import mlflow
     import mlflow_clip.flavor
 
-    return Model.log(
-        artifact_path=None,
-        name=name or "model",
+    info = Model.log(
+        artifact_path=artifact_path,
+        name=name if name is not None or artifact_path is not None else "model",
         flavor=mlflow_clip.flavor,
         onnx_model=onnx_model,
         conda_env=conda_env,
         code_paths=code_paths,
-        registered_model_name=registered_model_name,
         signature=signature,
         input_example=input_example,
-        await_registration_for=await_registration_for,
         pip_requirements=pip_requirements,
         extra_pip_requirements=extra_pip_requirements,
         metadata=metadata,
@@ -318,112 +353,34 @@ def log_model(
         limits=limits,
         extra_files=extra_files,
         text_encoder=text_encoder,
+        params=params,
+        tags=tags,
+        model_type=model_type,
+        step=step,
+        model_id=model_id,
         **kwargs,
     )
+    if registered_model_name is not None:
+        conf = info.flavors[FLAVOR_NAME]
+        integrity = {ONNX_SHA256_TAG: conf[FlavorKey.ONNX_SHA256], MANIFEST_SHA256_TAG: manifest_digest(conf[FlavorKey.MANIFEST])}
+        version = mlflow.register_model(
+            info.model_uri, registered_model_name, await_registration_for=await_registration_for,
+            tags={**{k: str(v) for k, v in (tags or {}).items()}, **integrity},
+        )
+        info.registered_model_version = version.version
+    return info
 
 
 def load_model(model_uri: str, dst_path: str | None = None, model_config: dict | None = None) -> ZeroShotClassifier:
-    """Load the native classifier (`.classes`, `.predict(images)`) from any MLflow model URI."""
+    """Load the native classifier (`.classes`, `.predict(images)`) from any MLflow model URI,
+    checked against the model's manifest first (`model_config={"verify": False}` skips that)."""
     local_path = _download_artifact_from_uri(artifact_uri=model_uri, output_path=dst_path)
-    return _load_classifier(local_path, model_config)
+    return load_classifier(local_path, model_config)
 
 
-def _load_classifier(local_path: str, model_config: dict | None = None) -> ZeroShotClassifier:
-    conf = _get_flavor_configuration(model_path=local_path, flavor_name=FLAVOR_NAME)
-    overrides = dict(model_config or {})
-    limit_overrides = {k: overrides.pop(k) for k in list(overrides) if k in InputLimits.__dataclass_fields__}
-    try:
-        settings = RuntimeSettings.from_dict(conf.get("runtime")).with_overrides(overrides)
-    except ValueError as e:
-        raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from e
-    limits = InputLimits(**{**conf.get("limits", {}), **limit_overrides})
-    onnx_path = Path(local_path) / conf.get("onnx_model", ONNX_FILE_NAME)
-    if not onnx_path.exists():
-        raise MlflowException(f"The model directory {local_path} has no {onnx_path.name}.", RESOURCE_DOES_NOT_EXIST)
-    config = ClassifierConfig.read(local_path)
-    text_encoder = None
-    if conf.get("text_encoder"):
-        from mlflow_clip.text import TextEncoder
-
-        text_encoder = TextEncoder(
-            Path(local_path) / conf["text_encoder"],
-            Path(local_path) / conf["tokenizer_vocab"],
-            config.context_length,
-            settings,
-        )
-    return ZeroShotClassifier(onnx_path, config, settings, limits, text_encoder=text_encoder)
-
-
-def _load_pyfunc(path: str, model_config: dict | None = None) -> "_ClipPyfuncWrapper":
-    """Called by `mlflow.pyfunc.load_model` with the model directory."""
-    return _ClipPyfuncWrapper(_load_classifier(path, model_config))
-
-
-class ClientInputError(MlflowException):
-    """A bad request, reported as HTTP 400 / INVALID_PARAMETER_VALUE.
-
-    MLflow's scoring server prefixes error messages with a repr of the request, which would
-    echo (part of) the image bytes back to the client; this error keeps its own message only.
-    """
-
-    def __init__(self, message: str):
-        self._clean_message = message
-        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
-
-    @property
-    def message(self) -> str:
-        return self._clean_message
-
-    @message.setter
-    def message(self, value: str) -> None:  # the scoring server's prefixed copy is dropped
-        pass
-
-
-class _ClipPyfuncWrapper:
-    """The pyfunc face of the classifier: `predict(data, params)`."""
-
-    def __init__(self, classifier: ZeroShotClassifier):
-        self.classifier = classifier
-
-    def get_raw_model(self) -> ZeroShotClassifier:
-        return self.classifier
-
-    def predict(self, data: Any, params: dict[str, Any] | None = None):
-        options = {**PARAM_DEFAULTS, **{k: v for k, v in (params or {}).items() if v is not None}}
-        output = options["output"]
-        if output not in OUTPUT_CHOICES:
-            raise ClientInputError(f"Received output={output!r}; expected one of {list(OUTPUT_CHOICES)}.")
-        try:
-            texts = _text_rows(data)
-            if texts is not None:
-                return self.classifier.embed_text(texts)
-            if output == "embedding":
-                return self.classifier.embed_images(data, on_error=str(options["on_error"]))
-            out = self.classifier.predict(
-                data,
-                top_k=int(options["top_k"]),
-                on_error=str(options["on_error"]),
-                classes=options["classes"] or None,
-                templates=options["templates"] or None,
-            )
-        except InvalidInputError as e:
-            raise ClientInputError(str(e)) from None
-        return out["label"] if output == "label" else out
-
-
-def _text_rows(data: Any) -> list[Any] | None:
-    """The texts of a text-only request (a `text` column and no images), else None."""
-    import pandas as pd
-
-    if isinstance(data, dict) and TEXT_COLUMN in data:
-        data = pd.DataFrame({k: (v if isinstance(v, (list, tuple)) else [v]) for k, v in data.items()})
-    if not isinstance(data, pd.DataFrame) or TEXT_COLUMN not in data.columns:
-        return None
-    if "image" in data.columns and data["image"].notna().any():
-        if data[TEXT_COLUMN].notna().any():
-            raise InvalidInputError(
-                "Received both 'image' and 'text' values; send images (to classify or embed them) "
-                "or texts (to embed them), one kind per request."
-            )
-        return None
-    return list(data[TEXT_COLUMN])
+def flavor_configuration(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """The `mlflow_clip` flavor configuration of a local model directory."""
+    conf = (read_mlmodel(model_dir).get("flavors") or {}).get(FLAVOR_NAME)
+    if not isinstance(conf, dict):
+        raise MlflowException(f"{model_dir} is not an mlflow_clip model.", error_code=INVALID_PARAMETER_VALUE)
+    return conf

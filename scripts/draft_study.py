@@ -48,7 +48,7 @@ def _demo_photos(size, count):
 
 
 def _preprocess_all(preprocessor, images, draft_size):
-    from mlflow_clip.images import decode_image
+    from mlflow_clip.serving.images import decode_image
 
     started = time.perf_counter()
     batch = preprocessor.batch([decode_image(data, draft_size=draft_size) for data in images])
@@ -71,7 +71,7 @@ def _build(model, out_dir):
 def study(models, count, work_dir):
     import onnxruntime as ort
 
-    from mlflow_clip.preprocess import Preprocessor
+    from mlflow_clip.serving.preprocess import Preprocessor
 
     rows = []
     for model in models:

@@ -37,7 +37,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from mlflow_clip.demo_data import COLOURS, DEMO_CLASSES, SHAPES, draw_image, draw_samples  # noqa: E402
-from mlflow_clip.prompts import IMAGENET_TEMPLATES, PHOTO_TEMPLATE, fill_template  # noqa: E402
+from mlflow_clip.serving.prompts import IMAGENET_TEMPLATES, PHOTO_TEMPLATE, fill_template  # noqa: E402
 
 DEFAULT_OUT = REPO_ROOT / "mlflow_clip" / "assets" / "demo_clip.pt"
 # build_model infers heads as width // 64, so both widths are multiples of 64. The token

@@ -45,8 +45,8 @@ def build_colour_onnx(path: Path, resolution: int = 32) -> Path:
     import onnx
     from onnx import TensorProto, helper
 
-    from mlflow_clip.config import ClassifierConfig, edge_output_name
-    from mlflow_clip.preprocess import CLIP_MEAN, CLIP_STD
+    from mlflow_clip.serving.contract import ClassifierConfig, edge_output_name
+    from mlflow_clip.serving.preprocess import CLIP_MEAN, CLIP_STD
 
     output = edge_output_name(COLOUR_CLASSES)
     weights = (np.eye(3, dtype=np.float32) * 20.0).astype(np.float32)  # channel mean -> class logit

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 from mlflow_clip.demo_data import DEMO_CLASSES, draw_samples  # noqa: E402
-from mlflow_clip.prompts import TEMPLATE_PRESETS, fill_template  # noqa: E402
+from mlflow_clip.serving.prompts import TEMPLATE_PRESETS, fill_template  # noqa: E402
 
 PACKAGE_DIR = Path(importlib.util.find_spec("mlflow_clip").submodule_search_locations[0])
 DEMO_PATH = PACKAGE_DIR / "assets" / "demo_clip.pt"

@@ -17,7 +17,7 @@ from conftest import BLOCK_TORCH, using_store, COLOUR_CLASSES, requires_export, 
 from PIL import Image
 
 import mlflow_clip
-from mlflow_clip.classifier import format_predictions
+from mlflow_clip.serving.classifier import format_predictions
 from mlflow_clip.evaluate import (
     CONFIDENT_ERRORS_PNG,
     CONFUSION_MATRIX_PNG,

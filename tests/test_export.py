@@ -211,7 +211,7 @@ def _per_request_labels_match_the_baked_ones(model_uri, classes, templates):
     import mlflow
     import pandas as pd
 
-    from mlflow_clip.samples import sample_image_paths
+    from mlflow_clip.package_data import sample_image_paths
 
     model = mlflow.pyfunc.load_model(model_uri)
     frame = pd.DataFrame({"image": [p.read_bytes() for p in sample_image_paths()]})

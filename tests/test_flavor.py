@@ -33,9 +33,11 @@ def test_mlmodel_carries_the_contract(colour_model_dir):
     assert len(conf["onnx_sha256"]) == 64
     assert set(conf) >= {"templates", "mean", "std", "opset", "logit_scale", "runtime", "limits"}
     pyfunc = mlmodel["flavors"]["python_function"]
-    assert pyfunc["loader_module"] == "mlflow_clip.flavor"
-    assert (colour_model_dir / pyfunc["code"] / "mlflow_clip" / "flavor.py").exists()
-    assert not (colour_model_dir / pyfunc["code"] / "mlflow_clip" / "export").exists()
+    package = conf["serving_package"]
+    assert package.startswith("mlflow_clip_serving_") and pyfunc["loader_module"] == f"{package}.loader"
+    assert (colour_model_dir / pyfunc["code"] / package / "loader.py").exists()
+    assert not (colour_model_dir / pyfunc["code"] / "mlflow_clip").exists()
+    assert set(conf["manifest"]["files"]) >= {"model.onnx", "clip_classifier.json", f"code/{package}/classifier.py"}
     signature = mlmodel["signature"]
     assert json.loads(signature["inputs"]) == [
         {"type": "binary", "name": "image", "required": False},
@@ -46,31 +48,41 @@ def test_mlmodel_carries_the_contract(colour_model_dir):
 
 def test_requirements_are_serving_only(colour_model_dir):
     requirements = (colour_model_dir / "requirements.txt").read_text().lower()
-    names = {line.split("==")[0].split(">")[0].strip() for line in requirements.splitlines() if line.strip()}
+    lines = [line.strip() for line in requirements.splitlines() if line.strip()]
+    names = {line.split("==")[0].split(">")[0].strip() for line in lines if not line.startswith("-")}
     assert names == {"mlflow", "onnxruntime", "numpy", "pillow", "ftfy", "regex"}
-    assert "torch" not in requirements and "clip" not in requirements
+    assert not any(line.startswith("-") for line in lines)  # plain requirements, as MLflow's tools expect
+    assert "torch" not in requirements and "openai-clip" not in requirements
 
 
-def test_serving_code_in_model_is_complete():
-    """Every mlflow_clip module a serving module imports is itself copied into the model."""
+def test_serving_code_in_model_is_complete(colour_model_dir):
+    """The model carries the serving package whole, and that package imports only itself (relative
+    imports), the standard library and the serving requirements: never mlflow_clip, never torch."""
     import ast
     from pathlib import Path
 
-    from mlflow_clip.flavor import SERVING_MODULES
+    from mlflow_clip.flavor import serving_package_dir, serving_package_files
 
-    package = Path(mlflow_clip.__file__).parent
-    for name in SERVING_MODULES:
-        tree = ast.parse((package / name).read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mlflow_clip"):
-                module = node.module.split(".")[1:]
-                # "from mlflow_clip.x import y" needs x; "from mlflow_clip import x" needs x too
-                needed = [module[0]] if module else [a.name for a in node.names if (package / f"{a.name}.py").exists()]
-                for part in needed:
-                    assert f"{part}.py" in SERVING_MODULES, f"{name} imports mlflow_clip.{part}, not shipped"
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                names = [a.name for a in node.names] + [getattr(node, "module", "") or ""]
-                assert not any(n.split(".")[0] in {"torch", "torchvision", "clip"} for n in names), name
+    source = serving_package_dir()
+    package = yaml.safe_load((colour_model_dir / "MLmodel").read_text())["flavors"]["mlflow_clip"]["serving_package"]
+    copied = colour_model_dir / "code" / package
+    carried = {p.name for p in serving_package_files()}
+    assert {p.name for p in copied.iterdir()} == carried
+    assert {p.name for p in source.glob("*.py")} | {"resample.c"} <= carried  # and the built binary, if any
+    for name in carried:
+        assert (copied / name).read_bytes() == (source / name).read_bytes()
+    for path in source.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                assert top not in {"mlflow_clip", "torch", "torchvision", "clip"}, f"{path.name} imports {name}"
+    assert not Path(copied / "__pycache__").exists()
 
 
 def test_native_classifier_predicts(colour_model_dir):
@@ -201,8 +213,8 @@ def test_loads_and_predicts_without_torch(colour_model_dir, tmp_path):
         import mlflow, pandas as pd
         model = mlflow.pyfunc.load_model({str(colour_model_dir)!r})
         out = model.predict(pd.DataFrame({{"image": [open({str(image_path)!r}, "rb").read()]}}))
-        import mlflow_clip
-        assert mlflow_clip.__file__.startswith({str(colour_model_dir)!r}), mlflow_clip.__file__
+        served = [m for m in sys.modules if m.startswith("mlflow_clip_serving_")]
+        assert served and all(sys.modules[m].__file__.startswith({str(colour_model_dir)!r}) for m in served), served
         assert not any(m.split(".")[0] in BLOCKED for m in sys.modules)
         print("LABEL", out["label"][0])
         """
@@ -227,7 +239,7 @@ def test_importing_the_package_needs_no_heavy_dependency(tmp_path):
     torch are absent; the flavor API loads them on first use."""
     script = BLOCK_TORCH.replace('{"torch", "torchvision", "clip"}', '{"torch", "torchvision", "clip", "mlflow", "onnxruntime", "pandas"}') + textwrap.dedent(
         """
-        import mlflow_clip, mlflow_clip.images, mlflow_clip.preprocess, mlflow_clip.prompts
+        import mlflow_clip, mlflow_clip.serving.images, mlflow_clip.serving.preprocess, mlflow_clip.serving.prompts
         assert mlflow_clip.FLAVOR_NAME == "mlflow_clip" and mlflow_clip.__version__
         print("OK")
         """

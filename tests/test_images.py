@@ -1,4 +1,4 @@
-"""mlflow_clip.images: every accepted input decodes to upright RGB; everything else is refused.
+"""mlflow_clip.serving.images: every accepted input decodes to upright RGB; everything else is refused.
 
 Torch-free: the images are made here with Pillow and numpy.
 """
@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, ImageOps
 
-from mlflow_clip import images as images_module
-from mlflow_clip.images import ImageInputError, ImageLimits, decode_image, to_rgb
+from mlflow_clip.serving import images as images_module
+from mlflow_clip.serving.images import ImageInputError, decode_image, to_rgb
+from mlflow_clip.serving.limits import InputLimits
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 LOSSLESS = ("PNG", "BMP", "GIF", "TIFF")
@@ -405,7 +406,7 @@ def test_empty_inputs_are_refused():
 
 def test_too_many_bytes_are_refused_before_decoding(monkeypatch):
     data = encode(Image.fromarray(np.random.default_rng(2).integers(0, 256, (40, 40, 3), dtype=np.uint8)), "PNG")
-    limits = ImageLimits(max_bytes=1000)
+    limits = InputLimits(max_bytes=1000)
     monkeypatch.setattr(Image, "open", _fail_if_called)
     for value in (data, base64.b64encode(data), base64.b64encode(data).decode(), b"x" * 10_000_000):
         with pytest.raises(ImageInputError) as raised:
@@ -421,9 +422,9 @@ def test_too_many_pixels_are_refused_before_load(monkeypatch):
     with pytest.raises(ImageInputError, match="too many pixels"):
         decode_image(png_header_claiming(30_000, 30_000))  # over twice Pillow's limit
     with pytest.raises(ImageInputError, match=r"too many pixels: 1200 \(40x30\) > limit 1000"):
-        decode_image(encode(two_colour_image(), "PNG"), ImageLimits(max_pixels=1000))
+        decode_image(encode(two_colour_image(), "PNG"), InputLimits(max_pixels=1000))
     with pytest.raises(ImageInputError, match="too many pixels"):
-        decode_image(np.zeros((40, 30), dtype=np.uint8), ImageLimits(max_pixels=1000))
+        decode_image(np.zeros((40, 30), dtype=np.uint8), InputLimits(max_pixels=1000))
 
 
 @pytest.mark.parametrize("bomb_filter", ["error", "ignore"])
@@ -433,18 +434,18 @@ def test_pillow_decompression_bomb_warning_is_refused(monkeypatch, bomb_filter):
     with warnings.catch_warnings():
         warnings.simplefilter(bomb_filter, Image.DecompressionBombWarning)
         with pytest.raises(ImageInputError, match="too many pixels"):
-            decode_image(encode(two_colour_image(), "PNG"), ImageLimits(max_pixels=1000))
+            decode_image(encode(two_colour_image(), "PNG"), InputLimits(max_pixels=1000))
 
 
 def test_pillow_decompression_bomb_error_is_refused(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)
     with pytest.raises(ImageInputError, match="too many pixels"):
-        decode_image(encode(two_colour_image(), "PNG"), ImageLimits(max_pixels=500))
+        decode_image(encode(two_colour_image(), "PNG"), InputLimits(max_pixels=500))
 
 
 def test_higher_pixel_limit_raises_pillows_limit(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
-    assert decode_image(encode(two_colour_image(), "PNG"), ImageLimits(max_pixels=5000)).size == (40, 30)
+    assert decode_image(encode(two_colour_image(), "PNG"), InputLimits(max_pixels=5000)).size == (40, 30)
     assert Image.MAX_IMAGE_PIXELS == 5000
 
 
@@ -534,12 +535,12 @@ def test_image_input_error_reads_well_and_pickles():
 @pytest.mark.parametrize("field", ["max_bytes", "max_pixels"])
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "10"])
 def test_image_limits_are_validated(field, bad):
-    with pytest.raises(ValueError, match=f"ImageLimits.{field} must be a positive int"):
-        ImageLimits(**{field: bad})
+    with pytest.raises(ValueError, match=f"InputLimits.{field} must be a positive int"):
+        InputLimits(**{field: bad})
 
 
 def test_default_limits():
-    limits = ImageLimits()
+    limits = InputLimits()
     assert limits.max_bytes == 32 * 1024 * 1024
     assert limits.max_pixels == 89_478_485
 
@@ -550,8 +551,8 @@ def test_serving_modules_never_import_torch():
         import sys
         sys.modules["torch"] = sys.modules["torchvision"] = sys.modules["clip"] = None
         import numpy as np
-        from mlflow_clip.images import decode_image
-        from mlflow_clip.preprocess import Preprocessor
+        from mlflow_clip.serving.images import decode_image
+        from mlflow_clip.serving.preprocess import Preprocessor
         print(Preprocessor(32)(decode_image(np.zeros((40, 50, 3), dtype=np.uint8))).shape)
         """
     )

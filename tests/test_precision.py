@@ -44,8 +44,8 @@ def torch_reference(demo_built, fresh_images):
     """fp32 PyTorch probabilities of the fresh images (the demo classes, ensemble templates)."""
     import torch
 
-    from mlflow_clip.images import decode_image
-    from mlflow_clip.preprocess import Preprocessor
+    from mlflow_clip.serving.images import decode_image
+    from mlflow_clip.serving.preprocess import Preprocessor
 
     images, _ = fresh_images
     pixels = Preprocessor(demo_built.config.input_resolution).batch([decode_image(data) for data in images])
@@ -112,7 +112,7 @@ def test_int8_graph_is_smaller_and_quantized(int8_export, demo_built, tmp_path):
     import mlflow
     import onnx
 
-    from mlflow_clip.config import ClassifierConfig
+    from mlflow_clip.serving.contract import ClassifierConfig
 
     local = mlflow.artifacts.download_artifacts(int8_export.model_uri, dst_path=str(tmp_path))
     model = onnx.load(f"{local}/model.onnx")
@@ -175,7 +175,7 @@ def test_fp16_export_defaults_to_cuda_then_cpu_and_runs_on_cpu(fp16_export, torc
     assert flavor["precision"] == "fp16"
     assert flavor["providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     images, _ = fresh_images
-    with caplog.at_level("WARNING", logger="mlflow_clip.runtime"):
+    with caplog.at_level("WARNING", logger="mlflow_clip.serving.runtime"):
         fp16 = _served_probabilities(fp16_export.model_uri, images)
     assert "CUDAExecutionProvider" in caplog.text  # not in this onnxruntime build: CPU fallback
     assert float((fp16.argmax(1) == torch_reference.argmax(1)).mean()) >= MIN_AGREEMENT
@@ -230,7 +230,7 @@ def three_output_graph(demo_built, tmp_path_factory):
 
 def _calibration(resolution: int) -> np.ndarray:
     from mlflow_clip.export.parity import load_sample_images
-    from mlflow_clip.preprocess import Preprocessor
+    from mlflow_clip.serving.preprocess import Preprocessor
 
     return Preprocessor(resolution).batch([image for _, image in load_sample_images()])
 
@@ -358,8 +358,8 @@ def test_full_size_rn50_int8_agrees_with_fp32_pytorch(tracking_uri, tmp_path):
     from mlflow_clip.export.graph import ZeroShotHead, encode_text_features
     from mlflow_clip.export.job import export_and_register
     from mlflow_clip.export.parity import ParityThresholds
-    from mlflow_clip.images import decode_image
-    from mlflow_clip.preprocess import Preprocessor
+    from mlflow_clip.serving.images import decode_image
+    from mlflow_clip.serving.preprocess import Preprocessor
 
     classes = ["a person", "a car", "a dog", "a cat"]
     checkpoint = save_random_checkpoint("RN50", tmp_path / "RN50.pt")

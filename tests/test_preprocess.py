@@ -1,4 +1,4 @@
-"""mlflow_clip.preprocess against CLIP's own ``clip.clip._transform``: bit-for-bit (max abs diff 0.0).
+"""mlflow_clip.serving.preprocess against CLIP's own ``clip.clip._transform``: bit-for-bit (max abs diff 0.0).
 
 Needs the export world (torch, torchvision, openai-clip) for the reference; skipped without it.
 """
@@ -18,9 +18,9 @@ torch = pytest.importorskip("torch")
 from clip.clip import _transform  # noqa: E402
 from torchvision.transforms import functional as tv_functional  # noqa: E402
 
-from mlflow_clip import preprocess as preprocess_module  # noqa: E402
-from mlflow_clip.images import to_rgb  # noqa: E402
-from mlflow_clip.preprocess import (  # noqa: E402
+from mlflow_clip.serving import preprocess as preprocess_module  # noqa: E402
+from mlflow_clip.serving.images import to_rgb  # noqa: E402
+from mlflow_clip.serving.preprocess import (  # noqa: E402
     CLIP_MEAN,
     CLIP_STD,
     Preprocessor,
@@ -94,7 +94,7 @@ def test_decoded_jpeg_matches_clip_exactly():
     photo = np.stack([x * 255 // 1920, y * 255 // 1080, (x + y) % 256], axis=-1).astype(np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(photo).save(buffer, "JPEG", quality=90)
-    from mlflow_clip.images import decode_image
+    from mlflow_clip.serving.images import decode_image
 
     ours = preprocessor(224)(decode_image(buffer.getvalue()))
     np.testing.assert_array_equal(ours, clip_pixels(Image.open(io.BytesIO(buffer.getvalue())), 224))

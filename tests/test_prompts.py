@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mlflow_clip.prompts import (
+from mlflow_clip.serving.prompts import (
     IMAGENET_TEMPLATES,
     PromptError,
     describe_templates,

@@ -5,17 +5,18 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from mlflow_clip import resample
 from mlflow_clip.benchmark import make_photo_jpeg
-from mlflow_clip.images import decode_image
-from mlflow_clip.preprocess import Preprocessor, compute_crop_origin, compute_resized_size
+from mlflow_clip.serving import resample
+from mlflow_clip.serving.images import decode_image
+from mlflow_clip.serving.preprocess import Preprocessor, compute_crop_origin, compute_resized_size, native_status
 
-import _mlflow_clip_resample as extension  # the install builds it (setup.py); see test_built
+from mlflow_clip.serving import _mlflow_clip_resample as extension  # setup.py builds it; see test_built
 
 
 def _image(rng: np.random.Generator, width: int, height: int, mode: str) -> Image.Image:
@@ -27,8 +28,8 @@ def _image(rng: np.random.Generator, width: int, height: int, mode: str) -> Imag
 
 def test_built_and_checked_against_the_installed_pillow():
     assert resample.built()
-    assert resample.available(), resample.reason()
-    assert "identical to Pillow" in resample.reason()
+    assert native_status().available, native_status().reason
+    assert "identical to Pillow" in native_status().reason
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -94,15 +95,18 @@ def test_a_native_pass_that_differs_from_pillow_is_not_used(monkeypatch):
             args[-1][...] = 0.0  # plausible shape, wrong values
 
     monkeypatch.setattr(resample, "_extension", Wrong)
-    monkeypatch.setattr(resample, "_state", {})
-    assert not resample.available()
-    assert "differs from Pillow" in resample.reason()
-    image = _image(np.random.default_rng(0), 300, 200, "RGB")
-    np.testing.assert_array_equal(Preprocessor(64)(image), Preprocessor(64, native=False)(image))
+    native_status.cache_clear()
+    try:
+        assert not native_status().available
+        assert "differs from Pillow" in native_status().reason
+        image = _image(np.random.default_rng(0), 300, 200, "RGB")
+        np.testing.assert_array_equal(Preprocessor(64)(image), Preprocessor(64, native=False)(image))
+    finally:
+        native_status.cache_clear()
 
 
 def test_environment_switch_turns_it_off():
-    code = "from mlflow_clip import resample; print(resample.available(), resample.reason())"
+    code = "from mlflow_clip.serving.preprocess import native_status; print(native_status().available, native_status().reason)"
     env = {**os.environ, resample.ENV_VAR: "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.startswith("False") and resample.ENV_VAR in out
@@ -170,7 +174,7 @@ def test_portable_scalar_pass_is_identical_too(tmp_path):
     compiler = shutil.which(sysconfig.get_config_var("CC").split()[0]) or shutil.which("gcc")
     if compiler is None:
         pytest.skip("no C compiler")
-    source = Path(__file__).resolve().parent.parent / "csrc" / "resample.c"
+    source = Path(__file__).resolve().parent.parent / "mlflow_clip" / "serving" / "resample.c"
     target = tmp_path / f"_mlflow_clip_resample{sysconfig.get_config_var('EXT_SUFFIX')}"
     subprocess.run(
         [compiler, "-O2", "-ffp-contract=off", "-DMLFLOW_CLIP_NO_SIMD", "-fPIC", "-shared",
@@ -178,12 +182,17 @@ def test_portable_scalar_pass_is_identical_too(tmp_path):
         check=True, capture_output=True,
     )
     code = """
-import numpy as np, _mlflow_clip_resample as ext
+import importlib.util, sys
+import mlflow_clip.serving
+spec = importlib.util.spec_from_file_location("mlflow_clip.serving._mlflow_clip_resample", %r)
+ext = importlib.util.module_from_spec(spec); spec.loader.exec_module(ext)
+sys.modules[spec.name] = ext  # what `from . import _mlflow_clip_resample` then finds
+import numpy as np
 from PIL import Image
-from mlflow_clip import resample
-from mlflow_clip.preprocess import Preprocessor, compute_crop_origin, compute_resized_size
+from mlflow_clip.serving import resample
+from mlflow_clip.serving.preprocess import Preprocessor, compute_crop_origin, compute_resized_size, native_status
 assert ext.__file__.startswith(%r), ext.__file__
-assert resample.available(), resample.reason()  # every filter, both orders, gray and RGB
+assert native_status().available, native_status().reason  # every filter, both orders, gray and RGB
 rng = np.random.default_rng(11)
 for width, height in [(1920, 1080), (100, 1000), (300, 300), (37, 23)]:
     image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
@@ -195,7 +204,7 @@ for width, height in [(1920, 1080), (100, 1000), (300, 300), (37, 23)]:
                     "bicubic", resample.vertical_first(width, height, *new_size), Preprocessor(224)._table, out)
     assert np.array_equal(out, expected), (width, height)
 print("ok")
-""" % str(tmp_path)
+""" % (str(target), str(tmp_path))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
@@ -213,3 +222,25 @@ def test_an_axis_that_keeps_its_size_is_copied_as_pillow_skips_it(filter_name):
         out = _call(np.asarray(image), 90, 70, 3, size=32, table=table, new_width=new_size[0],
                     new_height=new_size[1], left=3, top=4, filter=filter_name)
         np.testing.assert_array_equal(out, expected)
+
+
+def test_a_model_compiles_its_native_resize_where_its_binary_does_not_fit(colour_model_dir, tmp_path):
+    """On another Python or platform the binary a model carries is not imported; the model then
+    compiles the source it carries (once, into a cache) and says so in its log."""
+    import shutil
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler")
+    model = Path(shutil.copytree(colour_model_dir, tmp_path / "model"))
+    for binary in model.glob("code/*/_mlflow_clip_resample*"):
+        binary.unlink()  # as if saved on another platform
+    code = f"import mlflow; mlflow.pyfunc.load_model({str(model)!r})"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "MLFLOW_CLIP_VERIFY": "0"}
+    for attempt in ("compiles", "reuses the cache"):
+        done = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "image resize: native (compiled here from the model's source" in done.stderr, (attempt, done.stderr[-2000:])
+    assert len(list((tmp_path / "cache" / "mlflow-clip" / "native").glob("*/_mlflow_clip_resample*"))) == 1
+    off = subprocess.run([sys.executable, "-c", code], env={**env, resample.ENV_VAR: "0"}, cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert "image resize: Pillow (MLFLOW_CLIP_NATIVE_RESAMPLE turns it off" in off.stderr, off.stderr[-2000:]

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from mlflow_clip.images import decode_image
-from mlflow_clip.preprocess import Preprocessor
-from mlflow_clip.runtime import RuntimeSettings
+from mlflow_clip.serving.images import decode_image
+from mlflow_clip.serving.preprocess import Preprocessor
+from mlflow_clip.serving.runtime import RuntimeSettings
 
 
 def _photo_jpeg(size=(1600, 1000), seed=0) -> bytes:

@@ -73,8 +73,8 @@ def test_a_repeated_label_set_costs_no_text_encoder_run(demo_model_dir, frame):
 def test_image_embeddings_are_normalized_and_match_the_graph(model, frame, demo_built):
     import onnxruntime as ort
 
-    from mlflow_clip.images import decode_image
-    from mlflow_clip.preprocess import Preprocessor
+    from mlflow_clip.serving.images import decode_image
+    from mlflow_clip.serving.preprocess import Preprocessor
 
     out = model.predict(frame, params={"output": "embedding"})
     assert list(out.columns) == ["embedding", "error"]
@@ -135,7 +135,7 @@ def test_bad_labels_are_refused_with_the_fix(model, frame, params, message):
 
 def test_labels_never_name_files(demo_model_dir, frame):
     import mlflow_clip
-    from mlflow_clip.classifier import InvalidInputError
+    from mlflow_clip.serving.classifier import InvalidInputError
 
     classifier = mlflow_clip.load_model(str(demo_model_dir))
     with pytest.raises(InvalidInputError, match="cannot read files"):

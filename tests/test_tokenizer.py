@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from conftest import BLOCK_TORCH, requires_export, subprocess_env
-from mlflow_clip.prompts import IMAGENET_TEMPLATES, fill_template
-from mlflow_clip.tokenizer import (
+from mlflow_clip.serving.prompts import IMAGENET_TEMPLATES, fill_template
+from mlflow_clip.serving.tokenizer import (
     CONTEXT_LENGTH,
     VOCAB_FILE_NAME,
     VOCAB_SHA256,
@@ -26,10 +26,10 @@ from mlflow_clip.tokenizer import (
     ClipTokenizer,
     TextInputError,
     clean_text,
-    default_vocab_license_path,
-    default_vocab_path,
-    file_sha256,
 )
+
+from mlflow_clip.package_data import default_vocab_license_path, default_vocab_path
+from mlflow_clip.serving.contract import sha256_file as file_sha256
 
 NUM_RANDOM_TEXTS = 1200
 SEED = 20240607
@@ -212,7 +212,7 @@ def test_loads_and_tokenizes_without_torch(clip, tmp_path):
     script = BLOCK_TORCH + textwrap.dedent(
         f"""
         import json
-        from mlflow_clip.tokenizer import ClipTokenizer
+        from mlflow_clip.serving.tokenizer import ClipTokenizer
         tokenizer = ClipTokenizer.from_file({str(model_dir / VOCAB_FILE_NAME)!r})
         ids = tokenizer(json.loads({json.dumps(texts)!r}), truncate=True)
         assert not any(m.split(".")[0] in BLOCKED for m in sys.modules)

@@ -11,21 +11,22 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from mlflow_clip.errors import MlflowClipError
+from mlflow_clip.package_data import demo_weights_path
+
 _logger = logging.getLogger(__name__)
 
 DEMO_MODEL_NAME = "demo"
-DEMO_WEIGHTS = "demo_clip.pt"
 DOWNLOAD_TIMEOUT_SECONDS = 15.0
 CACHE_ENV = "MLFLOW_CLIP_CACHE_DIR"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MlflowClipError, ValueError):
     """The CLIP model could not be found or loaded; the message says how to fix it."""
 
 
@@ -35,10 +36,6 @@ class LoadedClip:
     preprocess: Callable  # CLIP's own torchvision preprocessing
     name: str  # a short name recorded with the export: RN50, ViT-B/32, demo, or the file name
     input_resolution: int
-
-
-def demo_weights_path() -> Path:
-    return Path(str(resources.files("mlflow_clip") / "assets" / DEMO_WEIGHTS))
 
 
 def default_cache_dir() -> Path:

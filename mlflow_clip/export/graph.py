@@ -25,14 +25,22 @@ import onnx
 import torch
 from torch import nn
 
-from mlflow_clip.config import EDGE_INPUT_NAME, ClassifierConfig, edge_output_name
-from mlflow_clip.prompts import texts_for_class
+from mlflow_clip.serving.contract import (
+    EDGE_INPUT_NAME,
+    EMBEDDING_OUTPUT,
+    TEXT_INPUT,
+    TEXT_OUTPUT,
+    ClassifierConfig,
+    edge_output_name,
+)
+from mlflow_clip.serving.prompts import texts_for_class
 
 _logger = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 12
-TEXT_BATCH = 256
+# Prompts per PyTorch text-encoder call when baking the class features.
+EXPORT_TEXT_BATCH = 256
 _TWO_GIB = 2 * 1024**3
 # PyTorch's attention lowers to scaled_dot_product_attention, which ONNX has from opset 14.
 SDPA_OPSET = 14
@@ -75,7 +83,7 @@ class _WithEmbedding(nn.Module):
         return self.head.scores(embedding).softmax(dim=-1), embedding
 
 
-class TextEncoder(nn.Module):
+class TextTower(nn.Module):
     """CLIP's `encode_text` followed by L2 normalization, for token ids [N, L], L <= context_length.
 
     CLIP's text transformer is causal and reads its output at the end-of-text token, so the
@@ -119,8 +127,8 @@ def encode_text_features(model: nn.Module, classes: Sequence[str], templates: Se
     for name in classes:
         texts = texts_for_class(name, templates)
         embeddings = []
-        for start in range(0, len(texts), TEXT_BATCH):
-            tokens = clip.tokenize(texts[start : start + TEXT_BATCH], context_length=model.context_length, truncate=True)
+        for start in range(0, len(texts), EXPORT_TEXT_BATCH):
+            tokens = clip.tokenize(texts[start : start + EXPORT_TEXT_BATCH], context_length=model.context_length, truncate=True)
             embedding = model.encode_text(tokens).float()
             embeddings.append(embedding / embedding.norm(dim=-1, keepdim=True))
         mean = torch.cat(embeddings).mean(dim=0)
@@ -128,9 +136,6 @@ def encode_text_features(model: nn.Module, classes: Sequence[str], templates: Se
     return torch.stack(rows)
 
 
-EMBEDDING_OUTPUT = "embedding"
-TEXT_INPUT = "tokens"
-TEXT_OUTPUT = "text_embedding"
 
 
 def export_onnx(
@@ -150,7 +155,7 @@ def export_text_encoder(model: nn.Module, path: str | Path, opset: int = DEFAULT
     """CLIP's text encoder as ONNX: int64 `tokens` [N, L] -> float32 `text_embedding` [N, D],
     L2-normalized, with dynamic N and L (up to the model's context length)."""
     _check_opset(opset)
-    encoder = TextEncoder(model).eval()
+    encoder = TextTower(model).eval()
     dummy = torch.zeros(2, 7, dtype=torch.int64)
     dummy[:, 1:6] = 320
     dummy[:, 6] = model.vocab_size - 1

@@ -22,11 +22,16 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from mlflow_clip import flavor
-from mlflow_clip.config import ClassifierConfig, sha256_file
+from mlflow_clip.serving.contract import (
+    EMBEDDING_OUTPUT,
+    ONNX_FILE_NAME,
+    TEXT_ENCODER_FILE_NAME,
+    ClassifierConfig,
+    sha256_file,
+)
 from mlflow_clip.export.checkpoints import LoadedClip, load_clip
 from mlflow_clip.export.graph import (
     DEFAULT_OPSET,
-    EMBEDDING_OUTPUT,
     ZeroShotHead,
     apply_conventions,
     check_dynamic_batch,
@@ -47,9 +52,9 @@ from mlflow_clip.export.parity import (
     plot_parity,
 )
 from mlflow_clip.export.precision import PrecisionInfo, apply_precision, check_precision, fp16_emulation
-from mlflow_clip.preprocess import Preprocessor
-from mlflow_clip.prompts import describe_templates, parse_classes, resolve_templates
-from mlflow_clip.runtime import RuntimeSettings
+from mlflow_clip.serving.preprocess import Preprocessor
+from mlflow_clip.serving.prompts import describe_templates, parse_classes, resolve_templates
+from mlflow_clip.serving.runtime import RuntimeSettings
 from mlflow_clip.tracking import active_or_new_run, log_new_params
 
 _logger = logging.getLogger(__name__)
@@ -58,8 +63,6 @@ DEFAULT_REGISTERED_MODEL_NAME = "clip-zero-shot"
 MODEL_ARTIFACT_NAME = "model"
 EDGE_ARTIFACT_DIR = "onnx"
 EDGE_FILE_NAME = "classifier.onnx"
-SERVED_FILE_NAME = "model.onnx"
-TEXT_ENCODER_FILE_NAME = "text_encoder.onnx"
 
 
 @dataclass
@@ -122,7 +125,7 @@ def build_classifier(
     head = ZeroShotHead(loaded.model.visual, text_features, logit_scale).eval()
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="mlflow-clip-"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    onnx_path = out_dir / SERVED_FILE_NAME
+    onnx_path = out_dir / ONNX_FILE_NAME
     _step(f"exporting to ONNX (opset {opset})")
     export_onnx(head, onnx_path, loaded.input_resolution, opset, embedding=True)
     _step("simplifying with onnxsim")
@@ -172,7 +175,7 @@ def _config_for(loaded, classes, templates, template_texts, logit_scale, opset) 
     import clip
     import onnx
 
-    from mlflow_clip.preprocess import CLIP_MEAN, CLIP_STD
+    from mlflow_clip.serving.preprocess import CLIP_MEAN, CLIP_STD
 
     return ClassifierConfig(
         classes=list(classes),
@@ -208,8 +211,8 @@ def check_parity(built: BuiltClassifier, images: str | Path | None, thresholds: 
     preprocessor = Preprocessor(built.config.input_resolution, tuple(built.config.mean), tuple(built.config.std))
     report = measure_parity(built.head, built.onnx_path, samples, built.loaded.preprocess, preprocessor)
     if built.text_encoder_path is not None:
-        from mlflow_clip.prompts import texts_for_class
-        from mlflow_clip.tokenizer import default_vocab_path
+        from mlflow_clip.serving.prompts import texts_for_class
+        from mlflow_clip.package_data import default_vocab_path
 
         texts = [text for name in built.config.classes for text in texts_for_class(name, built.config.template_texts)]
         report.text = measure_text_parity(built.loaded.model, built.text_encoder_path, texts, default_vocab_path())
@@ -322,34 +325,31 @@ def _log_and_register(run_id, built, report, metrics, registered_model_name, ali
         metadata={"parity": report.metrics(), "onnx_sha256": sha},
         text_encoder=built.text_encoder_path,
         runtime=RuntimeSettings(providers=built.precision.providers),
+        # The tags travel with the registration itself, so no version exists without them.
+        tags=_version_tags(built.config, built.text_encoder_path is not None),
     )
     version = None
     if registered_model_name:
         version = str(info.registered_model_version)
-        _tag_version(registered_model_name, version, built.config, sha, alias, built.text_encoder_path is not None)
+        if alias:
+            MlflowClient().set_registered_model_alias(registered_model_name, alias, version)
         _step(f"registered {registered_model_name} version {version}" + (f" with alias @{alias}" if alias else ""))
     return ExportResult(run_id, info.model_uri, registered_model_name, version, sha, report, metrics)
 
 
-def _tag_version(name: str, version: str, config: ClassifierConfig, sha: str, alias: str | None, has_text_encoder: bool) -> None:
-    client = MlflowClient()
-    tags = {
+def _version_tags(config: ClassifierConfig, has_text_encoder: bool) -> dict[str, str]:
+    return {
         "clip_model": config.clip_model,
         "templates": config.templates,
         "num_classes": str(len(config.classes)),
         "parity_status": "passed",
-        "onnx_sha256": sha,
         "precision": config.precision,
         "text_encoder": "true" if has_text_encoder else "false",
     }
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
-    if alias:
-        client.set_registered_model_alias(name, alias, version)
 
 
 def _example_image_bytes() -> bytes:
-    from mlflow_clip.samples import sample_image_paths
+    from mlflow_clip.package_data import sample_image_paths
 
     smallest = min(sample_image_paths(), key=lambda p: p.stat().st_size)
     return smallest.read_bytes()

@@ -20,9 +20,9 @@ import onnx
 import torch
 from PIL import Image
 
-from mlflow_clip.images import decode_image
-from mlflow_clip.preprocess import Preprocessor
-from mlflow_clip.samples import IMAGE_SUFFIXES, default_images_dir, sample_image_paths
+from mlflow_clip.serving.images import decode_image
+from mlflow_clip.serving.preprocess import Preprocessor
+from mlflow_clip.package_data import IMAGE_SUFFIXES, default_images_dir, sample_image_paths
 PARITY_BATCH_SIZES = (1, 3)
 
 
@@ -186,12 +186,12 @@ MAX_PARITY_TEXTS = 96
 @torch.no_grad()
 def measure_text_parity(model: torch.nn.Module, text_encoder_path: str | Path, texts: Sequence[str],
                         vocab_path: str | Path) -> TextParity:
-    """The serving path (`mlflow_clip.text.TextEncoder`: our tokenizer, ids trimmed after the
+    """The serving path (`mlflow_clip.serving.text.TextEncoder`: our tokenizer, ids trimmed after the
     last end-of-text token, the ONNX graph) against `clip.tokenize` + PyTorch `encode_text`, on
     at most MAX_PARITY_TEXTS texts spread evenly over `texts`, plus TEXT_PROBES."""
     import clip
 
-    from mlflow_clip.text import TextEncoder
+    from mlflow_clip.serving.text import TextEncoder
 
     texts = list(texts)
     if len(texts) > MAX_PARITY_TEXTS:

@@ -58,7 +58,7 @@ _logger = logging.getLogger(__name__)
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
 INT8_METHODS: tuple[str, ...] = ("auto", "static", "dynamic")
 # Execution providers written into the model for each precision; onnxruntime builds without
-# CUDA fall back to the CPU provider with a warning (mlflow_clip.runtime.select_providers).
+# CUDA fall back to the CPU provider with a warning (mlflow_clip.serving.runtime.select_providers).
 DEFAULT_PROVIDERS: dict[str, tuple[str, ...]] = {
     "fp32": ("CPUExecutionProvider",),
     "fp16": ("CUDAExecutionProvider", "CPUExecutionProvider"),

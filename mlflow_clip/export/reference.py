@@ -19,11 +19,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mlflow_clip.classifier import InvalidInputError, _describe_bad_rows, coerce_rows, format_predictions
-from mlflow_clip.config import ClassifierConfig
+from mlflow_clip.serving.classifier import InvalidInputError, describe_bad_rows, coerce_rows, format_predictions
+from mlflow_clip.serving.contract import ClassifierConfig
 from mlflow_clip.export.checkpoints import LoadedClip, load_clip
 from mlflow_clip.export.graph import ZeroShotHead, encode_text_features
-from mlflow_clip.images import ImageInputError, decode_image
+from mlflow_clip.serving.images import ImageInputError, decode_image
 
 _logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class ReferenceClassifier:
                 errors[index] = e.reason
         bad = [(i, reason) for i, reason in enumerate(errors) if reason is not None]
         if bad and on_error == "raise":
-            raise InvalidInputError(_describe_bad_rows(bad), bad)
+            raise InvalidInputError(describe_bad_rows(bad), bad)
         if good:
             probabilities[good] = self.head(torch.stack(pixels)).float().numpy()
         return format_predictions(probabilities, errors, self._classes, top_k, on_error)

@@ -8,51 +8,33 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from mlflow_clip.config import ClassifierConfig
-from mlflow_clip.images import ImageInputError, ImageLimits, decode_image
-from mlflow_clip.preprocess import Preprocessor
-from mlflow_clip.prompts import TEMPLATE_PRESETS, PromptError, parse_classes, resolve_templates
-from mlflow_clip.runtime import OrtSession, RuntimeSettings
-from mlflow_clip.text import TextEncoder, softmax_scores
-
-_logger = logging.getLogger(__name__)
+from .contract import ClassifierConfig
+from .errors import MlflowClipError
+from .images import ImageInputError, decode_image
+from .limits import InputLimits
+from .preprocess import Preprocessor
+from .prompts import TEMPLATE_PRESETS, PromptError, parse_classes, resolve_templates
+from .runtime import OrtSession, RuntimeSettings
+from .text import TextEncoder, softmax_scores
 
 IMAGE_COLUMN = "image"
 ON_ERROR_CHOICES = ("raise", "null")
-DEFAULT_MAX_ROWS = 10_000  # Spark's default Arrow batch size, so spark_udf works out of the box.
-# Per-request labels: every class x template is one text-encoder input on a cache miss.
-MAX_REQUEST_CLASSES = 1_000
-MAX_REQUEST_TEMPLATES = 100
 
 
-class InvalidInputError(ValueError):
+class InvalidInputError(MlflowClipError, ValueError):
     """A request the model cannot score; `rows` lists (row index, reason) pairs."""
 
     def __init__(self, message: str, rows: Sequence[tuple[int, str]] = ()):
         super().__init__(message)
         self.rows = list(rows)
-
-
-@dataclass(frozen=True)
-class InputLimits:
-    """Safe defaults for untrusted requests; each one is configurable in MLmodel or at load."""
-
-    max_bytes: int = ImageLimits().max_bytes
-    max_pixels: int = ImageLimits().max_pixels
-    max_rows: int = DEFAULT_MAX_ROWS
-
-    def image_limits(self) -> ImageLimits:
-        return ImageLimits(max_bytes=self.max_bytes, max_pixels=self.max_pixels)
 
 
 class ZeroShotClassifier:
@@ -70,11 +52,7 @@ class ZeroShotClassifier:
     ):
         self.config = config
         self.limits = limits
-        self.preprocessor = Preprocessor(
-            input_resolution=config.input_resolution,
-            mean=tuple(config.mean),
-            std=tuple(config.std),
-        )
+        self.preprocessor = Preprocessor.from_config(config)
         self.session = OrtSession(onnx_path, settings)
         self._probabilities_output = self.session.output_names[0]
         outputs = self.session.output_names
@@ -85,7 +63,6 @@ class ZeroShotClassifier:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mlflow-clip-decode")
         self._shards = settings.shard_count
         self._shard_pool = ThreadPoolExecutor(max_workers=max(1, self._shards), thread_name_prefix="mlflow-clip-shard")
-        self._image_limits = limits.image_limits()
 
     @property
     def classes(self) -> list[str]:
@@ -116,8 +93,8 @@ class ZeroShotClassifier:
             self._check_row_count(rows)
             probabilities, errors = self._run_images(rows, on_error, self._probabilities_output)
             return format_predictions(probabilities, errors, self.config.classes, top_k, on_error)
-        names = request_classes(classes)
-        template_texts = request_templates(templates) if templates else list(self.config.template_texts)
+        names = request_classes(classes, self.limits)
+        template_texts = request_templates(templates, self.limits) if templates else list(self.config.template_texts)
         _check_options(top_k, on_error, len(names))
         self._check_row_count(rows)
         features = self._text_encoder("per-request classes").class_features(names, template_texts)
@@ -215,7 +192,7 @@ class ZeroShotClassifier:
                     values = np.full((len(rows), result.shape[1]), np.nan, dtype=np.float32)
                 values[[start + i for i in offsets]] = result
         if bad and on_error == "raise":
-            raise InvalidInputError(_describe_bad_rows(bad), bad)
+            raise InvalidInputError(describe_bad_rows(bad), bad)
         if values is None:
             values = np.full((len(rows), self._output_width(output)), np.nan, dtype=np.float32)
         return values, errors
@@ -239,7 +216,7 @@ class ZeroShotClassifier:
 
     def _load(self, value: Any) -> np.ndarray | ImageInputError:
         try:
-            return self.preprocessor(decode_image(value, self._image_limits, self._draft_size))
+            return self.preprocessor(decode_image(value, self.limits, self._draft_size))
         except ImageInputError as e:
             return e
 
@@ -248,7 +225,7 @@ class ZeroShotClassifier:
         self._shard_pool.shutdown(wait=False)
 
 
-def request_classes(value: Any) -> list[str]:
+def request_classes(value: Any, limits: InputLimits = InputLimits()) -> list[str]:
     """Labels sent with a request: a list of names, or one comma-separated string."""
     if isinstance(value, str):
         if value.lstrip().startswith("@"):
@@ -263,9 +240,9 @@ def request_classes(value: Any) -> list[str]:
     for index, name in enumerate(value):
         if not isinstance(name, str):
             raise InvalidInputError(f"Class {index} is {type(name).__name__}, not text; send a list of names.")
-    if len(value) > MAX_REQUEST_CLASSES:
+    if len(value) > limits.max_classes:
         raise InvalidInputError(
-            f"Received {len(value)} classes; expected at most {MAX_REQUEST_CLASSES} per request. "
+            f"Received {len(value)} classes; expected at most {limits.max_classes} per request. "
             "Export a model with the classes baked in instead."
         )
     try:
@@ -274,7 +251,7 @@ def request_classes(value: Any) -> list[str]:
         raise InvalidInputError(str(e)) from None
 
 
-def request_templates(value: Any) -> list[str]:
+def request_templates(value: Any, limits: InputLimits = InputLimits()) -> list[str]:
     """Templates sent with a request: a preset name, one template with {}, or a list of them."""
     if isinstance(value, str):
         key = value.strip()
@@ -288,8 +265,8 @@ def request_templates(value: Any) -> list[str]:
         value = value.tolist()
     if not isinstance(value, (list, tuple)) or not all(isinstance(t, str) for t in value):
         raise InvalidInputError("Received templates that are not text; send a preset name or templates with {}.")
-    if len(value) > MAX_REQUEST_TEMPLATES:
-        raise InvalidInputError(f"Received {len(value)} templates; expected at most {MAX_REQUEST_TEMPLATES}.")
+    if len(value) > limits.max_templates:
+        raise InvalidInputError(f"Received {len(value)} templates; expected at most {limits.max_templates}.")
     try:
         return resolve_templates(list(value))
     except PromptError as e:
@@ -366,7 +343,7 @@ def _check_options(top_k: Any, on_error: Any, num_classes: int) -> None:
         )
 
 
-def _describe_bad_rows(bad: list[tuple[int, str]], shown: int = 5) -> str:
+def describe_bad_rows(bad: list[tuple[int, str]], shown: int = 5) -> str:
     parts = [f"row {index}: {reason}" for index, reason in bad[:shown]]
     more = f" (and {len(bad) - shown} more)" if len(bad) > shown else ""
     return (

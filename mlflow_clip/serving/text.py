@@ -1,6 +1,6 @@
 """CLIP's text encoder at serving time: labels chosen per request, and text embeddings.
 
-Torch-free: the torch-free tokenizer (`mlflow_clip.tokenizer`) turns texts into CLIP's token ids
+Torch-free: the torch-free tokenizer (`tokenizer.py`) turns texts into CLIP's token ids
 and the exported text-encoder graph turns ids into L2-normalized embeddings. Class features are
 computed exactly as the exporter bakes them (per class, the renormalized mean of the normalized
 embeddings of its prompts) and cached per label set, so a repeated label set costs no
@@ -13,6 +13,7 @@ text-encoder run.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -20,12 +21,14 @@ from typing import Sequence
 
 import numpy as np
 
-from mlflow_clip.prompts import texts_for_class
-from mlflow_clip.runtime import OrtSession, RuntimeSettings
+from .errors import ModelFileError
+from .prompts import texts_for_class
+from .runtime import OrtSession, RuntimeSettings
+from .tokenizer import ClipTokenizer
 
-TOKENS_INPUT = "tokens"
 # Texts per text-encoder run; texts are sorted by length first so each run is trimmed tightly.
-TEXT_BATCH = 64
+TEXT_RUN_BATCH = 64
+_logger = logging.getLogger("mlflow_clip.serving.text")
 DEFAULT_CACHE_SIZE = 64
 
 
@@ -58,10 +61,16 @@ class TextEncoder:
     def _ready(self):
         with self._lock:
             if self._session is None:
-                from mlflow_clip.tokenizer import ClipTokenizer
-
-                self._tokenizer = ClipTokenizer.from_file(self.vocab_path)
-                self._session = OrtSession(self.onnx_path, self.settings)
+                try:
+                    self._tokenizer = ClipTokenizer.from_file(self.vocab_path)
+                    self._session = OrtSession(self.onnx_path, self.settings)
+                except Exception as e:  # noqa: BLE001 - a damaged file, whatever the library says
+                    _logger.error("mlflow-clip: cannot load the text encoder %s: %s", self.onnx_path, e)
+                    raise ModelFileError(
+                        f"This model's text encoder ({self.onnx_path.name}, {self.vocab_path.name}) cannot be loaded "
+                        f"({type(e).__name__}; the server's log has the details): the model directory is damaged "
+                        "or was edited. Serve the registered version as it was exported."
+                    ) from None
             return self._session, self._tokenizer
 
     def tokenize(self, texts: Sequence[str]) -> np.ndarray:
@@ -76,8 +85,8 @@ class TextEncoder:
         ends = ids.argmax(axis=1)  # end-of-text is the highest id: its position ends the prompt
         order = np.argsort(ends, kind="stable")
         parts = []
-        for start in range(0, len(order), TEXT_BATCH):
-            rows = order[start : start + TEXT_BATCH]
+        for start in range(0, len(order), TEXT_RUN_BATCH):
+            rows = order[start : start + TEXT_RUN_BATCH]
             length = int(ends[rows].max()) + 1
             batch = np.ascontiguousarray(ids[rows, :length])
             parts.append(session.run(batch)[0])

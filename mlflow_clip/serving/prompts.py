@@ -14,6 +14,8 @@ import re
 from pathlib import Path
 from typing import Sequence
 
+from .errors import MlflowClipError
+
 # The 80 prompt templates CLIP's authors used for zero-shot ImageNet.
 IMAGENET_TEMPLATES: tuple[str, ...] = (
     "a bad photo of a {}.",
@@ -115,7 +117,7 @@ _DETERMINERS = frozenset(
 _INDEFINITE_BEFORE_PLACEHOLDER = re.compile(r"\b(a|an)\s+$", re.IGNORECASE)
 
 
-class PromptError(ValueError):
+class PromptError(MlflowClipError, ValueError):
     """Bad class names or templates; the message says which one and how to fix it."""
 
 

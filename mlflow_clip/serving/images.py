@@ -34,18 +34,18 @@ import re
 import struct
 import warnings
 import zlib
-from dataclasses import dataclass
 
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
+
+from .errors import MlflowClipError
+from .limits import DEFAULT_LIMITS, InputLimits
 
 # Everything Pillow may open. Any other plugin is never tried (Image.open(..., formats=...)).
 ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO")
 # MPO has no opener of its own: Pillow's JPEG opener returns MPO images, and naming "MPO" in
 # Image.open(formats=...) raises KeyError for any non-JPEG input.
 _PILLOW_OPENERS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
-DEFAULT_MAX_BYTES = 32 * 1024 * 1024
-DEFAULT_MAX_PIXELS: int = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 SEND_IMAGE_FIX = (
     "send the bytes of a JPEG, PNG, WebP, BMP, GIF or TIFF file, raw or base64-encoded "
@@ -56,10 +56,10 @@ PATH_FIX = (
     "(see mlflow_clip.client.encode_image)"
 )
 ARRAY_FIX = "send uint8 pixels shaped HxWx3 (RGB), HxW (gray) or HxWx4 (RGBA)"
-TOO_LARGE_FIX = "downscale or recompress the image before sending, or raise ImageLimits.max_bytes"
+TOO_LARGE_FIX = "downscale or recompress the image before sending, or raise InputLimits.max_bytes"
 TOO_MANY_PIXELS_FIX = (
     "downscale the image before sending (CLIP sees at most a few hundred pixels per side), "
-    "or raise ImageLimits.max_pixels"
+    "or raise InputLimits.max_pixels"
 )
 CORRUPT_FIX = "send the complete, unmodified file (check that the upload or base64 step is intact)"
 
@@ -122,35 +122,9 @@ _EXIF_TRANSPOSE = {  # EXIF orientation -> transposition that makes the image up
 }
 
 
-@dataclass(frozen=True)
-class ImageLimits:
-    """Per-image limits, checked before anything is decoded.
-
-    ``max_bytes`` bounds the encoded image (after base64 decoding); ``max_pixels`` bounds
-    width * height from the header. A ``max_pixels`` above ``PIL.Image.MAX_IMAGE_PIXELS`` raises
-    Pillow's process-wide limit to match when an image is decoded with these limits.
-
-        >>> ImageLimits(max_bytes=1 << 20).max_pixels == DEFAULT_MAX_PIXELS
-        True
-    """
-
-    max_bytes: int = DEFAULT_MAX_BYTES
-    max_pixels: int = DEFAULT_MAX_PIXELS
-
-    def __post_init__(self) -> None:
-        for name in ("max_bytes", "max_pixels"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(
-                    f"ImageLimits.{name} must be a positive int; received {value!r}. "
-                    f"Fix: pass a number such as {getattr(ImageLimits, name)}."
-                )
 
 
-DEFAULT_LIMITS = ImageLimits()
-
-
-class ImageInputError(ValueError):
+class ImageInputError(MlflowClipError, ValueError):
     """One image input could not be used: ``reason`` says why, ``fix`` what to send instead.
 
     Messages never contain the input itself, at most its type and length.
@@ -165,7 +139,7 @@ class ImageInputError(ValueError):
         return (type(self), (self.reason, self.fix))
 
 
-def decode_image(value: object, limits: ImageLimits = DEFAULT_LIMITS, draft_size: int | None = None) -> Image.Image:
+def decode_image(value: object, limits: InputLimits = DEFAULT_LIMITS, draft_size: int | None = None) -> Image.Image:
     """Decode one image input into a loaded, upright, mode "RGB" image detached from its source.
 
     Raises ``ImageInputError`` for anything that is not a supported image. With ``draft_size``,
@@ -202,7 +176,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 # From a request cell to encoded bytes
 
 
-def _encoded_bytes(value: object, limits: ImageLimits) -> bytes:
+def _encoded_bytes(value: object, limits: InputLimits) -> bytes:
     if isinstance(value, str):
         return _bytes_from_str(value, limits)
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -214,7 +188,7 @@ def _encoded_bytes(value: object, limits: ImageLimits) -> bytes:
     )
 
 
-def _bytes_from_binary(value: bytes | bytearray | memoryview, limits: ImageLimits) -> bytes:
+def _bytes_from_binary(value: bytes | bytearray | memoryview, limits: InputLimits) -> bytes:
     size = value.nbytes if isinstance(value, memoryview) else len(value)
     if size == 0:
         raise ImageInputError("empty input (0 bytes)")
@@ -228,7 +202,7 @@ def _bytes_from_binary(value: bytes | bytearray | memoryview, limits: ImageLimit
     return _bytes_from_text(data, limits)
 
 
-def _bytes_from_str(text: str, limits: ImageLimits) -> bytes:
+def _bytes_from_str(text: str, limits: InputLimits) -> bytes:
     if not text.strip():
         raise ImageInputError(f"empty input (str of length {len(text)})")
     if len(text) > 2 * limits.max_bytes + 1024:
@@ -245,7 +219,7 @@ def _bytes_from_str(text: str, limits: ImageLimits) -> bytes:
     return _bytes_from_text(data, limits)
 
 
-def _bytes_from_text(text: bytes, limits: ImageLimits) -> bytes:
+def _bytes_from_text(text: bytes, limits: InputLimits) -> bytes:
     """Base64 text or a data URI (the caller has ruled out raw image bytes)."""
     stripped = text.strip()
     if stripped[:5].lower() == b"data:":
@@ -264,7 +238,7 @@ def _bytes_from_text(text: bytes, limits: ImageLimits) -> bytes:
     return decoded
 
 
-def _bytes_from_data_uri(uri: bytes, limits: ImageLimits) -> bytes:
+def _bytes_from_data_uri(uri: bytes, limits: InputLimits) -> bytes:
     header, comma, payload = uri.partition(b",")
     if not comma or len(header) > 256:
         raise ImageInputError("malformed data URI", "use data:image/png;base64,<base64 bytes>")
@@ -294,7 +268,7 @@ def _check_media_type(media_type: str) -> None:
     raise ImageInputError(f"data URI media type {shown} is not an image")
 
 
-def _decode_base64(text: bytes, limits: ImageLimits) -> bytes | None:
+def _decode_base64(text: bytes, limits: InputLimits) -> bytes | None:
     """Strict base64 (standard or urlsafe alphabet, padding optional, line breaks ignored)."""
     compact = text.translate(None, _LINE_BREAKS)
     if not compact or compact.translate(None, _BASE64_CHARS):
@@ -370,16 +344,16 @@ def _refuse_known_format(data: bytes) -> None:
         raise ImageInputError(f"unsupported format {name}")
 
 
-def _check_byte_count(size: int, limits: ImageLimits) -> None:
+def _check_byte_count(size: int, limits: InputLimits) -> None:
     if size > limits.max_bytes:
         raise ImageInputError(_too_large(size, limits), TOO_LARGE_FIX)
 
 
-def _too_large(size: int, limits: ImageLimits) -> str:
+def _too_large(size: int, limits: InputLimits) -> str:
     return f"too large: {size} bytes > limit {limits.max_bytes}"
 
 
-def _check_pixel_count(width: int, height: int, limits: ImageLimits) -> None:
+def _check_pixel_count(width: int, height: int, limits: InputLimits) -> None:
     if width <= 0 or height <= 0:
         raise ImageInputError(f"empty image ({width}x{height} pixels)")
     if width * height > limits.max_pixels:
@@ -398,7 +372,7 @@ def _raise_pillow_pixel_limit(max_pixels: int) -> None:
 # Decoding
 
 
-def _open_image(data: bytes, limits: ImageLimits, draft_size: int | None = None) -> Image.Image:
+def _open_image(data: bytes, limits: InputLimits, draft_size: int | None = None) -> Image.Image:
     sniffed = _sniff_allowed(data)
     if sniffed is None:  # the same test Pillow's allowed openers apply: none of them would accept
         raise ImageInputError(f"not an image ({len(data)} bytes in no supported format)")
@@ -430,7 +404,7 @@ def _bomb_reason(described: str) -> str:
 
 
 
-def _image_from_array(array: np.ndarray, limits: ImageLimits) -> Image.Image:
+def _image_from_array(array: np.ndarray, limits: InputLimits) -> Image.Image:
     if array.dtype != np.uint8:
         raise ImageInputError(f"unsupported array dtype {array.dtype}", ARRAY_FIX)
     if array.ndim == 3 and array.shape[2] == 1:

@@ -7,8 +7,9 @@ torchvision's; the float math is float32 in the same order, ``(x / 255 - mean) /
 once per channel for the 256 possible byte values and applied as a lookup table.
 
 When the native extension is built and has matched the installed Pillow bit for bit
-(``mlflow_clip.resample``), resize, crop and table run in one native pass over only the pixels
-the crop keeps; otherwise Pillow and numpy do it. Both give the same float32 values.
+(``native_check``, run once per process), resize, crop and table run in one native pass over
+only the pixels the crop keeps; otherwise Pillow and numpy do it. Both give the same float32
+values.
 
     >>> from PIL import Image
     >>> pixels = Preprocessor(224)(Image.new("RGB", (640, 480), (255, 0, 0)))
@@ -18,15 +19,24 @@ the crop keeps; otherwise Pillow and numpy do it. Both give the same float32 val
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from PIL import Image
 
-from mlflow_clip import resample as native_resample
-from mlflow_clip.images import to_rgb
+from . import resample as native_resample
+from .images import to_rgb
+
+if TYPE_CHECKING:
+    from .contract import ClassifierConfig
+
+_logger = logging.getLogger("mlflow_clip.serving.preprocess")
+# The geometry CLIP's preprocessing uses: resize the short side, then crop the centre.
+RESIZE_MODES = ("shortest_side_then_center_crop",)
 
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
@@ -154,16 +164,17 @@ class Preprocessor:
         return rows.resize((size, size), resample, box=box)
 
     def _write(self, image: Image.Image, out: np.ndarray) -> None:
-        if self.native is not False and (self.native or native_resample.available()):
-            if self._write_native(image, out):
+        if self.native is not False and (self.native or native_status().available):
+            if self.write_native(image, out):
                 return
         pixels = np.asarray(self.resize_and_crop(image))
         for channel in range(3):
             plane = pixels if pixels.ndim == 2 else pixels[:, :, channel]
             np.take(self._table[channel], plane, out=out[channel], mode="clip")
 
-    def _write_native(self, image: Image.Image, out: np.ndarray) -> bool:
-        """Resize, crop and normalize in one native pass; False if this image needs Pillow."""
+    def write_native(self, image: Image.Image, out: np.ndarray) -> bool:
+        """Resize, crop and normalize in one native pass into ``out``; False if this image
+        needs Pillow (or the extension is not installed)."""
         if not native_resample.built() or self.resample not in native_resample.NATIVE_FILTERS:
             return False
         if image.mode not in ("RGB", "L"):
@@ -175,6 +186,82 @@ class Preprocessor:
         origin = compute_crop_origin(*new_size, size)
         native_resample.resize_crop_into(image, new_size, origin, size, self.resample, self._table, out)
         return True
+
+    @classmethod
+    def from_config(cls, config: ClassifierConfig) -> Preprocessor:
+        """The preprocessing a model's contract records: size, mean, std, interpolation and
+        resize mode. An interpolation or resize mode this module cannot reproduce is refused."""
+        if config.resize_mode not in RESIZE_MODES:
+            raise ValueError(
+                f"Received resize_mode={config.resize_mode!r} in the model's configuration; expected one of "
+                f"{list(RESIZE_MODES)}. Load it with the mlflow-clip release that exported it."
+            )
+        return cls(
+            input_resolution=config.input_resolution,
+            mean=tuple(config.mean),
+            std=tuple(config.std),
+            resample=config.interpolation,
+        )
+
+
+@dataclass(frozen=True)
+class NativeStatus:
+    """Whether the native pass is used in this process, and why (for logs and the benchmark)."""
+
+    available: bool
+    reason: str
+
+    def describe(self) -> str:
+        return ("native" if self.available else "Pillow") + f" ({self.reason})"
+
+
+# (width, height, size): downscales wide, tall (both pass orders) and square, upscales, sizes
+# that keep one side, and a crop of a single pixel.
+_CHECK_SHAPES = (
+    (97, 61, 24),
+    (61, 97, 24),
+    (23, 200, 16),
+    (200, 23, 16),
+    (40, 40, 40),
+    (40, 40, 17),
+    (9, 7, 20),
+    (3, 50, 11),
+    (16, 30, 16),
+    (5, 5, 1),
+)
+
+
+@functools.cache
+def native_status() -> NativeStatus:
+    """Check the native pass against the installed Pillow, once per process: every filter, both
+    pass orders, gray and RGB, upscaling and downscaling must give identical floats."""
+    reason = native_resample.ensure_extension()
+    if reason is not None:
+        return NativeStatus(False, reason + "; Pillow resizes")
+    rng = np.random.default_rng(20240607)
+    try:
+        for index, (width, height, size) in enumerate(_CHECK_SHAPES):
+            for resample in native_resample.NATIVE_FILTERS:
+                mode = "L" if index % 3 == 2 else "RGB"
+                shape = (height, width) if mode == "L" else (height, width, 3)
+                pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+                pixels[rng.random(shape) < 0.3] = 255  # hard edges reach the clipping
+                image = Image.fromarray(pixels, mode)
+                expected = Preprocessor(size, resample=resample, native=False)(image)
+                got = np.empty_like(expected)
+                Preprocessor(size, resample=resample, native=True).write_native(image, got)
+                if not np.array_equal(expected, got):
+                    reason = (
+                        f"differs from Pillow {Image.__version__} on a {width}x{height} {mode} "
+                        f"image ({resample}, {size} px); Pillow resizes"
+                    )
+                    _logger.warning("mlflow-clip native resampling %s", reason)
+                    return NativeStatus(False, reason)
+    except Exception as e:  # noqa: BLE001 - any failure means: use Pillow
+        reason = f"failed its check ({type(e).__name__}: {e}); Pillow resizes"
+        _logger.warning("mlflow-clip native resampling %s", reason)
+        return NativeStatus(False, reason)
+    return NativeStatus(True, f"{native_resample.origin()}; identical to Pillow {Image.__version__} on its check images")
 
 
 def _normalization_table(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-_logger = logging.getLogger(__name__)
+_logger = logging.getLogger("mlflow_clip.serving.runtime")
 
 DEFAULT_PROVIDERS: tuple[str, ...] = ("CPUExecutionProvider",)
 # Environment overrides, for operators who cannot change the model: MLFLOW_CLIP_INTRA_OP_NUM_THREADS=2

@@ -1,7 +1,8 @@
-"""The classifier's contract: what export writes and serving reads back, never recomputes.
+"""The model directory's contract: file names, MLmodel keys, graph names and the classifier config.
 
-The exporter writes these fields as `metadata_props` of the ONNX file; `save_model` copies
-them into the MLmodel flavor configuration and a JSON sidecar next to the graph.
+Everything here is written by the exporter and `save_model`, and read back by serving, never
+recomputed. One name per thing: the file names, the flavor's MLmodel keys (`FlavorKey`), the
+graphs' input and output names, and the hash every check uses (`sha256_file`).
 
     >>> config = ClassifierConfig.from_onnx("model.onnx")  # doctest: +SKIP
     >>> config.classes  # doctest: +SKIP
@@ -16,8 +17,52 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+FLAVOR_NAME = "mlflow_clip"
+
+# Files of the model directory.
+ONNX_FILE_NAME = "model.onnx"
+TEXT_ENCODER_FILE_NAME = "text_encoder.onnx"
 CONFIG_FILE_NAME = "clip_classifier.json"
+VOCAB_FILE_NAME = "bpe_simple_vocab_16e6.txt.gz"
+VOCAB_LICENSE_FILE_NAME = "CLIP_LICENSE"
+REFERENCE_FILE_NAME = "reference_predictions.json"
+CODE_DIR_NAME = "code"
+MLMODEL_FILE_NAME = "MLmodel"
+
+# Names inside the graphs.
 EDGE_INPUT_NAME = "image-"
+EMBEDDING_OUTPUT = "embedding"
+TEXT_INPUT = "tokens"
+TEXT_OUTPUT = "text_embedding"
+
+# Tags of a registered model version, written at export.
+ONNX_SHA256_TAG = "onnx_sha256"
+MANIFEST_SHA256_TAG = "manifest_sha256"
+
+
+class FlavorKey:
+    """The keys of the `mlflow_clip` flavor configuration in MLmodel."""
+
+    ONNX_MODEL = "onnx_model"
+    ONNX_SHA256 = "onnx_sha256"
+    CONFIG = "config"
+    TEXT_ENCODER = "text_encoder"
+    TEXT_ENCODER_SHA256 = "text_encoder_sha256"
+    TOKENIZER_VOCAB = "tokenizer_vocab"
+    TOKENIZER_VOCAB_SHA256 = "tokenizer_vocab_sha256"
+    REFERENCE = "reference_predictions"
+    RUNTIME = "runtime"
+    LIMITS = "limits"
+    PROVIDERS = "providers"
+    CODE = "code"
+    SERVING_PACKAGE = "serving_package"
+    MANIFEST = "manifest"
+    VERSION = "mlflow_clip_version"
+    CLASSES = "classes"
+    PRECISION = "precision"
+    CLIP_MODEL = "clip_model"
+
+
 # Keys of ONNX metadata_props whose values are JSON.
 _JSON_KEYS = (
     "classes", "template_texts", "mean", "std", "input_resolution", "logit_scale", "opset",
@@ -42,7 +87,7 @@ class ClassifierConfig:
     opset: int = 17
     precision: str = "fp32"
     # How the graph got its precision: "" (fp32 as exported), "float16", "int8-static-qdq"
-    # (ResNet towers) or "int8-dynamic" (ViT towers); see mlflow_clip/export/precision.py.
+    # (ResNet towers) or "int8-dynamic" (ViT towers); docs/decisions/int8-method.md.
     precision_method: str = ""
     # Image embeddings: the served graph's second output (the edge file has only the scores).
     embedding_output: str = ""
@@ -59,25 +104,21 @@ class ClassifierConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ClassifierConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> ClassifierConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def to_metadata_props(self) -> dict[str, str]:
         """String key/values for ONNX `metadata_props` (JSON where the value is not text)."""
-        props = {}
-        for key, value in self.to_dict().items():
-            props[key] = json.dumps(value) if key in _JSON_KEYS else str(value)
-        return props
+        return {key: json.dumps(value) if key in _JSON_KEYS else str(value) for key, value in self.to_dict().items()}
 
     @classmethod
-    def from_metadata_props(cls, props: Mapping[str, str]) -> "ClassifierConfig":
+    def from_metadata_props(cls, props: Mapping[str, str]) -> ClassifierConfig:
         data: dict[str, Any] = {}
         for f in fields(cls):
-            if f.name not in props:
-                continue
-            raw = props[f.name]
-            data[f.name] = json.loads(raw) if f.name in _JSON_KEYS else raw
+            if f.name in props:
+                raw = props[f.name]
+                data[f.name] = json.loads(raw) if f.name in _JSON_KEYS else raw
         missing = [k for k in ("classes", "clip_model", "input_resolution", "mean", "std") if k not in data]
         if missing:
             raise ValueError(
@@ -87,7 +128,7 @@ class ClassifierConfig:
         return cls.from_dict(data)
 
     @classmethod
-    def from_onnx(cls, onnx_path: str | Path) -> "ClassifierConfig":
+    def from_onnx(cls, onnx_path: str | Path) -> ClassifierConfig:
         import onnx
 
         model = onnx.load(str(onnx_path), load_external_data=False)
@@ -99,7 +140,7 @@ class ClassifierConfig:
         return path
 
     @classmethod
-    def read(cls, directory: str | Path) -> "ClassifierConfig":
+    def read(cls, directory: str | Path) -> ClassifierConfig:
         path = Path(directory) / CONFIG_FILE_NAME
         return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
 
@@ -110,8 +151,13 @@ def edge_output_name(classes: list[str]) -> str:
 
 
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    """The hex SHA-256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk_bytes), b""):
+        while block := f.read(chunk_bytes):
             digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

@@ -11,8 +11,8 @@ runs collapsed, lower-cased), split with CLIP's pattern (the ``regex`` module, f
 classes) and byte-pair encoded. Each word's ids are cached in a bounded LRU cache, safe to share
 between the threads of a server.
 
-    >>> tokenizer = ClipTokenizer.from_file(default_vocab_path())
-    >>> tokenizer(["a photo of a cat."], context_length=8).tolist()
+    >>> tokenizer = ClipTokenizer.from_file("model/bpe_simple_vocab_16e6.txt.gz")  # doctest: +SKIP
+    >>> tokenizer(["a photo of a cat."], context_length=8).tolist()  # doctest: +SKIP
     [[49406, 320, 1125, 539, 320, 2368, 269, 49407]]
 """
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import gzip
-import hashlib
 import html
 from collections.abc import Iterable
 from pathlib import Path
@@ -29,8 +28,9 @@ import ftfy
 import numpy as np
 import regex
 
-VOCAB_FILE_NAME = "bpe_simple_vocab_16e6.txt.gz"
-VOCAB_LICENSE_FILE_NAME = "CLIP_LICENSE"
+from .contract import VOCAB_FILE_NAME
+from .errors import MlflowClipError
+
 # SHA-256 of CLIP's vocabulary file, byte for byte as the `clip` package ships it.
 VOCAB_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
 CONTEXT_LENGTH = 77
@@ -52,29 +52,15 @@ _PRETOKEN = regex.compile(
 _EXCERPT_CHARS = 40
 
 
-class TextInputError(ValueError):
+class TextInputError(MlflowClipError, ValueError):
     """A text that cannot be tokenized; the message names its index and the fix."""
-
-
-def default_vocab_path() -> Path:
-    """The vocabulary file shipped with this package, the one the exporter copies into a model.
-
-        >>> default_vocab_path().name
-        'bpe_simple_vocab_16e6.txt.gz'
-    """
-    return Path(__file__).resolve().parent / "assets" / VOCAB_FILE_NAME
-
-
-def default_vocab_license_path() -> Path:
-    """CLIP's license, which must travel with every copy of the vocabulary file."""
-    return default_vocab_path().with_name(VOCAB_LICENSE_FILE_NAME)
 
 
 class ClipTokenizer:
     """CLIP's byte-pair-encoding tokenizer, loaded from an explicit vocabulary file.
 
-        >>> tokenizer = ClipTokenizer.from_file(default_vocab_path())
-        >>> tokenizer.encode("Hello, world!")
+        >>> tokenizer = ClipTokenizer.from_file("model/bpe_simple_vocab_16e6.txt.gz")  # doctest: +SKIP
+        >>> tokenizer.encode("Hello, world!")  # doctest: +SKIP
         [3306, 267, 1002, 256]
     """
 
@@ -213,7 +199,7 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
     if not path.is_file():
         raise FileNotFoundError(
             f"No CLIP vocabulary file at {path}. Fix: pass the path of a copy of {VOCAB_FILE_NAME} "
-            f"(the exporter puts one in each model directory; this package ships one at {default_vocab_path()})."
+            "(the exporter puts one in each model directory; mlflow_clip/assets has the original)."
         )
     try:
         with gzip.open(path) as f:
@@ -227,12 +213,3 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
             f"header line). Fix: use {VOCAB_FILE_NAME} from the clip package, SHA-256 {VOCAB_SHA256}."
         )
     return merges  # type: ignore[return-value]
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file, to check a vocabulary copy against ``VOCAB_SHA256``."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
