@@ -30,6 +30,8 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from mlflow_clip.serving.contract import FLAVOR_NAME, MANIFEST_SHA256_TAG
+
 _logger = logging.getLogger(__name__)
 
 DEFAULT_ALIAS = "production"
@@ -40,6 +42,9 @@ ACCURACY_TAG = "eval_accuracy"
 HISTORY_LIMIT = 200
 LOCK_STALE_SECONDS = 600.0
 LOCK_POLL_SECONDS = 0.05
+# The served reference predictions may differ from the recorded ones by at least this much
+# (onnxruntime on another CPU), and otherwise by the export's own parity gate.
+REFERENCE_TOLERANCE = 1e-4
 
 
 class PromotionError(RuntimeError):
@@ -71,6 +76,7 @@ class GateThresholds:
     max_pixel_diff: float = 0.0
     min_top1_agreement: float | None = None  # default: the export run's own, which follows its precision
     max_accuracy_drop: float | None = None  # None: the accuracy gate is off
+    allow_legacy: bool = False  # promote versions saved without a manifest on their graph's checksum alone
 
 
 def resolve_version(client: MlflowClient, model_name: str, version: str) -> str:
@@ -104,11 +110,21 @@ def check_gates(
     thresholds: GateThresholds,
     holder: str | None,
 ) -> list[GateResult]:
-    """Run every gate on `model_name` version `version`; each result carries its figures."""
+    """Run every gate on `model_name` version `version`; each result carries its figures.
+
+    The version is downloaded afresh; its files are checked against the manifest first, and only
+    a version whose files are intact is loaded (its own code then runs, in a separate process).
+    """
     mv = client.get_model_version(model_name, version)
     with tempfile.TemporaryDirectory(prefix="mlflow-clip-promote-") as tmp:
         local = _download(mv, tmp)
-        gates = [_checksum_gate(mv, local), _parity_gate(client, mv, thresholds), _predict_gate(local)]
+        checksum = _checksum_gate(mv, local, thresholds)
+        parity = _parity_gate(client, mv, thresholds)
+        if checksum.passed:
+            predict = _predict_gate(local, parity.figures.get("max_prob_diff"))
+        else:
+            predict = GateResult("loads and predicts", False, "not run: the version's files failed the checksum gate")
+        gates = [checksum, parity, predict]
     if thresholds.max_accuracy_drop is not None:
         gates.append(_accuracy_gate(client, model_name, mv, holder, thresholds.max_accuracy_drop))
     return gates
@@ -120,22 +136,59 @@ def _download(mv, tmp: str) -> Path:
     return Path(download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=tmp))
 
 
-def _checksum_gate(mv, local: Path) -> GateResult:
-    import yaml
+def _checksum_gate(mv, local: Path, thresholds: GateThresholds) -> GateResult:
+    from mlflow_clip.serving.manifest import (
+        Problem,
+        describe_problems,
+        manifest_digest,
+        read_mlmodel,
+        recorded_manifest,
+        verify_manifest,
+    )
 
-    from mlflow_clip.config import sha256_file
-
-    conf = yaml.safe_load((local / "MLmodel").read_text())["flavors"].get("mlflow_clip")
+    mlmodel = read_mlmodel(local)
+    conf = (mlmodel.get("flavors") or {}).get(FLAVOR_NAME)
     if conf is None:
         return GateResult("checksum", False, "the version is not an mlflow_clip model")
+    manifest = recorded_manifest(mlmodel)
+    if manifest is None:
+        return _legacy_checksum_gate(mv, local, conf, thresholds)
+    problems = verify_manifest(local, mlmodel, allow_bytecode=False)
+    recorded, actual = mv.tags.get(MANIFEST_SHA256_TAG), manifest_digest(manifest)
+    figures = {"files": len(manifest["files"]), "manifest_sha256": actual, "recorded": recorded}
+    if recorded is None:
+        problems_text = describe_problems(problems) if problems else ""
+        detail = (
+            f"version {mv.version} has no {MANIFEST_SHA256_TAG} tag to pin its manifest (register it with "
+            "mlflow-clip export or mlflow_clip.log_model)" + (f"; also {problems_text}" if problems_text else "")
+        )
+        return GateResult("checksum", False, detail, figures)
+    if recorded != actual:
+        problems.insert(0, Problem("the manifest in MLmodel", f"differs from the one recorded at export ({recorded[:16]}...)"))
+    if problems:
+        detail = f"{len(problems)} file(s) differ from the export's manifest: {describe_problems(problems)}"
+        return GateResult("checksum", False, detail, {**figures, "problems": [str(p) for p in problems]})
+    return GateResult("checksum", True, f"all {len(manifest['files'])} files and MLmodel match the export's manifest", figures)
+
+
+def _legacy_checksum_gate(mv, local: Path, conf: dict, thresholds: GateThresholds) -> GateResult:
+    """Versions saved by mlflow-clip 0.1.0 have no manifest, only the graph's SHA-256."""
+    from mlflow_clip.serving.contract import sha256_file
+
     recorded = mv.tags.get("onnx_sha256") or conf.get("onnx_sha256")
     actual = sha256_file(local / conf.get("onnx_model", "model.onnx"))
-    agree = actual == recorded == conf.get("onnx_sha256")
-    detail = "ONNX SHA-256 matches the export's record" if agree else (
-        f"ONNX SHA-256 {actual[:16]}... does not match the export's record {str(recorded)[:16]}... "
-        "(the artifact was changed after export)"
-    )
-    return GateResult("checksum", agree, detail, {"recorded": recorded, "actual": actual})
+    figures = {"recorded": recorded, "actual": actual, "manifest": False}
+    if not (actual == recorded == conf.get("onnx_sha256")):
+        detail = f"ONNX SHA-256 {actual[:16]}... does not match the export's record {str(recorded)[:16]}... (the artifact was changed after export)"
+        return GateResult("checksum", False, detail, figures)
+    if not thresholds.allow_legacy:
+        detail = (
+            f"version {mv.version} was saved by mlflow-clip {conf.get('mlflow_clip_version', '0.1.0')} without a manifest: only "
+            "model.onnx can be checked, not its configuration, code or text encoder. Export it again, or pass "
+            "--allow-legacy to promote it on that partial check"
+        )
+        return GateResult("checksum", False, detail, figures)
+    return GateResult("checksum", True, "legacy version without a manifest: model.onnx matches the export's record (partial check)", figures)
 
 
 def _parity_gate(client: MlflowClient, mv, thresholds: GateThresholds) -> GateResult:
@@ -171,17 +224,41 @@ def _parity_gate(client: MlflowClient, mv, thresholds: GateThresholds) -> GateRe
     return GateResult("parity", not failures, detail, figures)
 
 
-def _predict_gate(local: Path) -> GateResult:
+def _predict_gate(local: Path, max_prob_diff: float | None) -> GateResult:
+    """Load the version as serving will (its own code and settings, a fresh process without
+    torch) and compare its predictions on its reference images with those recorded at export."""
+    from mlflow_clip.references import ProbeError, compare_with_reference, max_score_difference, read_reference, run_probe
+
+    reference = read_reference(local)
+    if reference is None:
+        return _legacy_predict_gate(local)
+    tolerance = max(float(max_prob_diff or 0.0), REFERENCE_TOLERANCE)
+    try:
+        probe = run_probe(local, reference)
+    except ProbeError as e:
+        return GateResult("loads and predicts", False, f"the version does not load and predict: {e}")
+    problems = compare_with_reference(reference, probe, tolerance)
+    figures = {"images": len(reference["images"]), "max_score_diff": max_score_difference(reference, probe), "tolerance": tolerance,
+               "per_request": "per_request" in reference}
+    if problems:
+        return GateResult("loads and predicts", False, "; ".join(problems[:5]), figures)
+    kinds = "baked classes and per-request labels" if "per_request" in reference else "baked classes"
+    return GateResult(
+        "loads and predicts", True,
+        f"served in a fresh process, {len(reference['images'])} reference images ({kinds}) match the export's predictions "
+        f"(max score diff {figures['max_score_diff']:.1e} <= {tolerance:.0e})", figures,
+    )
+
+
+def _legacy_predict_gate(local: Path) -> GateResult:
     import numpy as np
 
-    from mlflow_clip.flavor import _load_classifier
+    from mlflow_clip.package_data import sample_image_paths
+    from mlflow_clip.serving.loader import load_classifier
 
-    from mlflow_clip.samples import sample_image_paths
-
-    samples = sample_image_paths()
     try:
-        classifier = _load_classifier(str(local))
-        out = classifier.predict([p.read_bytes() for p in samples])
+        classifier = load_classifier(str(local))
+        out = classifier.predict([p.read_bytes() for p in sample_image_paths()])
     except Exception as e:  # any failure to load or predict refuses the promotion
         return GateResult("loads and predicts", False, f"{type(e).__name__}: {e}")
     sums = np.array([sum(p) for p in out["probabilities"]])

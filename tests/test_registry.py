@@ -98,7 +98,7 @@ def test_promote_gate_serve_tamper_rollback(tracking_server, two_versions):
         _serve_alias_and_predict(tracking_server["url"], tracking_server["artifacts"].parent)
 
     v3 = _tampered_version(client, tracking_server["artifacts"])
-    with pytest.raises(PromotionError, match=r"gate 'checksum' failed: ONNX SHA-256 .* does not match"):
+    with pytest.raises(PromotionError, match=r"gate 'checksum' failed: 1 file\(s\) differ from the export's manifest: model.onnx changed"):
         promote(NAME, v3, "production")
     assert str(client.get_model_version_by_alias(NAME, "production").version) == v2
 
@@ -114,7 +114,7 @@ def test_promote_gate_serve_tamper_rollback(tracking_server, two_versions):
 
 def _tampered_version(client, artifacts: Path) -> str:
     """A freshly exported version whose model.onnx is then altered in the artifact store."""
-    from mlflow_clip.config import sha256_file
+    from mlflow_clip.serving.contract import sha256_file
     from mlflow_clip.export.job import export_and_register
 
     result = export_and_register(CLASSES, model="demo", templates="none", registered_model_name=NAME)
@@ -124,6 +124,48 @@ def _tampered_version(client, artifacts: Path) -> str:
     data[len(data) // 2] ^= 0xFF
     hits[0].write_bytes(bytes(data))
     return result.model_version
+
+
+@pytest.fixture()
+def exported_artifacts(tracking_server):
+    """A freshly exported version and the folder its model lives in, in the artifact store."""
+    from mlflow_clip.serving.contract import sha256_file
+    from mlflow_clip.export.job import export_and_register
+
+    result = export_and_register(CLASSES, model="demo", templates="none", registered_model_name=NAME)
+    hits = [p for p in tracking_server["artifacts"].rglob("model.onnx") if sha256_file(p) == result.onnx_sha256]
+    assert len(hits) == 1, hits
+    return result.model_version, hits[0].parent
+
+
+def test_each_tampered_file_is_refused_by_promotion_naming_it(tracking_server, exported_artifacts, tmp_path):
+    """Files edited in the artifact store after export: promotion names each one and the alias
+    stays where it was; the intact version then promotes."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+    from tampering import TAMPERING
+
+    from mlflow_clip.registry import PromotionError, current_holder, promote
+
+    client = MlflowClient()
+    version, stored = exported_artifacts
+    pristine = Path(shutil.copytree(stored, tmp_path / "pristine"))
+    holder = current_holder(client, NAME, "production")
+    for how, tamper in TAMPERING.items():
+        expected = tamper(stored)
+        with pytest.raises(PromotionError) as info:
+            promote(NAME, version, "production")
+        message = str(info.value)
+        assert "gate 'checksum' failed" in message and expected in message, (how, message)
+        assert "gate 'loads and predicts' failed: not run" in message  # tampered code never runs
+        assert current_holder(client, NAME, "production") == holder
+        shutil.rmtree(stored)
+        shutil.copytree(pristine, stored)
+    result = promote(NAME, version, "production")
+    assert result.moved and all(g.passed for g in result.gates)
+    predict = next(g for g in result.gates if g.name == "loads and predicts")
+    assert "fresh process" in predict.detail and predict.figures["per_request"] is True
 
 
 def _serve_alias_and_predict(tracking_url: str, log_dir: Path) -> None:
