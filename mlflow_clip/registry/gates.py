@@ -1,0 +1,224 @@
+"""The promotion gates: each checks one thing about a registered version and reports its figures.
+
+    >>> gates = check_gates(client, "clip-zero-shot", "3", GateThresholds(), holder="2")  # doctest: +SKIP
+    >>> [(g.name, g.passed) for g in gates]  # doctest: +SKIP
+    [('checksum', True), ('parity', True), ('loads and predicts', True)]
+
+checksum: every file of a fresh download against the version's manifest, and the manifest
+against the `manifest_sha256` tag set at registration. parity: the export run's parity
+metrics within thresholds. loads and predicts: only when the files are intact, the version
+loaded as serving loads it (its own code, a fresh process without torch) must give the
+predictions recorded at export on its reference images. accuracy (optional): the candidate's
+recorded accuracy against the current holder's.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+
+from mlflow_clip.serving.contract import FLAVOR_NAME, MANIFEST_SHA256_TAG
+
+ACCURACY_TAG = "eval_accuracy"
+# The served reference predictions may differ from the recorded ones by at least this much
+# (onnxruntime on another CPU), and otherwise by the export's own parity gate.
+REFERENCE_TOLERANCE = 1e-4
+
+
+@dataclass
+class GateResult:
+    name: str
+    passed: bool
+    detail: str
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GateThresholds:
+    max_prob_diff: float | None = None  # default: the export run's own max_prob_diff parameter
+    max_pixel_diff: float = 0.0
+    min_top1_agreement: float | None = None  # default: the export run's own, which follows its precision
+    max_accuracy_drop: float | None = None  # None: the accuracy gate is off
+    allow_legacy: bool = False  # promote versions saved without a manifest on their graph's checksum alone
+
+
+def check_gates(
+    client: MlflowClient,
+    model_name: str,
+    version: str,
+    thresholds: GateThresholds,
+    holder: str | None,
+) -> list[GateResult]:
+    """Run every gate on `model_name` version `version`; each result carries its figures.
+
+    The version is downloaded afresh; its files are checked against the manifest first, and only
+    a version whose files are intact is loaded (its own code then runs, in a separate process).
+    """
+    mv = client.get_model_version(model_name, version)
+    with tempfile.TemporaryDirectory(prefix="mlflow-clip-promote-") as tmp:
+        local = _download(mv, tmp)
+        checksum = _checksum_gate(mv, local, thresholds)
+        parity = _parity_gate(client, mv, thresholds)
+        if checksum.passed:
+            predict = _predict_gate(local, parity.figures.get("max_prob_diff"))
+        else:
+            predict = GateResult("loads and predicts", False, "not run: the version's files failed the checksum gate")
+        gates = [checksum, parity, predict]
+    if thresholds.max_accuracy_drop is not None:
+        gates.append(_accuracy_gate(client, model_name, mv, holder, thresholds.max_accuracy_drop))
+    return gates
+
+
+def _download(mv, tmp: str) -> Path:
+    from mlflow.artifacts import download_artifacts
+
+    return Path(download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=tmp))
+
+
+def _checksum_gate(mv, local: Path, thresholds: GateThresholds) -> GateResult:
+    from mlflow_clip.serving.manifest import (
+        Problem,
+        describe_problems,
+        manifest_digest,
+        read_mlmodel,
+        recorded_manifest,
+        verify_manifest,
+    )
+
+    mlmodel = read_mlmodel(local)
+    conf = (mlmodel.get("flavors") or {}).get(FLAVOR_NAME)
+    if conf is None:
+        return GateResult("checksum", False, "the version is not an mlflow_clip model")
+    manifest = recorded_manifest(mlmodel)
+    if manifest is None:
+        return _legacy_checksum_gate(mv, local, conf, thresholds)
+    problems = verify_manifest(local, mlmodel, allow_bytecode=False)
+    recorded, actual = mv.tags.get(MANIFEST_SHA256_TAG), manifest_digest(manifest)
+    figures = {"files": len(manifest["files"]), "manifest_sha256": actual, "recorded": recorded}
+    if recorded is None:
+        problems_text = describe_problems(problems) if problems else ""
+        detail = (
+            f"version {mv.version} has no {MANIFEST_SHA256_TAG} tag to pin its manifest (register it with "
+            "mlflow-clip export or mlflow_clip.log_model)" + (f"; also {problems_text}" if problems_text else "")
+        )
+        return GateResult("checksum", False, detail, figures)
+    if recorded != actual:
+        problems.insert(0, Problem("the manifest in MLmodel", f"differs from the one recorded at export ({recorded[:16]}...)"))
+    if problems:
+        detail = f"{len(problems)} file(s) differ from the export's manifest: {describe_problems(problems)}"
+        return GateResult("checksum", False, detail, {**figures, "problems": [str(p) for p in problems]})
+    return GateResult("checksum", True, f"all {len(manifest['files'])} files and MLmodel match the export's manifest", figures)
+
+
+def _legacy_checksum_gate(mv, local: Path, conf: dict, thresholds: GateThresholds) -> GateResult:
+    """Versions saved by mlflow-clip 0.1.0 have no manifest, only the graph's SHA-256."""
+    from mlflow_clip.serving.contract import sha256_file
+
+    recorded = mv.tags.get("onnx_sha256") or conf.get("onnx_sha256")
+    actual = sha256_file(local / conf.get("onnx_model", "model.onnx"))
+    figures = {"recorded": recorded, "actual": actual, "manifest": False}
+    if not (actual == recorded == conf.get("onnx_sha256")):
+        detail = f"ONNX SHA-256 {actual[:16]}... does not match the export's record {str(recorded)[:16]}... (the artifact was changed after export)"
+        return GateResult("checksum", False, detail, figures)
+    if not thresholds.allow_legacy:
+        detail = (
+            f"version {mv.version} was saved by mlflow-clip {conf.get('mlflow_clip_version', '0.1.0')} without a manifest: only "
+            "model.onnx can be checked, not its configuration, code or text encoder. Export it again, or pass "
+            "--allow-legacy to promote it on that partial check"
+        )
+        return GateResult("checksum", False, detail, figures)
+    return GateResult("checksum", True, "legacy version without a manifest: model.onnx matches the export's record (partial check)", figures)
+
+
+def _parity_gate(client: MlflowClient, mv, thresholds: GateThresholds) -> GateResult:
+    run = client.get_run(mv.run_id)
+    metrics, params = run.data.metrics, run.data.params
+    max_prob = thresholds.max_prob_diff
+    if max_prob is None:
+        max_prob = float(params.get("max_prob_diff", 1e-4))
+    min_top1 = thresholds.min_top1_agreement
+    if min_top1 is None:
+        min_top1 = float(params.get("min_top1_agreement", 1.0))
+    figures = {
+        "parity_max_abs_prob_diff": metrics.get("parity_max_abs_prob_diff"),
+        "parity_max_abs_pixel_diff": metrics.get("parity_max_abs_pixel_diff"),
+        "parity_top1_agreement": metrics.get("parity_top1_agreement"),
+        "max_prob_diff": max_prob,
+        "max_pixel_diff": thresholds.max_pixel_diff,
+        "min_top1_agreement": min_top1,
+    }
+    if None in (figures["parity_max_abs_prob_diff"], figures["parity_max_abs_pixel_diff"], figures["parity_top1_agreement"]):
+        return GateResult("parity", False, f"the export run {mv.run_id} has no parity metrics", figures)
+    failures = []
+    if figures["parity_max_abs_prob_diff"] > max_prob:
+        failures.append(f"parity_max_abs_prob_diff {figures['parity_max_abs_prob_diff']:.3g} > {max_prob:.3g}")
+    if figures["parity_max_abs_pixel_diff"] > thresholds.max_pixel_diff:
+        failures.append(f"parity_max_abs_pixel_diff {figures['parity_max_abs_pixel_diff']:.3g} > {thresholds.max_pixel_diff:.3g}")
+    if figures["parity_top1_agreement"] < min_top1:
+        failures.append(f"parity_top1_agreement {figures['parity_top1_agreement']:.4f} < {min_top1:.4f}")
+    detail = "; ".join(failures) or (
+        f"parity_max_abs_prob_diff {figures['parity_max_abs_prob_diff']:.2e} <= {max_prob:.0e}, "
+        f"pixel diff {figures['parity_max_abs_pixel_diff']:.1g}, top-1 agreement {figures['parity_top1_agreement']:.3f}"
+    )
+    return GateResult("parity", not failures, detail, figures)
+
+
+def _predict_gate(local: Path, max_prob_diff: float | None) -> GateResult:
+    """Load the version as serving will (its own code and settings, a fresh process without
+    torch) and compare its predictions on its reference images with those recorded at export."""
+    from mlflow_clip.references import ProbeError, compare_with_reference, max_score_difference, read_reference, run_probe
+
+    reference = read_reference(local)
+    if reference is None:
+        return _legacy_predict_gate(local)
+    tolerance = max(float(max_prob_diff or 0.0), REFERENCE_TOLERANCE)
+    try:
+        probe = run_probe(local, reference)
+    except ProbeError as e:
+        return GateResult("loads and predicts", False, f"the version does not load and predict: {e}")
+    problems = compare_with_reference(reference, probe, tolerance)
+    figures = {"images": len(reference["images"]), "max_score_diff": max_score_difference(reference, probe), "tolerance": tolerance,
+               "per_request": "per_request" in reference}
+    if problems:
+        return GateResult("loads and predicts", False, "; ".join(problems[:5]), figures)
+    kinds = "baked classes and per-request labels" if "per_request" in reference else "baked classes"
+    return GateResult(
+        "loads and predicts", True,
+        f"served in a fresh process, {len(reference['images'])} reference images ({kinds}) match the export's predictions "
+        f"(max score diff {figures['max_score_diff']:.1e} <= {tolerance:.0e})", figures,
+    )
+
+
+def _legacy_predict_gate(local: Path) -> GateResult:
+    import numpy as np
+
+    from mlflow_clip.package_data import sample_image_paths
+    from mlflow_clip.serving.loader import load_classifier
+
+    try:
+        classifier = load_classifier(str(local))
+        out = classifier.predict([p.read_bytes() for p in sample_image_paths()])
+    except Exception as e:  # any failure to load or predict refuses the promotion
+        return GateResult("loads and predicts", False, f"{type(e).__name__}: {e}")
+    sums = np.array([sum(p) for p in out["probabilities"]])
+    ok = bool(out["label"].notna().all() and np.allclose(sums, 1.0, atol=1e-3))
+    detail = f"predicted {len(out)} sample images" + ("" if ok else " but some rows were not valid probabilities")
+    return GateResult("loads and predicts", ok, detail, {"images": len(out), "max_sum_error": float(np.abs(sums - 1).max())})
+
+
+def _accuracy_gate(client, model_name, mv, holder, max_drop) -> GateResult:
+    candidate = mv.tags.get(ACCURACY_TAG)
+    if holder is None or candidate is None:
+        return GateResult("accuracy", True, "skipped: no recorded accuracy to compare", {"candidate": candidate})
+    incumbent = client.get_model_version(model_name, holder).tags.get(ACCURACY_TAG)
+    if incumbent is None:
+        return GateResult("accuracy", True, f"skipped: version {holder} has no recorded accuracy", {"candidate": candidate})
+    drop = float(incumbent) - float(candidate)
+    figures = {"candidate": float(candidate), "current": float(incumbent), "drop": drop, "max_accuracy_drop": max_drop}
+    passed = drop <= max_drop
+    detail = f"accuracy {float(candidate):.4f} vs current {float(incumbent):.4f} (drop {drop:.4f}, allowed {max_drop:.4f})"
+    return GateResult("accuracy", passed, detail, figures)
