@@ -88,7 +88,7 @@ setup(
     },
     entry_points={
         "console_scripts": ["mlflow-clip=mlflow_clip.cli:cli"],
-        "mlflow.model_evaluator": ["clip-zero-shot=mlflow_clip.evaluator:ClipZeroShotEvaluator"],
+        "mlflow.model_evaluator": ["clip-zero-shot=mlflow_clip.evaluation.plugin:ClipZeroShotEvaluator"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

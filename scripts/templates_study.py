@@ -15,7 +15,7 @@ from pathlib import Path
 
 from mlflow_clip.serving.classifier import ZeroShotClassifier
 from mlflow_clip.demo_data import DEMO_CLASSES, write_image_folder
-from mlflow_clip.evaluate import ZeroShotEvaluation, evaluate_classifier, load_labelled_images
+from mlflow_clip.evaluation import ZeroShotEvaluation, evaluate_classifier, load_labelled_images
 from mlflow_clip.export.job import build_classifier
 
 TEMPLATES = ("none", "photo", "ensemble")

@@ -76,7 +76,7 @@ def test_rewriting_what_mlflow_may_rewrite_is_not_tampering(demo_copy):
 def test_verification_can_be_turned_off_for_models_edited_on_purpose(demo_copy, monkeypatch, caplog):
     swap_classes(demo_copy)
     classifier = mlflow_clip.load_model(str(demo_copy), model_config={"verify": False})
-    assert classifier.classes[0] == "a blue square"
+    assert classifier.classes[0] == "a blue triangle"
     assert "without checking it against its manifest" in caplog.text
     monkeypatch.setenv("MLFLOW_CLIP_VERIFY", "0")
     assert mlflow.pyfunc.load_model(str(demo_copy)).predict(pd.DataFrame({"image": [encode(solid("red"))]})) is not None
@@ -140,7 +140,7 @@ def test_loading_a_model_keeps_every_library_module_importable(colour_model_dir,
         f"""
         import mlflow, sys
         mlflow.pyfunc.load_model({str(colour_model_dir)!r})
-        import mlflow_clip.registry, mlflow_clip.evaluate, mlflow_clip.spark, mlflow_clip.cli, mlflow_clip.flavor
+        import mlflow_clip.registry, mlflow_clip.evaluation, mlflow_clip.spark, mlflow_clip.cli, mlflow_clip.flavor
         import mlflow_clip
         assert not mlflow_clip.__file__.startswith({str(colour_model_dir)!r}), mlflow_clip.__file__
         print("OK")

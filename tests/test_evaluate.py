@@ -18,19 +18,18 @@ from PIL import Image
 
 import mlflow_clip
 from mlflow_clip.serving.classifier import format_predictions
-from mlflow_clip.evaluate import (
-    CONFIDENT_ERRORS_PNG,
-    CONFUSION_MATRIX_PNG,
+from mlflow_clip.evaluation import (
     EvaluationError,
     LabelledImage,
     evaluate_classifier,
     load_labelled_images,
     map_labels,
-    metric_keys,
-    parse_registered_uri,
     run_evaluation,
     write_reports,
 )
+from mlflow_clip.evaluation.metrics import metric_keys
+from mlflow_clip.evaluation.reports import CONFIDENT_ERRORS_PNG, CONFUSION_MATRIX_PNG
+from mlflow_clip.evaluation.run import parse_registered_uri
 from mlflow_clip.registry import ACCURACY_TAG
 
 DEMO_MIN_ACCURACY = 0.95
@@ -305,7 +304,7 @@ def test_run_evaluation_logs_and_tags_the_registered_version(colour_onnx, tracki
 def test_inside_mlflow_run_the_entry_point_params_are_kept(colour_onnx, tracking_uri, tmp_path, capsys):
     """`mlflow run` logs the entry point's parameters first (shell-quoted); the job must not
     try to change them, and the command prints a summary."""
-    from mlflow_clip.evaluate import evaluate_command_impl
+    from mlflow_clip.evaluation import evaluate_command_impl
 
     with mlflow.start_run():
         info = mlflow_clip.log_model(colour_onnx, name="model")
@@ -323,8 +322,8 @@ def test_evaluation_never_imports_torch(colour_model_dir, tmp_path):
     script = BLOCK_TORCH + textwrap.dedent(
         f"""
         import mlflow_clip
-        from mlflow_clip.evaluate import evaluate_classifier, load_labelled_images, write_reports
-        import mlflow_clip.evaluator
+        from mlflow_clip.evaluation import evaluate_classifier, load_labelled_images, write_reports
+        import mlflow_clip.evaluation.plugin
         classifier = mlflow_clip.load_model({str(colour_model_dir)!r})
         evaluation = evaluate_classifier(classifier, load_labelled_images({str(root)!r}, classifier.classes), progress=False)
         write_reports(evaluation, {str(tmp_path)!r})
@@ -402,7 +401,7 @@ def clip_evaluator_registered():
 
     from mlflow.models.evaluation.evaluator_registry import _model_evaluation_registry
 
-    from mlflow_clip.evaluator import ClipZeroShotEvaluator, register_evaluator
+    from mlflow_clip.evaluation.plugin import ClipZeroShotEvaluator, register_evaluator
 
     installed = [ep for ep in entry_points(group="mlflow.model_evaluator") if ep.name == "clip-zero-shot"]
     if installed:

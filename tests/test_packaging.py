@@ -73,8 +73,8 @@ def test_regular_install_saves_loads_and_keeps_every_module_importable(installed
         assert "site-packages" in mlflow_clip.__file__ and "{ROOT}" not in mlflow_clip.__file__, mlflow_clip.__file__
         mlflow_clip.save_model({str(colour_onnx)!r}, {str(tmp_path / 'model')!r})
         model = mlflow.pyfunc.load_model({str(tmp_path / 'model')!r})
-        import mlflow_clip.registry, mlflow_clip.evaluate, mlflow_clip.spark, mlflow_clip.cli, mlflow_clip.flavor
-        import mlflow_clip.evaluator, mlflow_clip.client, mlflow_clip.references, mlflow_clip.errors
+        import mlflow_clip.registry, mlflow_clip.evaluation, mlflow_clip.spark, mlflow_clip.cli, mlflow_clip.flavor
+        import mlflow_clip.evaluation.plugin, mlflow_clip.client, mlflow_clip.references, mlflow_clip.errors
         served = [m for m in sys.modules if m.startswith("mlflow_clip_serving_")]
         assert served and all("{tmp_path}" in sys.modules[m].__file__ for m in served)
         from mlflow_clip.serving.preprocess import native_status

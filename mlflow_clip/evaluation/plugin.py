@@ -1,8 +1,8 @@
 """The `clip-zero-shot` MLflow evaluator plugin: `mlflow.models.evaluate` for mlflow-clip models.
 
 Registered through the `mlflow.model_evaluator` entry point group
-(`clip-zero-shot = mlflow_clip.evaluator:ClipZeroShotEvaluator`), it logs the same metrics and
-reports as `mlflow_clip.evaluate.run_evaluation` for a DataFrame of image bytes and labels:
+(`clip-zero-shot = mlflow_clip.evaluation.plugin:ClipZeroShotEvaluator`), it logs the same metrics and
+reports as `mlflow_clip.evaluation.run_evaluation` for a DataFrame of image bytes and labels:
 
     >>> import mlflow
     >>> data = pd.DataFrame({"image": [png_bytes, ...], "label": ["a red circle", ...]})  # doctest: +SKIP
@@ -23,20 +23,15 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models.evaluation.base import EvaluationResult, ModelEvaluator
 
+from mlflow_clip.evaluation.data import EvaluationError, LabelledImage, map_labels
+from mlflow_clip.evaluation.metrics import DEFAULT_BATCH_SIZE, evaluate_classifier
+from mlflow_clip.evaluation.run import log_evaluation
 from mlflow_clip.serving.classifier import IMAGE_COLUMN
-from mlflow_clip.evaluate import (
-    DEFAULT_BATCH_SIZE,
-    EvaluationError,
-    LabelledImage,
-    evaluate_classifier,
-    log_evaluation,
-    map_labels,
-)
+from mlflow_clip.serving.contract import FLAVOR_NAME
 
 _logger = logging.getLogger(__name__)
 
 EVALUATOR_NAME = "clip-zero-shot"
-FLAVOR_NAME = "mlflow_clip"
 SUPPORTED_MODEL_TYPES = ("classifier",)
 
 
@@ -132,7 +127,11 @@ class _PyfuncScorer:
 
 
 def _artifacts(uris: dict[str, str], evaluation) -> dict[str, Any]:
-    from mlflow.models.evaluation.artifacts import CsvEvaluationArtifact, ImageEvaluationArtifact, JsonEvaluationArtifact
+    from mlflow.models.evaluation.artifacts import (
+        CsvEvaluationArtifact,
+        ImageEvaluationArtifact,
+        JsonEvaluationArtifact,
+    )
 
     kinds = {
         "confusion_matrix": ImageEvaluationArtifact,
