@@ -21,8 +21,15 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
+from mlflow_clip.errors import MlflowClipError
 from mlflow_clip.package_data import sample_image_paths
-from mlflow_clip.serving.contract import FLAVOR_NAME, ONNX_FILE_NAME, TEXT_ENCODER_FILE_NAME, VOCAB_FILE_NAME, FlavorKey
+from mlflow_clip.serving.contract import (
+    FLAVOR_NAME,
+    ONNX_FILE_NAME,
+    TEXT_ENCODER_FILE_NAME,
+    VOCAB_FILE_NAME,
+    FlavorKey,
+)
 from mlflow_clip.serving.manifest import read_mlmodel
 
 REFERENCE_DIR = "reference"
@@ -111,7 +118,7 @@ print("MLFLOW_CLIP_PROBE " + json.dumps(result))
 """
 
 
-class ProbeError(RuntimeError):
+class ProbeError(MlflowClipError, RuntimeError):
     """The version could not be loaded or could not predict in a fresh serving process."""
 
 

@@ -25,6 +25,7 @@ import onnx
 import torch
 from torch import nn
 
+from mlflow_clip.export.spec import DEFAULT_OPSET, check_opset
 from mlflow_clip.serving.contract import (
     EDGE_INPUT_NAME,
     EMBEDDING_OUTPUT,
@@ -34,11 +35,10 @@ from mlflow_clip.serving.contract import (
     edge_output_name,
 )
 from mlflow_clip.serving.prompts import texts_for_class
+from mlflow_clip.export.compat import import_clip, quiet_onnx_export
 
 _logger = logging.getLogger(__name__)
 
-DEFAULT_OPSET = 17
-MIN_OPSET = 12
 # Prompts per PyTorch text-encoder call when baking the class features.
 EXPORT_TEXT_BATCH = 256
 _TWO_GIB = 2 * 1024**3
@@ -113,7 +113,10 @@ class TextTower(nn.Module):
             x = x + _attention(y, y, y, weights, biases, block.attn.out_proj, block.attn.num_heads, mask)
             x = x + block.mlp(block.ln_2(x))
         x = self.ln_final(x.permute(1, 0, 2))
-        x = x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)] @ self.text_projection
+        # The features at each text's end-of-text token (the highest id). A gather rather than
+        # x[arange, argmax]: the same values, without the exporter's advanced-indexing lowering.
+        ends = tokens.argmax(dim=-1)[:, None, None].expand(-1, 1, x.shape[-1])
+        x = x.gather(1, ends).squeeze(1) @ self.text_projection
         return x / x.norm(dim=-1, keepdim=True)
 
 
@@ -121,7 +124,7 @@ class TextTower(nn.Module):
 def encode_text_features(model: nn.Module, classes: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
     """Normalized class embeddings [C, D]: per class, the renormalized mean of the
     L2-normalized embeddings of its prompt texts (one text per template)."""
-    import clip
+    clip = import_clip()
 
     rows = []
     for name in classes:
@@ -144,7 +147,7 @@ def export_onnx(
     """Export with the TorchScript exporter (supports the original guide's opset 12),
     with a dynamic batch axis, into one self-contained file. With `embedding`, the graph also
     returns the normalized image embedding as a second output named `embedding`."""
-    _check_opset(opset)
+    check_opset(opset)
     module: nn.Module = _WithEmbedding(head) if embedding else head
     outputs = ["probabilities", EMBEDDING_OUTPUT] if embedding else ["probabilities"]
     dummy = torch.randn(2, 3, resolution, resolution)
@@ -154,7 +157,7 @@ def export_onnx(
 def export_text_encoder(model: nn.Module, path: str | Path, opset: int = DEFAULT_OPSET) -> Path:
     """CLIP's text encoder as ONNX: int64 `tokens` [N, L] -> float32 `text_embedding` [N, D],
     L2-normalized, with dynamic N and L (up to the model's context length)."""
-    _check_opset(opset)
+    check_opset(opset)
     encoder = TextTower(model).eval()
     dummy = torch.zeros(2, 7, dtype=torch.int64)
     dummy[:, 1:6] = 320
@@ -163,27 +166,23 @@ def export_text_encoder(model: nn.Module, path: str | Path, opset: int = DEFAULT
     return _export(encoder, (dummy,), path, [TEXT_INPUT], [TEXT_OUTPUT], axes, opset)
 
 
-def _check_opset(opset: int) -> None:
-    if opset < MIN_OPSET:
-        raise ValueError(f"Received opset={opset}; expected {MIN_OPSET} or newer.")
-
-
 def _export(module: nn.Module, args, path, input_names, output_names, dynamic_axes, opset: int) -> Path:
     if opset < SDPA_OPSET:
         module = with_explicit_attention(module)
     path = Path(path)
     buffer = io.BytesIO()
-    torch.onnx.export(
-        module.eval(),
-        args,
-        buffer,
-        input_names=input_names,
-        output_names=output_names,
-        dynamic_axes=dynamic_axes,
-        opset_version=opset,
-        do_constant_folding=True,
-        dynamo=False,
-    )
+    with quiet_onnx_export():
+        torch.onnx.export(
+            module.eval(),
+            args,
+            buffer,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=dynamic_axes,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
     model = onnx.load_from_string(buffer.getvalue())
     save_single_file(model, path)
     return path
@@ -266,7 +265,7 @@ def with_explicit_attention(module: nn.Module) -> nn.Module:
     opsets that predate PyTorch's fused attention op. Same weights, same math."""
     import copy
 
-    import clip
+    clip = import_clip()
 
     module = copy.deepcopy(module)
     for parent in list(module.modules()):

@@ -31,7 +31,6 @@ from mlflow_clip.serving.contract import (
 )
 from mlflow_clip.export.checkpoints import LoadedClip, load_clip
 from mlflow_clip.export.graph import (
-    DEFAULT_OPSET,
     ZeroShotHead,
     apply_conventions,
     check_dynamic_batch,
@@ -51,15 +50,16 @@ from mlflow_clip.export.parity import (
     measure_text_parity,
     plot_parity,
 )
-from mlflow_clip.export.precision import PrecisionInfo, apply_precision, check_precision, fp16_emulation
+from mlflow_clip.export.precision import PrecisionInfo, apply_precision, fp16_emulation
+from mlflow_clip.export.spec import DEFAULT_OPSET, DEFAULT_REGISTERED_MODEL_NAME, ExportSpec, check_precision
 from mlflow_clip.serving.preprocess import Preprocessor
-from mlflow_clip.serving.prompts import describe_templates, parse_classes, resolve_templates
+from mlflow_clip.serving.prompts import describe_templates, resolve_templates
 from mlflow_clip.serving.runtime import RuntimeSettings
 from mlflow_clip.tracking import active_or_new_run, log_new_params
+from mlflow_clip.export.compat import import_clip
 
 _logger = logging.getLogger(__name__)
 
-DEFAULT_REGISTERED_MODEL_NAME = "clip-zero-shot"
 MODEL_ARTIFACT_NAME = "model"
 EDGE_ARTIFACT_DIR = "onnx"
 EDGE_FILE_NAME = "classifier.onnx"
@@ -145,9 +145,18 @@ def build_classifier(
         text_simplified, text_note = simplify_onnx(text_path)
         if not text_simplified:
             _logger.warning("Keeping the unsimplified text encoder: %s", text_note)
-    seconds = time.perf_counter() - started
     return BuiltClassifier(
-        onnx_path, config, head, loaded, seconds, simplified, note, edge_path, text_path, precision_info, emulation_path
+        onnx_path=onnx_path,
+        config=config,
+        head=head,
+        loaded=loaded,
+        export_seconds=time.perf_counter() - started,
+        simplified=simplified,
+        simplify_note=note,
+        edge_path=edge_path,
+        text_encoder_path=text_path,
+        precision=precision_info,
+        fp16_emulation_path=emulation_path,
     )
 
 
@@ -172,7 +181,7 @@ def _convert_precision(onnx_path: Path, precision: str, loaded: LoadedClip, imag
 
 
 def _config_for(loaded, classes, templates, template_texts, logit_scale, opset) -> ClassifierConfig:
-    import clip
+    clip = import_clip()
     import onnx
 
     from mlflow_clip.serving.preprocess import CLIP_MEAN, CLIP_STD
@@ -243,60 +252,46 @@ def export_and_register(
     `precision` is fp32, fp16 (for GPU providers) or int8 (for CPUs); the parity gates default
     to `ParityThresholds.for_precision(precision)`, `max_prob_diff` overriding its gate.
     If a parity gate fails the run fails with the gate's figures and nothing is registered.
+    Every argument is checked (`ExportSpec.create`) before anything is loaded.
     """
-    class_names = parse_classes(classes)
-    check_precision(precision)
-    thresholds = thresholds or ParityThresholds.for_precision(precision, max_prob_diff=max_prob_diff)
-    with active_or_new_run() as run:
-        return _export_in_run(
-            run.info.run_id, class_names, model, templates, registered_model_name, opset, images, thresholds, alias, text_encoder,
-            precision,
-        )
-
-
-def _export_in_run(
-    run_id, classes, model, templates, registered_model_name, opset, images, thresholds, alias, text_encoder, precision="fp32"
-) -> ExportResult:
-    log_new_params(
-        run_id,
-        {
-            "classes": ",".join(classes),
-            "class_names": json.dumps(classes, ensure_ascii=False),
-            "num_classes": len(classes),
-            "model": model,
-            "templates": templates if isinstance(templates, str) else "custom",
-            "registered_model_name": registered_model_name or "",
-            "opset": opset,
-            "images": str(images or ""),
-            "max_prob_diff": thresholds.max_prob_diff,
-            "max_logit_diff": thresholds.max_logit_diff,
-            "min_top1_agreement": thresholds.min_top1_agreement,
-            "max_pixel_diff": thresholds.max_pixel_diff,
-            "alias": alias or "",
-            "text_encoder": bool(text_encoder),
-            "max_text_embedding_diff": thresholds.max_text_embedding_diff,
-            "precision": precision,
-        },
+    spec = ExportSpec.create(
+        classes, model=model, templates=templates, registered_model_name=registered_model_name, opset=opset,
+        images=images, max_prob_diff=max_prob_diff, alias=alias, thresholds=thresholds, text_encoder=text_encoder,
+        precision=precision,
     )
-    with tempfile.TemporaryDirectory(prefix="mlflow-clip-") as tmp:
-        built = build_classifier(classes, model, templates, opset, tmp, text_encoder=text_encoder, precision=precision, images=images)
-        log_new_params(run_id, built.precision.params())
-        report, failures = check_parity(built, images, thresholds)
-        metrics = {
-            **report.metrics(),
-            "export_seconds": built.export_seconds,
-            "onnx_size_mb": built.onnx_path.stat().st_size / 1e6,
-            **({"text_encoder_size_mb": built.text_encoder_path.stat().st_size / 1e6} if built.text_encoder_path else {}),
-            "simplified": float(built.simplified),
-        }
-        mlflow.log_metrics(metrics)
-        _log_reports(Path(tmp), built, report, failures)
-        if failures:
-            mlflow.set_tag("parity_status", "failed")
-            raise ParityError("Parity gate failed, nothing was registered: " + "; ".join(failures) + ".")
-        mlflow.set_tag("parity_status", "passed")
-        mlflow.log_artifact(str(built.edge_path), EDGE_ARTIFACT_DIR)
-        return _log_and_register(run_id, built, report, metrics, registered_model_name, alias)
+    return run_export(spec)
+
+
+def run_export(spec: ExportSpec) -> ExportResult:
+    """`export_and_register` for a checked `ExportSpec`, in the active MLflow run or a new one."""
+    with active_or_new_run() as run:
+        log_new_params(run.info.run_id, spec.run_params())
+        with tempfile.TemporaryDirectory(prefix="mlflow-clip-") as tmp:
+            built = build_classifier(
+                list(spec.classes), spec.model, spec.templates, spec.opset, tmp, text_encoder=spec.text_encoder,
+                precision=spec.precision, images=spec.images,
+            )
+            log_new_params(run.info.run_id, built.precision.params())
+            report, failures = check_parity(built, spec.images, spec.thresholds)
+            metrics = _export_metrics(built, report)
+            mlflow.log_metrics(metrics)
+            _log_reports(Path(tmp), built, report, failures)
+            if failures:
+                mlflow.set_tag("parity_status", "failed")
+                raise ParityError("Parity gate failed, nothing was registered: " + "; ".join(failures) + ".")
+            mlflow.set_tag("parity_status", "passed")
+            mlflow.log_artifact(str(built.edge_path), EDGE_ARTIFACT_DIR)
+            return _log_and_register(run.info.run_id, built, report, metrics, spec.registered_model_name, spec.alias)
+
+
+def _export_metrics(built: BuiltClassifier, report: ParityReport) -> dict[str, float]:
+    return {
+        **report.metrics(),
+        "export_seconds": built.export_seconds,
+        "onnx_size_mb": built.onnx_path.stat().st_size / 1e6,
+        **({"text_encoder_size_mb": built.text_encoder_path.stat().st_size / 1e6} if built.text_encoder_path else {}),
+        "simplified": float(built.simplified),
+    }
 
 
 def _log_reports(tmp: Path, built: BuiltClassifier, report: ParityReport, failures: list[str]) -> None:

@@ -20,48 +20,18 @@ import onnx
 import torch
 from PIL import Image
 
+from mlflow_clip.errors import MlflowClipError
+from mlflow_clip.export.spec import PRECISION_THRESHOLDS, ParityThresholds  # noqa: F401 - re-exported
+from mlflow_clip.package_data import (
+    IMAGE_SUFFIXES,
+    default_images_dir,
+    sample_image_paths,
+)
 from mlflow_clip.serving.images import decode_image
 from mlflow_clip.serving.preprocess import Preprocessor
-from mlflow_clip.package_data import IMAGE_SUFFIXES, default_images_dir, sample_image_paths
+from mlflow_clip.export.compat import import_clip
+
 PARITY_BATCH_SIZES = (1, 3)
-
-
-@dataclass(frozen=True)
-class ParityThresholds:
-    max_prob_diff: float = 1e-4
-    max_logit_diff: float = 1e-2
-    min_top1_agreement: float = 1.0
-    max_pixel_diff: float = 0.0
-    # The text encoder always ships in fp32: per-request labels must match the baked ones.
-    max_text_embedding_diff: float = 1e-5
-
-    @classmethod
-    def for_precision(cls, precision: str, **overrides: float | None) -> "ParityThresholds":
-        """The gates suited to a graph at `precision` (fp32, fp16, int8); any field passed in
-        `overrides` (not None) replaces its default.
-
-            >>> ParityThresholds.for_precision("int8", max_prob_diff=0.05).max_logit_diff
-            1.5
-        """
-        if precision not in PRECISION_THRESHOLDS:
-            raise ValueError(f"Received precision={precision!r}; expected one of {', '.join(PRECISION_THRESHOLDS)}.")
-        values = {**PRECISION_THRESHOLDS[precision], **{k: v for k, v in overrides.items() if v is not None}}
-        return cls(**values)
-
-
-# Per-precision gates, against fp32 PyTorch. Logits are CLIP's scaled cosine similarities
-# (logit scale 100: a logit error of 1.0 is a cosine error of 0.01). Worst figures measured on
-# the 12 sample images: fp16 (its GPU-like emulation) 0.026 logit, 8e-4 probability; int8 with
-# the chosen method 0.55 logit (a small trained ResNet CLIP, static QDQ) and 0.007 probability
-# (ViT-B/32, dynamic). The gates leave about 3x headroom over those, and int8's logit gate
-# refuses static QDQ on ViT-B/32 (1.58), the method not chosen for ViTs. With logit errors
-# bounded, a top-1 flip needs two classes within twice that error of each other; the
-# agreement gate tolerates one such near-tie among the 12 sample images.
-PRECISION_THRESHOLDS: dict[str, dict[str, float]] = {
-    "fp32": {},
-    "fp16": {"max_prob_diff": 1e-2, "max_logit_diff": 0.1, "min_top1_agreement": 0.9},
-    "int8": {"max_prob_diff": 0.1, "max_logit_diff": 1.5, "min_top1_agreement": 0.9},
-}
 
 
 @dataclass
@@ -110,7 +80,7 @@ class TextParity:
     token_mismatches: int
 
 
-class ParityError(RuntimeError):
+class ParityError(MlflowClipError, RuntimeError):
     """A parity gate failed; nothing was registered."""
 
 
@@ -189,7 +159,7 @@ def measure_text_parity(model: torch.nn.Module, text_encoder_path: str | Path, t
     """The serving path (`mlflow_clip.serving.text.TextEncoder`: our tokenizer, ids trimmed after the
     last end-of-text token, the ONNX graph) against `clip.tokenize` + PyTorch `encode_text`, on
     at most MAX_PARITY_TEXTS texts spread evenly over `texts`, plus TEXT_PROBES."""
-    import clip
+    clip = import_clip()
 
     from mlflow_clip.serving.text import TextEncoder
 

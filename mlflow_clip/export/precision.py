@@ -9,40 +9,23 @@ serving and the edge conventions see the same interface. The zero-shot head (fro
 normalization of the image embedding on: logit scale, product with the baked text features,
 softmax) always stays float32: it is tiny, and it is where rounding would move probabilities most.
 
-**int8** (`onnxruntime.quantization`), the method chosen per visual tower by measurement on a
-2-core AVX-512 VNNI CPU (batch 8, 2 threads; the README has the table), `int8_method="auto"`:
-
-- ResNet towers (many Conv nodes): static QDQ, 2.2x the fp32 graph's throughput on RN50.
-  Activations uint8, calibrated with MinMax on the parity images; weights int8 per channel
-  (the export folds BatchNorm into the convolutions, so channel ranges differ widely in trained
-  weights); every op onnxruntime can quantize except the head. Dynamic quantization cannot
-  speed convolutions up (ConvInteger ran 7x slower than fp32; MatMul/Gemm alone gave 1.1x);
-  quantizing only Conv/MatMul/Gemm left float Adds between the int8 convolutions (1.8x instead
-  of 2.2x); int8 activations ran no faster than fp32 (uint8 x int8 is the fast VNNI path);
-  `reduce_range`, `quant_pre_process`, QOperator instead of QDQ and Percentile calibration
-  changed nothing beyond the noise. (Entropy calibration through `quantize_static` gives MinMax's
-  ranges: its histogram has as many bins as quantized levels.) `reduce_range=False` suits VNNI
-  CPUs; on AVX2-only CPUs uint8 x int8 products can saturate.
-- Transformer (ViT) towers: dynamic quantization of the MatMul/Gemm weights (int8, per tensor;
-  activations quantized per batch at run time), 1.8-2.0x on ViT-B/32. Static QDQ of a ViT
-  quantizes the LayerNorm, softmax and GELU activations from a handful of calibration images:
-  as fast, but it lost most of the per-image variation of the embedding (and 0.6 of
-  probability on the demo model); static QDQ of only the MatMul/Gemm was accurate but slower
-  (1.6x); per-channel dynamic weights were slower (1.8x) for no measurable gain.
-
-**fp16** (`onnxconverter_common.float16`, inputs and outputs kept float32) is meant for GPU
-execution providers. onnxruntime's CPU provider runs it, but it has no fp16 kernels for most of
-its ops: it inserts casts and computes them in float32, with fp16-rounded weights. So the CPU
-parity of the shipped fp16 graph understates what a GPU does. `fp16_emulation` builds an fp32
-graph that rounds every tensor the fp16 graph stores in fp16 (weights and each op's output) to
-fp16 precision, as a GPU stores them while accumulating in fp32: its parity is the honest fp16
-figure on a machine without a GPU, and it also shows fp16 overflow, which the CPU run hides.
+- **int8** (`onnxruntime.quantization`, `int8_method="auto"`): ResNet towers (many Conv nodes)
+  get static QDQ (uint8 activations calibrated with MinMax on the parity images, int8
+  per-channel weights, every op but the head); transformer (ViT) towers get dynamic
+  quantization of their MatMul/Gemm weights. The choice and the alternatives measured are in
+  docs/decisions/int8-method.md.
+- **fp16** (`onnxconverter_common.float16`, inputs and outputs kept float32) is for GPU
+  execution providers. onnxruntime's CPU provider computes most fp16 ops in float32, which
+  understates a GPU's rounding, so `fp16_emulation` builds an fp32 graph that rounds every
+  tensor the fp16 graph stores in fp16, and its parity is gated too
+  (docs/decisions/fp16-emulation.md).
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -51,19 +34,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from mlflow_clip.errors import MlflowClipError
 from mlflow_clip.export.graph import save_single_file
+from mlflow_clip.export.spec import PRECISION_PROVIDERS, check_precision
 
 _logger = logging.getLogger(__name__)
 
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
 INT8_METHODS: tuple[str, ...] = ("auto", "static", "dynamic")
-# Execution providers written into the model for each precision; onnxruntime builds without
-# CUDA fall back to the CPU provider with a warning (mlflow_clip.serving.runtime.select_providers).
-DEFAULT_PROVIDERS: dict[str, tuple[str, ...]] = {
-    "fp32": ("CPUExecutionProvider",),
-    "fp16": ("CUDAExecutionProvider", "CPUExecutionProvider"),
-    "int8": ("CPUExecutionProvider",),
-}
 # A ResNet tower has dozens of convolutions; a ViT has one (the patch embedding).
 _RESNET_MIN_CONVS = 2
 _DYNAMIC_OP_TYPES = ("MatMul", "Gemm")
@@ -74,7 +51,7 @@ _CALIBRATION_FLUSH_BATCHES = 8
 _SHAPE_OPS = ("Shape", "Size", "Constant", "ConstantOfShape", "Range")
 
 
-class PrecisionError(ValueError):
+class PrecisionError(MlflowClipError, ValueError):
     """The precision transform cannot be applied; the message says why and what to do."""
 
 
@@ -89,7 +66,7 @@ class PrecisionInfo:
 
     @property
     def providers(self) -> tuple[str, ...]:
-        return DEFAULT_PROVIDERS[self.precision]
+        return PRECISION_PROVIDERS[self.precision]
 
     def params(self) -> dict[str, str]:
         """MLflow params: `precision_method` and the method's choices, prefixed by precision."""
@@ -99,12 +76,6 @@ class PrecisionInfo:
         if self.fp32_nodes:
             params[f"{self.precision}_fp32_nodes"] = ",".join(self.fp32_nodes)
         return params
-
-
-def check_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise PrecisionError(f"Received precision={precision!r}; expected one of {', '.join(PRECISIONS)}.")
-    return precision
 
 
 def apply_precision(
@@ -120,7 +91,7 @@ def apply_precision(
     int8 quantization. `int8_method`: `auto` (static for ResNet towers, dynamic for ViTs),
     `static` or `dynamic`.
     """
-    check_precision(precision)
+    check_precision(precision, PrecisionError)
     if int8_method not in INT8_METHODS:
         raise PrecisionError(f"Received int8_method={int8_method!r}; expected one of {', '.join(INT8_METHODS)}.")
     onnx_path = Path(onnx_path)
@@ -151,7 +122,11 @@ def _int8_method_for(model: onnx.ModelProto) -> str:
 def _to_fp16(model: onnx.ModelProto, out_path: Path, head: Sequence[str]) -> PrecisionInfo:
     from onnxconverter_common import float16
 
-    converted = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=list(head))
+    with warnings.catch_warnings():
+        # Weights below fp16's smallest normal become its nearest value: fp16's rounding, gated
+        # by parity (and by the GPU-like emulation), not a user's concern.
+        warnings.filterwarnings("ignore", message=".*will be truncated to.*", category=UserWarning)
+        converted = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=list(head))
     _float32_outputs(converted, set(head))
     save_single_file(converted, out_path)
     return PrecisionInfo("fp16", "float16", {"keep_io_types": True, "converter": "onnxconverter_common.float16"}, tuple(head))
@@ -180,7 +155,13 @@ def _float32_outputs(model: onnx.ModelProto, kept: set[str]) -> None:
 
 
 def _to_int8(model, out_path: Path, head, method: str, calibration: np.ndarray | None) -> PrecisionInfo:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
 
     with _quiet_quantizer():
         if method == "dynamic":

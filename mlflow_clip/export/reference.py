@@ -1,6 +1,6 @@
 """CLIP's own PyTorch pipeline as a classifier, to compare an exported model's accuracy with.
 
-Export world (torch, clip). `mlflow_clip.evaluate` imports this only for `reference=...`.
+Export world (torch, clip). `mlflow_clip.evaluation` imports this only for `reference=...`.
 The reference uses CLIP's `preprocess` and the PyTorch model, with the exported model's classes
 and template texts (read from its config, never re-derived), and answers like
 `ZeroShotClassifier.predict`, so both go through the same metrics.

@@ -1,0 +1,151 @@
+"""What an export is asked to do, checked before anything is loaded: `ExportSpec`.
+
+Torch-free, so a bad argument (an unknown precision, an opset below 12, a missing @file of
+classes) is one line at once, not a traceback after the CLIP weights have loaded.
+
+    >>> spec = ExportSpec.create("a red circle,a blue square", model="demo", precision="int8")
+    >>> spec.thresholds.max_prob_diff, spec.run_params()["num_classes"]
+    (0.1, 2)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from mlflow_clip.errors import MlflowClipError
+from mlflow_clip.serving.prompts import parse_classes, resolve_templates
+
+DEFAULT_REGISTERED_MODEL_NAME = "clip-zero-shot"
+DEFAULT_OPSET = 17
+MIN_OPSET = 12
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
+# Execution providers written into the model for each precision; onnxruntime builds without
+# CUDA fall back to the CPU provider with a warning (mlflow_clip.serving.runtime.select_providers).
+PRECISION_PROVIDERS: dict[str, tuple[str, ...]] = {
+    "fp32": ("CPUExecutionProvider",),
+    "fp16": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+    "int8": ("CPUExecutionProvider",),
+}
+# Per-precision parity gates, against fp32 PyTorch. Rule: about 3x headroom over the worst
+# figures measured on the sample images with each precision's chosen method, and a logit gate
+# that refuses the method not chosen (docs/decisions/parity-thresholds.md has the figures).
+PRECISION_THRESHOLDS: dict[str, dict[str, float]] = {
+    "fp32": {},
+    "fp16": {"max_prob_diff": 1e-2, "max_logit_diff": 0.1, "min_top1_agreement": 0.9},
+    "int8": {"max_prob_diff": 0.1, "max_logit_diff": 1.5, "min_top1_agreement": 0.9},
+}
+
+
+class SpecError(MlflowClipError, ValueError):
+    """An export argument is invalid; the message names it and what it accepts."""
+
+
+@dataclass(frozen=True)
+class ParityThresholds:
+    max_prob_diff: float = 1e-4
+    max_logit_diff: float = 1e-2
+    min_top1_agreement: float = 1.0
+    max_pixel_diff: float = 0.0
+    # The text encoder always ships in fp32: per-request labels must match the baked ones.
+    max_text_embedding_diff: float = 1e-5
+
+    @classmethod
+    def for_precision(cls, precision: str, **overrides: float | None) -> ParityThresholds:
+        """The gates suited to a graph at `precision` (fp32, fp16, int8); any field passed in
+        `overrides` (not None) replaces its default.
+
+            >>> ParityThresholds.for_precision("int8", max_prob_diff=0.05).max_logit_diff
+            1.5
+        """
+        check_precision(precision)
+        values = {**PRECISION_THRESHOLDS[precision], **{k: v for k, v in overrides.items() if v is not None}}
+        return cls(**values)
+
+
+def check_precision(precision: str, error: type[MlflowClipError] = SpecError) -> str:
+    if precision not in PRECISIONS:
+        raise error(f"Received precision={precision!r}; expected one of {', '.join(PRECISIONS)}.")
+    return precision
+
+
+def check_opset(opset: Any) -> int:
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
+        raise SpecError(f"Received opset={opset!r}; expected a whole number, {MIN_OPSET} or newer (default {DEFAULT_OPSET}).")
+    return opset
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """The export's choices, checked: classes parsed, templates resolved, gates chosen."""
+
+    classes: tuple[str, ...]
+    model: str = "RN50"
+    templates: str | tuple[str, ...] = "ensemble"
+    template_texts: tuple[str, ...] = field(default=(), compare=False)
+    registered_model_name: str | None = DEFAULT_REGISTERED_MODEL_NAME
+    opset: int = DEFAULT_OPSET
+    images: str | None = None
+    thresholds: ParityThresholds = ParityThresholds()
+    alias: str | None = None
+    text_encoder: bool = True
+    precision: str = "fp32"
+
+    @classmethod
+    def create(
+        cls,
+        classes: str | Sequence[str],
+        model: str = "RN50",
+        templates: str | Sequence[str] = "ensemble",
+        registered_model_name: str | None = DEFAULT_REGISTERED_MODEL_NAME,
+        opset: int = DEFAULT_OPSET,
+        images: str | Path | None = None,
+        max_prob_diff: float | None = None,
+        alias: str | None = None,
+        thresholds: ParityThresholds | None = None,
+        text_encoder: bool = True,
+        precision: str = "fp32",
+    ) -> ExportSpec:
+        """Check every argument; raises an `MlflowClipError` naming the first bad one."""
+        check_precision(precision)
+        names = tuple(parse_classes(classes))
+        texts = tuple(resolve_templates(templates))
+        if images is not None and not Path(images).is_dir():
+            raise SpecError(f"Received images={str(images)!r}; expected a folder of images (looked in {Path(images).resolve()}).")
+        return cls(
+            classes=names,
+            model=model,
+            templates=templates if isinstance(templates, str) else tuple(templates),
+            template_texts=texts,
+            registered_model_name=registered_model_name or None,
+            opset=check_opset(opset),
+            images=str(images) if images else None,
+            thresholds=thresholds or ParityThresholds.for_precision(precision, max_prob_diff=max_prob_diff),
+            alias=alias or None,
+            text_encoder=bool(text_encoder),
+            precision=precision,
+        )
+
+    def run_params(self) -> dict[str, Any]:
+        """The MLflow run parameters that record this export."""
+        t = self.thresholds
+        return {
+            "classes": ",".join(self.classes),
+            "class_names": json.dumps(list(self.classes), ensure_ascii=False),
+            "num_classes": len(self.classes),
+            "model": self.model,
+            "templates": self.templates if isinstance(self.templates, str) else "custom",
+            "registered_model_name": self.registered_model_name or "",
+            "opset": self.opset,
+            "images": self.images or "",
+            "max_prob_diff": t.max_prob_diff,
+            "max_logit_diff": t.max_logit_diff,
+            "min_top1_agreement": t.min_top1_agreement,
+            "max_pixel_diff": t.max_pixel_diff,
+            "alias": self.alias or "",
+            "text_encoder": self.text_encoder,
+            "max_text_embedding_diff": t.max_text_embedding_diff,
+            "precision": self.precision,
+        }
