@@ -18,6 +18,7 @@ import torch
 
 from mlflow_clip.errors import MlflowClipError
 from mlflow_clip.package_data import demo_weights_path
+from mlflow_clip.export.compat import import_clip, quiet_jit_load
 
 _logger = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def default_cache_dir() -> Path:
 
 def load_clip(spec: str, download_root: str | os.PathLike | None = None) -> LoadedClip:
     """Load CLIP by name (`RN50`, `ViT-B/32`, ...), `demo`, or a local checkpoint path."""
-    import clip
+    clip = import_clip()
 
     if spec == DEMO_MODEL_NAME:
         return _load_file(demo_weights_path(), DEMO_MODEL_NAME)
@@ -75,10 +76,11 @@ def _load_file(path: Path, name: str) -> LoadedClip:
 def _build_from_file(path: Path) -> torch.nn.Module:
     """What `clip.load(path, jit=False)` does, reading the file afresh for the state-dict
     fallback (clip.load reuses the file handle that the failed TorchScript attempt consumed)."""
-    import clip
+    clip = import_clip()
 
     try:
-        state_dict = torch.jit.load(str(path), map_location="cpu").eval().state_dict()
+        with quiet_jit_load():
+            state_dict = torch.jit.load(str(path), map_location="cpu").eval().state_dict()
     except RuntimeError:
         state_dict = torch.load(str(path), map_location="cpu", weights_only=True)
     if isinstance(state_dict, dict) and "state_dict" in state_dict:
@@ -87,7 +89,7 @@ def _build_from_file(path: Path) -> torch.nn.Module:
 
 
 def _load_named(name: str, root: Path) -> LoadedClip:
-    import clip
+    clip = import_clip()
 
     cached = root / os.path.basename(clip.clip._MODELS[name])
     if not cached.exists():
@@ -110,7 +112,7 @@ def _load_named(name: str, root: Path) -> LoadedClip:
 
 
 def _loaded(model: torch.nn.Module, name: str) -> LoadedClip:
-    import clip
+    clip = import_clip()
 
     resolution = int(model.visual.input_resolution)
     return LoadedClip(model=model, preprocess=clip.clip._transform(resolution), name=name, input_resolution=resolution)
@@ -133,7 +135,7 @@ TRAINED_LOGIT_SCALE = 100.0
 
 def build_random_clip(architecture: str, seed: int = 0) -> torch.nn.Module:
     """A full-size CLIP with random weights and CLIP's trained logit scale (100)."""
-    import clip
+    clip = import_clip()
 
     if architecture not in ARCHITECTURES:
         raise CheckpointError(f"Received architecture={architecture!r}; expected one of {list(ARCHITECTURES)}.")
