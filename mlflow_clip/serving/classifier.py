@@ -127,8 +127,12 @@ class ZeroShotClassifier:
         return format_embeddings(embeddings, [None] * len(texts))
 
     def predict_tensors(self, batch: np.ndarray) -> np.ndarray:
-        """Probabilities for already-preprocessed float32 images [N, 3, R, R]."""
-        return self.session.run(np.ascontiguousarray(batch, dtype=np.float32), [self._probabilities_output])[0]
+        """Probabilities for already-preprocessed float32 images [N, 3, R, R], in chunks."""
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        chunk = max(1, self.session.settings.chunk_size)
+        parts = [self.session.run(batch[start : start + chunk], [self._probabilities_output])[0]
+                 for start in range(0, len(batch), chunk)]
+        return np.concatenate(parts) if parts else np.zeros((0, len(self.config.classes)), np.float32)
 
     def _text_encoder(self, purpose: str) -> TextEncoder:
         if self.text_encoder is None:

@@ -1,10 +1,10 @@
-"""onnxruntime ownership: one session per loaded model, explicit providers, chunked runs.
+"""onnxruntime ownership: one session per loaded model, explicit providers and settings.
 
 The classifier depends on `OrtSession.run`, not on onnxruntime itself, so the runtime
 settings (providers, threads, arena) live in one place and are read from the model's MLmodel.
 
     >>> session = OrtSession("model.onnx", RuntimeSettings(providers=("CPUExecutionProvider",)))  # doctest: +SKIP
-    >>> probabilities = session.run(batch)  # doctest: +SKIP
+    >>> probabilities, embeddings = session.run(batch)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -175,13 +175,5 @@ class OrtSession:
         _logger.info("Loaded %s with execution providers %s", Path(model_path).name, self.providers)
 
     def run(self, batch: np.ndarray, outputs: list[str] | None = None) -> list[np.ndarray]:
-        """Run the graph on `batch`, in chunks of `settings.chunk_size` rows."""
-        names = outputs or self.output_names
-        size = max(1, self.settings.chunk_size)
-        if len(batch) <= size:
-            return self._session.run(names, {self.input_name: batch})
-        parts = [
-            self._session.run(names, {self.input_name: batch[start : start + size]})
-            for start in range(0, len(batch), size)
-        ]
-        return [np.concatenate([p[i] for p in parts]) for i in range(len(names))]
+        """Run the graph once on `batch` (callers split their rows: `chunk_size`)."""
+        return self._session.run(outputs or self.output_names, {self.input_name: batch})
