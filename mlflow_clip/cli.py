@@ -1,7 +1,8 @@
 """`mlflow-clip`: the same jobs as the MLproject entry points, as a command-line tool.
 
-Thin click commands that parse arguments and call library functions; heavy imports
-(torch, clip) happen inside the commands that need them.
+Thin click commands that parse arguments, call library functions and print; heavy imports
+(torch, clip) happen inside the commands that need them. Every error mlflow-clip raises on
+purpose (`MlflowClipError`: bad input, a failed gate) is one line on stderr and exit code 2.
 
     $ mlflow-clip export --model demo --classes "a red circle,a blue square"
 """
@@ -13,8 +14,21 @@ import sys
 
 import click
 
+USER_ERROR_EXIT_CODE = 2
 
-@click.group()
+
+class _Commands(click.Group):
+    def invoke(self, ctx: click.Context):
+        from mlflow_clip.errors import MlflowClipError
+
+        try:
+            return super().invoke(ctx)
+        except MlflowClipError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(USER_ERROR_EXIT_CODE)
+
+
+@click.group(cls=_Commands)
 @click.option("--verbose", "-v", is_flag=True, help="Log at DEBUG level.")
 def cli(verbose: bool) -> None:
     """Ship CLIP zero-shot image classifiers through MLflow."""
@@ -34,28 +48,20 @@ def cli(verbose: bool) -> None:
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "int8"]), help="fp16 for GPU providers, int8 (onnxruntime quantization) for CPUs.")
 def export_command(classes, model, templates, registered_model_name, opset, images, max_prob_diff, alias, text_encoder, precision) -> None:
     """Export CLIP as a parity-checked ONNX zero-shot classifier and register it."""
-    from mlflow_clip.export.checkpoints import CheckpointError
     from mlflow_clip.export.job import export_and_register
-    from mlflow_clip.export.parity import ParityError
-    from mlflow_clip.export.precision import PrecisionError
-    from mlflow_clip.serving.prompts import PromptError
 
-    try:
-        result = export_and_register(
-            classes=classes,
-            model=model,
-            templates=templates,
-            registered_model_name=registered_model_name or None,
-            opset=opset,
-            images=images or None,
-            max_prob_diff=max_prob_diff,
-            alias=alias or None,
-            text_encoder=text_encoder,
-            precision=precision,
-        )
-    except (PromptError, CheckpointError, ParityError, PrecisionError) as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+    result = export_and_register(
+        classes=classes,
+        model=model,
+        templates=templates,
+        registered_model_name=registered_model_name or None,
+        opset=opset,
+        images=images or None,
+        max_prob_diff=max_prob_diff,
+        alias=alias or None,
+        text_encoder=text_encoder,
+        precision=precision,
+    )
     report = result.parity
     click.echo(
         f"run {result.run_id}: {result.model_uri}"
@@ -76,18 +82,14 @@ def export_command(classes, model, templates, registered_model_name, opset, imag
               help="Accept a version saved by mlflow-clip 0.1.0 (no manifest) on its graph's checksum alone.")
 def promote_command(model_name, version, alias, max_prob_diff, max_accuracy_drop, copy_to, allow_legacy) -> None:
     """Gate a version and point an alias (default: production) at it."""
-    from mlflow_clip.registry import GateThresholds, PromotionError, promote
+    from mlflow_clip.registry import GateThresholds, promote
 
     thresholds = GateThresholds(
         max_prob_diff=_optional_float(max_prob_diff),
         max_accuracy_drop=_optional_float(max_accuracy_drop),
         allow_legacy=allow_legacy,
     )
-    try:
-        result = promote(model_name, version, alias, thresholds, copy_to=copy_to or None)
-    except PromotionError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(1)
+    result = promote(model_name, version, alias, thresholds, copy_to=copy_to or None)
     for gate in result.gates:
         click.echo(f"gate {gate.name}: {'passed' if gate.passed else 'FAILED'}: {gate.detail}")
     click.echo(result.message)
@@ -105,14 +107,9 @@ def _optional_float(text: str) -> float | None:
 @click.option("--alias", default="production", show_default=True)
 def rollback_command(model_name, alias) -> None:
     """Move an alias back to the version that held it before the last promotion."""
-    from mlflow_clip.registry import PromotionError, rollback
+    from mlflow_clip.registry import rollback
 
-    try:
-        result = rollback(model_name, alias)
-    except PromotionError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(1)
-    click.echo(result.message)
+    click.echo(rollback(model_name, alias).message)
 
 
 @cli.command("evaluate")
@@ -121,13 +118,9 @@ def rollback_command(model_name, alias) -> None:
 @click.option("--reference", default="", help="Also evaluate CLIP's PyTorch pipeline: a CLIP model name, 'demo', or a checkpoint path.")
 def evaluate_command(model_uri, data, reference) -> None:
     """Measure a model's accuracy on labelled images; record it on the registered version."""
-    from mlflow_clip.evaluate import EvaluationError, evaluate_command_impl
+    from mlflow_clip.evaluation import evaluate_command_impl
 
-    try:
-        evaluate_command_impl(model_uri, data, reference)
-    except EvaluationError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+    evaluate_command_impl(model_uri, data, reference)
 
 
 @cli.command("benchmark")
