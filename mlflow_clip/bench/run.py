@@ -826,7 +826,7 @@ def _die_with_parent() -> None:
 
 
 def run_child(task: str, spec: dict[str, Any], work_dir: Path, name: str, timeout: float) -> dict:
-    """Run `task` in a fresh `python -m mlflow_clip.benchmark`; its JSON result, or a failure."""
+    """Run `task` in a fresh `python -m mlflow_clip.bench.child`; its JSON result, or a failure."""
     logs = work_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
@@ -835,7 +835,7 @@ def run_child(task: str, spec: dict[str, Any], work_dir: Path, name: str, timeou
     result_path.unlink(missing_ok=True)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow_clip.benchmark", task, str(spec_path), str(result_path)],
+            [sys.executable, "-m", "mlflow_clip.bench.child", task, str(spec_path), str(result_path)],
             stdout=log, stderr=subprocess.STDOUT, env=_child_env(), cwd=work_dir, preexec_fn=_die_with_parent,
         )
         try:
@@ -869,7 +869,7 @@ class RowProcess:
         read_fd, write_fd = os.pipe()
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mlflow_clip.benchmark", task, str(spec_path), str(self.result_path), str(write_fd)],
+                [sys.executable, "-m", "mlflow_clip.bench.child", task, str(spec_path), str(self.result_path), str(write_fd)],
                 stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, text=True, pass_fds=(write_fd,),
                 env=_child_env(spec.get("env")), cwd=work_dir, preexec_fn=_die_with_parent,
             )
@@ -2180,6 +2180,3 @@ def run_from_cli(options: BenchmarkOptions, json_path: str | None, docs_path: st
         echo(f"logged to MLflow run {log_report(report)}")
     return report
 
-
-if __name__ == "__main__":
-    sys.exit(_child_main(sys.argv[1:]))
