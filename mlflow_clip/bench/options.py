@@ -229,11 +229,31 @@ def make_options(
     soak_arena: str = "both",
     rebuild: bool = False,
 ) -> BenchmarkOptions:
-    """Options from command-line text; anything not given keeps the full (or --quick) default."""
+    """Options from command-line text; anything not given keeps the full (or --quick) default.
+
+    Checked in the order of the arguments; the first bad one raises `BenchmarkError`."""
     base = quick_options() if quick else BenchmarkOptions()
     if threads < 1:
         raise BenchmarkError(f"Received --threads {threads}; expected 1 or more (the cores to use).")
     changes: dict[str, Any] = {"threads": threads}
+    changes.update(_grid_changes(models, sizes, batches, rows, precisions))
+    changes.update(_timing_changes(requests, seconds, warmup, rounds))
+    changes.update(_server_changes(server_configs, server_form, server_env))
+    changes.update(_soak_changes(base, soak_requests, soak_models, soak_size))
+    arena = _soak_arena(soak_arena)
+    for name in ("models", "sizes", "batches", "rows"):
+        if name in changes and not changes[name]:
+            raise BenchmarkError(f"Received an empty --{name}; expected at least one value.")
+    return replace(
+        base, **changes, server_form=server_form, soak=soak, soak_arena=arena, rebuild=rebuild,
+        work_dir=Path(work_dir).expanduser() if work_dir else base.work_dir,
+    )
+
+
+def _grid_changes(models: str | None, sizes: str | None, batches: str | None, rows: str | None,
+                  precisions: str | None) -> dict[str, Any]:
+    """What is measured: models, image sizes, batch sizes, rows and precisions."""
+    changes: dict[str, Any] = {}
     if models:
         changes["models"] = tuple(_split(models))
     if sizes:
@@ -244,6 +264,13 @@ def make_options(
         changes["rows"] = parse_choices(rows, "--rows", ROW_KINDS)
     if precisions is not None:
         changes["precisions"] = parse_choices(precisions, "--precisions", VARIANT_PRECISIONS)
+    return changes
+
+
+def _timing_changes(requests: int | None, seconds: float | None, warmup: int | None,
+                    rounds: int | None) -> dict[str, Any]:
+    """How long each row is measured; out-of-range values are clamped, not refused."""
+    changes: dict[str, Any] = {}
     if requests is not None:
         changes.update(min_requests=max(1, requests))
     if seconds is not None:
@@ -252,31 +279,43 @@ def make_options(
         changes.update(warmup=max(0, warmup))
     if rounds is not None:
         changes.update(rounds=max(1, rounds))
+    return changes
+
+
+def _server_changes(server_configs: str | None, server_form: str, server_env: str | None) -> dict[str, Any]:
+    """The server rows' settings (`server_form` is checked here, set by the caller)."""
+    changes: dict[str, Any] = {}
     if server_configs:
         changes["server_configs"] = parse_server_configs(server_configs)
     if server_env:
         changes["server_env"] = parse_env(server_env)
     if server_form not in SERVER_FORMS:
         raise BenchmarkError(f"Received --server-form {server_form!r}; expected one of {list(SERVER_FORMS)}.")
+    return changes
+
+
+def _soak_changes(base: BenchmarkOptions, soak_requests: str | None, soak_models: str | None,
+                  soak_size: str | None) -> dict[str, Any]:
+    """The soak's models, request counts (one for all models or one each) and image size."""
+    changes: dict[str, Any] = {}
     if soak_requests:
         changes["soak_requests"] = parse_ints(soak_requests, "--soak-requests")
     if soak_models:
         changes["soak_models"] = tuple(_split(soak_models))
-    counts, models_ = changes.get("soak_requests", base.soak_requests), changes.get("soak_models", base.soak_models)
-    if len(counts) not in (1, len(models_)):
+    counts, models = changes.get("soak_requests", base.soak_requests), changes.get("soak_models", base.soak_models)
+    if len(counts) not in (1, len(models)):
         raise BenchmarkError(
-            f"Received --soak-requests {','.join(map(str, counts))} for {len(models_)} soak models; expected one "
+            f"Received --soak-requests {','.join(map(str, counts))} for {len(models)} soak models; expected one "
             "count for all of them or one per model, in the same order."
         )
     if soak_size:
         (changes["soak_size"],) = parse_sizes(soak_size, "--soak-size")[:1]
+    return changes
+
+
+def _soak_arena(soak_arena: str) -> tuple[bool, ...]:
+    """--soak-arena both/off/on: the CPU memory arena settings the soak runs with."""
     arena = {"both": (False, True), "off": (False,), "on": (True,)}
     if soak_arena not in arena:
         raise BenchmarkError(f"Received --soak-arena {soak_arena!r}; expected one of {list(arena)}.")
-    for name in ("models", "sizes", "batches", "rows"):
-        if name in changes and not changes[name]:
-            raise BenchmarkError(f"Received an empty --{name}; expected at least one value.")
-    return replace(
-        base, **changes, server_form=server_form, soak=soak, soak_arena=arena[soak_arena], rebuild=rebuild,
-        work_dir=Path(work_dir).expanduser() if work_dir else base.work_dir,
-    )
+    return arena[soak_arena]
