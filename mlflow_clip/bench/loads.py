@@ -33,6 +33,7 @@ json.dump({"began": began, "imported": imported, "loaded": loaded, "predicted": 
 
 
 def run_loads(options: BenchmarkOptions, builds: dict, image: Path, progress) -> list[LoadResult]:
+    """Load to first prediction for every built model and precision of the run."""
     results = []
     for model in options.models:
         for precision in ["fp32", *(options.precisions if "precision" in options.rows else ())]:

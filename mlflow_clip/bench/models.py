@@ -40,6 +40,7 @@ def _build_key(model: str, precision: str) -> dict[str, Any]:
 
 
 def classes_for(model: str) -> tuple[str, ...]:
+    """The classes a model is built with: the demo model's own, else `BENCHMARK_CLASSES`."""
     if model == "demo":
         from mlflow_clip.demo_data import DEMO_CLASSES
 
@@ -125,6 +126,7 @@ def _build_one(work_dir: Path, model: str, clip_spec: str, precision: str) -> di
 
 
 def registry_uri(work_dir: Path) -> str:
+    """The work dir's own MLflow registry, where builds register their models."""
     return f"sqlite:///{work_dir / 'registry' / 'mlflow.db'}"
 
 

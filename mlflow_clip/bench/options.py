@@ -63,7 +63,8 @@ class BenchmarkOptions:
     rounds: int = 3
     pool_size: int = 8
     load_repeats: int = 3
-    # Measured best on 2 cores under concurrent load: one worker, one onnxruntime thread per request.
+    # One uvicorn worker, one onnxruntime thread per request: the docs page's "Server settings"
+    # says why; --server-configs compares others.
     server_configs: tuple[ServerSettings, ...] = (ServerSettings(1, 1),)
     server_form: str = "dataframe_split"
     # Extra environment variables for every server (e.g. MALLOC_ARENA_MAX=2)

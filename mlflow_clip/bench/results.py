@@ -85,6 +85,8 @@ class SoakResult:
 
 @dataclass
 class TargetResult:
+    """One target's verdict: PASS, FAIL, or n/a when its rows were not measured."""
+
     key: str
     name: str
     threshold: str
@@ -94,6 +96,8 @@ class TargetResult:
 
 @dataclass
 class BenchmarkReport:
+    """A whole run: options, machine, every table's results, and the arguments that reproduce it."""
+
     options: dict[str, Any]
     machine: dict[str, Any]
     rows: list[RowResult] = field(default_factory=list)

@@ -82,6 +82,7 @@ def request_body(b64_rows: Sequence[str], form: str) -> bytes:
 
 
 def server_call(url: str, bodies: Callable[[int], tuple[bytes, int]]) -> Callable[[int, Any], np.ndarray]:
+    """A request function for `run_requests`: POST `bodies(index)`, check the answer, return its probabilities."""
     def call(index: int, session: Any) -> np.ndarray:
         body, batch = bodies(index)
         response = session.post(url + "/invocations", data=body, headers=JSON_HEADERS, timeout=SERVER_REQUEST_TIMEOUT_SECONDS)
@@ -96,6 +97,7 @@ def server_call(url: str, bodies: Callable[[int], tuple[bytes, int]]) -> Callabl
 
 
 def new_session():
+    """A client thread's own HTTP session (the `make_state` of server requests)."""
     import requests
 
     return requests.Session()

@@ -99,6 +99,7 @@ def _growth_per_1000(samples: list[list[float]], after: int) -> float | None:
 
 
 def run_soaks(options: BenchmarkOptions, builds: dict, progress) -> list[SoakResult]:
+    """One soak per soak model and arena setting, one after the other."""
     pool = ensure_images(options.work_dir, options.soak_size, options.pool_size)
     counts = options.soak_requests * len(options.soak_models) if len(options.soak_requests) == 1 else options.soak_requests
     return [

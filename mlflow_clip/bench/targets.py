@@ -108,7 +108,7 @@ def _load_target(load: LoadResult | None) -> TargetResult:
 def load_seconds(load: LoadResult | None) -> float | None:
     """`mlflow.pyfunc.load_model(models:/...)` to the first prediction: the registry lookup, the
     artifact download, the session and one predict. Starting the interpreter and `import
-    mlflow` (1.5 to 2 s here, the same for every MLflow model) are reported beside it."""
+    mlflow` (the same for every MLflow model) are reported beside it."""
     if load is None or load.load_s is None or load.predict_s is None:
         return None
     return load.load_s + load.predict_s
