@@ -24,6 +24,7 @@ CHILD_MODULE = "mlflow_clip.bench.child"
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """A child's environment: no MLflow run or inference config inherited, this interpreter first on PATH."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_RUN")}
     env.pop("MLFLOW_PYFUNC_INFERENCE_CONFIG", None)
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
@@ -42,6 +43,7 @@ def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
 
 
 def stop_tree(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """SIGTERM a child and its descendants, wait up to `grace` seconds, then SIGKILL what is left."""
     members = process_tree(proc.pid)
     kill_tree(proc.pid, signal.SIGTERM)
     try:
@@ -68,12 +70,7 @@ def die_with_parent() -> None:
 
 def run_child(task: str, spec: dict[str, Any], work_dir: Path, name: str, timeout: float) -> dict:
     """Run one-shot `task` in a fresh child (`CHILD_MODULE`); its JSON result, or a failure."""
-    logs = work_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-    spec_path, result_path, log_path = (logs / f"{stem}.{ext}" for ext in ("spec.json", "result.json", "log"))
-    spec_path.write_text(json.dumps(spec))
-    result_path.unlink(missing_ok=True)
+    spec_path, result_path, log_path = _task_files(work_dir, name, spec)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", CHILD_MODULE, task, str(spec_path), str(result_path)],
@@ -89,8 +86,24 @@ def run_child(task: str, spec: dict[str, Any], work_dir: Path, name: str, timeou
             raise
     if result_path.exists():
         return json.loads(result_path.read_text())
+    return _exit_failure(proc.returncode, log_path)
+
+
+def _task_files(work_dir: Path, name: str, spec: dict[str, Any]) -> tuple[Path, Path, Path]:
+    """A child's spec (written now), result (a stale one removed) and log files, in work_dir/logs."""
+    logs = work_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    spec_path, result_path, log_path = (logs / f"{stem}.{ext}" for ext in ("spec.json", "result.json", "log"))
+    spec_path.write_text(json.dumps(spec))
+    result_path.unlink(missing_ok=True)
+    return spec_path, result_path, log_path
+
+
+def _exit_failure(returncode: int | None, log_path: Path) -> dict[str, Any]:
+    """The failure of a child that left no result: its exit code and the end of its log."""
     tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
-    return {"status": "failed", "error": f"exit code {proc.returncode}: {' | '.join(tail)[-600:]} (log: {log_path})"}
+    return {"status": "failed", "error": f"exit code {returncode}: {' | '.join(tail)[-600:]} (log: {log_path})"}
 
 
 class RowProcess:
@@ -99,12 +112,7 @@ class RowProcess:
     row alike."""
 
     def __init__(self, task: str, spec: dict[str, Any], work_dir: Path, name: str, timeout: float):
-        logs = work_dir / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-        spec_path, self.result_path, self.log_path = (logs / f"{stem}.{ext}" for ext in ("spec.json", "result.json", "log"))
-        spec_path.write_text(json.dumps(spec))
-        self.result_path.unlink(missing_ok=True)
+        spec_path, self.result_path, self.log_path = _task_files(work_dir, name, spec)
         self.timeout = timeout
         self.failure: dict[str, Any] | None = None
         read_fd, write_fd = os.pipe()
@@ -165,8 +173,7 @@ class RowProcess:
             result = json.loads(self.result_path.read_text())
             if result.get("status") == "ok" or result.get("error"):
                 return result
-        tail = self.log_path.read_text(errors="replace").strip().splitlines()[-3:]
-        return {"status": "failed", "error": f"exit code {self.proc.returncode}: {' | '.join(tail)[-600:]} (log: {self.log_path})"}
+        return _exit_failure(self.proc.returncode, self.log_path)
 
 
 def child_main(argv: Sequence[str], row_tasks: Mapping[str, Callable[[dict], Any]],
