@@ -14,7 +14,6 @@ from mlflow_clip.bench.server import ServerRows
 from mlflow_clip.bench.soak import task_soak
 from mlflow_clip.bench.worker import child_main
 
-
 # One-shot tasks: run, write the result, exit.
 _ONE_SHOT_TASKS: dict[str, Callable[[dict], dict]] = {"build": task_build, "soak": task_soak}
 # Row tasks: set up and warm up, answer "ready", then run measured rounds until told to finish.

@@ -11,7 +11,6 @@ import numpy as np
 
 from mlflow_clip.bench.options import size_name
 
-
 JPEG_QUALITY = 90
 
 

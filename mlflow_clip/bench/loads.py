@@ -9,12 +9,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from mlflow_clip.bench.models import model_slug, registry_uri
 from mlflow_clip.bench.options import BenchmarkOptions
 from mlflow_clip.bench.results import LoadResult
 from mlflow_clip.bench.worker import child_env
-
 
 # A registered model from scratch in a fresh interpreter, as a user would: the clock starts
 # before the interpreter does (the parent's time.time()), so imports count.
@@ -32,7 +32,8 @@ json.dump({"began": began, "imported": imported, "loaded": loaded, "predicted": 
 """
 
 
-def run_loads(options: BenchmarkOptions, builds: dict, image: Path, progress) -> list[LoadResult]:
+def run_loads(options: BenchmarkOptions, builds: dict, image: Path,
+              progress: Callable[[str], None]) -> list[LoadResult]:
     """Load to first prediction for every built model and precision of the run."""
     results = []
     for model in options.models:

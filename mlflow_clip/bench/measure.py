@@ -17,7 +17,6 @@ import numpy as np
 
 from mlflow_clip.serving.preprocess import native_status
 
-
 RSS_SAMPLE_SECONDS = 0.1
 MIN_CPU_WALL_SECONDS = 1.0
 

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from mlflow_clip.bench.options import BenchmarkOptions
 from mlflow_clip.bench.worker import run_child
-
 
 # Full-size architectures get random weights and these classes; the demo model gets its own.
 BENCHMARK_CLASSES: tuple[str, ...] = (
@@ -58,7 +57,8 @@ def read_build(work_dir: Path, model: str, precision: str) -> dict[str, Any] | N
     return info if current and (Path(info["model_dir"]) / "MLmodel").exists() else None
 
 
-def ensure_models(options: BenchmarkOptions, models: Sequence[str], precisions: Sequence[str], progress) -> dict:
+def ensure_models(options: BenchmarkOptions, models: Sequence[str], precisions: Sequence[str],
+                  progress: Callable[[str], None]) -> dict:
     """Build each (model, precision) once into the work dir; returns {(model, precision): build info}."""
     builds: dict[tuple[str, str], dict] = {}
     for model in models:

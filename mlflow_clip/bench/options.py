@@ -9,14 +9,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-
 ROW_KINDS: tuple[str, ...] = (
     "torch", "onnxruntime", "pyfunc", "labels", "server", "precision", "draft", "load", "settings",
 )
 # `settings` (the pyfunc's session and sharding defaults switched back one at a time) is asked for.
 DEFAULT_ROWS: tuple[str, ...] = tuple(kind for kind in ROW_KINDS if kind != "settings")
-
-
 DEFAULT_MODELS: tuple[str, ...] = ("RN50", "ViT-B/32", "demo")
 DEFAULT_SIZES: tuple[tuple[int, int], ...] = ((640, 480), (1920, 1080), (4000, 3000))
 DEFAULT_BATCHES: tuple[int, ...] = (1, 8, 32)

@@ -13,7 +13,6 @@ from mlflow_clip.bench.results import RowResult
 from mlflow_clip.serving import resample
 from mlflow_clip.serving.preprocess import native_status
 
-
 ROW_LABELS = {
     "torch": "(a) torch",
     "onnxruntime": "(b) onnxruntime",

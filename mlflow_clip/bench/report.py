@@ -13,7 +13,6 @@ from mlflow_clip.bench.models import model_slug
 from mlflow_clip.bench.results import BenchmarkReport, LoadResult, RowResult, SoakResult, TargetResult, format_number
 from mlflow_clip.bench.targets import TARGET_BATCH, TARGET_MODEL, TARGET_SIZE, evaluate_targets
 
-
 MIN_TREND_REQUESTS = 500  # soak requests after the warm-up needed to show an RSS trend
 
 

@@ -7,7 +7,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -22,7 +22,6 @@ from mlflow_clip.bench.results import BenchmarkReport, RowResult
 from mlflow_clip.bench.soak import run_soaks
 from mlflow_clip.bench.targets import evaluate_targets
 from mlflow_clip.bench.worker import RowProcess
-
 
 _PROGRESS_PREFIX = "[benchmark]"
 FP16_NOTE = "CPU provider (no GPU here): fp16 weights, computed in float32 behind casts"
@@ -79,7 +78,8 @@ def _note_builds(report: BenchmarkReport, builds: dict) -> None:
         report.notes.append("draft rows skipped: the model offers no `jpeg_draft` option (" + ", ".join(drafts) + ")")
 
 
-def _run_group(options, model, size, batch, pool, state: _RunState, progress) -> list[RowResult]:
+def _run_group(options: BenchmarkOptions, model: str, size: tuple[int, int], batch: int, pool: Sequence[Path],
+               state: _RunState, progress: Callable[[str], None]) -> list[RowResult]:
     """All rows of one model, size and batch: each row's process is set up in turn, then the
     measured rounds alternate between rows."""
     planned, rows = plan_group(options, model, size, batch, pool, state.builds, state.unrunnable)

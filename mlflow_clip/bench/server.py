@@ -18,7 +18,6 @@ from mlflow_clip.bench.images import read_pool, request_images
 from mlflow_clip.bench.measure import MeasuredRow, RssSampler, tree_cpu_seconds, tree_peak_rss_mb
 from mlflow_clip.bench.worker import child_env, die_with_parent, stop_tree
 
-
 JSON_HEADERS = {"Content-Type": "application/json"}
 SERVER_START_SECONDS = 300
 SERVER_REQUEST_TIMEOUT_SECONDS = 900

@@ -8,7 +8,7 @@ import base64
 import time
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -19,7 +19,6 @@ from mlflow_clip.bench.options import BenchmarkOptions, size_name
 from mlflow_clip.bench.results import SoakResult, format_number
 from mlflow_clip.bench.server import ScoringServer, new_session, request_body, server_call
 from mlflow_clip.bench.worker import run_child
-
 
 # --------------------------------------------------------------------------------------------
 # Child side
@@ -42,7 +41,8 @@ def task_soak(spec: dict[str, Any]) -> dict[str, Any]:
         server.stop()
 
 
-def _soak(server: ScoringServer, bodies, sizes: np.ndarray, spec: dict) -> dict[str, Any]:
+def _soak(server: ScoringServer, bodies: Callable[[int], tuple[bytes, int]], sizes: np.ndarray,
+          spec: dict) -> dict[str, Any]:
     """Warm-up requests, then the rest; the server's RSS is read idle after each phase (so the
     two figures compare like with like) and sampled throughout."""
     pid, clients = server.proc.pid, spec["clients"]
@@ -63,7 +63,7 @@ def _soak(server: ScoringServer, bodies, sizes: np.ndarray, spec: dict) -> dict[
     rss_end = _idle_rss_mb(pid)
     sampler.stop()
     timing = Timing(warm.latencies + rest.latencies, warm.seconds + rest.seconds, warm.errors + rest.errors, None,
-                     warm.issued + rest.issued)
+                    warm.issued + rest.issued)
     result = summarize(timing, 1)
     result["images"] = int(sizes.sum())
     result["images_per_s"] = int(sizes.sum()) / timing.seconds
@@ -98,7 +98,7 @@ def _growth_per_1000(samples: list[list[float]], after: int) -> float | None:
 # Parent side
 
 
-def run_soaks(options: BenchmarkOptions, builds: dict, progress) -> list[SoakResult]:
+def run_soaks(options: BenchmarkOptions, builds: dict, progress: Callable[[str], None]) -> list[SoakResult]:
     """One soak per soak model and arena setting, one after the other."""
     pool = ensure_images(options.work_dir, options.soak_size, options.pool_size)
     counts = options.soak_requests * len(options.soak_models) if len(options.soak_requests) == 1 else options.soak_requests
@@ -109,7 +109,8 @@ def run_soaks(options: BenchmarkOptions, builds: dict, progress) -> list[SoakRes
     ]
 
 
-def _run_soak(options: BenchmarkOptions, info: dict, model: str, requests: int, arena: bool, pool, progress) -> SoakResult:
+def _run_soak(options: BenchmarkOptions, info: dict, model: str, requests: int, arena: bool, pool: Sequence[Path],
+              progress: Callable[[str], None]) -> SoakResult:
     config = options.server_configs[0]
     result = SoakResult(model, size_name(options.soak_size), arena, config.key, options.soak_clients)
     if info.get("status") != "ok":

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 from mlflow_clip.bench.results import BenchmarkReport, LoadResult, RowResult, TargetResult
 
-
 # The configuration the targets are stated for.
 TARGET_MODEL, TARGET_SIZE, TARGET_BATCH = "RN50", "1920x1080", 8
 LOAD_TARGET_SECONDS = 3.0

@@ -177,7 +177,7 @@ class RowProcess:
 
 
 def child_main(argv: Sequence[str], row_tasks: Mapping[str, Callable[[dict], Any]],
-                one_shot_tasks: Mapping[str, Callable[[dict], dict]]) -> int:
+               one_shot_tasks: Mapping[str, Callable[[dict], dict]]) -> int:
     """A child's main: run the task named by `argv`, write its result (or its failure) as JSON."""
     task, spec_path, result_path, *reply_fd = argv
     spec = json.loads(Path(spec_path).read_text())
