@@ -18,8 +18,6 @@ from mlflow_clip.bench.worker import run_child
 BENCHMARK_CLASSES: tuple[str, ...] = (
     "a person", "a car", "a dog", "a cat", "a bird", "a tree", "a house", "a boat", "a bicycle", "a flower",
 )
-
-
 TEMPLATES = "photo"
 
 
