@@ -79,6 +79,8 @@ setup(
         ],
         # The native resize's source travels with the serving package into every model.
         "mlflow_clip.serving": ["resample.c"],
+        # The benchmark's docs page: its prose, around the tables of a run.
+        "mlflow_clip.bench": ["docs_template.md"],
     },
     include_package_data=True,
     install_requires=SERVING_REQUIRES,

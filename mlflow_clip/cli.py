@@ -151,7 +151,7 @@ def evaluate_command(model_uri, data, reference) -> None:
 @click.option("--from-json", default=None, help="Measure nothing: read a run saved with --json (to write its docs or log it).")
 def benchmark_command(json_path, docs_path, log_to_mlflow, from_json, **options) -> None:
     """Throughput, latency and memory: CLIP's PyTorch pipeline vs onnxruntime vs the pyfunc vs the server."""
-    from mlflow_clip.benchmark import BenchmarkError, make_options, run_from_cli
+    from mlflow_clip.bench import BenchmarkError, make_options, run_from_cli
 
     try:
         parsed = make_options(**options)

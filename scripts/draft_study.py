@@ -24,7 +24,7 @@ CLASSES = ("a person", "a car", "a dog", "a cat", "a tree", "a house")
 
 
 def _photos(size, count):
-    from mlflow_clip.benchmark import make_photo_jpeg
+    from mlflow_clip.bench import make_photo_jpeg
 
     return [make_photo_jpeg(*size, seed=1000 + i) for i in range(count)]
 

@@ -57,7 +57,7 @@ def main() -> None:
 
     import mlflow_clip
     from conftest import build_colour_onnx
-    from mlflow_clip.benchmark import make_photo_jpeg
+    from mlflow_clip.bench import make_photo_jpeg
 
     work = Path(tempfile.mkdtemp(prefix="mlflow-clip-env-timing-"))
     model = work / "model"

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from conftest import ROOT, requires_export, subprocess_env
 from PIL import Image
 
-from mlflow_clip.benchmark import (
+from mlflow_clip.bench import (
     BenchmarkError,
     BenchmarkReport,
     RowResult,
@@ -161,7 +161,7 @@ def _has_export() -> bool:
 
 
 def _expected_rows(report: BenchmarkReport) -> set[str]:
-    from mlflow_clip.benchmark import pyfunc_config_keys
+    from mlflow_clip.bench import pyfunc_config_keys
 
     expected = set(BASE_ROWS)
     model_dir = report.options["work_dir"] + "/models/demo/fp32/model"
@@ -318,7 +318,7 @@ def test_example_runs_a_quick_benchmark_and_writes_the_docs(quick_report, work_d
 
 
 def test_decode_bound_is_the_share_of_the_cores_left_after_decoding():
-    from mlflow_clip.benchmark import RowResult, decode_bound
+    from mlflow_clip.bench import RowResult, decode_bound
 
     row = RowResult("RN50", "1920x1080", 8, "onnxruntime", "(b)", images_per_s=15.0, cores_busy=2.0, decode_ms=40.0)
     assert decode_bound(row, 2) == pytest.approx(2 / (2.0 + 0.040 * 15.0))
@@ -329,7 +329,7 @@ def test_decode_bound_is_the_share_of_the_cores_left_after_decoding():
 
 
 def test_load_target_counts_the_load_and_first_prediction_and_shows_the_imports():
-    from mlflow_clip.benchmark import BenchmarkReport, LoadResult, evaluate_targets
+    from mlflow_clip.bench import BenchmarkReport, LoadResult, evaluate_targets
 
     load = LoadResult("RN50", "fp32", "models:/m/1", seconds=4.4, imports_s=1.9, load_s=2.1, predict_s=0.2)
     report = BenchmarkReport(options={"threads": 2}, machine={}, loads=[load])
@@ -349,7 +349,7 @@ def test_onnxruntime_row_times_the_exact_decode(quick_report):
 def test_pyfunc_target_divides_by_the_faster_raw_onnxruntime_row():
     """The pyfunc's session settings are not assumed best: with both spinning settings measured,
     the (c) / (b) target uses the faster raw onnxruntime row."""
-    from mlflow_clip.benchmark import TARGET_BATCH, TARGET_MODEL, TARGET_SIZE, BenchmarkReport, RowResult, evaluate_targets
+    from mlflow_clip.bench import TARGET_BATCH, TARGET_MODEL, TARGET_SIZE, BenchmarkReport, RowResult, evaluate_targets
 
     def row(name, images_per_s):
         return RowResult(TARGET_MODEL, TARGET_SIZE, TARGET_BATCH, name, name, images_per_s=images_per_s,

@@ -59,7 +59,7 @@ def test_the_wheel_carries_the_package_data_and_the_native_resize(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     for expected in ("mlflow_clip/assets/bpe_simple_vocab_16e6.txt.gz", "mlflow_clip/assets/CLIP_LICENSE",
                      "mlflow_clip/assets/demo_clip.pt", "mlflow_clip/serving/resample.c",
-                     "mlflow_clip/assets/sample_images/manifest.json"):
+                     "mlflow_clip/assets/sample_images/manifest.json", "mlflow_clip/bench/docs_template.md"):
         assert expected in names
     assert any(n.startswith("mlflow_clip/serving/_mlflow_clip_resample.") and n.endswith(".so") for n in names)
     assert not any("tests/" in n or n.startswith("scripts/") for n in names)

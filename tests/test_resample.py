@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mlflow_clip.benchmark import make_photo_jpeg
+from mlflow_clip.bench import make_photo_jpeg
 from mlflow_clip.serving import resample
 from mlflow_clip.serving.images import decode_image
 from mlflow_clip.serving.preprocess import Preprocessor, compute_crop_origin, compute_resized_size, native_status

@@ -1,0 +1,99 @@
+"""Side by side: CLIP's PyTorch pipeline, raw onnxruntime, the pyfunc and the scoring server.
+
+One run measures every row on the same JPEGs, with the same thread count, each row in a fresh
+process of its own (so its peak RSS is its own), and reports images/s, p50 and p95 latency per
+request, peak RSS and the ratios between rows:
+
+    $ mlflow-clip benchmark --quick                                   # demo model, small images
+    $ mlflow-clip benchmark --models RN50 --sizes 1920x1080 --batches 8 --write-docs docs/benchmark.md
+
+Rows, per model x image size x batch size:
+
+- `torch` (a): CLIP's own `preprocess` + the PyTorch model + the same baked zero-shot head,
+  from the encoded JPEG bytes (decoded with PIL), `torch.set_num_threads(threads)`.
+- `onnxruntime` (b): the exported graph on already-preprocessed float32 tensors, the same
+  session settings as the pyfunc: the ceiling for our graph.
+- `pyfunc` (c): `mlflow.pyfunc.load_model(dir).predict(DataFrame({"image": [bytes, ...]}))`.
+- `server` (d): `mlflow models serve --env-manager local` over HTTP, 1 and 4 concurrent clients.
+- `precision` (e): the pyfunc on the int8 and fp16 variants of the model.
+- `draft`: the pyfunc with the `jpeg_draft` decode option, when the model offers it.
+- `load`: a registered model's load-to-first-prediction time, in a fresh interpreter.
+- `settings` (only when asked for): the pyfunc and (b) with one default switched back at a
+  time (one shard per request; onnxruntime's thread spinning on; Pillow doing the resize), to
+  show what each buys.
+
+`--soak` adds a sustained run of the server (mixed batch sizes, several clients) that samples
+the server's RSS, with onnxruntime's CPU memory arena off and on.
+
+The package needs only the serving install; torch and clip are imported by the child processes
+that build models or run row (a). Its modules, each importing only those listed before it:
+
+- `options`: `BenchmarkOptions` and the command line's parsing (`make_options`).
+- `results`: the result dataclasses and `BenchmarkReport` (to and from JSON).
+- `images`: the photo-like JPEGs every row scores, and which of them each request sends.
+- `measure`: /proc accounting (RSS, CPU), `RssSampler`, timed requests, the machine.
+- `targets`: the targets as data, and `evaluate_targets`.
+- `worker`: the child-process protocol (`run_child`, `RowProcess`, `child_main`).
+- `models`: building, caching and registering the benchmark's models.
+- `rows`: the in-process rows' tasks: (a) torch, (b) onnxruntime, the pyfunc rows.
+- `server`: `mlflow models serve` as a row, row (d).
+- `soak`: the server under sustained load, and its RSS over time.
+- `loads`: load to first prediction, in fresh interpreters.
+- `plan`: which rows run for a model, size and batch, and their specs.
+- `report`: Markdown tables, the docs page (`docs_template.md`), MLflow logging.
+- `run`: `run_benchmark` and `run_from_cli` (what `mlflow-clip benchmark` does).
+- `child`: the entry point of the child processes (imported by none of the above).
+"""
+
+from mlflow_clip.bench.images import make_photo_jpeg, request_images
+from mlflow_clip.bench.models import pyfunc_config_keys
+from mlflow_clip.bench.options import (
+    BenchmarkError,
+    BenchmarkOptions,
+    ServerSettings,
+    command_line,
+    make_options,
+    quick_options,
+)
+from mlflow_clip.bench.report import (
+    load_report,
+    log_report,
+    render_docs,
+    render_markdown,
+    report_metrics,
+    write_docs,
+)
+from mlflow_clip.bench.results import BenchmarkReport, LoadResult, RowResult, SoakResult, TargetResult
+from mlflow_clip.bench.run import compare_rows, run_benchmark, run_from_cli
+from mlflow_clip.bench.targets import TARGET_BATCH, TARGET_MODEL, TARGET_SIZE, decode_bound, evaluate_targets
+
+__all__ = [
+    "TARGET_BATCH",
+    "TARGET_MODEL",
+    "TARGET_SIZE",
+    "BenchmarkError",
+    "BenchmarkOptions",
+    "BenchmarkReport",
+    "LoadResult",
+    "RowResult",
+    "ServerSettings",
+    "SoakResult",
+    "TargetResult",
+    "command_line",
+    "compare_rows",
+    "decode_bound",
+    "evaluate_targets",
+    "load_report",
+    "log_report",
+    "make_options",
+    "make_photo_jpeg",
+    "pyfunc_config_keys",
+    "quick_options",
+    "render_docs",
+    "render_markdown",
+    "report_metrics",
+    "request_images",
+    "run_benchmark",
+    "run_from_cli",
+    "write_docs",
+]

@@ -1,0 +1,29 @@
+"""Entry point of the benchmark's child processes (see `mlflow_clip.bench.worker`):
+
+    python -m mlflow_clip.bench.child TASK SPEC_JSON RESULT_JSON [REPLY_FD]
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+from mlflow_clip.bench.models import task_build
+from mlflow_clip.bench.rows import task_onnxruntime, task_pyfunc, task_torch
+from mlflow_clip.bench.server import ServerRows
+from mlflow_clip.bench.soak import task_soak
+from mlflow_clip.bench.worker import child_main
+
+# One-shot tasks: run, write the result, exit.
+_ONE_SHOT_TASKS: dict[str, Callable[[dict], dict]] = {"build": task_build, "soak": task_soak}
+# Row tasks: set up and warm up, answer "ready", then run measured rounds until told to finish.
+_ROW_TASKS: dict[str, Callable[[dict], Any]] = {
+    "torch": task_torch,
+    "onnxruntime": task_onnxruntime,
+    "pyfunc": task_pyfunc,
+    "server": ServerRows,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(child_main(sys.argv[1:], _ROW_TASKS, _ONE_SHOT_TASKS))

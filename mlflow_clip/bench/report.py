@@ -1,0 +1,227 @@
+"""The report's outputs: Markdown tables, the docs page (its prose is `docs_template.md`, next to
+this module), MLflow metrics and artifacts, and a saved run read back from JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+from mlflow_clip.bench.models import model_slug
+from mlflow_clip.bench.results import BenchmarkReport, LoadResult, RowResult, SoakResult, TargetResult, format_number
+from mlflow_clip.bench.targets import TARGET_BATCH, TARGET_MODEL, TARGET_SIZE, evaluate_targets
+
+MIN_TREND_REQUESTS = 500  # soak requests after the warm-up needed to show an RSS trend
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+
+
+def rows_table(rows: Sequence[RowResult]) -> str:
+    lines = [
+        "| model | image | batch | row | requests | images/s | p50 ms | p95 ms | peak RSS MB | cores busy "
+        "| × (a) torch | × (b) onnxruntime | × (c) pyfunc | max abs Δp vs (a) | note |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        ok = r.ok
+        lines.append(
+            f"| {r.model} | {r.size} | {r.batch} | {r.label} | {r.requests if ok else '—'} | "
+            f"{format_number(r.images_per_s, 2) if ok else '—'} | {format_number(r.p50_ms, 0) if ok else '—'} | "
+            f"{format_number(r.p95_ms, 0) if ok else '—'} | {format_number(r.peak_rss_mb, 0) if ok else '—'} | "
+            f"{format_number(r.cores_busy, 2) if ok else '—'} | {format_number(r.vs_torch, 2, 'x')} | {format_number(r.vs_onnxruntime, 2, 'x')} | "
+            f"{format_number(r.vs_pyfunc, 2, 'x')} | {'—' if r.max_prob_diff is None else f'{r.max_prob_diff:.1e}'} | "
+            f"{'' if ok else r.status + ': '}{_cell(r.note)} |"
+        )
+    return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def targets_table(targets: Sequence[TargetResult]) -> str:
+    lines = ["| target | threshold | measured | result |", "|---|---|---|---|"]
+    lines += [f"| {t.name} | {t.threshold} | {t.measured} | **{t.result}** |" for t in targets]
+    return "\n".join(lines)
+
+
+def loads_table(loads: Sequence[LoadResult]) -> str:
+    lines = [
+        "| model | precision | load to first prediction s (median) | runs | imports s | load s | predict s | peak RSS MB | note |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for l in loads:
+        lines.append(
+            f"| {l.model} | {l.precision} | {format_number(l.seconds, 2)} | {len(l.runs)} | {format_number(l.imports_s, 2)} | "
+            f"{format_number(l.load_s, 2)} | {format_number(l.predict_s, 2)} | {format_number(l.peak_rss_mb, 0)} | "
+            f"{'' if l.status == 'ok' else l.status + ': '}{_cell(l.note)} |"
+        )
+    return "\n".join(lines)
+
+
+def _trend(soak: SoakResult) -> float | None:
+    """The RSS trend, shown only when enough requests follow the warm-up to carry one."""
+    return soak.growth_mb_per_1000 if soak.requests - soak.warmup_requests >= MIN_TREND_REQUESTS else None
+
+
+def soaks_table(soaks: Sequence[SoakResult]) -> str:
+    lines = [
+        "| model | image | CPU arena | clients | requests | errors | images/s | p50 ms | p95 ms | RSS idle at start MB "
+        "| RSS idle after warm-up MB | RSS idle at end MB | growth MB | trend MB per 1000 requests | peak MB | note |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for s in soaks:
+        lines.append(
+            f"| {s.model} | {s.size} | {'on' if s.arena else 'off'} | {s.clients} | {s.requests} | {s.errors} | "
+            f"{format_number(s.images_per_s, 1)} | {format_number(s.p50_ms, 0)} | {format_number(s.p95_ms, 0)} | {format_number(s.rss_start_mb, 0)} | "
+            f"{format_number(s.rss_warm_mb, 0)} | {format_number(s.rss_end_mb, 0)} | {format_number(s.growth_mb, 1)} | "
+            f"{format_number(_trend(s), 1)} | {format_number(s.rss_peak_mb, 0)} | "
+            f"{'' if s.status == 'ok' else s.status + ': '}{_cell(s.note)} |"
+        )
+    return "\n".join(lines)
+
+
+def render_markdown(report: BenchmarkReport) -> str:
+    """The run's tables: rows, targets, load time, soak, notes."""
+    options, machine = report.options, report.machine
+    parts = [
+        f"Machine: {machine['cpu']}, {machine['cpu_count']} cores; threads {options['threads']}; "
+        f"load average {format_number(machine.get('loadavg_start'), 2)} at the start, {format_number(machine.get('loadavg_end'), 2)} at the end; "
+        f"onnxruntime {machine['versions'].get('onnxruntime')}, torch {machine['versions'].get('torch')}, "
+        f"mlflow {machine['versions'].get('mlflow')}; run took {report.seconds / 60:.1f} min."
+        + (f" Resize and crop: {machine['resampling']}." if machine.get("resampling") else ""),
+        f"Server: {', '.join(options['server_configs'])} (w = uvicorn workers, t = onnxruntime threads per worker), "
+        f"`{options['server_form']}` requests{_env_text(options.get('server_env'))}. Warm-up: {options['warmup']} requests per row, excluded; then at "
+        f"least {options['min_requests']} requests and {options['min_seconds']:g} s per row, in {options['rounds']} "
+        "rounds that alternate between the rows of a group; a request is one batch.",
+    ]
+    if report.rows:
+        parts += ["### Throughput and latency", rows_table(report.rows)]
+    parts += [f"### Targets ({TARGET_MODEL}, {TARGET_SIZE}, batch {TARGET_BATCH}, {options['threads']} threads)",
+              targets_table(report.targets)]
+    decode = [r for r in report.rows if r.row == "onnxruntime" and r.ok and r.decode_ms is not None]
+    if decode:
+        parts.append(
+            "The targets count the default, exact path only. Exact decode and preprocess of one image on one "
+            "thread (timed while row (b) prepares its tensors): "
+            + ", ".join(f"{r.model} {r.size} {r.decode_ms:.1f} ms" for r in decode)
+            + ". The decode-bound ceiling is the highest (c) / (b) ratio that work allows on the same cores, "
+            "threads / ((b)'s cores busy + decode seconds x (b)'s images/s), times (b) / (a) against row (a)."
+        )
+    if report.loads:
+        parts += ["### Load to first prediction (registered model, fresh interpreter)", loads_table(report.loads)]
+    if report.soaks:
+        parts += ["### Memory under load (soak)", soaks_table(report.soaks), soak_verdict(report.soaks)]
+    if report.notes:
+        parts += ["### Notes", "\n".join(f"- {_cell(n)}" for n in report.notes)]
+    return "\n\n".join(parts) + "\n"
+
+
+def _env_text(pairs) -> str:
+    return ", environment " + ", ".join(f"`{k}={v}`" for k, v in pairs) if pairs else ""
+
+
+def soak_verdict(soaks: Sequence[SoakResult]) -> str:
+    """Per soak model: which arena setting the numbers support."""
+    lines = []
+    for model in dict.fromkeys(s.model for s in soaks):
+        by_arena = {s.arena: s for s in soaks if s.model == model and s.status == "ok"}
+        if len(by_arena) < 2:
+            continue
+        off, on = by_arena[False], by_arena[True]
+        lower = "off" if off.rss_end_mb <= on.rss_end_mb else "on"
+        lines.append(
+            f"- {model}: arena off {off.rss_end_mb:.0f} MB idle at the end ({off.growth_mb:+.1f} MB since the warm-up), "
+            f"{off.images_per_s:.1f} images/s; arena on {on.rss_end_mb:.0f} MB ({on.growth_mb:+.1f} MB), "
+            f"{on.images_per_s:.1f} images/s: the smaller footprint is with the arena {lower}."
+        )
+    if not lines:
+        return "Run both arena settings (`--soak-arena both`) to compare them."
+    return "\n".join(lines) + (
+        "\n\nThe soaks run one after the other, so a throughput difference between them also contains any "
+        "change in the machine's background load; the memory figures are the server's own."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The docs page
+
+
+# The page's prose, shipped with the package. In it, "{args} " stands for the arguments that
+# reproduce the run (with their trailing space; nothing when there are none) and the line
+# "{results}" for the run's tables (`render_markdown`, which ends with a newline).
+DOCS_TEMPLATE = "docs_template.md"
+ARGS_FIELD = "{args} "
+RESULTS_FIELD = "{results}\n"
+
+
+def docs_template() -> str:
+    """The docs page's text around the run's tables (`DOCS_TEMPLATE`, next to this module)."""
+    return (resources.files(__package__) / DOCS_TEMPLATE).read_text(encoding="utf-8")
+
+
+def render_docs(report: BenchmarkReport) -> str:
+    """The docs page: what each row is, the run's tables, and how to reproduce them."""
+    head, tail = docs_template().split(RESULTS_FIELD)
+    args = report.command + " " if report.command else ""
+    return head.replace(ARGS_FIELD, args) + render_markdown(report) + tail
+
+
+def write_docs(report: BenchmarkReport, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_docs(report), encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# MLflow and JSON
+
+
+def metric_key(*parts: Any) -> str:
+    return ".".join(model_slug(str(p)) if i == 0 else str(p) for i, p in enumerate(parts))
+
+
+def report_metrics(report: BenchmarkReport) -> dict[str, float]:
+    """Flat MLflow metrics: `<model>.<size>.b<batch>.<row>.<figure>` and the load/soak figures."""
+    metrics: dict[str, float] = {}
+    for r in report.rows:
+        if r.ok:
+            for name in ("images_per_s", "p50_ms", "p95_ms", "peak_rss_mb", "vs_torch", "vs_onnxruntime", "vs_pyfunc"):
+                if getattr(r, name) is not None:
+                    metrics[metric_key(r.model, r.size, f"b{r.batch}", r.row, name)] = float(getattr(r, name))
+    for l in report.loads:
+        if l.status == "ok":
+            metrics[metric_key(l.model, l.precision, "load_to_first_prediction_s")] = float(l.seconds)
+    for s in report.soaks:
+        for name in ("images_per_s", "rss_warm_mb", "rss_end_mb", "growth_mb", "errors"):
+            if getattr(s, name) is not None:
+                metrics[metric_key(s.model, s.size, f"soak_arena_{'on' if s.arena else 'off'}", name)] = float(getattr(s, name))
+    return metrics
+
+
+def log_report(report: BenchmarkReport, run_name: str = "benchmark") -> str:
+    """Log the report to a new MLflow run (current tracking URI); returns the run id."""
+    import mlflow
+
+    with mlflow.start_run(run_name=run_name) as run:
+        params = {k: json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v) for k, v in report.options.items()}
+        params.update({"cpu": report.machine["cpu"], "cpu_count": str(report.machine["cpu_count"])})
+        mlflow.log_params({k: v[:6000] for k, v in params.items()})
+        mlflow.log_metrics(report_metrics(report))
+        for target in report.targets:
+            mlflow.set_tag(f"target.{target.key}", f"{target.result} ({target.measured})")
+        mlflow.log_text(render_markdown(report), "benchmark.md")
+        mlflow.log_dict(report.to_dict(), "benchmark.json")
+    return run.info.run_id
+
+
+def load_report(path: str | os.PathLike) -> BenchmarkReport:
+    """A report saved with `--json`; its targets are evaluated again from its rows."""
+    report = BenchmarkReport.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+    report.targets = evaluate_targets(report)
+    return report

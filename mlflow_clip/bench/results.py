@@ -1,0 +1,131 @@
+"""What a run found: one dataclass per table row, and the report that holds them (to and from JSON)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+@dataclass
+class RowResult:
+    """One row of the table: a pipeline on one model, image size and batch size."""
+
+    model: str
+    size: str
+    batch: int
+    row: str
+    label: str
+    status: str = "ok"  # ok, failed, not runnable
+    note: str = ""
+    requests: int = 0
+    images: int = 0
+    seconds: float = 0.0
+    images_per_s: float | None = None
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    peak_rss_mb: float | None = None
+    cores_busy: float | None = None
+    vs_torch: float | None = None
+    vs_onnxruntime: float | None = None
+    vs_pyfunc: float | None = None
+    max_prob_diff: float | None = None
+    # Row (b) only: exact decode + preprocess of one image on one thread, in milliseconds.
+    decode_ms: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass
+class LoadResult:
+    """A registered model's load-to-first-prediction time in a fresh interpreter."""
+
+    model: str
+    precision: str
+    model_uri: str
+    status: str = "ok"
+    note: str = ""
+    seconds: float | None = None  # median over runs: process start to first prediction
+    runs: list[float] = field(default_factory=list)
+    imports_s: float | None = None
+    load_s: float | None = None
+    predict_s: float | None = None
+    peak_rss_mb: float | None = None
+
+
+@dataclass
+class SoakResult:
+    """A sustained run of the server: errors, throughput and the server's RSS over time."""
+
+    model: str
+    size: str
+    arena: bool
+    server: str
+    clients: int
+    status: str = "ok"
+    note: str = ""
+    requests: int = 0
+    errors: int = 0
+    images: int = 0
+    seconds: float = 0.0
+    images_per_s: float | None = None
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    warmup_requests: int = 0
+    rss_start_mb: float | None = None
+    rss_warm_mb: float | None = None
+    rss_end_mb: float | None = None
+    rss_peak_mb: float | None = None
+    growth_mb: float | None = None
+    growth_mb_per_1000: float | None = None
+    samples: list[list[float]] = field(default_factory=list)  # [seconds, rss MB, requests done]
+
+
+@dataclass
+class TargetResult:
+    """One target's verdict: PASS, FAIL, or n/a when its rows were not measured."""
+
+    key: str
+    name: str
+    threshold: str
+    measured: str
+    result: str  # PASS, FAIL, n/a
+
+
+@dataclass
+class BenchmarkReport:
+    """A whole run: options, machine, every table's results, and the arguments that reproduce it."""
+
+    options: dict[str, Any]
+    machine: dict[str, Any]
+    rows: list[RowResult] = field(default_factory=list)
+    loads: list[LoadResult] = field(default_factory=list)
+    soaks: list[SoakResult] = field(default_factory=list)
+    targets: list[TargetResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    command: str = ""  # the `mlflow-clip benchmark` arguments that reproduce the run
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BenchmarkReport":
+        """A report read back from `to_json` (to render its tables again)."""
+        kinds = {"rows": RowResult, "loads": LoadResult, "soaks": SoakResult, "targets": TargetResult}
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        for name, kind in kinds.items():
+            names = {f.name for f in fields(kind)}
+            values[name] = [kind(**{k: v for k, v in item.items() if k in names}) for item in data.get(name, [])]
+        return cls(**values)
+
+
+def format_number(value: float | None, digits: int = 1, suffix: str = "") -> str:
+    """A figure for a table or a progress line; "—" for one that was not measured."""
+    return "—" if value is None else f"{value:.{digits}f}{suffix}"

@@ -1,0 +1,145 @@
+"""The targets, stated for one configuration (`TARGET_MODEL`, `TARGET_SIZE`, `TARGET_BATCH`):
+throughput ratios between rows on the default, exact path (`RATIO_TARGETS`, data), and the
+load-to-first-prediction time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mlflow_clip.bench.results import BenchmarkReport, LoadResult, RowResult, TargetResult
+
+# The configuration the targets are stated for.
+TARGET_MODEL, TARGET_SIZE, TARGET_BATCH = "RN50", "1920x1080", 8
+LOAD_TARGET_SECONDS = 3.0
+# The reference of a target against raw onnxruntime: the faster of the raw onnxruntime rows
+# (with and without thread spinning, when both ran): the pyfunc's session settings are not assumed best.
+GRAPH = "graph"
+GRAPH_ROWS = ("onnxruntime", "onnxruntime-spin")
+
+
+@dataclass(frozen=True)
+class RatioTarget:
+    """`row`'s images/s over its reference's must be at least `threshold`.
+
+    `versus` is the reference: a row whose ratio column (`vs_torch`, `vs_pyfunc`) `compare_rows`
+    filled, or `GRAPH`. With `best_of`, `row` is a prefix and the best of the rows it starts
+    (one per server setting) counts. Beside the figure, never counted for it: the `draft` row's
+    figure against the same reference, and with `ceiling` the decode-bound ceiling.
+    """
+
+    key: str
+    name: str
+    row: str
+    versus: str
+    threshold: float
+    draft: str | None = None
+    ceiling: bool = False
+    best_of: bool = False
+
+
+RATIO_TARGETS: tuple[RatioTarget, ...] = (
+    RatioTarget("pyfunc_fp32_vs_torch", "pyfunc fp32 vs (a) torch", "pyfunc", "torch", 2.0,
+                draft="pyfunc-draft", ceiling=True),
+    RatioTarget("pyfunc_int8_vs_torch", "pyfunc int8 vs (a) torch", "pyfunc-int8", "torch", 3.5,
+                draft="pyfunc-int8-draft"),
+    RatioTarget("pyfunc_fp32_vs_onnxruntime", "pyfunc fp32 vs (b) onnxruntime (the faster (b) row)", "pyfunc", GRAPH,
+                0.85, draft="pyfunc-draft", ceiling=True),
+    RatioTarget("server_4_clients_vs_pyfunc", "server 4 clients vs in-process pyfunc", "server-4c", "pyfunc", 0.8,
+                best_of=True),
+    # Cached per-request labels cost at most 5% more than the baked classes.
+    RatioTarget("labels_per_request_vs_pyfunc", "pyfunc labels per request vs baked", "pyfunc-labels", "pyfunc",
+                1 / 1.05),
+)
+
+
+def evaluate_targets(report: BenchmarkReport) -> list[TargetResult]:
+    """The targets on the exact (default) path, from the rows of the target configuration and
+    its fp32 load time; `jpeg_draft` figures and the decode-bound ceiling are shown next to
+    them, never counted for them."""
+    group = {r.row: r for r in report.rows if (r.model, r.size, r.batch) == (TARGET_MODEL, TARGET_SIZE, TARGET_BATCH)}
+    graphs = (group.get(name) for name in GRAPH_ROWS)
+    graph = max((r for r in graphs if r is not None and r.ok), key=lambda r: r.images_per_s or 0, default=None)
+    ceiling = decode_bound(graph, int(report.options.get("threads") or 0))
+    targets = [_ratio_target(target, group, graph, ceiling) for target in RATIO_TARGETS]
+    load = next((l for l in report.loads if (l.model, l.precision) == (TARGET_MODEL, "fp32") and l.status == "ok"), None)
+    return targets + [_load_target(load)]
+
+
+def _ratio_target(target: RatioTarget, group: dict[str, RowResult], graph: RowResult | None,
+                  ceiling: float | None) -> TargetResult:
+    def figure(row: RowResult | None) -> float | None:
+        return _relative(row, graph) if target.versus == GRAPH else _ratio(row, f"vs_{target.versus}")
+
+    if target.best_of:
+        candidates = [r for name, r in group.items() if name.startswith(target.row) and r.ok]
+        row = max(candidates, key=lambda r: figure(r) or 0, default=None)
+    else:
+        row = group.get(target.row)
+    value = figure(row)
+    draft = figure(group.get(target.draft)) if target.draft else None
+    extra = _extras(draft, _ceiling_against(target.versus, graph, ceiling) if target.ceiling else None)
+    return TargetResult(
+        target.key, f"{target.name} ({TARGET_MODEL}, {TARGET_SIZE}, batch {TARGET_BATCH})", f">= {target.threshold:.2f}x",
+        "not measured" if value is None else f"{value:.2f}x{extra}",
+        "n/a" if value is None else ("PASS" if value >= target.threshold else "FAIL"),
+    )
+
+
+def _ceiling_against(versus: str, graph: RowResult | None, ceiling: float | None) -> float | None:
+    """The decode-bound ceiling, which is against the graph, against the reference `versus`."""
+    if ceiling is None or versus == GRAPH:
+        return ceiling
+    scale = _ratio(graph, f"vs_{versus}")
+    return None if scale is None else ceiling * scale
+
+
+def _load_target(load: LoadResult | None) -> TargetResult:
+    seconds = load_seconds(load)
+    return TargetResult(
+        "load_to_first_prediction", f"load to first prediction ({TARGET_MODEL} fp32, registered; after `import mlflow`)",
+        f"<= {LOAD_TARGET_SECONDS:.1f} s",
+        "not measured" if seconds is None else
+        f"{seconds:.2f} s (from process start {load.seconds:.2f} s, of which interpreter and imports {load.seconds - seconds:.2f} s)",
+        "n/a" if seconds is None else ("PASS" if seconds <= LOAD_TARGET_SECONDS else "FAIL"),
+    )
+
+
+def load_seconds(load: LoadResult | None) -> float | None:
+    """`mlflow.pyfunc.load_model(models:/...)` to the first prediction: the registry lookup, the
+    artifact download, the session and one predict. Starting the interpreter and `import
+    mlflow` (the same for every MLflow model) are reported beside it."""
+    if load is None or load.load_s is None or load.predict_s is None:
+        return None
+    return load.load_s + load.predict_s
+
+
+def decode_bound(onnxruntime_row: RowResult | None, threads: int) -> float | None:
+    """The highest (c) / (b) ratio the exact decode allows on `threads` cores.
+
+    Row (b) spends cores_busy / images_per_s core-seconds per image; the pyfunc must also decode
+    and preprocess each image (decode_ms, on one core), on the same cores:
+    (c) <= threads / (cores_busy / (b) + decode), so (c) / (b) <= threads / (cores_busy + decode x (b)).
+    """
+    row = onnxruntime_row
+    if row is None or not row.ok or not threads or None in (row.decode_ms, row.cores_busy, row.images_per_s):
+        return None
+    return min(1.0, threads / (row.cores_busy + row.decode_ms / 1000.0 * row.images_per_s))
+
+
+def _relative(row: RowResult | None, reference: RowResult | None) -> float | None:
+    if row is None or reference is None or not row.ok or not reference.ok or not row.images_per_s or not reference.images_per_s:
+        return None
+    return row.images_per_s / reference.images_per_s
+
+
+def _extras(draft: float | None, ceiling: float | None) -> str:
+    parts = []
+    if ceiling is not None:
+        parts.append(f"decode-bound ceiling {ceiling:.2f}x")
+    if draft is not None:
+        parts.append(f"with jpeg_draft {draft:.2f}x")
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
+def _ratio(row: RowResult | None, name: str) -> float | None:
+    return getattr(row, name) if row is not None and row.ok else None
