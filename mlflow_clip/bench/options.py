@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
+from mlflow_clip.errors import MlflowClipError
 
 ROW_KINDS: tuple[str, ...] = (
     "torch", "onnxruntime", "pyfunc", "labels", "server", "precision", "draft", "load", "settings",
@@ -22,7 +23,7 @@ SERVER_FORMS: tuple[str, ...] = ("dataframe_split", "inputs")
 DEFAULT_WORK_DIR = Path.home() / ".cache" / "mlflow-clip" / "benchmark"
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(MlflowClipError, ValueError):
     """Bad benchmark options; the message names the option, the value and the fix."""
 
 
