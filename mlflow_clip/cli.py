@@ -72,26 +72,40 @@ def export_command(classes, model, templates, registered_model_name, opset, imag
 
 @cli.command("promote")
 @click.option("--model-name", "--model_name", default="clip-zero-shot", show_default=True)
-@click.option("--version", required=True, help="A version number, or an alias naming one (e.g. challenger).")
+@click.option("--version", required=True, help="A version number (3), or an alias naming one (challenger; @3 for an all-digit alias).")
 @click.option("--alias", default="production", show_default=True)
 @click.option("--max-prob-diff", "--max_prob_diff", default="", help="Parity gate (default: the export's own).")
 @click.option("--max-accuracy-drop", "--max_accuracy_drop", default="", help="Accuracy gate vs the current holder (off by default).")
+@click.option("--allow-missing-accuracy", "--allow_missing_accuracy", default="false", type=click.BOOL, show_default=True,
+              help="With --max-accuracy-drop: pass when a version has no recorded accuracy instead of refusing.")
 @click.option("--copy-to", "--copy_to", default="", help="Copy the version into this registered model first.")
 @click.option("--allow-legacy", "--allow_legacy", default="false", type=click.BOOL, show_default=True,
               help="Accept a version saved by mlflow-clip 0.1.0 (no manifest) on its graph's checksum alone.")
-def promote_command(model_name, version, alias, max_prob_diff, max_accuracy_drop, copy_to, allow_legacy) -> None:
+@click.option("--experiment-name", "--experiment_name", default="", help="Record the promotion as a run of this experiment.")
+def promote_command(model_name, version, alias, max_prob_diff, max_accuracy_drop, allow_missing_accuracy, copy_to,
+                    allow_legacy, experiment_name) -> None:
     """Gate a version and point an alias (default: production) at it."""
-    from mlflow_clip.registry import GateThresholds, promote
+    from mlflow_clip.registry import GateThresholds, PromotionError
+    from mlflow_clip.registry.runs import promote_in_run
 
     thresholds = GateThresholds(
         max_prob_diff=_optional_float(max_prob_diff),
         max_accuracy_drop=_optional_float(max_accuracy_drop),
         allow_legacy=allow_legacy,
+        allow_missing_accuracy=allow_missing_accuracy,
     )
-    result = promote(model_name, version, alias, thresholds, copy_to=copy_to or None)
-    for gate in result.gates:
-        click.echo(f"gate {gate.name}: {'passed' if gate.passed else 'FAILED'}: {gate.detail}")
+    try:
+        result = promote_in_run(model_name, version, alias, thresholds, copy_to or None, experiment_name or None)
+    except PromotionError as e:
+        _echo_gates(e.result.gates if e.result else [])
+        raise
+    _echo_gates(result.gates)
     click.echo(result.message)
+
+
+def _echo_gates(gates) -> None:
+    for gate in gates:
+        click.echo(f"gate {gate.name}: {'passed' if gate.passed else 'FAILED'}: {gate.detail}")
 
 
 def _optional_float(text: str) -> float | None:
@@ -104,11 +118,35 @@ def _optional_float(text: str) -> float | None:
 @cli.command("rollback")
 @click.option("--model-name", "--model_name", default="clip-zero-shot", show_default=True)
 @click.option("--alias", default="production", show_default=True)
-def rollback_command(model_name, alias) -> None:
+@click.option("--experiment-name", "--experiment_name", default="", help="Record the rollback as a run of this experiment.")
+def rollback_command(model_name, alias, experiment_name) -> None:
     """Move an alias back to the version that held it before the last promotion."""
-    from mlflow_clip.registry import rollback
+    from mlflow_clip.registry.runs import rollback_in_run
 
-    click.echo(rollback(model_name, alias).message)
+    click.echo(rollback_in_run(model_name, alias, experiment_name or None).message)
+
+
+@cli.command("history")
+@click.option("--model-name", "--model_name", default="clip-zero-shot", show_default=True)
+@click.option("--alias", default="production", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per event instead of a table.")
+def history_command(model_name, alias, as_json) -> None:
+    """Every promotion, rollback and refused promotion of an alias, oldest first."""
+    import json
+    from dataclasses import asdict
+
+    from mlflow_clip.registry import history
+
+    events = history(model_name, alias)
+    if as_json:
+        for event in events:
+            click.echo(json.dumps(asdict(event), ensure_ascii=False))
+        return
+    if not events:
+        click.echo(f"{model_name} @{alias} has no history.")
+    for e in events:
+        move = f"{e.previous or '-'} -> {e.version or '-'}"
+        click.echo(f"{e.seq:>5}  {e.at[:23]:<23}  {e.event:<8}  {move:<14}  {e.state:<9}  {e.by}")
 
 
 @cli.command("evaluate")

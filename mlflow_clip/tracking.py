@@ -13,16 +13,24 @@ MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 
 
 @contextmanager
-def active_or_new_run() -> Iterator[Any]:
-    """The active run (e.g. the one `mlflow run` started), or a new one that ends FAILED if
-    the block raises."""
+def active_or_new_run(experiment_name: str | None = None, run_name: str | None = None) -> Iterator[Any]:
+    """The active run (e.g. the one `mlflow run` started), or a new one (in `experiment_name`
+    when given) that ends FAILED if the block raises."""
+    import os
+
     import mlflow
 
     active = mlflow.active_run()
     if active is not None:
         yield active
         return
-    with mlflow.start_run() as run:
+    if os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run` started it: resume it as it is
+        with mlflow.start_run() as run:
+            yield run
+        return
+    if experiment_name:
+        mlflow.set_experiment(experiment_name)
+    with mlflow.start_run(run_name=run_name) as run:
         yield run
 
 

@@ -1,0 +1,235 @@
+"""Promotion's logic on a real MLflow store (SQLite, in process): the history as records, names
+checked first, gates that say what they did, the holder read under the lock, and every state a
+crash can leave reconciled by the next call. The same against a real `mlflow server` on SQLite
+and PostgreSQL, with real SIGKILLs, is in test_registry.py."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from conftest import requires_export, using_store
+
+pytestmark = requires_export
+
+NAME = "clip-zero-shot"
+CLASSES = ["a red circle", "a green square", "a blue triangle"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A SQLite tracking store and registry with two exported demo versions."""
+    import mlflow
+
+    from mlflow_clip.export.job import export_and_register
+
+    root = tmp_path_factory.mktemp("promotion")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with using_store(uri):
+        mlflow.set_experiment(experiment_id=mlflow.create_experiment("p", artifact_location=(root / "a").as_uri()))
+        first = export_and_register(CLASSES, model="demo", templates="photo", registered_model_name=NAME)
+        second = export_and_register(CLASSES, model="demo", templates="none", registered_model_name=NAME)
+        yield {"uri": uri, "v1": first.model_version, "v2": second.model_version}
+
+
+@pytest.fixture()
+def client(store):
+    from mlflow.tracking import MlflowClient
+
+    with using_store(store["uri"]):
+        yield MlflowClient()
+
+
+@pytest.fixture()
+def alias(request) -> str:
+    """A fresh alias per test, so tests do not share a history."""
+    return "a" + str(abs(hash(request.node.name)) % 10**8)
+
+
+def test_promotions_rollbacks_and_refusals_are_records_in_order(store, client, alias):
+    from mlflow_clip.registry import GateThresholds, PromotionError, history, promote, rollback
+
+    v1, v2 = store["v1"], store["v2"]
+    assert promote(NAME, v1, alias).moved
+    with pytest.raises(PromotionError, match=rf"version {v2} and version {v1} have no recorded accuracy"):
+        promote(NAME, v2, alias, GateThresholds(max_accuracy_drop=0.01))
+    assert promote(NAME, v2, alias).previous_version == v1
+    assert rollback(NAME, alias).version == v1
+    events = history(NAME, alias)
+    assert [(e.seq, e.event, e.previous, e.version, e.state) for e in events] == [
+        (1, "promote", None, v1, "done"),
+        (2, "refused", v1, v2, "done"),
+        (3, "promote", v1, v2, "done"),
+        (4, "rollback", v2, v1, "done"),
+    ]
+    assert "accuracy" in events[1].detail and events[1].gates["accuracy"] is False
+    assert all(len(e.record()) < 2000 for e in events)
+    tags = client.get_model_version(NAME, v2).tags
+    assert tags["promoted_alias"] == alias and tags["promoted_seq"] == "3"
+
+
+def test_names_are_checked_before_any_gate(client, monkeypatch):
+    import mlflow_clip.registry.promotion as promotion
+    from mlflow_clip.registry import RegistryNameError, promote
+
+    monkeypatch.setattr(promotion, "check_gates", lambda *a: pytest.fail("a gate ran"))
+    for bad in ("pro duction", "it's", "v.1", "", "latest", "v3", "x" * 256):
+        with pytest.raises(RegistryNameError):
+            promote(NAME, "1", bad)
+    with pytest.raises(RegistryNameError, match="control character"):
+        promote("clip\nzero-shot", "1", "production")
+    with pytest.raises(RegistryNameError, match="empty version"):
+        promote(NAME, " ", "production")
+
+
+def test_a_number_is_a_version_and_at_names_an_alias(store, client):
+    from mlflow_clip.registry import parse_version, resolve_version
+
+    client.set_registered_model_alias(NAME, "3", store["v1"])  # an all-digit alias
+    assert resolve_version(client, NAME, "@3") == store["v1"]
+    assert resolve_version(client, NAME, store["v2"]) == store["v2"]
+    assert str(parse_version("@3")) == "@3" and parse_version("0042").number == "42"
+
+
+def test_re_promoting_the_holder_says_so_before_any_gate(store, client, alias, monkeypatch):
+    import mlflow_clip.registry.promotion as promotion
+    from mlflow_clip.registry import promote
+
+    promote(NAME, store["v1"], alias)
+    monkeypatch.setattr(promotion, "check_gates", lambda *a: pytest.fail("a gate ran"))
+    started = time.monotonic()
+    again = promote(NAME, store["v1"], alias)
+    assert not again.moved and again.gates == [] and "already holds" in again.message
+    assert time.monotonic() - started < 2
+
+
+def test_every_gate_reports_what_it_did(store, alias):
+    from mlflow_clip.registry import GateThresholds, promote
+
+    result = promote(NAME, store["v1"], alias, GateThresholds(max_accuracy_drop=0.01))
+    names = [g.name for g in result.gates]
+    assert names == ["version exists", "checksum", "parity", "loads and predicts", "accuracy"]
+    assert "nothing to compare with" in result.gates[-1].detail  # no holder yet
+    assert all(g.detail for g in result.gates)
+
+
+def test_missing_accuracy_passes_only_when_allowed(store, client, alias):
+    from mlflow_clip.registry import ACCURACY_TAG, GateThresholds, PromotionError, promote
+
+    v1, v2 = store["v1"], store["v2"]
+    promote(NAME, v1, alias)
+    result = promote(NAME, v2, alias, GateThresholds(max_accuracy_drop=0.01, allow_missing_accuracy=True))
+    assert result.moved and "--allow-missing-accuracy" in result.gates[-1].detail
+    client.set_model_version_tag(NAME, v1, ACCURACY_TAG, "0.99")
+    client.set_model_version_tag(NAME, v2, ACCURACY_TAG, "0.50")
+    try:
+        promote(NAME, v1, alias)
+        with pytest.raises(PromotionError, match=r"drop 0.4900, allowed 0.0100"):
+            promote(NAME, v2, alias, GateThresholds(max_accuracy_drop=0.01))
+    finally:
+        client.delete_model_version_tag(NAME, v1, ACCURACY_TAG)
+        client.delete_model_version_tag(NAME, v2, ACCURACY_TAG)
+
+
+def test_the_accuracy_gate_reads_the_holder_under_the_lock(store, client, alias, monkeypatch):
+    """A second promotion lands while the first runs its gates: the accuracy comparison must be
+    with the version that holds the alias when the first one moves it, not the one before."""
+    import mlflow_clip.registry.promotion as promotion
+    from mlflow_clip.registry import ACCURACY_TAG, GateThresholds, PromotionError, promote
+
+    client.set_model_version_tag(NAME, store["v1"], ACCURACY_TAG, "0.99")
+    client.set_model_version_tag(NAME, store["v2"], ACCURACY_TAG, "0.50")
+    real_gates = promotion.check_gates
+
+    def gates_during_which_v1_is_promoted(*args):
+        out = real_gates(*args)
+        monkeypatch.setattr(promotion, "check_gates", real_gates)
+        promote(NAME, store["v1"], alias)  # the other promotion, completed meanwhile
+        return out
+
+    try:
+        monkeypatch.setattr(promotion, "check_gates", gates_during_which_v1_is_promoted)
+        with pytest.raises(PromotionError, match=rf"vs 0.9900 \(version {store['v1']}, holding the alias\)"):
+            promote(NAME, store["v2"], alias, GateThresholds(max_accuracy_drop=0.01))
+        assert promotion.current_holder(client, NAME, alias) == store["v1"]
+    finally:
+        client.delete_model_version_tag(NAME, store["v1"], ACCURACY_TAG)
+        client.delete_model_version_tag(NAME, store["v2"], ACCURACY_TAG)
+
+
+def _crashed_move(client, alias: str, version: str, previous: str | None, moved: bool) -> None:
+    """What a promotion killed around its alias move leaves: its record without an outcome, and
+    the alias moved or not."""
+    from mlflow_clip.registry import records
+
+    events = records.read_events(client, NAME, alias)
+    records.append(client, NAME, records.Event(seq=records.next_seq(events), event=records.PROMOTE, alias=alias,
+                                               version=version, previous=previous, by="crashed", at=records.now(),
+                                               subject=version))
+    if moved:
+        client.set_registered_model_alias(NAME, alias, version)
+
+
+def test_killed_right_after_the_alias_moved(store, client, alias):
+    from mlflow_clip.registry import history, promote, rollback
+
+    v1, v2 = store["v1"], store["v2"]
+    promote(NAME, v1, alias)
+    _crashed_move(client, alias, v2, v1, moved=True)
+    assert history(NAME, alias)[-1].state == "done"  # read as done, from where the alias is
+    assert rollback(NAME, alias).version == v1  # the interrupted move is known, and undone
+    events = history(NAME, alias)
+    assert [(e.event, e.state) for e in events] == [("promote", "done"), ("promote", "done"), ("rollback", "done")]
+    assert "the next command" in events[1].resolved_by
+
+
+def test_killed_before_the_alias_moved(store, client, alias):
+    from mlflow_clip.registry import history, promote
+
+    v1, v2 = store["v1"], store["v2"]
+    promote(NAME, v1, alias)
+    _crashed_move(client, alias, v2, v1, moved=False)
+    assert history(NAME, alias)[-1].state == "abandoned"
+    result = promote(NAME, v2, alias)
+    assert result.moved and result.seq == 3
+    assert [e.state for e in history(NAME, alias)] == ["done", "abandoned", "done"]
+
+
+def test_killed_holding_the_lock_delays_the_next_by_one_lease(store, client, alias):
+    from mlflow_clip.registry import LockSettings, promote
+
+    ticket = json.dumps({"choosing": False, "number": 1, "beat": 7})
+    client.set_registered_model_tag(NAME, f"mlflow_clip.lock.{alias}.deadbeef", ticket)
+    started = time.monotonic()
+    result = promote(NAME, store["v1"], alias, lock=LockSettings(lease=2.0))
+    assert result.moved and result.reclaimed_locks == 1
+    assert 2.0 <= time.monotonic() - started < 30
+    assert not [k for k in client.get_registered_model(NAME).tags if k.startswith(f"mlflow_clip.lock.{alias}.")]
+
+
+def test_the_0_1_0_history_is_read_once_and_migrated(store, client, alias):
+    from mlflow_clip.registry import history, promote, rollback
+
+    v1, v2 = store["v1"], store["v2"]
+    legacy = [{"action": "promote", "version": v1, "previous": None, "at": "2026-11-01T00:00:00", "by": "ann"},
+              {"action": "promote", "version": v2, "previous": v1, "at": "2026-11-02T00:00:00", "by": "bob"}]
+    client.set_registered_model_tag(NAME, f"mlflow_clip.alias_history.{alias}", json.dumps(legacy))
+    client.set_registered_model_alias(NAME, alias, v2)
+    assert [(e.version, e.by) for e in history(NAME, alias)] == [(v1, "ann"), (v2, "bob")]  # read, not migrated
+    assert rollback(NAME, alias).version == v1  # migrates, then undoes bob's promotion
+    assert f"mlflow_clip.alias_history.{alias}" not in client.get_registered_model(NAME).tags
+    events = history(NAME, alias)
+    assert [(e.seq, e.event, e.migrated) for e in events] == [(1, "promote", True), (2, "promote", True), (3, "rollback", False)]
+    assert promote(NAME, v2, alias).seq == 4
+
+
+def test_records_stay_far_from_the_column_limits(store, client):
+    from mlflow_clip.registry import records
+
+    event = records.Event(seq=999_999_999, event=records.REFUSED, alias="a" * 255, version="12345", previous="12344",
+                          by="b" * 100, at=records.now(), subject="1", run_id="c" * 32,
+                          gates={"version exists": True, "checksum": False, "parity": True, "loads and predicts": False,
+                                 "accuracy": False}, detail=records.short("d" * 5000))
+    assert len(event.record()) < 2000  # model-version tags are TEXT; 2,000 is below even VARCHAR(5000)
+    assert len(json.dumps({"choosing": False, "number": 10**9, "beat": 10**9})) < 100  # lock tickets
