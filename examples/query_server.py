@@ -23,8 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("url", help="the server, e.g. http://127.0.0.1:5001")
     parser.add_argument("paths", nargs="+", help="image files")
     parser.add_argument("--top-k", type=int, default=0, help="also return the k best labels")
-    parser.add_argument("--on-error", default="raise", choices=["raise", "null"],
-                        help="null: unreadable files get a null label and an error text")
+    parser.add_argument(
+        "--on-error",
+        default="raise",
+        choices=["raise", "null"],
+        help="null: unreadable files get a null label and an error text",
+    )
     args = parser.parse_args(argv)
 
     params = {"top_k": args.top_k, "on_error": args.on_error}

@@ -35,17 +35,55 @@ def cli(verbose: bool) -> None:
 
 
 @cli.command("export")
-@click.option("--classes", required=True, help="Comma-separated class names, or @path to a UTF-8 file with one per line.")
-@click.option("--model", default="RN50", show_default=True, help="A CLIP model name, 'demo', or a local checkpoint path.")
-@click.option("--templates", default="ensemble", show_default=True, help="none, photo, ensemble, or @path to a file of templates with {}.")
-@click.option("--registered-model-name", "--registered_model_name", default="clip-zero-shot", show_default=True, help="Registered model to add a version to ('' to skip registering).")
+@click.option(
+    "--classes", required=True, help="Comma-separated class names, or @path to a UTF-8 file with one per line."
+)
+@click.option(
+    "--model", default="RN50", show_default=True, help="A CLIP model name, 'demo', or a local checkpoint path."
+)
+@click.option(
+    "--templates",
+    default="ensemble",
+    show_default=True,
+    help="none, photo, ensemble, or @path to a file of templates with {}.",
+)
+@click.option(
+    "--registered-model-name",
+    "--registered_model_name",
+    default="clip-zero-shot",
+    show_default=True,
+    help="Registered model to add a version to ('' to skip registering).",
+)
 @click.option("--opset", default=17, show_default=True, type=int, help="ONNX opset (12 or newer).")
-@click.option("--images", default="", help="Folder of sample images for the parity check (default: the package's samples).")
-@click.option("--max-prob-diff", "--max_prob_diff", default=None, type=float, help="Parity gate: largest allowed |ONNX - PyTorch| probability. [default: per precision: fp32 1e-4, fp16 1e-2, int8 0.1]")
+@click.option(
+    "--images", default="", help="Folder of sample images for the parity check (default: the package's samples)."
+)
+@click.option(
+    "--max-prob-diff",
+    "--max_prob_diff",
+    default=None,
+    type=float,
+    help="Parity gate: largest allowed |ONNX - PyTorch| probability. [default: per precision: fp32 1e-4, fp16 1e-2, int8 0.1]",
+)
 @click.option("--alias", default="", help="Alias to set on the new version, e.g. challenger.")
-@click.option("--text-encoder", "--text_encoder", default="true", type=click.BOOL, show_default=True, help="Also ship CLIP's text encoder (per-request labels, text embeddings).")
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "int8"]), help="fp16 for GPU providers, int8 (onnxruntime quantization) for CPUs.")
-def export_command(classes, model, templates, registered_model_name, opset, images, max_prob_diff, alias, text_encoder, precision) -> None:
+@click.option(
+    "--text-encoder",
+    "--text_encoder",
+    default="true",
+    type=click.BOOL,
+    show_default=True,
+    help="Also ship CLIP's text encoder (per-request labels, text embeddings).",
+)
+@click.option(
+    "--precision",
+    default="fp32",
+    show_default=True,
+    type=click.Choice(["fp32", "fp16", "int8"]),
+    help="fp16 for GPU providers, int8 (onnxruntime quantization) for CPUs.",
+)
+def export_command(
+    classes, model, templates, registered_model_name, opset, images, max_prob_diff, alias, text_encoder, precision
+) -> None:
     """Export CLIP as a parity-checked ONNX zero-shot classifier and register it."""
     from mlflow_clip.export.job import export_and_register
 
@@ -64,7 +102,11 @@ def export_command(classes, model, templates, registered_model_name, opset, imag
     report = result.parity
     click.echo(
         f"run {result.run_id}: {result.model_uri}"
-        + (f" registered as {result.registered_model_name} version {result.model_version}" if result.model_version else "")
+        + (
+            f" registered as {result.registered_model_name} version {result.model_version}"
+            if result.model_version
+            else ""
+        )
         + f"\nparity: max |dp| {report.max_abs_prob_diff:.2e}, max |dlogit| {report.max_abs_logit_diff:.2e}, "
         f"top-1 agreement {report.top1_agreement:.3f}, max |dpixel| {report.max_abs_pixel_diff:.1e}"
     )
@@ -72,18 +114,50 @@ def export_command(classes, model, templates, registered_model_name, opset, imag
 
 @cli.command("promote")
 @click.option("--model-name", "--model_name", default="clip-zero-shot", show_default=True)
-@click.option("--version", required=True, help="A version number (3), or an alias naming one (challenger; @3 for an all-digit alias).")
+@click.option(
+    "--version",
+    required=True,
+    help="A version number (3), or an alias naming one (challenger; @3 for an all-digit alias).",
+)
 @click.option("--alias", default="production", show_default=True)
 @click.option("--max-prob-diff", "--max_prob_diff", default="", help="Parity gate (default: the export's own).")
-@click.option("--max-accuracy-drop", "--max_accuracy_drop", default="", help="Accuracy gate vs the current holder (off by default).")
-@click.option("--allow-missing-accuracy", "--allow_missing_accuracy", default="false", type=click.BOOL, show_default=True,
-              help="With --max-accuracy-drop: pass when a version has no recorded accuracy instead of refusing.")
+@click.option(
+    "--max-accuracy-drop",
+    "--max_accuracy_drop",
+    default="",
+    help="Accuracy gate vs the current holder (off by default).",
+)
+@click.option(
+    "--allow-missing-accuracy",
+    "--allow_missing_accuracy",
+    default="false",
+    type=click.BOOL,
+    show_default=True,
+    help="With --max-accuracy-drop: pass when a version has no recorded accuracy instead of refusing.",
+)
 @click.option("--copy-to", "--copy_to", default="", help="Copy the version into this registered model first.")
-@click.option("--allow-legacy", "--allow_legacy", default="false", type=click.BOOL, show_default=True,
-              help="Accept a version saved by mlflow-clip 0.1.0 (no manifest) on its graph's checksum alone.")
-@click.option("--experiment-name", "--experiment_name", default="", help="Record the promotion as a run of this experiment.")
-def promote_command(model_name, version, alias, max_prob_diff, max_accuracy_drop, allow_missing_accuracy, copy_to,
-                    allow_legacy, experiment_name) -> None:
+@click.option(
+    "--allow-legacy",
+    "--allow_legacy",
+    default="false",
+    type=click.BOOL,
+    show_default=True,
+    help="Accept a version saved by mlflow-clip 0.1.0 (no manifest) on its graph's checksum alone.",
+)
+@click.option(
+    "--experiment-name", "--experiment_name", default="", help="Record the promotion as a run of this experiment."
+)
+def promote_command(
+    model_name,
+    version,
+    alias,
+    max_prob_diff,
+    max_accuracy_drop,
+    allow_missing_accuracy,
+    copy_to,
+    allow_legacy,
+    experiment_name,
+) -> None:
     """Gate a version and point an alias (default: production) at it."""
     from mlflow_clip.registry import GateThresholds, PromotionError
     from mlflow_clip.registry.runs import promote_in_run
@@ -118,7 +192,9 @@ def _optional_float(text: str) -> float | None:
 @cli.command("rollback")
 @click.option("--model-name", "--model_name", default="clip-zero-shot", show_default=True)
 @click.option("--alias", default="production", show_default=True)
-@click.option("--experiment-name", "--experiment_name", default="", help="Record the rollback as a run of this experiment.")
+@click.option(
+    "--experiment-name", "--experiment_name", default="", help="Record the rollback as a run of this experiment."
+)
 def rollback_command(model_name, alias, experiment_name) -> None:
     """Move an alias back to the version that held it before the last promotion."""
     from mlflow_clip.registry.runs import rollback_in_run
@@ -150,9 +226,17 @@ def history_command(model_name, alias, as_json) -> None:
 
 
 @cli.command("evaluate")
-@click.option("--model-uri", "--model_uri", required=True, help="The model to evaluate, e.g. models:/clip-zero-shot@challenger.")
-@click.option("--data", required=True, help="A folder with one subfolder of images per class, or a CSV with path,label columns.")
-@click.option("--reference", default="", help="Also evaluate CLIP's PyTorch pipeline: a CLIP model name, 'demo', or a checkpoint path.")
+@click.option(
+    "--model-uri", "--model_uri", required=True, help="The model to evaluate, e.g. models:/clip-zero-shot@challenger."
+)
+@click.option(
+    "--data", required=True, help="A folder with one subfolder of images per class, or a CSV with path,label columns."
+)
+@click.option(
+    "--reference",
+    default="",
+    help="Also evaluate CLIP's PyTorch pipeline: a CLIP model name, 'demo', or a checkpoint path.",
+)
 def evaluate_command(model_uri, data, reference) -> None:
     """Measure a model's accuracy on labelled images; record it on the registered version."""
     from mlflow_clip.evaluation import evaluate_command_impl
@@ -161,31 +245,80 @@ def evaluate_command(model_uri, data, reference) -> None:
 
 
 @cli.command("benchmark")
-@click.option("--models", default=None, help="Comma-separated CLIP architectures (random weights), 'demo', or checkpoint paths. [default: RN50,ViT-B/32,demo; --quick: demo]")
-@click.option("--sizes", default=None, help="Comma-separated JPEG sizes WxH. [default: 640x480,1920x1080,4000x3000; --quick: 320x240]")
-@click.option("--batches", default=None, help="Comma-separated batch sizes (images per request). [default: 1,8,32; --quick: 1,4]")
-@click.option("--rows", default=None, help="Comma-separated rows: torch, onnxruntime, pyfunc, labels, server, precision, draft, load, settings. [default: all but settings]")
+@click.option(
+    "--models",
+    default=None,
+    help="Comma-separated CLIP architectures (random weights), 'demo', or checkpoint paths. [default: RN50,ViT-B/32,demo; --quick: demo]",
+)
+@click.option(
+    "--sizes",
+    default=None,
+    help="Comma-separated JPEG sizes WxH. [default: 640x480,1920x1080,4000x3000; --quick: 320x240]",
+)
+@click.option(
+    "--batches", default=None, help="Comma-separated batch sizes (images per request). [default: 1,8,32; --quick: 1,4]"
+)
+@click.option(
+    "--rows",
+    default=None,
+    help="Comma-separated rows: torch, onnxruntime, pyfunc, labels, server, precision, draft, load, settings. [default: all but settings]",
+)
 @click.option("--precisions", default=None, help="Variants for the precision rows: int8, fp16. [default: int8,fp16]")
-@click.option("--threads", default=2, show_default=True, type=int, help="Threads for every row (torch, onnxruntime, pyfunc).")
+@click.option(
+    "--threads", default=2, show_default=True, type=int, help="Threads for every row (torch, onnxruntime, pyfunc)."
+)
 @click.option("--quick", is_flag=True, help="A tiny configuration (demo model, small images, few requests).")
-@click.option("--work-dir", default=None, help="Cache of models, checkpoints, images and logs. [default: ~/.cache/mlflow-clip/benchmark]")
-@click.option("--requests", type=int, default=None, help="Measured requests per row, at least. [default: 5; --quick: 3]")
-@click.option("--seconds", type=float, default=None, help="Measured seconds per row, at least. [default: 10; --quick: 0]")
-@click.option("--warmup", type=int, default=None, help="Warm-up requests per row, not counted. [default: 2; --quick: 1]")
-@click.option("--rounds", type=int, default=None, help="Rounds the measured requests are split into, alternating between rows. [default: 3; --quick: 2]")
+@click.option(
+    "--work-dir",
+    default=None,
+    help="Cache of models, checkpoints, images and logs. [default: ~/.cache/mlflow-clip/benchmark]",
+)
+@click.option(
+    "--requests", type=int, default=None, help="Measured requests per row, at least. [default: 5; --quick: 3]"
+)
+@click.option(
+    "--seconds", type=float, default=None, help="Measured seconds per row, at least. [default: 10; --quick: 0]"
+)
+@click.option(
+    "--warmup", type=int, default=None, help="Warm-up requests per row, not counted. [default: 2; --quick: 1]"
+)
+@click.option(
+    "--rounds",
+    type=int,
+    default=None,
+    help="Rounds the measured requests are split into, alternating between rows. [default: 3; --quick: 2]",
+)
 @click.option("--server-configs", default=None, help="Server settings to compare, WORKERSxTHREADS each, e.g. 1x2,2x1.")
-@click.option("--server-form", default="dataframe_split", show_default=True, type=click.Choice(["dataframe_split", "inputs"]))
-@click.option("--server-env", default=None, help="Environment for the servers, NAME=VALUE comma-separated, e.g. MALLOC_ARENA_MAX=2.")
+@click.option(
+    "--server-form", default="dataframe_split", show_default=True, type=click.Choice(["dataframe_split", "inputs"])
+)
+@click.option(
+    "--server-env",
+    default=None,
+    help="Environment for the servers, NAME=VALUE comma-separated, e.g. MALLOC_ARENA_MAX=2.",
+)
 @click.option("--soak", is_flag=True, help="Also run a sustained load on the server and sample its RSS.")
-@click.option("--soak-requests", default=None, help="Soak requests, one count for all soak models or one each. [default: 2000; --quick: 100]")
+@click.option(
+    "--soak-requests",
+    default=None,
+    help="Soak requests, one count for all soak models or one each. [default: 2000; --quick: 100]",
+)
 @click.option("--soak-models", default=None, help="Comma-separated models for the soak. [default: demo]")
 @click.option("--soak-size", default=None, help="Image size for the soak. [default: 640x480; --quick: 320x240]")
-@click.option("--soak-arena", default="both", show_default=True, type=click.Choice(["both", "off", "on"]), help="onnxruntime CPU memory arena in the soak.")
+@click.option(
+    "--soak-arena",
+    default="both",
+    show_default=True,
+    type=click.Choice(["both", "off", "on"]),
+    help="onnxruntime CPU memory arena in the soak.",
+)
 @click.option("--rebuild", is_flag=True, help="Export the models again instead of using the cached ones.")
 @click.option("--json", "json_path", default=None, help="Write the full results as JSON to this file.")
 @click.option("--write-docs", "docs_path", default=None, help="Write the Markdown page (e.g. docs/benchmark.md).")
 @click.option("--mlflow", "--log-to-mlflow", "log_to_mlflow", is_flag=True, help="Log the tables to an MLflow run.")
-@click.option("--from-json", default=None, help="Measure nothing: read a run saved with --json (to write its docs or log it).")
+@click.option(
+    "--from-json", default=None, help="Measure nothing: read a run saved with --json (to write its docs or log it)."
+)
 def benchmark_command(json_path, docs_path, log_to_mlflow, from_json, **options) -> None:
     """Throughput, latency and memory: CLIP's PyTorch pipeline vs onnxruntime vs the pyfunc vs the server."""
     from mlflow_clip.bench import make_options, run_from_cli

@@ -71,7 +71,9 @@ def embed_texts(url: str, texts: Sequence[str], timeout: float = 60.0) -> list[l
 
 def _post(url: str, body: dict[str, Any], timeout: float) -> list[dict[str, Any]]:
     request = urllib.request.Request(
-        url.rstrip("/") + "/invocations", data=json.dumps(body).encode("utf-8"), headers={"Content-Type": "application/json"}
+        url.rstrip("/") + "/invocations",
+        data=json.dumps(body).encode("utf-8"),
+        headers={"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())["predictions"]

@@ -72,7 +72,9 @@ def draw_image(
         raise ValueError(f"Image size {size} is too small; both sides must be at least 8 pixels.")
     gen = _rng(rng)
     image = Image.fromarray(_background(width, height, gen, noise), "RGB")
-    fill = tuple(int(v) for v in np.clip(np.add(_BASE_RGB[colour], gen.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, 3)), 0, 255))
+    fill = tuple(
+        int(v) for v in np.clip(np.add(_BASE_RGB[colour], gen.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, 3)), 0, 255)
+    )
     ImageDraw.Draw(image).polygon(_outline(shape, width, height, gen), fill=fill)
     return image
 
@@ -80,7 +82,11 @@ def draw_image(
 def _background(width: int, height: int, gen: np.random.Generator, noise: bool | None) -> np.ndarray:
     """A light background: plain, gradient or noise (grain of 1-4 px) around a tinted grey."""
     base = gen.uniform(200, 250) + gen.uniform(-8, 8, 3)
-    kind = gen.choice(["plain", "gradient", "noise"]) if noise is None else ("noise" if noise else gen.choice(["plain", "gradient"]))
+    kind = (
+        gen.choice(["plain", "gradient", "noise"])
+        if noise is None
+        else ("noise" if noise else gen.choice(["plain", "gradient"]))
+    )
     canvas = np.broadcast_to(base, (height, width, 3)).astype(np.float32)
     if kind == "gradient":
         angle = gen.uniform(0, 2 * np.pi)
@@ -125,9 +131,7 @@ def _pick_size(sizes: Size | Sequence[Size] | None, gen: np.random.Generator) ->
     return int(choice[0]), int(choice[1])
 
 
-def draw_samples(
-    n: int, seed: int, sizes: Size | Sequence[Size] | None = (64, 64)
-) -> list[tuple[Image.Image, int]]:
+def draw_samples(n: int, seed: int, sizes: Size | Sequence[Size] | None = (64, 64)) -> list[tuple[Image.Image, int]]:
     """`n` images with their class index into DEMO_CLASSES, balanced and shuffled.
 
     `sizes` is one (w, h), a list of sizes to pick from at random, or None for widths and

@@ -55,13 +55,13 @@ from mlflow_clip.serving.classifier import ZeroShotClassifier
 from mlflow_clip.serving.contract import (
     CONFIG_FILE_NAME,
     FLAVOR_NAME,
+    MANIFEST_SHA256_TAG,
     ONNX_FILE_NAME,
+    ONNX_SHA256_TAG,
     TEXT_ENCODER_FILE_NAME,
     VOCAB_FILE_NAME,
     VOCAB_LICENSE_FILE_NAME,
     ClassifierConfig,
-    MANIFEST_SHA256_TAG,
-    ONNX_SHA256_TAG,
     FlavorKey,
     sha256_bytes,
     sha256_file,
@@ -335,6 +335,7 @@ def log_model(
     Returns MLflow's `ModelInfo`; `.registered_model_version` is set when registered.
     """
     import mlflow
+
     import mlflow_clip.flavor
 
     info = Model.log(
@@ -362,9 +363,14 @@ def log_model(
     )
     if registered_model_name is not None:
         conf = info.flavors[FLAVOR_NAME]
-        integrity = {ONNX_SHA256_TAG: conf[FlavorKey.ONNX_SHA256], MANIFEST_SHA256_TAG: manifest_digest(conf[FlavorKey.MANIFEST])}
+        integrity = {
+            ONNX_SHA256_TAG: conf[FlavorKey.ONNX_SHA256],
+            MANIFEST_SHA256_TAG: manifest_digest(conf[FlavorKey.MANIFEST]),
+        }
         version = mlflow.register_model(
-            info.model_uri, registered_model_name, await_registration_for=await_registration_for,
+            info.model_uri,
+            registered_model_name,
+            await_registration_for=await_registration_for,
             tags={**{k: str(v) for k, v in (tags or {}).items()}, **integrity},
         )
         info.registered_model_version = version.version

@@ -35,8 +35,8 @@ def sample_image_paths(folder: str | Path | None = None) -> list[Path]:
 def default_vocab_path() -> Path:
     """CLIP's vocabulary as shipped with this package, the file the exporter copies into a model.
 
-        >>> default_vocab_path().name
-        'bpe_simple_vocab_16e6.txt.gz'
+    >>> default_vocab_path().name
+    'bpe_simple_vocab_16e6.txt.gz'
     """
     return assets_dir() / VOCAB_FILE_NAME
 

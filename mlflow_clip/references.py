@@ -57,12 +57,21 @@ def write_reference(model_dir: Path, config, settings, has_text_encoder: bool) -
     classifier = ZeroShotClassifier(model_dir / ONNX_FILE_NAME, config, cpu, text_encoder=text_encoder)
     try:
         top_k = min(TOP_K, len(config.classes))
-        record: dict[str, Any] = {"images": names, "top_k": top_k, "baked": _rows(classifier.predict(images, top_k=top_k))}
+        record: dict[str, Any] = {
+            "images": names,
+            "top_k": top_k,
+            "baked": _rows(classifier.predict(images, top_k=top_k)),
+        }
         if text_encoder is not None:
             classes = list(config.classes[:PER_REQUEST_CLASSES])
             k = min(TOP_K, len(classes))
             out = classifier.predict(images, top_k=k, classes=classes, templates=PER_REQUEST_TEMPLATES)
-            record["per_request"] = {"classes": classes, "templates": PER_REQUEST_TEMPLATES, "top_k": k, "rows": _rows(out)}
+            record["per_request"] = {
+                "classes": classes,
+                "templates": PER_REQUEST_TEMPLATES,
+                "top_k": k,
+                "rows": _rows(out),
+            }
     finally:
         classifier.close()
     (model_dir / PREDICTIONS_FILE).write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -122,7 +131,9 @@ class ProbeError(MlflowClipError, RuntimeError):
     """The version could not be loaded or could not predict in a fresh serving process."""
 
 
-def run_probe(model_dir: str | os.PathLike, reference: Mapping[str, Any], timeout: float = PROBE_TIMEOUT_SECONDS) -> dict:
+def run_probe(
+    model_dir: str | os.PathLike, reference: Mapping[str, Any], timeout: float = PROBE_TIMEOUT_SECONDS
+) -> dict:
     """Load `model_dir` with MLflow in a new process (torch blocked) and predict on its
     reference images; the predictions, in the reference's layout."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_RUN")}
@@ -130,23 +141,31 @@ def run_probe(model_dir: str | os.PathLike, reference: Mapping[str, Any], timeou
     try:
         done = subprocess.run(
             [sys.executable, "-c", _PROBE, str(model_dir), json.dumps(request)],
-            capture_output=True, text=True, timeout=timeout, env=env, cwd=str(model_dir),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            cwd=str(model_dir),
         )
     except subprocess.TimeoutExpired:
         raise ProbeError(f"loading and predicting took longer than {timeout:.0f} s") from None
     for line in done.stdout.splitlines():
         if line.startswith("MLFLOW_CLIP_PROBE "):
-            return json.loads(line[len("MLFLOW_CLIP_PROBE "):])
+            return json.loads(line[len("MLFLOW_CLIP_PROBE ") :])
     error = [line for line in done.stderr.strip().splitlines() if line.strip()]
     raise ProbeError(error[-1][:500] if error else f"the serving process exited with code {done.returncode}")
 
 
 def compare_with_reference(reference: Mapping[str, Any], probe: Mapping[str, Any], tolerance: float) -> list[str]:
     """Each way the probe's predictions differ from the reference beyond `tolerance`."""
-    problems = _compare_rows("baked classes", reference["images"], reference["baked"], probe.get("baked", []), tolerance)
+    problems = _compare_rows(
+        "baked classes", reference["images"], reference["baked"], probe.get("baked", []), tolerance
+    )
     if "per_request" in reference:
         served = (probe.get("per_request") or {}).get("rows", [])
-        problems += _compare_rows("per-request labels", reference["images"], reference["per_request"]["rows"], served, tolerance)
+        problems += _compare_rows(
+            "per-request labels", reference["images"], reference["per_request"]["rows"], served, tolerance
+        )
     return problems
 
 

@@ -1,7 +1,7 @@
 """Small MLflow tracking helpers shared by the export and evaluation jobs.
 
-    >>> with active_or_new_run() as run:  # doctest: +SKIP
-    ...     log_new_params(run.info.run_id, {"model": "demo"})
+>>> with active_or_new_run() as run:  # doctest: +SKIP
+...     log_new_params(run.info.run_id, {"model": "demo"})
 """
 
 from __future__ import annotations

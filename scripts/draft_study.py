@@ -65,7 +65,9 @@ def _build(model, out_dir):
     checkpoint = out_dir / f"{model.replace('/', '-')}.pt"
     if not checkpoint.exists():
         save_random_checkpoint(model, checkpoint)
-    return build_classifier(list(CLASSES), str(checkpoint), "photo", out_dir=out_dir / checkpoint.stem, text_encoder=False)
+    return build_classifier(
+        list(CLASSES), str(checkpoint), "photo", out_dir=out_dir / checkpoint.stem, text_encoder=False
+    )
 
 
 def study(models, count, work_dir):

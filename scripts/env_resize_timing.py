@@ -41,8 +41,13 @@ print("TIMING " + json.dumps({"ms": 1000 * seconds, "path": status.describe()}))
 
 
 def _time(python: str, model: Path, images: list[Path], repeat: int, env: dict) -> dict:
-    done = subprocess.run([python, "-c", TIMING, str(model), str(repeat), *map(str, images)],
-                          capture_output=True, text=True, env=env, timeout=900)
+    done = subprocess.run(
+        [python, "-c", TIMING, str(model), str(repeat), *map(str, images)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-3000:])
     return json.loads(done.stdout.split("TIMING ", 1)[1])
@@ -55,8 +60,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
 
-    import mlflow_clip
     from conftest import build_colour_onnx
+
+    import mlflow_clip
     from mlflow_clip.bench import make_photo_jpeg
 
     work = Path(tempfile.mkdtemp(prefix="mlflow-clip-env-timing-"))
@@ -68,8 +74,13 @@ def main() -> None:
         path.write_bytes(make_photo_jpeg(1920, 1080, seed=index))
         images.append(path)
     env = {**os.environ, "MLFLOW_ENV_ROOT": str(work / "envs")}
-    subprocess.run([sys.executable, "-m", "mlflow", "models", "prepare-env", "-m", str(model), "--env-manager", "uv"],
-                   check=True, env=env, capture_output=True, timeout=1800)
+    subprocess.run(
+        [sys.executable, "-m", "mlflow", "models", "prepare-env", "-m", str(model), "--env-manager", "uv"],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=1800,
+    )
     (uv_env,) = (work / "envs").glob("mlflow-*")
     pythons = {"this environment": sys.executable, "uv environment (model only)": str(uv_env / "bin" / "python")}
     results: dict[str, list[float]] = {}
@@ -83,7 +94,9 @@ def main() -> None:
     print("| environment, resize | decode + preprocess ms per 1920x1080 JPEG (median of rounds) | path |")
     print("|---|---|---|")
     for key, values in results.items():
-        print(f"| {key} | {statistics.median(values):.1f} ({min(values):.1f} to {max(values):.1f}) | {paths[key][:90]} |")
+        print(
+            f"| {key} | {statistics.median(values):.1f} ({min(values):.1f} to {max(values):.1f}) | {paths[key][:90]} |"
+        )
 
 
 if __name__ == "__main__":

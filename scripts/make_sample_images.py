@@ -53,8 +53,16 @@ SAMPLES: tuple[Sample, ...] = (
     Sample("green", "circle", (37, 200), "png"),
     Sample("red", "triangle", (400, 300), "jpeg", noise=True),
 )
-SUFFIX = {"jpeg": ".jpg", "png": ".png", "png-palette": ".png", "png-rgba": ".png", "png-gray": ".png",
-          "webp": ".webp", "bmp": ".bmp", "gif": ".gif"}
+SUFFIX = {
+    "jpeg": ".jpg",
+    "png": ".png",
+    "png-palette": ".png",
+    "png-rgba": ".png",
+    "png-gray": ".png",
+    "webp": ".webp",
+    "bmp": ".bmp",
+    "gif": ".gif",
+}
 
 
 def encode(image: Image.Image, kind: str, path: Path) -> None:
@@ -96,8 +104,16 @@ def write_samples(out: Path, samples: Sequence[Sample] = SAMPLES, seed: int = SE
         drawn = f"a {sample.colour} {sample.shape}"
         with Image.open(path) as reread:
             fmt, mode = reread.format, reread.mode
-        manifest.append({"file": path.name, "class": None if sample.kind == "png-gray" else drawn,
-                         "drawn_as": drawn, "format": fmt, "mode": mode, "size": list(sample.size)})
+        manifest.append(
+            {
+                "file": path.name,
+                "class": None if sample.kind == "png-gray" else drawn,
+                "drawn_as": drawn,
+                "format": fmt,
+                "mode": mode,
+                "size": list(sample.size),
+            }
+        )
     keep = {entry["file"] for entry in manifest}
     for stale in out.iterdir():
         if stale.suffix.lower() in IMAGE_SUFFIXES and stale.name not in keep:
@@ -114,7 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     manifest = write_samples(args.out)
     total = sum((args.out / entry["file"]).stat().st_size for entry in manifest)
     for entry in manifest:
-        print(f"{entry['file']:40s} {entry['format']:5s} {entry['mode']:5s} {(args.out / entry['file']).stat().st_size:>7,d} B")
+        print(
+            f"{entry['file']:40s} {entry['format']:5s} {entry['mode']:5s} {(args.out / entry['file']).stat().st_size:>7,d} B"
+        )
     print(f"{len(manifest)} images, {total / 1024:.1f} KiB in {args.out}")
     return 0
 

@@ -13,10 +13,10 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from mlflow_clip.serving.classifier import ZeroShotClassifier
 from mlflow_clip.demo_data import DEMO_CLASSES, write_image_folder
 from mlflow_clip.evaluation import ZeroShotEvaluation, evaluate_classifier, load_labelled_images
 from mlflow_clip.export.job import build_classifier
+from mlflow_clip.serving.classifier import ZeroShotClassifier
 
 TEMPLATES = ("none", "photo", "ensemble")
 

@@ -25,11 +25,10 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import clip
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-import clip
 from clip.model import CLIP, build_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -212,7 +211,9 @@ def balanced_batch(labels_by_class: list[torch.Tensor], per_class: int, gen: tor
     return torch.cat(picks)
 
 
-def contrastive_loss(model: CLIP, images: torch.Tensor, labels: torch.Tensor, tokens: torch.Tensor, per_class: int) -> torch.Tensor:
+def contrastive_loss(
+    model: CLIP, images: torch.Tensor, labels: torch.Tensor, tokens: torch.Tensor, per_class: int
+) -> torch.Tensor:
     """Symmetric CLIP loss with class-level positives (duplicates are positives, not negatives).
 
     Image -> texts: target uniform over the captions of the image's class. Text -> images:
@@ -270,8 +271,11 @@ def train(args: argparse.Namespace) -> CLIP:
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         if step % args.log_every == 0 or step == args.steps:
-            print(f"step {step}/{args.steps} loss {loss.item():.4f} scale {model.logit_scale.exp().item():.1f} "
-                  f"lr {scheduler.get_last_lr()[0]:.2e} {time.time() - start:.0f}s", flush=True)
+            print(
+                f"step {step}/{args.steps} loss {loss.item():.4f} scale {model.logit_scale.exp().item():.1f} "
+                f"lr {scheduler.get_last_lr()[0]:.2e} {time.time() - start:.0f}s",
+                flush=True,
+            )
     return model.eval()
 
 
@@ -281,8 +285,11 @@ def report(path: Path, n: int, seed: int) -> dict[str, float]:
     size_mb = path.stat().st_size / 1e6
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{path}: {size_mb:.2f} MB, {n_params:,} parameters")
-    print("held-out zero-shot top-1 on %d images of random sizes %s: %s" % (
-        n, EVAL_SIDE_RANGE, ", ".join(f"{m} {a:.2%}" for m, a in accuracy.items())), flush=True)
+    print(
+        "held-out zero-shot top-1 on %d images of random sizes %s: %s"
+        % (n, EVAL_SIDE_RANGE, ", ".join(f"{m} {a:.2%}" for m, a in accuracy.items())),
+        flush=True,
+    )
     return accuracy
 
 
@@ -292,9 +299,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=36, help="rounded down to a multiple of 9 (balanced classes)")
     p.add_argument("--captions-per-class", type=int, default=2)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--init-logit-scale", type=float, default=80.0,
-                   help="initial exp(logit_scale), learnable, clamped at 100 as in CLIP; CLIP's 1/0.07 "
-                        "leaves 9 classes stuck on colour alone for hundreds of steps")
+    p.add_argument(
+        "--init-logit-scale",
+        type=float,
+        default=80.0,
+        help="initial exp(logit_scale), learnable, clamped at 100 as in CLIP; CLIP's 1/0.07 "
+        "leaves 9 classes stuck on colour alone for hundreds of steps",
+    )
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--pool", type=int, default=16000, help="number of pre-drawn training images")
     p.add_argument("--seed", type=int, default=0)

@@ -165,8 +165,13 @@ def demo_registry(tmp_path_factory, demo_built):
         experiment = mlflow.create_experiment("demo", artifact_location=(root / "artifacts").as_uri())
         with mlflow.start_run(experiment_id=experiment):
             example = pd.DataFrame({"image": [encode(solid("red"))]})
-            info = mlflow_clip.log_model(demo_built.onnx_path, name="model", registered_model_name="clip-demo",
-                                         input_example=example, text_encoder=demo_built.text_encoder_path)
+            info = mlflow_clip.log_model(
+                demo_built.onnx_path,
+                name="model",
+                registered_model_name="clip-demo",
+                input_example=example,
+                text_encoder=demo_built.text_encoder_path,
+            )
     return uri, f"models:/clip-demo/{info.registered_model_version}"
 
 
@@ -273,8 +278,9 @@ def module_demo_model_uri(module_store, demo_built) -> str:
     import mlflow_clip
 
     with mlflow.start_run():
-        info = mlflow_clip.log_model(demo_built.onnx_path, registered_model_name="clip-zero-shot",
-                                     text_encoder=demo_built.text_encoder_path)
+        info = mlflow_clip.log_model(
+            demo_built.onnx_path, registered_model_name="clip-zero-shot", text_encoder=demo_built.text_encoder_path
+        )
     assert str(info.registered_model_version) == "1"
     return "models:/clip-zero-shot/1"
 

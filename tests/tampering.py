@@ -85,5 +85,3 @@ TAMPERING = {
     "a missing graph": remove_graph,
     "a replaced reference image": replace_reference_image,
 }
-
-

@@ -95,10 +95,19 @@ def test_quick_options_and_the_command_line_that_reproduces_them():
     assert options.soak_arena == (False,)
     line = command_line(options)
     assert line == "--quick --batches 1 --rows onnxruntime,pyfunc --soak --soak-arena off"
-    full = make_options(models="RN50", sizes="1920x1080", batches="8", server_configs="1x2,2x1", soak=True,
-                        soak_models="RN50,demo", soak_requests="120,2000")
-    assert command_line(full) == ("--models RN50 --sizes 1920x1080 --batches 8 --server-configs 1x2,2x1 --soak "
-                                  "--soak-models RN50,demo --soak-requests 120,2000")
+    full = make_options(
+        models="RN50",
+        sizes="1920x1080",
+        batches="8",
+        server_configs="1x2,2x1",
+        soak=True,
+        soak_models="RN50,demo",
+        soak_requests="120,2000",
+    )
+    assert command_line(full) == (
+        "--models RN50 --sizes 1920x1080 --batches 8 --server-configs 1x2,2x1 --soak "
+        "--soak-models RN50,demo --soak-requests 120,2000"
+    )
     assert full.soak_models == ("RN50", "demo") and full.soak_requests == (120, 2000)
 
 
@@ -107,8 +116,14 @@ def _row(name: str, images_per_s: float, model="RN50", size="1920x1080", batch=8
 
 
 def test_ratios_divide_throughputs_within_one_model_size_and_batch():
-    rows = [_row("torch", 4.0), _row("onnxruntime", 12.0), _row("pyfunc", 10.0), _row("server-4c", 9.0),
-            _row("torch", 100.0, batch=1), _row("pyfunc", 50.0, batch=1)]
+    rows = [
+        _row("torch", 4.0),
+        _row("onnxruntime", 12.0),
+        _row("pyfunc", 10.0),
+        _row("server-4c", 9.0),
+        _row("torch", 100.0, batch=1),
+        _row("pyfunc", 50.0, batch=1),
+    ]
     compare_rows(rows)
     server = rows[3]
     assert server.vs_torch == pytest.approx(9.0 / 4.0, rel=1e-12)
@@ -119,8 +134,14 @@ def test_ratios_divide_throughputs_within_one_model_size_and_batch():
 
 
 def test_targets_pass_and_fail_at_their_thresholds():
-    rows = [_row("torch", 4.0), _row("onnxruntime", 10.0), _row("pyfunc", 8.0), _row("pyfunc-int8", 13.0),
-            _row("server-4c", 6.0), _row("pyfunc-labels", 7.7)]
+    rows = [
+        _row("torch", 4.0),
+        _row("onnxruntime", 10.0),
+        _row("pyfunc", 8.0),
+        _row("pyfunc-int8", 13.0),
+        _row("server-4c", 6.0),
+        _row("pyfunc-labels", 7.7),
+    ]
     compare_rows(rows)
     report = BenchmarkReport(options={}, machine={}, rows=rows)
     results = {t.key: t for t in evaluate_targets(report)}
@@ -149,8 +170,14 @@ def work_dir(tmp_path_factory):
 def quick_report(work_dir) -> BenchmarkReport:
     if not _has_export():
         pytest.skip("needs the export extra")
-    options = quick_options(work_dir=work_dir, batches=(1, 3), soak=True, soak_requests=(SOAK_REQUESTS,),
-                            soak_arena=(False,), soak_max_batch=6)
+    options = quick_options(
+        work_dir=work_dir,
+        batches=(1, 3),
+        soak=True,
+        soak_requests=(SOAK_REQUESTS,),
+        soak_arena=(False,),
+        soak_max_batch=6,
+    )
     return run_benchmark(options, progress=lambda message: print(message, file=sys.stderr))
 
 
@@ -304,9 +331,26 @@ def test_report_logs_to_mlflow(quick_report, tracking_uri):
 def test_example_runs_a_quick_benchmark_and_writes_the_docs(quick_report, work_dir, tmp_path):
     docs, results = tmp_path / "benchmark.md", tmp_path / "benchmark.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "benchmark.py"), "--quick", "--batches", "2", "--rows",
-         "onnxruntime,pyfunc", "--work-dir", str(work_dir), "--write-docs", str(docs), "--json", str(results)],
-        env=subprocess_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(ROOT / "examples" / "benchmark.py"),
+            "--quick",
+            "--batches",
+            "2",
+            "--rows",
+            "onnxruntime,pyfunc",
+            "--work-dir",
+            str(work_dir),
+            "--write-docs",
+            str(docs),
+            "--json",
+            str(results),
+        ],
+        env=subprocess_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "building" not in proc.stderr  # the models cached by the first run were reused
@@ -323,7 +367,10 @@ def test_decode_bound_is_the_share_of_the_cores_left_after_decoding():
     row = RowResult("RN50", "1920x1080", 8, "onnxruntime", "(b)", images_per_s=15.0, cores_busy=2.0, decode_ms=40.0)
     assert decode_bound(row, 2) == pytest.approx(2 / (2.0 + 0.040 * 15.0))
     # a graph that leaves a core idle can hide all of the decoding
-    assert decode_bound(RowResult("m", "s", 1, "onnxruntime", "(b)", images_per_s=10.0, cores_busy=1.0, decode_ms=20.0), 2) == 1.0
+    assert (
+        decode_bound(RowResult("m", "s", 1, "onnxruntime", "(b)", images_per_s=10.0, cores_busy=1.0, decode_ms=20.0), 2)
+        == 1.0
+    )
     assert decode_bound(RowResult("m", "s", 1, "onnxruntime", "(b)", status="failed"), 2) is None
     assert decode_bound(RowResult("m", "s", 1, "onnxruntime", "(b)", images_per_s=10.0, cores_busy=1.0), 2) is None
 
@@ -352,8 +399,16 @@ def test_pyfunc_target_divides_by_the_faster_raw_onnxruntime_row():
     from mlflow_clip.bench import TARGET_BATCH, TARGET_MODEL, TARGET_SIZE, BenchmarkReport, RowResult, evaluate_targets
 
     def row(name, images_per_s):
-        return RowResult(TARGET_MODEL, TARGET_SIZE, TARGET_BATCH, name, name, images_per_s=images_per_s,
-                         cores_busy=2.0, decode_ms=40.0)
+        return RowResult(
+            TARGET_MODEL,
+            TARGET_SIZE,
+            TARGET_BATCH,
+            name,
+            name,
+            images_per_s=images_per_s,
+            cores_busy=2.0,
+            decode_ms=40.0,
+        )
 
     rows = [row("onnxruntime", 10.0), row("onnxruntime-spin", 12.0), row("pyfunc", 9.0)]
     target = {t.key: t for t in evaluate_targets(BenchmarkReport(options={"threads": 2}, machine={}, rows=rows))}
@@ -361,4 +416,7 @@ def test_pyfunc_target_divides_by_the_faster_raw_onnxruntime_row():
     assert target["pyfunc_fp32_vs_onnxruntime"].result == "FAIL"
     rows[1].images_per_s = 8.0
     target = {t.key: t for t in evaluate_targets(BenchmarkReport(options={"threads": 2}, machine={}, rows=rows))}
-    assert target["pyfunc_fp32_vs_onnxruntime"].measured.startswith("0.90x") and target["pyfunc_fp32_vs_onnxruntime"].result == "PASS"
+    assert (
+        target["pyfunc_fp32_vs_onnxruntime"].measured.startswith("0.90x")
+        and target["pyfunc_fp32_vs_onnxruntime"].result == "PASS"
+    )

@@ -3,7 +3,6 @@ manifest, each tampered file is refused at load naming it, and models saved by 0
 
 from __future__ import annotations
 
-import gzip
 import json
 import shutil
 import subprocess
@@ -11,16 +10,16 @@ import sys
 import textwrap
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
 from conftest import BLOCK_TORCH, ROOT, encode, solid, subprocess_env
+from mlflow.exceptions import MlflowException
 from tampering import TAMPERING, swap_classes
 
-import mlflow
 import mlflow_clip
-from mlflow.exceptions import MlflowException
 from mlflow_clip.serving.manifest import build_manifest, read_mlmodel, verify_manifest
 
 FROZEN = ROOT / "tests" / "fixtures" / "demo-model-0.1.0"
@@ -41,8 +40,13 @@ def test_manifest_covers_every_file_that_decides_a_prediction(demo_model_dir):
     package = mlmodel["flavors"]["mlflow_clip"]["serving_package"]
     code = {f"code/{package}/{p.name}" for p in (demo_model_dir / "code" / package).glob("*.py")}
     assert code and code <= files
-    assert {"model.onnx", "text_encoder.onnx", "bpe_simple_vocab_16e6.txt.gz", "clip_classifier.json",
-            "reference/predictions.json"} <= files
+    assert {
+        "model.onnx",
+        "text_encoder.onnx",
+        "bpe_simple_vocab_16e6.txt.gz",
+        "clip_classifier.json",
+        "reference/predictions.json",
+    } <= files
     assert f"code/{package}/resample.c" in files  # the native resize's source, and its binary:
     assert any(name.startswith(f"code/{package}/_mlflow_clip_resample") for name in files)
     # the environment files MLflow itself rewrites are not covered; MLmodel is, as canonical data
@@ -86,8 +90,9 @@ def test_graphs_with_external_data_are_refused_at_save(demo_built, tmp_path):
     import onnx
 
     model = onnx.load(str(demo_built.onnx_path))
-    onnx.save_model(model, str(tmp_path / "split.onnx"), save_as_external_data=True, location="split.onnx.data",
-                    size_threshold=0)
+    onnx.save_model(
+        model, str(tmp_path / "split.onnx"), save_as_external_data=True, location="split.onnx.data", size_threshold=0
+    )
     with pytest.raises(MlflowException, match="keep their data in side files"):
         mlflow_clip.save_model(tmp_path / "split.onnx", tmp_path / "model")
 
@@ -121,16 +126,17 @@ def test_two_models_with_the_same_serving_code_in_one_process(demo_model_dir, tm
     script = textwrap.dedent(
         f"""
         import shutil, mlflow, pandas as pd
-        first = shutil.copytree({str(demo_model_dir)!r}, {str(tmp_path / 'first')!r})
+        first = shutil.copytree({str(demo_model_dir)!r}, {str(tmp_path / "first")!r})
         mlflow.pyfunc.load_model(first)
         shutil.rmtree(first)
         model = mlflow.pyfunc.load_model({str(demo_model_dir)!r})
-        images = pd.DataFrame({{"image": [open({str(SAMPLES / '01-red-circle-65x47.jpg')!r}, "rb").read()]}})
+        images = pd.DataFrame({{"image": [open({str(SAMPLES / "01-red-circle-65x47.jpg")!r}, "rb").read()]}})
         print("LABEL", model.predict(images, params={{"classes": ["a red circle", "a blue square"]}})["label"][0])
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
-                            env=subprocess_env(), timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=subprocess_env(), timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LABEL a red circle" in result.stdout
 
@@ -146,8 +152,9 @@ def test_loading_a_model_keeps_every_library_module_importable(colour_model_dir,
         print("OK")
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
-                            env=subprocess_env(), timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=subprocess_env(), timeout=300
+    )
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
 
 
@@ -161,15 +168,16 @@ def test_a_model_saved_by_0_1_0_still_loads_and_predicts_without_torch(tmp_path)
         import json, mlflow, pandas as pd
         from pathlib import Path
         samples = Path({str(SAMPLES)!r})
-        names = {expected['images']!r}
+        names = {expected["images"]!r}
         model = mlflow.pyfunc.load_model({str(model_dir)!r})
         out = model.predict(pd.DataFrame({{"image": [(samples / n).read_bytes() for n in names]}}))
         assert not any(m.split(".")[0] in BLOCKED for m in sys.modules)
         print("RESULT " + json.dumps({{"labels": list(out["label"]), "probabilities": [list(p) for p in out["probabilities"]]}}))
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
-                            env=subprocess_env(), timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=subprocess_env(), timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     got = json.loads(result.stdout.split("RESULT ", 1)[1])
     assert got["labels"] == expected["labels"]

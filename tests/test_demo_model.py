@@ -126,8 +126,23 @@ def test_fast_preprocessing_matches_clip_transform(train_script):
 def test_training_smoke_writes_a_loadable_state_dict(train_script, tmp_path):
     out = tmp_path / "tiny.pt"
     threads = torch.get_num_threads()
-    args = ["--steps", "3", "--batch-size", "18", "--pool", "36", "--workers", "1", "--log-every", "1",
-            "--threads", str(threads), "--no-eval", "--out", str(out)]
+    args = [
+        "--steps",
+        "3",
+        "--batch-size",
+        "18",
+        "--pool",
+        "36",
+        "--workers",
+        "1",
+        "--log-every",
+        "1",
+        "--threads",
+        str(threads),
+        "--no-eval",
+        "--out",
+        str(out),
+    ]
     assert train_script.main(args) == 0
     model = clip.model.build_model(torch.load(out, map_location="cpu", weights_only=True)).float()
     assert model.visual.input_resolution == 64

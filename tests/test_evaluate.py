@@ -13,11 +13,10 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import BLOCK_TORCH, using_store, COLOUR_CLASSES, requires_export, solid, subprocess_env
+from conftest import BLOCK_TORCH, COLOUR_CLASSES, requires_export, solid, subprocess_env, using_store
 from PIL import Image
 
 import mlflow_clip
-from mlflow_clip.serving.classifier import format_predictions
 from mlflow_clip.evaluation import (
     EvaluationError,
     LabelledImage,
@@ -31,6 +30,7 @@ from mlflow_clip.evaluation.metrics import metric_keys
 from mlflow_clip.evaluation.reports import CONFIDENT_ERRORS_PNG, CONFUSION_MATRIX_PNG
 from mlflow_clip.evaluation.run import parse_registered_uri
 from mlflow_clip.registry import ACCURACY_TAG
+from mlflow_clip.serving.classifier import format_predictions
 
 DEMO_MIN_ACCURACY = 0.95
 
@@ -105,9 +105,12 @@ def test_folder_input_one_subfolder_per_class(tmp_path):
     (root / ".cache").mkdir()
     items = load_labelled_images(root, COLOUR_CLASSES)
     assert [(item.name, item.label) for item in items] == [
-        ("BLUE/0.png", "blue"), ("BLUE/1.png", "blue"),
-        ("Red/0.png", "red"), ("Red/1.png", "red"),
-        ("the green/0.png", "green"), ("the green/1.png", "green"),
+        ("BLUE/0.png", "blue"),
+        ("BLUE/1.png", "blue"),
+        ("Red/0.png", "red"),
+        ("Red/1.png", "red"),
+        ("the green/0.png", "green"),
+        ("the green/1.png", "green"),
     ]
     assert items[0].read() == (root / "BLUE" / "0.png").read_bytes()
 
@@ -125,13 +128,19 @@ def test_csv_input_resolves_relative_paths_against_the_csv_folder(tmp_path):
     csv = tmp_path / "data" / "labels.csv"
     csv.write_text(f"path,label\nimages/r.png,Red\n{tmp_path / 'elsewhere.png'},the blue\n")
     items = load_labelled_images(csv, COLOUR_CLASSES)
-    assert [(item.name, item.label) for item in items] == [("images/r.png", "red"), (str(tmp_path / "elsewhere.png"), "blue")]
+    assert [(item.name, item.label) for item in items] == [
+        ("images/r.png", "red"),
+        (str(tmp_path / "elsewhere.png"), "blue"),
+    ]
     assert items[0].source == (tmp_path / "data" / "images" / "r.png")
 
 
 @pytest.mark.parametrize(
     "text, expected",
-    [("file,class\na.png,red\n", "expected 'path' and 'label'"), ("path,label\na.png,\n", "empty path or label on line")],
+    [
+        ("file,class\na.png,red\n", "expected 'path' and 'label'"),
+        ("path,label\na.png,\n", "empty path or label on line"),
+    ],
 )
 def test_bad_csv_is_a_clear_error(tmp_path, text, expected):
     csv = tmp_path / "labels.csv"
@@ -158,7 +167,12 @@ def test_registered_uris_are_recognised():
 
 def test_metrics_match_a_hand_computed_case():
     classes = ["cat", "dog", "bird", "fish"]  # "fish" never occurs and is never predicted
-    p = {"cat": [0.7, 0.2, 0.1, 0.0], "dog": [0.3, 0.6, 0.1, 0.0], "bird": [0.1, 0.2, 0.7, 0.0], "cat+": [0.8, 0.1, 0.1, 0.0]}
+    p = {
+        "cat": [0.7, 0.2, 0.1, 0.0],
+        "dog": [0.3, 0.6, 0.1, 0.0],
+        "bird": [0.1, 0.2, 0.7, 0.0],
+        "cat+": [0.8, 0.1, 0.1, 0.0],
+    }
     pairs = [(b"1", "cat"), (b"2", "cat"), (b"3", "dog"), (b"4", "dog"), (b"5", "bird"), (b"6", "bird")]
     answers = {b"1": p["cat"], b"2": p["dog"], b"3": p["dog"], b"4": p["dog"], b"5": p["cat+"], b"6": p["bird"]}
     evaluation = evaluate_classifier(FakeClassifier(classes, answers), items_of(pairs), batch_size=4, progress=False)
@@ -194,11 +208,17 @@ def test_metrics_agree_with_scikit_learn():
     predicted = [classes[int(np.argmax(answers[str(i).encode()]))] for i in range(200)]
     true = [classes[t] for t in truth]
     assert evaluation.accuracy_top1 == pytest.approx(sklearn_metrics.accuracy_score(true, predicted))
-    assert evaluation.macro_f1 == pytest.approx(sklearn_metrics.f1_score(true, predicted, average="macro", zero_division=0))
-    precision, recall, _, _ = sklearn_metrics.precision_recall_fscore_support(true, predicted, labels=classes, zero_division=0)
+    assert evaluation.macro_f1 == pytest.approx(
+        sklearn_metrics.f1_score(true, predicted, average="macro", zero_division=0)
+    )
+    precision, recall, _, _ = sklearn_metrics.precision_recall_fscore_support(
+        true, predicted, labels=classes, zero_division=0
+    )
     np.testing.assert_allclose(evaluation.per_class["precision"], precision, atol=1e-12)
     np.testing.assert_allclose(evaluation.per_class["recall"], recall, atol=1e-12)
-    np.testing.assert_array_equal(evaluation.confusion, sklearn_metrics.confusion_matrix(true, predicted, labels=classes))
+    np.testing.assert_array_equal(
+        evaluation.confusion, sklearn_metrics.confusion_matrix(true, predicted, labels=classes)
+    )
     scores = np.array([answers[str(i).encode()] for i in range(200)])
     assert evaluation.accuracy_top5 == pytest.approx(
         sklearn_metrics.top_k_accuracy_score(truth, scores, k=5, labels=list(range(7)))
@@ -211,7 +231,9 @@ def test_top5_counts_the_true_class_among_the_five_best():
         b"last": [0.01, 0.3, 0.25, 0.2, 0.14, 0.1],  # true c0 ranked 6th of 6
         b"second": [0.5, 0.3, 0.1, 0.05, 0.03, 0.02],  # true c1 ranked 2nd
     }
-    evaluation = evaluate_classifier(FakeClassifier(classes, answers), items_of([(b"last", "c0"), (b"second", "c1")]), progress=False)
+    evaluation = evaluate_classifier(
+        FakeClassifier(classes, answers), items_of([(b"last", "c0"), (b"second", "c1")]), progress=False
+    )
     assert (evaluation.top_k, evaluation.accuracy_top1, evaluation.accuracy_top5) == (5, 0.0, 0.5)
     assert list(evaluation.predictions["in_top_k"]) == [False, True]
 
@@ -291,7 +313,13 @@ def test_run_evaluation_logs_and_tags_the_registered_version(colour_onnx, tracki
     assert run.data.metrics["accuracy_top1"] == 1.0 and run.data.metrics["accuracy_top5"] == 1.0
     assert run.data.metrics["precision_red"] == 1.0 and run.data.metrics["failed_images"] == 0.0
     artifacts = {f.path for f in client.list_artifacts(result.run_id)}
-    assert {CONFUSION_MATRIX_PNG, CONFIDENT_ERRORS_PNG, "predictions.csv", "predictions.json", "failed_images.json"} <= artifacts
+    assert {
+        CONFUSION_MATRIX_PNG,
+        CONFIDENT_ERRORS_PNG,
+        "predictions.csv",
+        "predictions.json",
+        "failed_images.json",
+    } <= artifacts
     tags = client.get_model_version("colours", "1").tags
     assert tags[ACCURACY_TAG] == "1.000000" and tags["eval_run_id"] == result.run_id
     assert tags["eval_images"] == "6" and tags["eval_data"] == str(root) and tags["eval_accuracy_top5"] == "1.000000"
@@ -331,8 +359,9 @@ def test_evaluation_never_imports_torch(colour_model_dir, tmp_path):
         print("ACCURACY", evaluation.accuracy_top1)
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
-                            env=subprocess_env(), timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=subprocess_env(), timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ACCURACY 1.0" in result.stdout
 
@@ -342,8 +371,13 @@ def test_inference_params_is_only_for_endpoints_in_this_mlflow():
     model URIs (it raises before loading anything). If this starts failing, MLflow now forwards
     inference_params to pyfunc models and the callable can go."""
     with pytest.raises(mlflow.exceptions.MlflowException, match="inference_params"):
-        mlflow.models.evaluate("models:/any/1", pd.DataFrame({"image": [b""], "label": ["x"]}), model_type="classifier",
-                               targets="label", inference_params={"output": "label"})
+        mlflow.models.evaluate(
+            "models:/any/1",
+            pd.DataFrame({"image": [b""], "label": ["x"]}),
+            model_type="classifier",
+            targets="label",
+            inference_params={"output": "label"},
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,7 +390,9 @@ def demo_store(demo_registry, tmp_path):
     under tmp_path; the previous tracking and registry URIs are restored afterwards."""
     uri, model_uri = demo_registry
     with using_store(uri):
-        experiment = mlflow.create_experiment(f"evaluate-{tmp_path.name}", artifact_location=(tmp_path / "artifacts").as_uri())
+        experiment = mlflow.create_experiment(
+            f"evaluate-{tmp_path.name}", artifact_location=(tmp_path / "artifacts").as_uri()
+        )
         yield model_uri, experiment
 
 
@@ -386,7 +422,9 @@ def test_demo_end_to_end_on_a_generated_folder(demo_registry, tmp_path, monkeypa
         tags = client.get_model_version(name, version).tags
     evaluation = result.evaluation
     assert evaluation.num_images == 180 and evaluation.failed == []
-    assert evaluation.accuracy_top1 >= DEMO_MIN_ACCURACY, f"top-1 {evaluation.accuracy_top1:.4f}\n{evaluation.per_class}"
+    assert evaluation.accuracy_top1 >= DEMO_MIN_ACCURACY, (
+        f"top-1 {evaluation.accuracy_top1:.4f}\n{evaluation.per_class}"
+    )
     assert evaluation.accuracy_top5 >= evaluation.accuracy_top1
     assert {CONFUSION_MATRIX_PNG, CONFIDENT_ERRORS_PNG} <= artifacts
     assert float(tags[ACCURACY_TAG]) == pytest.approx(evaluation.accuracy_top1, abs=1e-6)
@@ -412,13 +450,21 @@ def clip_evaluator_registered():
 
 @pytest.mark.slow
 @requires_export
-def test_mlflow_evaluate_with_the_plugin_and_with_the_default_evaluator(demo_registry, tmp_path, monkeypatch, clip_evaluator_registered):
+def test_mlflow_evaluate_with_the_plugin_and_with_the_default_evaluator(
+    demo_registry, tmp_path, monkeypatch, clip_evaluator_registered
+):
     monkeypatch.chdir(tmp_path)
     data = demo_frame(6, seed=777, tmp_path=tmp_path)
     with demo_store(demo_registry, tmp_path) as (model_uri, experiment):
         with mlflow.start_run(experiment_id=experiment) as run:
-            ours = mlflow.models.evaluate(model_uri, data, model_type="classifier", targets="label",
-                                          evaluators=["clip-zero-shot"], evaluator_config={"clip-zero-shot": {"progress": False}})
+            ours = mlflow.models.evaluate(
+                model_uri,
+                data,
+                model_type="classifier",
+                targets="label",
+                evaluators=["clip-zero-shot"],
+                evaluator_config={"clip-zero-shot": {"progress": False}},
+            )
         artifacts = {f.path for f in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
 
         # MLflow's default classifier evaluator wants one label per row, and in MLflow 3.x
@@ -428,7 +474,10 @@ def test_mlflow_evaluate_with_the_plugin_and_with_the_default_evaluator(demo_reg
         with mlflow.start_run(experiment_id=experiment):
             default = mlflow.models.evaluate(
                 lambda frame: pyfunc_model.predict(frame, params={"output": "label"}),
-                labels, model_type="classifier", targets="label", evaluators=["default"],
+                labels,
+                model_type="classifier",
+                targets="label",
+                evaluators=["default"],
             )
     assert ours.metrics["accuracy_top1"] >= DEMO_MIN_ACCURACY
     assert ours.metrics["failed_images"] == 0.0 and "precision_a_red_circle" in ours.metrics

@@ -18,7 +18,6 @@ import pandas as pd
 import pytest
 from conftest import ROOT, free_port, subprocess_env
 
-
 pytestmark = pytest.mark.slow
 
 EXAMPLES = ROOT / "examples"
@@ -33,14 +32,20 @@ NOT_AN_IMAGE = b"shopping list: milk, eggs, a red circle\n"
 def env(module_store) -> dict[str, str]:
     """The store, and this interpreter's bin/ (mlflow, python) first on PATH."""
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    return subprocess_env(MLFLOW_TRACKING_URI=module_store, MLFLOW_REGISTRY_URI=module_store, PATH=path, PYTHONUNBUFFERED="1")
+    return subprocess_env(
+        MLFLOW_TRACKING_URI=module_store, MLFLOW_REGISTRY_URI=module_store, PATH=path, PYTHONUNBUFFERED="1"
+    )
 
 
 def run(args: list[str], env: dict[str, str], timeout: float = SCRIPT_TIMEOUT, **extra) -> subprocess.CompletedProcess:
     """Run in a process group of its own; whatever is left of the group is killed at the end."""
     proc = subprocess.Popen(
-        [str(a) for a in args], env={**env, **extra}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, start_new_session=True,
+        [str(a) for a in args],
+        env={**env, **extra},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
@@ -91,8 +96,20 @@ def true_class(path: str | Path) -> str:
 @pytest.fixture(scope="module")
 def demo_images(tmp_path_factory, env) -> Path:
     folder = tmp_path_factory.mktemp("examples") / "demo images"  # a space, as users' folders have
-    result = run([sys.executable, EXAMPLES / "make_demo_images.py", folder, "--per-class", N_PER_CLASS,
-                  "--seed", 5, "--varied-sizes"], env, timeout=120)
+    result = run(
+        [
+            sys.executable,
+            EXAMPLES / "make_demo_images.py",
+            folder,
+            "--per-class",
+            N_PER_CLASS,
+            "--seed",
+            5,
+            "--varied-sizes",
+        ],
+        env,
+        timeout=120,
+    )
     assert str(folder) in result.stdout
     return folder
 
@@ -104,9 +121,25 @@ def server_url(module_demo_model_uri, env, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "serve.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "models", "serve", "-m", module_demo_model_uri, "--env-manager", "local",
-             "-h", "127.0.0.1", "-p", str(port)],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "models",
+                "serve",
+                "-m",
+                module_demo_model_uri,
+                "--env-manager",
+                "local",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -161,8 +194,11 @@ def test_query_server_classifies_files_and_reports_bad_ones(server_url, demo_ima
     bad = tmp_path / "notes.jpg"
     bad.write_bytes(NOT_AN_IMAGE)
 
-    result = run([sys.executable, EXAMPLES / "query_server.py", server_url, *images, bad,
-                  "--top-k", "2", "--on-error", "null"], env, timeout=120)
+    result = run(
+        [sys.executable, EXAMPLES / "query_server.py", server_url, *images, bad, "--top-k", "2", "--on-error", "null"],
+        env,
+        timeout=120,
+    )
 
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [row["path"] for row in rows] == [str(p) for p in [*images, bad]]
@@ -177,8 +213,13 @@ def test_query_server_classifies_files_and_reports_bad_ones(server_url, demo_ima
 def test_query_server_shows_the_servers_message_on_a_bad_request(server_url, env, tmp_path):
     bad = tmp_path / "notes.jpg"
     bad.write_bytes(NOT_AN_IMAGE)
-    proc = subprocess.run([sys.executable, EXAMPLES / "query_server.py", server_url, bad], env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, EXAMPLES / "query_server.py", server_url, bad],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert "HTTP 400" in proc.stderr and "INVALID_PARAMETER_VALUE" in proc.stderr
     assert "on_error" in proc.stderr  # the server's own hint about the fix
@@ -195,8 +236,18 @@ def test_spark_batch_score_writes_labels_and_errors(module_demo_model_uri, demo_
     (folder / "notes.jpg").write_bytes(NOT_AN_IMAGE)
     output = tmp_path / "scores.parquet"
 
-    result = run([sys.executable, EXAMPLES / "spark_batch_score.py", module_demo_model_uri, folder, output,
-                  "--master", "local[2]"], env)
+    result = run(
+        [
+            sys.executable,
+            EXAMPLES / "spark_batch_score.py",
+            module_demo_model_uri,
+            folder,
+            output,
+            "--master",
+            "local[2]",
+        ],
+        env,
+    )
 
     n_images = len(list(demo_images.rglob("*.png")))
     assert f"Scored {n_images + 1} files (1 unreadable)" in result.stdout

@@ -77,8 +77,9 @@ def test_export_run_records_everything_and_registers(tracking_uri):
 
     from mlflow_clip.export.job import export_and_register
 
-    result = export_and_register(FOUR, model="demo", templates="photo", registered_model_name="clip-demo",
-                                 alias="challenger")
+    result = export_and_register(
+        FOUR, model="demo", templates="photo", registered_model_name="clip-demo", alias="challenger"
+    )
     client = MlflowClient()
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
@@ -167,8 +168,9 @@ def test_unknown_model_lists_the_choices(tmp_path):
 
 def test_demo_onnx_classifier_is_accurate_on_fresh_images_of_any_size(demo_model_dir):
     """>= 95% top-1 through the served path (encoded bytes -> torch-free preprocessing -> ONNX)."""
-    import mlflow_clip
     from conftest import encode
+
+    import mlflow_clip
     from mlflow_clip.demo_data import DEMO_CLASSES, draw_image
 
     rng = np.random.default_rng(2024)
@@ -194,8 +196,12 @@ def test_full_size_random_weights_reach_parity(architecture, tracking_uri, tmp_p
     from mlflow_clip.export.job import export_and_register
 
     checkpoint = save_random_checkpoint(architecture, tmp_path / f"{architecture.replace('/', '-')}.pt")
-    result = export_and_register(["a person", "a car", "a dog", "a cat"], model=str(checkpoint), templates="photo",
-                                 registered_model_name="random-clip")
+    result = export_and_register(
+        ["a person", "a car", "a dog", "a cat"],
+        model=str(checkpoint),
+        templates="photo",
+        registered_model_name="random-clip",
+    )
     assert result.parity.max_abs_prob_diff <= 1e-5
     assert result.parity.max_abs_pixel_diff == 0.0
     assert result.parity.top1_agreement == 1.0
@@ -216,7 +222,9 @@ def _per_request_labels_match_the_baked_ones(model_uri, classes, templates):
     model = mlflow.pyfunc.load_model(model_uri)
     frame = pd.DataFrame({"image": [p.read_bytes() for p in sample_image_paths()]})
     baked = np.array(model.predict(frame)["probabilities"].tolist())
-    per_request = np.array(model.predict(frame, params={"classes": classes, "templates": templates})["probabilities"].tolist())
+    per_request = np.array(
+        model.predict(frame, params={"classes": classes, "templates": templates})["probabilities"].tolist()
+    )
     assert np.abs(per_request - baked).max() <= 1e-5
     embeddings = np.array(model.predict(frame, params={"output": "embedding"})["embedding"].tolist())
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)

@@ -10,15 +10,15 @@ import sys
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
 from conftest import BLOCK_TORCH, COLOUR_CLASSES, encode, solid, subprocess_env
-
-import mlflow
-import mlflow_clip
 from mlflow.exceptions import MlflowException
+
+import mlflow_clip
 
 TOL = 1e-6
 
@@ -181,7 +181,9 @@ def test_chunked_and_concurrent_predictions_agree(colour_model_dir):
 
 def test_providers_are_filtered_and_logged(colour_onnx, tmp_path, caplog):
     path = tmp_path / "model"
-    mlflow_clip.save_model(colour_onnx, path, runtime={"providers": ["NoSuchExecutionProvider", "CPUExecutionProvider"]})
+    mlflow_clip.save_model(
+        colour_onnx, path, runtime={"providers": ["NoSuchExecutionProvider", "CPUExecutionProvider"]}
+    )
     with caplog.at_level(logging.INFO, logger="mlflow_clip"):
         classifier = mlflow_clip.load_model(str(path))
     assert classifier.session.providers == ("CPUExecutionProvider",)
@@ -196,8 +198,12 @@ def test_unknown_runtime_override_is_a_clear_error(colour_model_dir):
 
 def test_log_model_registers_a_version(colour_onnx, tracking_uri):
     with mlflow.start_run():
-        info = mlflow_clip.log_model(colour_onnx, name="model", registered_model_name="colours",
-                                     input_example=pd.DataFrame({"image": [encode(solid("red"))]}))
+        info = mlflow_clip.log_model(
+            colour_onnx,
+            name="model",
+            registered_model_name="colours",
+            input_example=pd.DataFrame({"image": [encode(solid("red"))]}),
+        )
     assert str(info.registered_model_version) == "1"
     model = mlflow.pyfunc.load_model("models:/colours/1")
     assert list(model.predict(pd.DataFrame({"image": [encode(solid("green"))]}))["label"]) == ["green"]
@@ -219,8 +225,9 @@ def test_loads_and_predicts_without_torch(colour_model_dir, tmp_path):
         print("LABEL", out["label"][0])
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
-                            env=subprocess_env(), timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=subprocess_env(), timeout=120
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LABEL blue" in result.stdout
 
@@ -237,14 +244,17 @@ def test_output_label_returns_one_label_per_row(colour_model_dir):
 def test_importing_the_package_needs_no_heavy_dependency(tmp_path):
     """`import mlflow_clip` (and the image modules) work where mlflow, onnxruntime, pandas and
     torch are absent; the flavor API loads them on first use."""
-    script = BLOCK_TORCH.replace('{"torch", "torchvision", "clip"}', '{"torch", "torchvision", "clip", "mlflow", "onnxruntime", "pandas"}') + textwrap.dedent(
+    script = BLOCK_TORCH.replace(
+        '{"torch", "torchvision", "clip"}', '{"torch", "torchvision", "clip", "mlflow", "onnxruntime", "pandas"}'
+    ) + textwrap.dedent(
         """
         import mlflow_clip, mlflow_clip.serving.images, mlflow_clip.serving.preprocess, mlflow_clip.serving.prompts
         assert mlflow_clip.FLAVOR_NAME == "mlflow_clip" and mlflow_clip.__version__
         print("OK")
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
-                            env=subprocess_env(), timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=subprocess_env(), timeout=120
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK" in result.stdout

@@ -211,7 +211,9 @@ def test_palette_with_transparency_is_composited_on_white():
         assert decoded.getpixel((1, 1)) == RED, fmt
 
 
-@pytest.mark.parametrize("mode, transparent, opaque", [("RGBA", (0, 0, 0, 0), (255, 0, 0, 255)), ("LA", (0, 0), (40, 255))])
+@pytest.mark.parametrize(
+    "mode, transparent, opaque", [("RGBA", (0, 0, 0, 0), (255, 0, 0, 255)), ("LA", (0, 0), (40, 255))]
+)
 def test_alpha_is_composited_on_white(mode, transparent, opaque):
     image = Image.new(mode, (4, 4), transparent)
     image.putpixel((1, 1), opaque)

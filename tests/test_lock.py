@@ -107,8 +107,14 @@ def _contend(view, section: Section, results: list, clock=time.monotonic, hold: 
 
 def _run(views, section, stagger: float = 0.0, **kwargs):
     results: list[str] = []
-    threads = [threading.Thread(target=_contend, args=(v, section, results),
-                                kwargs={**kwargs, "die_inside": getattr(v, "die_inside", False)}) for v in views]
+    threads = [
+        threading.Thread(
+            target=_contend,
+            args=(v, section, results),
+            kwargs={**kwargs, "die_inside": getattr(v, "die_inside", False)},
+        )
+        for v in views
+    ]
     started = time.monotonic()
     for thread in threads:
         thread.start()
@@ -156,10 +162,15 @@ def test_a_contender_whose_clock_is_700_s_ahead_cannot_break_exclusion():
     """Staleness is measured by each observer's own clock: an offset clock changes nothing."""
     store, section = MemoryTickets(), Section()
     results: list[str] = []
-    skewed = threading.Thread(target=_contend, args=(Contender(store), section, results),
-                              kwargs={"clock": lambda: time.monotonic() + 700.0, "hold": 0.2})
-    fair = [threading.Thread(target=_contend, args=(Contender(store), section, results), kwargs={"hold": 0.2})
-            for _ in range(3)]
+    skewed = threading.Thread(
+        target=_contend,
+        args=(Contender(store), section, results),
+        kwargs={"clock": lambda: time.monotonic() + 700.0, "hold": 0.2},
+    )
+    fair = [
+        threading.Thread(target=_contend, args=(Contender(store), section, results), kwargs={"hold": 0.2})
+        for _ in range(3)
+    ]
     for thread in [skewed, *fair]:
         thread.start()
     for thread in [skewed, *fair]:

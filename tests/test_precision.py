@@ -57,8 +57,14 @@ def _export(precision: str, name: str | None = None, **kwargs):
     from mlflow_clip.demo_data import DEMO_CLASSES
     from mlflow_clip.export.job import export_and_register
 
-    return export_and_register(list(DEMO_CLASSES), model="demo", templates="ensemble",
-                               registered_model_name=name or f"clip-{precision}", precision=precision, **kwargs)
+    return export_and_register(
+        list(DEMO_CLASSES),
+        model="demo",
+        templates="ensemble",
+        registered_model_name=name or f"clip-{precision}",
+        precision=precision,
+        **kwargs,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +104,10 @@ def test_int8_export_is_tagged_logged_and_gated(int8_export):
     assert params["precision"] == "int8" and params["precision_method"] == "int8-dynamic"
     assert params["int8_op_types"] == "MatMul,Gemm" and params["int8_weight_type"] == "int8"
     assert "Softmax" in params["int8_fp32_nodes"]
-    assert float(params["max_prob_diff"]) == gates.max_prob_diff and float(params["max_logit_diff"]) == gates.max_logit_diff
+    assert (
+        float(params["max_prob_diff"]) == gates.max_prob_diff
+        and float(params["max_logit_diff"]) == gates.max_logit_diff
+    )
     assert 0 < metrics["parity_max_abs_prob_diff"] <= gates.max_prob_diff
     assert 0 < metrics["parity_max_abs_logit_diff"] <= gates.max_logit_diff
     assert metrics["parity_top1_agreement"] >= gates.min_top1_agreement and metrics["parity_max_abs_pixel_diff"] == 0.0
@@ -213,6 +222,7 @@ def test_thresholds_per_precision_and_overrides():
 
 
 # --- the transform itself, on purpose-built graphs ----------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def three_output_graph(demo_built, tmp_path_factory):
@@ -330,12 +340,27 @@ def test_resnet_towers_get_static_qdq(tmp_path):
     from mlflow_clip.export.parity import ParityThresholds
 
     torch.manual_seed(0)
-    model = clip.model.CLIP(embed_dim=64, image_resolution=64, vision_layers=(1, 1, 1, 1), vision_width=16,
-                            vision_patch_size=None, context_length=77, vocab_size=49408, transformer_width=64,
-                            transformer_heads=1, transformer_layers=1)
+    model = clip.model.CLIP(
+        embed_dim=64,
+        image_resolution=64,
+        vision_layers=(1, 1, 1, 1),
+        vision_width=16,
+        vision_patch_size=None,
+        context_length=77,
+        vocab_size=49408,
+        transformer_width=64,
+        transformer_heads=1,
+        transformer_layers=1,
+    )
     torch.save(model.state_dict(), tmp_path / "tiny-rn.pt")
-    built = build_classifier(["a red circle", "a green square", "a blue triangle"], model=str(tmp_path / "tiny-rn.pt"),
-                             templates="none", out_dir=tmp_path / "out", text_encoder=False, precision="int8")
+    built = build_classifier(
+        ["a red circle", "a green square", "a blue triangle"],
+        model=str(tmp_path / "tiny-rn.pt"),
+        templates="none",
+        out_dir=tmp_path / "out",
+        text_encoder=False,
+        precision="int8",
+    )
     assert built.config.precision == "int8" and built.config.precision_method == "int8-static-qdq"
     assert built.precision.choices["calibration_images"] == 12
     ops = [node.op_type for node in onnx.load(str(built.onnx_path)).graph.node]
@@ -350,10 +375,10 @@ def test_full_size_rn50_int8_agrees_with_fp32_pytorch(tracking_uri, tmp_path):
     weights give every image nearly the same embedding direction, so class margins are tiny
     (0.1 logit) and every image gets the same class: agreement alone proves little here, so the
     test also holds the int8 embeddings to the fp32 ones."""
-    import mlflow_clip
     import torch
     from mlflow.tracking import MlflowClient
 
+    import mlflow_clip
     from mlflow_clip.export.checkpoints import load_clip, save_random_checkpoint
     from mlflow_clip.export.graph import ZeroShotHead, encode_text_features
     from mlflow_clip.export.job import export_and_register
@@ -363,12 +388,21 @@ def test_full_size_rn50_int8_agrees_with_fp32_pytorch(tracking_uri, tmp_path):
 
     classes = ["a person", "a car", "a dog", "a cat"]
     checkpoint = save_random_checkpoint("RN50", tmp_path / "RN50.pt")
-    result = export_and_register(classes, model=str(checkpoint), templates="photo", registered_model_name="random-rn50",
-                                 precision="int8", text_encoder=False)
+    result = export_and_register(
+        classes,
+        model=str(checkpoint),
+        templates="photo",
+        registered_model_name="random-rn50",
+        precision="int8",
+        text_encoder=False,
+    )
     run = MlflowClient().get_run(result.run_id)
     assert run.data.params["precision_method"] == "int8-static-qdq"
     gates = ParityThresholds.for_precision("int8")
-    assert result.parity.max_abs_logit_diff <= gates.max_logit_diff and result.parity.top1_agreement >= gates.min_top1_agreement
+    assert (
+        result.parity.max_abs_logit_diff <= gates.max_logit_diff
+        and result.parity.top1_agreement >= gates.min_top1_agreement
+    )
 
     images, _ = _fresh_demo_images(seed=7)
     images = images[:48]
@@ -398,9 +432,27 @@ def test_mlflow_run_with_precision_int8_and_a_passed_through_gate(tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = subprocess_env(MLFLOW_TRACKING_URI=uri)
-    argv = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local", "-P", "model=demo",
-            "-P", "classes=a red circle,a green square,a blue triangle", "-P", "templates=photo",
-            "-P", "text_encoder=false", "-P", "precision=int8", "-P", "max_prob_diff=0.05"]
+    argv = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "run",
+        str(ROOT),
+        "--env-manager",
+        "local",
+        "-P",
+        "model=demo",
+        "-P",
+        "classes=a red circle,a green square,a blue triangle",
+        "-P",
+        "templates=photo",
+        "-P",
+        "text_encoder=false",
+        "-P",
+        "precision=int8",
+        "-P",
+        "max_prob_diff=0.05",
+    ]
     result = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)

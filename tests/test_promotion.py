@@ -164,9 +164,20 @@ def _crashed_move(client, alias: str, version: str, previous: str | None, moved:
     from mlflow_clip.registry import records
 
     events = records.read_events(client, NAME, alias)
-    records.append(client, NAME, records.Event(seq=records.next_seq(events), event=records.PROMOTE, alias=alias,
-                                               version=version, previous=previous, by="crashed", at=records.now(),
-                                               subject=version))
+    records.append(
+        client,
+        NAME,
+        records.Event(
+            seq=records.next_seq(events),
+            event=records.PROMOTE,
+            alias=alias,
+            version=version,
+            previous=previous,
+            by="crashed",
+            at=records.now(),
+            subject=version,
+        ),
+    )
     if moved:
         client.set_registered_model_alias(NAME, alias, version)
 
@@ -212,24 +223,45 @@ def test_the_0_1_0_history_is_read_once_and_migrated(store, client, alias):
     from mlflow_clip.registry import history, promote, rollback
 
     v1, v2 = store["v1"], store["v2"]
-    legacy = [{"action": "promote", "version": v1, "previous": None, "at": "2026-11-01T00:00:00", "by": "ann"},
-              {"action": "promote", "version": v2, "previous": v1, "at": "2026-11-02T00:00:00", "by": "bob"}]
+    legacy = [
+        {"action": "promote", "version": v1, "previous": None, "at": "2026-11-01T00:00:00", "by": "ann"},
+        {"action": "promote", "version": v2, "previous": v1, "at": "2026-11-02T00:00:00", "by": "bob"},
+    ]
     client.set_registered_model_tag(NAME, f"mlflow_clip.alias_history.{alias}", json.dumps(legacy))
     client.set_registered_model_alias(NAME, alias, v2)
     assert [(e.version, e.by) for e in history(NAME, alias)] == [(v1, "ann"), (v2, "bob")]  # read, not migrated
     assert rollback(NAME, alias).version == v1  # migrates, then undoes bob's promotion
     assert f"mlflow_clip.alias_history.{alias}" not in client.get_registered_model(NAME).tags
     events = history(NAME, alias)
-    assert [(e.seq, e.event, e.migrated) for e in events] == [(1, "promote", True), (2, "promote", True), (3, "rollback", False)]
+    assert [(e.seq, e.event, e.migrated) for e in events] == [
+        (1, "promote", True),
+        (2, "promote", True),
+        (3, "rollback", False),
+    ]
     assert promote(NAME, v2, alias).seq == 4
 
 
 def test_records_stay_far_from_the_column_limits(store, client):
     from mlflow_clip.registry import records
 
-    event = records.Event(seq=999_999_999, event=records.REFUSED, alias="a" * 255, version="12345", previous="12344",
-                          by="b" * 100, at=records.now(), subject="1", run_id="c" * 32,
-                          gates={"version exists": True, "checksum": False, "parity": True, "loads and predicts": False,
-                                 "accuracy": False}, detail=records.short("d" * 5000))
+    event = records.Event(
+        seq=999_999_999,
+        event=records.REFUSED,
+        alias="a" * 255,
+        version="12345",
+        previous="12344",
+        by="b" * 100,
+        at=records.now(),
+        subject="1",
+        run_id="c" * 32,
+        gates={
+            "version exists": True,
+            "checksum": False,
+            "parity": True,
+            "loads and predicts": False,
+            "accuracy": False,
+        },
+        detail=records.short("d" * 5000),
+    )
     assert len(event.record()) < 2000  # model-version tags are TEXT; 2,000 is below even VARCHAR(5000)
     assert len(json.dumps({"choosing": False, "number": 10**9, "beat": 10**9})) < 100  # lock tickets

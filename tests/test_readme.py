@@ -51,14 +51,15 @@ def test_quickstart_mlflow_run_registers_a_checked_version(tmp_path):
     from mlflow.tracking import MlflowClient
 
     quickstart, _ = readme_commands()
-    mlflow_run = quickstart[quickstart.index("mlflow run ."):]
+    mlflow_run = quickstart[quickstart.index("mlflow run .") :]
     argv = shlex.split(mlflow_run)
     argv[argv.index(".")] = str(ROOT)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     bin_dir = str(Path(sys.executable).parent)
     env = subprocess_env(MLFLOW_TRACKING_URI=uri, PATH=bin_dir + os.pathsep + os.environ["PATH"])
-    result = subprocess.run([sys.executable, "-m", "mlflow", *argv[1:]], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-m", "mlflow", *argv[1:]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     (version,) = client.search_model_versions("name='clip-zero-shot'")
@@ -76,7 +77,13 @@ def test_quickstart_mlflow_run_registers_a_checked_version(tmp_path):
 @requires_export
 def test_cli_reports_bad_classes_without_a_traceback(tmp_path):
     env = subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    result = subprocess.run([sys.executable, "-m", "mlflow_clip.cli", "export", "--model", "demo", "--classes", "a,,b"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "mlflow_clip.cli", "export", "--model", "demo", "--classes", "a,,b"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
     assert "Class 1" in result.stderr and "Traceback" not in result.stderr

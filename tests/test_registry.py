@@ -5,11 +5,19 @@ from __future__ import annotations
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import using_store, demo_image_bytes, free_port, requires_export, start_server, stop_process, subprocess_env, wait_for_http
+from conftest import (
+    demo_image_bytes,
+    free_port,
+    requires_export,
+    start_server,
+    stop_process,
+    subprocess_env,
+    using_store,
+    wait_for_http,
+)
 
 requests = pytest.importorskip("requests")
 
@@ -48,10 +56,25 @@ def tracking_server(request, tmp_path_factory):
     backend = _backend_uri(request.param, tmp)
     port = free_port()
     process = start_server(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
-         "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        tmp / "server.log", subprocess_env(), cwd=tmp,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            backend,
+            "--artifacts-destination",
+            str(tmp / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        tmp / "server.log",
+        subprocess_env(),
+        cwd=tmp,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -67,8 +90,9 @@ def two_versions(tracking_server):
     from mlflow_clip.export.job import export_and_register
 
     first = export_and_register(CLASSES, model="demo", templates="photo", registered_model_name=NAME)
-    second = export_and_register(CLASSES, model="demo", templates="ensemble", registered_model_name=NAME,
-                                 alias="challenger")
+    second = export_and_register(
+        CLASSES, model="demo", templates="ensemble", registered_model_name=NAME, alias="challenger"
+    )
     return first.model_version, second.model_version
 
 
@@ -98,7 +122,10 @@ def test_promote_gate_serve_tamper_rollback(tracking_server, two_versions):
         _serve_alias_and_predict(tracking_server["url"], tracking_server["artifacts"].parent)
 
     v3 = _tampered_version(client, tracking_server["artifacts"])
-    with pytest.raises(PromotionError, match=r"gate 'checksum' failed: 1 file\(s\) differ from the export's manifest: model.onnx changed"):
+    with pytest.raises(
+        PromotionError,
+        match=r"gate 'checksum' failed: 1 file\(s\) differ from the export's manifest: model.onnx changed",
+    ):
         promote(NAME, v3, "production")
     assert str(client.get_model_version_by_alias(NAME, "production").version) == v2
 
@@ -114,8 +141,8 @@ def test_promote_gate_serve_tamper_rollback(tracking_server, two_versions):
 
 def _tampered_version(client, artifacts: Path) -> str:
     """A freshly exported version whose model.onnx is then altered in the artifact store."""
-    from mlflow_clip.serving.contract import sha256_file
     from mlflow_clip.export.job import export_and_register
+    from mlflow_clip.serving.contract import sha256_file
 
     result = export_and_register(CLASSES, model="demo", templates="none", registered_model_name=NAME)
     hits = [p for p in artifacts.rglob("model.onnx") if sha256_file(p) == result.onnx_sha256]
@@ -129,8 +156,8 @@ def _tampered_version(client, artifacts: Path) -> str:
 @pytest.fixture()
 def exported_artifacts(tracking_server):
     """A freshly exported version and the folder its model lives in, in the artifact store."""
-    from mlflow_clip.serving.contract import sha256_file
     from mlflow_clip.export.job import export_and_register
+    from mlflow_clip.serving.contract import sha256_file
 
     result = export_and_register(CLASSES, model="demo", templates="none", registered_model_name=NAME)
     hits = [p for p in tracking_server["artifacts"].rglob("model.onnx") if sha256_file(p) == result.onnx_sha256]
@@ -171,9 +198,23 @@ def test_each_tampered_file_is_refused_by_promotion_naming_it(tracking_server, e
 def _serve_alias_and_predict(tracking_url: str, log_dir: Path) -> None:
     port = free_port()
     process = start_server(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@production",
-         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-        log_dir / "serve.log", subprocess_env(MLFLOW_TRACKING_URI=tracking_url),
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            f"models:/{NAME}@production",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        log_dir / "serve.log",
+        subprocess_env(MLFLOW_TRACKING_URI=tracking_url),
     )
     try:
         wait_for_http(f"http://127.0.0.1:{port}/ping", process)
@@ -251,10 +292,12 @@ def _promote_process(tracking_url: str, version: str, alias: str, log: Path, clo
     ahead (time.time and datetime), as on a host whose clock is wrong."""
     code = "from mlflow_clip.cli import main; main()"
     if clock_offset:
-        code = (f"import time, datetime; _t = time.time; time.time = lambda: _t() + {clock_offset}\n"
-                "class _D(datetime.datetime):\n"
-                f"    @classmethod\n    def now(cls, tz=None): return datetime.datetime.now(tz) + datetime.timedelta(seconds={clock_offset})\n"
-                "datetime.datetime = _D\n" + code)
+        code = (
+            f"import time, datetime; _t = time.time; time.time = lambda: _t() + {clock_offset}\n"
+            "class _D(datetime.datetime):\n"
+            f"    @classmethod\n    def now(cls, tz=None): return datetime.datetime.now(tz) + datetime.timedelta(seconds={clock_offset})\n"
+            "datetime.datetime = _D\n" + code
+        )
     argv = [sys.executable, "-c", code, "promote", "--model-name", NAME, "--version", version, "--alias", alias]
     return start_server(argv, log, subprocess_env(MLFLOW_TRACKING_URI=tracking_url, MLFLOW_CLIP_PROMOTED_BY=log.stem))
 
@@ -294,7 +337,9 @@ def test_concurrent_promotions_with_one_killed(tracking_server, two_versions, tm
     _wait_for_ticket(client, alias)
     victim.send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
-    others = [_promote_process(tracking_server["url"], v, alias, tmp_path / f"c{i}.log") for i, v in enumerate(versions[1:])]
+    others = [
+        _promote_process(tracking_server["url"], v, alias, tmp_path / f"c{i}.log") for i, v in enumerate(versions[1:])
+    ]
     for process in others:
         assert process.wait(timeout=180) == 0, Path(process.log_path).read_text()[-2000:]
     assert time.monotonic() - killed_at < 60 + 60  # 60 s after the kill, plus the survivors' own start and gates
@@ -314,8 +359,10 @@ def test_a_contender_700_s_ahead_breaks_nothing(tracking_server, two_versions, t
 
     client, alias = MlflowClient(), "skew"
     versions = _copies(client, two_versions[1], 4)
-    processes = [_promote_process(tracking_server["url"], v, alias, tmp_path / f"p{i}.log", clock_offset=700.0 if i == 0 else 0)
-                 for i, v in enumerate(versions)]
+    processes = [
+        _promote_process(tracking_server["url"], v, alias, tmp_path / f"p{i}.log", clock_offset=700.0 if i == 0 else 0)
+        for i, v in enumerate(versions)
+    ]
     for process in processes:
         assert process.wait(timeout=180) == 0, Path(process.log_path).read_text()[-2000:]
     events = history(NAME, alias)

@@ -12,11 +12,10 @@ import pytest
 from PIL import Image
 
 from mlflow_clip.bench import make_photo_jpeg
+from mlflow_clip.serving import _mlflow_clip_resample as extension  # setup.py builds it; see test_built
 from mlflow_clip.serving import resample
 from mlflow_clip.serving.images import decode_image
 from mlflow_clip.serving.preprocess import Preprocessor, compute_crop_origin, compute_resized_size, native_status
-
-from mlflow_clip.serving import _mlflow_clip_resample as extension  # setup.py builds it; see test_built
 
 
 def _image(rng: np.random.Generator, width: int, height: int, mode: str) -> Image.Image:
@@ -118,8 +117,19 @@ def _call(pixels, width=4, height=3, channels=3, size=2, table=None, out=None, *
     table = np.zeros((3, 256), np.float32) if table is None else table
     out = np.zeros((3, size, size), np.float32) if out is None else out
     extension.resize_crop(
-        pixels, width, height, channels, args["new_width"], args["new_height"], args["left"], args["top"], size,
-        args["filter"], args["vertical_first"], table, out,
+        pixels,
+        width,
+        height,
+        channels,
+        args["new_width"],
+        args["new_height"],
+        args["left"],
+        args["top"],
+        size,
+        args["filter"],
+        args["vertical_first"],
+        table,
+        out,
     )
     return out
 
@@ -159,8 +169,17 @@ def test_every_pixel_source_gives_the_same_values(source, width, height):
         pixels, channels = np.asarray(image), (3 if image.mode == "RGB" else 1)
     out = np.empty((3, 32, 32), np.float32)
     extension.resize_crop(
-        pixels, width, height, channels, *new_size, *compute_crop_origin(*new_size, 32), 32,
-        "bicubic", resample.vertical_first(width, height, *new_size), preprocessor._table, out,
+        pixels,
+        width,
+        height,
+        channels,
+        *new_size,
+        *compute_crop_origin(*new_size, 32),
+        32,
+        "bicubic",
+        resample.vertical_first(width, height, *new_size),
+        preprocessor._table,
+        out,
     )
     np.testing.assert_array_equal(out, preprocessor(image))
 
@@ -177,9 +196,21 @@ def test_portable_scalar_pass_is_identical_too(tmp_path):
     source = Path(__file__).resolve().parent.parent / "mlflow_clip" / "serving" / "resample.c"
     target = tmp_path / f"_mlflow_clip_resample{sysconfig.get_config_var('EXT_SUFFIX')}"
     subprocess.run(
-        [compiler, "-O2", "-ffp-contract=off", "-DMLFLOW_CLIP_NO_SIMD", "-fPIC", "-shared",
-         f"-I{sysconfig.get_paths()['include']}", str(source), "-o", str(target), "-lm"],
-        check=True, capture_output=True,
+        [
+            compiler,
+            "-O2",
+            "-ffp-contract=off",
+            "-DMLFLOW_CLIP_NO_SIMD",
+            "-fPIC",
+            "-shared",
+            f"-I{sysconfig.get_paths()['include']}",
+            str(source),
+            "-o",
+            str(target),
+            "-lm",
+        ],
+        check=True,
+        capture_output=True,
     )
     code = """
 import importlib.util, sys
@@ -217,10 +248,23 @@ def test_an_axis_that_keeps_its_size_is_copied_as_pillow_skips_it(filter_name):
     image = _image(rng, 90, 70, "RGB")
     table = Preprocessor(32)._table
     for new_size in ((90, 50), (60, 70), (90, 70)):
-        expected = np.asarray(image.resize(new_size, getattr(Image.Resampling, filter_name.upper())).crop((3, 4, 35, 36)))
+        expected = np.asarray(
+            image.resize(new_size, getattr(Image.Resampling, filter_name.upper())).crop((3, 4, 35, 36))
+        )
         expected = np.stack([table[c][expected[:, :, c]] for c in range(3)])
-        out = _call(np.asarray(image), 90, 70, 3, size=32, table=table, new_width=new_size[0],
-                    new_height=new_size[1], left=3, top=4, filter=filter_name)
+        out = _call(
+            np.asarray(image),
+            90,
+            70,
+            3,
+            size=32,
+            table=table,
+            new_width=new_size[0],
+            new_height=new_size[1],
+            left=3,
+            top=4,
+            filter=filter_name,
+        )
         np.testing.assert_array_equal(out, expected)
 
 
@@ -239,8 +283,12 @@ def test_a_model_compiles_its_native_resize_where_its_binary_does_not_fit(colour
     for attempt in ("compiles", "reuses the cache"):
         done = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-2000:]
-        assert "image resize: native (compiled here from the model's source" in done.stderr, (attempt, done.stderr[-2000:])
+        assert "image resize: native (compiled here from the model's source" in done.stderr, (
+            attempt,
+            done.stderr[-2000:],
+        )
     assert len(list((tmp_path / "cache" / "mlflow-clip" / "native").glob("*/_mlflow_clip_resample*"))) == 1
-    off = subprocess.run([sys.executable, "-c", code], env={**env, resample.ENV_VAR: "0"}, cwd=tmp_path,
-                         capture_output=True, text=True)
+    off = subprocess.run(
+        [sys.executable, "-c", code], env={**env, resample.ENV_VAR: "0"}, cwd=tmp_path, capture_output=True, text=True
+    )
     assert "image resize: Pillow (MLFLOW_CLIP_NATIVE_RESAMPLE turns it off" in off.stderr, off.stderr[-2000:]

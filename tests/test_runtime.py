@@ -63,8 +63,9 @@ def test_draft_is_a_load_time_choice_with_small_measured_effect(demo_model_dir):
     import mlflow
     from conftest import demo_image_bytes
 
-    images = demo_image_bytes([(n, "JPEG") for n in ("a red circle", "a green square", "a blue triangle")] * 3,
-                              size=(1280, 960))
+    images = demo_image_bytes(
+        [(n, "JPEG") for n in ("a red circle", "a green square", "a blue triangle")] * 3, size=(1280, 960)
+    )
     frame = pd.DataFrame({"image": [data for data, _ in images]})
     exact_model = mlflow.pyfunc.load_model(str(demo_model_dir))
     draft_model = mlflow.pyfunc.load_model(str(demo_model_dir), model_config={"jpeg_draft": True})
@@ -113,8 +114,9 @@ def test_shards_give_the_same_rows_and_errors_as_one_run(demo_model_dir):
     """Splitting a request into concurrent shards (each decoding, then running its slice)
     changes neither the probabilities (at 1e-6) nor which rows fail, and the error still names
     every bad row across shards and chunks."""
-    import mlflow_clip
     from conftest import demo_image_bytes
+
+    import mlflow_clip
 
     images = [data for data, _ in demo_image_bytes([(n, "JPEG") for n in ("a red circle", "a blue square")] * 5)]
     rows = images[:3] + [b"not an image"] + images[3:8] + [b"\x00" * 10] + images[8:]

@@ -8,7 +8,16 @@ import subprocess
 import sys
 
 import pytest
-from conftest import using_store, demo_image_bytes, free_port, requires_export, start_server, stop_process, subprocess_env, wait_for_http
+from conftest import (
+    demo_image_bytes,
+    free_port,
+    requires_export,
+    start_server,
+    stop_process,
+    subprocess_env,
+    using_store,
+    wait_for_http,
+)
 
 requests = pytest.importorskip("requests")
 
@@ -34,9 +43,23 @@ def server(demo_registry, tmp_path_factory):
         MLFLOW_PYFUNC_INFERENCE_CONFIG=json.dumps({"max_rows": MAX_ROWS}),
     )
     process = start_server(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-         "-h", "127.0.0.1", "-p", str(port)],
-        tmp_path_factory.mktemp("serve") / "server.log", env,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            model_uri,
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        tmp_path_factory.mktemp("serve") / "server.log",
+        env,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -152,9 +175,27 @@ def test_mlflow_models_predict_on_a_json_file(demo_registry, tmp_path):
     input_path.write_text(json.dumps(_bodies([_b64(d) for d, _ in images])["dataframe_split"]))
     output_path = tmp_path / "output.json"
     result = subprocess.run(
-        [sys.executable, "-m", "mlflow", "models", "predict", "-m", model_uri, "-i", str(input_path),
-         "-t", "json", "-o", str(output_path), "--env-manager", "local"],
-        env=subprocess_env(MLFLOW_TRACKING_URI=tracking_uri), capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "predict",
+            "-m",
+            model_uri,
+            "-i",
+            str(input_path),
+            "-t",
+            "json",
+            "-o",
+            str(output_path),
+            "--env-manager",
+            "local",
+        ],
+        env=subprocess_env(MLFLOW_TRACKING_URI=tracking_uri),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     predictions = json.loads(output_path.read_text())["predictions"]

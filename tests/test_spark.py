@@ -92,10 +92,14 @@ def to_frame(scored) -> pd.DataFrame:
     return scored.toPandas().assign(path=lambda df: df["path"].map(local_path)).set_index("path")
 
 
-def score_folder(spark, module_demo_model_uri: str, folder: Path, params: dict | None = None, partitions: int | None = None):
+def score_folder(
+    spark, module_demo_model_uri: str, folder: Path, params: dict | None = None, partitions: int | None = None
+):
     """The UDF's struct as it comes: path, label, score, probabilities, error; one row per file."""
     udf = mlflow.pyfunc.spark_udf(spark, module_demo_model_uri, env_manager="local", params=params)
-    return to_frame(read_files(spark, folder, partitions).select("path", udf("content").alias("p")).select("path", "p.*"))
+    return to_frame(
+        read_files(spark, folder, partitions).select("path", udf("content").alias("p")).select("path", "p.*")
+    )
 
 
 def score_folder_null_on_error(spark, module_demo_model_uri: str, folder: Path) -> pd.DataFrame:
@@ -131,7 +135,9 @@ def test_spark_udf_matches_in_process_predict_and_truth(spark, module_demo_model
     assert sorted(scored.index) == files  # one row per file, nothing dropped or duplicated
     expected = predict_in_process(module_demo_model_uri, files)
     assert list(scored.loc[files, "label"]) == list(expected["label"])
-    np.testing.assert_allclose(scored.loc[files, "score"].astype(float), expected["score"].astype(float), atol=SCORE_TOL)
+    np.testing.assert_allclose(
+        scored.loc[files, "score"].astype(float), expected["score"].astype(float), atol=SCORE_TOL
+    )
     np.testing.assert_allclose(
         np.stack(scored.loc[files, "probabilities"]), np.stack(expected["probabilities"]), atol=SCORE_TOL
     )

@@ -11,13 +11,32 @@ import textwrap
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import BLOCK_TORCH, demo_image_bytes, free_port, requires_export, start_server, stop_process, subprocess_env, wait_for_http
+from conftest import (
+    BLOCK_TORCH,
+    demo_image_bytes,
+    free_port,
+    requires_export,
+    start_server,
+    stop_process,
+    subprocess_env,
+    wait_for_http,
+)
 
 pytestmark = requires_export
 
 # The demo model's 9 classes are colour x shape; these images are 2 of each of 6 of them.
-IMAGES = [(name, fmt) for name in ("a red circle", "a green square", "a blue triangle", "a red triangle",
-                                   "a green circle", "a blue square") for fmt in ("PNG", "JPEG")]
+IMAGES = [
+    (name, fmt)
+    for name in (
+        "a red circle",
+        "a green square",
+        "a blue triangle",
+        "a red triangle",
+        "a green circle",
+        "a blue square",
+    )
+    for fmt in ("PNG", "JPEG")
+]
 TOLERANCE = 1e-5  # per-request probabilities against the baked graph's, same classes and templates
 
 
@@ -90,8 +109,17 @@ def test_image_embeddings_are_normalized_and_match_the_graph(model, frame, demo_
 def test_text_embeddings_back_image_search(model, frame):
     """A `text` column gives text embeddings in the image embeddings' space: each image's
     nearest class prompt is its own class."""
-    names = [f"a photo of {name}." for name in ("a red circle", "a green square", "a blue triangle",
-                                                 "a red triangle", "a green circle", "a blue square")]
+    names = [
+        f"a photo of {name}."
+        for name in (
+            "a red circle",
+            "a green square",
+            "a blue triangle",
+            "a red triangle",
+            "a green circle",
+            "a blue square",
+        )
+    ]
     texts = model.predict(pd.DataFrame({"text": names}))
     assert list(texts.columns) == ["embedding", "error"]
     text_embeddings = np.array(texts["embedding"].tolist())
@@ -172,8 +200,13 @@ def test_export_without_the_text_encoder(tracking_uri):
 
     from mlflow_clip.export.job import export_and_register
 
-    result = export_and_register(["a red circle", "a blue square"], model="demo", templates="photo",
-                                 registered_model_name="no-text", text_encoder=False)
+    result = export_and_register(
+        ["a red circle", "a blue square"],
+        model="demo",
+        templates="photo",
+        registered_model_name="no-text",
+        text_encoder=False,
+    )
     client = MlflowClient()
     run = client.get_run(result.run_id)
     assert "parity_max_abs_text_embedding_diff" not in run.data.metrics
@@ -198,8 +231,9 @@ def test_per_request_labels_and_text_without_torch(demo_model_dir, tmp_path):
         print("LABEL", out["label"][0], len(texts["embedding"][0]))
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
-                            env=subprocess_env(), timeout=180)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=subprocess_env(), timeout=180
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LABEL a square 64" in result.stdout
 
@@ -210,9 +244,23 @@ def test_mlflow_models_serve_takes_labels_and_text_in_params(demo_registry, tmp_
     tracking_uri, model_uri = demo_registry
     port = free_port()
     process = start_server(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-         "-h", "127.0.0.1", "-p", str(port)],
-        tmp_path / "server.log", subprocess_env(MLFLOW_TRACKING_URI=tracking_uri),
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            model_uri,
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        tmp_path / "server.log",
+        subprocess_env(MLFLOW_TRACKING_URI=tracking_uri),
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -226,7 +274,10 @@ def test_mlflow_models_serve_takes_labels_and_text_in_params(demo_registry, tmp_
         assert list(served["label"]) == list(local["label"]) == [name.split()[1] for name, _ in IMAGES]
         assert np.abs(np.array(served["probabilities"].tolist()) - _probabilities(local)).max() <= 1e-6
 
-        body = {"dataframe_split": {"columns": ["image"], "data": [[r] for r in rows[:3]]}, "params": {"output": "embedding"}}
+        body = {
+            "dataframe_split": {"columns": ["image"], "data": [[r] for r in rows[:3]]},
+            "params": {"output": "embedding"},
+        }
         response = requests.post(url + "/invocations", json=body, timeout=60)
         assert response.status_code == 200, response.text
         assert len(response.json()["predictions"][0]["embedding"]) == 64
@@ -236,7 +287,9 @@ def test_mlflow_models_serve_takes_labels_and_text_in_params(demo_registry, tmp_
         assert len(response.json()["predictions"]) == 2
 
         bad = {"inputs": {"image": rows[:1]}, "params": {"classes": ["a cat", "a Cat"]}}
-        response = requests.post(url + "/invocations", data=json.dumps(bad), headers={"Content-Type": "application/json"}, timeout=60)
+        response = requests.post(
+            url + "/invocations", data=json.dumps(bad), headers={"Content-Type": "application/json"}, timeout=60
+        )
         assert response.status_code == 400
         error = response.json()
         assert error["error_code"] == "INVALID_PARAMETER_VALUE" and "duplicates class 0" in error["message"]

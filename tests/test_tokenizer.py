@@ -15,8 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 import ftfy
 import numpy as np
 import pytest
-
 from conftest import BLOCK_TORCH, requires_export, subprocess_env
+
+from mlflow_clip.package_data import default_vocab_license_path, default_vocab_path
+from mlflow_clip.serving.contract import sha256_file as file_sha256
 from mlflow_clip.serving.prompts import IMAGENET_TEMPLATES, fill_template
 from mlflow_clip.serving.tokenizer import (
     CONTEXT_LENGTH,
@@ -28,51 +30,182 @@ from mlflow_clip.serving.tokenizer import (
     clean_text,
 )
 
-from mlflow_clip.package_data import default_vocab_license_path, default_vocab_path
-from mlflow_clip.serving.contract import sha256_file as file_sha256
-
 NUM_RANDOM_TEXTS = 1200
 SEED = 20240607
 
 CLASS_NAMES = [
-    "cat", "golden retriever", "T-shirt", "crème brûlée", "jack-o'-lantern", "Granny Smith",
-    "pickup truck", "école", "寿司", "猫", "ramen 🍜", "espresso machine", "hot dog", "C-3PO",
-    "o'clock", "washing-machine", "MP3 player", "7-Eleven", "R2-D2", "São Paulo",
+    "cat",
+    "golden retriever",
+    "T-shirt",
+    "crème brûlée",
+    "jack-o'-lantern",
+    "Granny Smith",
+    "pickup truck",
+    "école",
+    "寿司",
+    "猫",
+    "ramen 🍜",
+    "espresso machine",
+    "hot dog",
+    "C-3PO",
+    "o'clock",
+    "washing-machine",
+    "MP3 player",
+    "7-Eleven",
+    "R2-D2",
+    "São Paulo",
 ]
 # Hand-picked cases; the generator below combines them with random fragments.
 EDGE_CASES = [
-    "", " ", "\t\n\r ", "a", "A", "hello world", "Hello, World!", "HELLO WORLD",
+    "",
+    " ",
+    "\t\n\r ",
+    "a",
+    "A",
+    "hello world",
+    "Hello, World!",
+    "HELLO WORLD",
     # contractions, straight, curly and upper-case, and letters that case-fold onto s/k
-    "it's", "don't", "they're", "we've", "I'm", "you'll", "he'd", "IT'S", "DON'T", "It’s fine",
-    "'s'''t're've'm'll'd", "rock'n'roll", "it'ſ", "'\u212a", "''", "'",
+    "it's",
+    "don't",
+    "they're",
+    "we've",
+    "I'm",
+    "you'll",
+    "he'd",
+    "IT'S",
+    "DON'T",
+    "It’s fine",
+    "'s'''t're've'm'll'd",
+    "rock'n'roll",
+    "it'ſ",
+    "'\u212a",
+    "''",
+    "'",
     # HTML entities, single and double escaped, and bare ampersands
-    "fish &amp; chips", "it&#39;s", "&lt;b&gt;bold&lt;/b&gt;", "&amp;amp;", "&amp;lt;b&amp;gt;", "&quot;hi&quot;",
-    "&nbsp;x&nbsp;", "&#x1F600;", "&eacute;t&eacute;", "AT&T", "a & b", "&amp", "&#", "<b>bold</b> &amp; more",
+    "fish &amp; chips",
+    "it&#39;s",
+    "&lt;b&gt;bold&lt;/b&gt;",
+    "&amp;amp;",
+    "&amp;lt;b&amp;gt;",
+    "&quot;hi&quot;",
+    "&nbsp;x&nbsp;",
+    "&#x1F600;",
+    "&eacute;t&eacute;",
+    "AT&T",
+    "a & b",
+    "&amp",
+    "&#",
+    "<b>bold</b> &amp; more",
     # mojibake ftfy repairs
-    "cafÃ©", "Ã¼ber", "â€œquotedâ€\x9d", "donâ€™t", "seÃ±or", "Ã¢â‚¬â„¢", "The Mona Lisa doesnÃƒÂ¢Ã¢â€šÂ¬Ã¢â€žÂ¢t",
-    "ï¬\x81ne", "\ufb01ne \ufb02ow", "ｆｕｌｌｗｉｄｔｈ", "\x1b[31mred\x1b[0m", "caf\u00e9 cafe\u0301",
+    "cafÃ©",
+    "Ã¼ber",
+    "â€œquotedâ€\x9d",
+    "donâ€™t",
+    "seÃ±or",
+    "Ã¢â‚¬â„¢",
+    "The Mona Lisa doesnÃƒÂ¢Ã¢â€šÂ¬Ã¢â€žÂ¢t",
+    "ï¬\x81ne",
+    "\ufb01ne \ufb02ow",
+    "ｆｕｌｌｗｉｄｔｈ",
+    "\x1b[31mred\x1b[0m",
+    "caf\u00e9 cafe\u0301",
     # special tokens written in the text
-    "<|startoftext|>", "<|endoftext|>", "a <|endoftext|> b", "<|ENDOFTEXT|>", "!<|endoftext|>", "<|endof text|>",
+    "<|startoftext|>",
+    "<|endoftext|>",
+    "a <|endoftext|> b",
+    "<|ENDOFTEXT|>",
+    "!<|endoftext|>",
+    "<|endof text|>",
     # whitespace and control characters
-    "a\u00a0b", "a\u3000b", "a\u2028b", "a\x0bb\x0cc", "a\x1cb\x1fc", "a\x85b", "a\u200bb", "\ufeffbom",
-    "a\x00b", "tab\tseparated\tvalues", "line\nbreak\r\nwindows\rmac", "   lots    of     space   ",
+    "a\u00a0b",
+    "a\u3000b",
+    "a\u2028b",
+    "a\x0bb\x0cc",
+    "a\x1cb\x1fc",
+    "a\x85b",
+    "a\u200bb",
+    "\ufeffbom",
+    "a\x00b",
+    "tab\tseparated\tvalues",
+    "line\nbreak\r\nwindows\rmac",
+    "   lots    of     space   ",
     # numbers
-    "123", "3.14159", "1,000,000", "2024-06-07", "٣٤٥", "x²", "½ cup", "Ⅻ", "①②", "0x1F", "१२३",
+    "123",
+    "3.14159",
+    "1,000,000",
+    "2024-06-07",
+    "٣٤٥",
+    "x²",
+    "½ cup",
+    "Ⅻ",
+    "①②",
+    "0x1F",
+    "१२३",
     # letters from many scripts
-    "Ångström", "Größe", "ΟΔΟΣ", "İstanbul", "ǅemal", "Привет, мир", "مرحبا بالعالم", "שלום", "नमस्ते",
-    "สวัสดี", "한국어", "猫の写真", "一只狗在草地上", "ｶﾀｶﾅ", "ᚠᛇᚻ", "𝕳𝖊𝖑𝖑𝖔", "Z̤͔ͧ̑̓ä͖̭̈̇lͮ̒ͫǫ̯̈",
-    "ι\u0345.", "\u212aelvin", "STRASSE Straße", "ﬀ",
+    "Ångström",
+    "Größe",
+    "ΟΔΟΣ",
+    "İstanbul",
+    "ǅemal",
+    "Привет, мир",
+    "مرحبا بالعالم",
+    "שלום",
+    "नमस्ते",
+    "สวัสดี",
+    "한국어",
+    "猫の写真",
+    "一只狗在草地上",
+    "ｶﾀｶﾅ",
+    "ᚠᛇᚻ",
+    "𝕳𝖊𝖑𝖑𝖔",
+    "Z̤͔ͧ̑̓ä͖̭̈̇lͮ̒ͫǫ̯̈",
+    "ι\u0345.",
+    "\u212aelvin",
+    "STRASSE Straße",
+    "ﬀ",
     # emoji: single, skin tones, ZWJ sequences, flags, keycaps, variation selectors
-    "🐱", "👍🏽", "👨‍👩‍👧‍👦", "🏳️‍🌈", "🇫🇷🇯🇵", "1️⃣", "❤️", "🧑🏿‍🚀", "👩🏻‍❤️‍💋‍👨🏼",
+    "🐱",
+    "👍🏽",
+    "👨‍👩‍👧‍👦",
+    "🏳️‍🌈",
+    "🇫🇷🇯🇵",
+    "1️⃣",
+    "❤️",
+    "🧑🏿‍🚀",
+    "👩🏻‍❤️‍💋‍👨🏼",
     # surrogates: a pair ftfy joins, a lone one it replaces, and one written as an HTML entity
-    "\ud83d\ude00", "lone \ud83d surrogate", "&#xD83D;",
-    "a photo of a 🐶.", "a photo of a {}.", "{}", "a photo of a .",
+    "\ud83d\ude00",
+    "lone \ud83d surrogate",
+    "&#xD83D;",
+    "a photo of a 🐶.",
+    "a photo of a {}.",
+    "{}",
+    "a photo of a .",
     # punctuation
-    "!!!", "...", "—", "–-", "«»", "¿¡", "#hashtag @mention", "http://example.com/a?b=c&d=e", "C++ & C#",
-    "(a) [b] {c}", "~`^|\\", "“double” ‘single’", "e.g., i.e.,", "#1!!", "--help", "snake_case", "🤖🤖🤖!!!",
+    "!!!",
+    "...",
+    "—",
+    "–-",
+    "«»",
+    "¿¡",
+    "#hashtag @mention",
+    "http://example.com/a?b=c&d=e",
+    "C++ & C#",
+    "(a) [b] {c}",
+    "~`^|\\",
+    "“double” ‘single’",
+    "e.g., i.e.,",
+    "#1!!",
+    "--help",
+    "snake_case",
+    "🤖🤖🤖!!!",
     # words for the byte-pair merges
-    "supercalifragilisticexpialidocious", "pneumonoultramicroscopicsilicovolcanoconiosis",
-    "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "zzxxqqjjkk", "abababababababababab",
+    "supercalifragilisticexpialidocious",
+    "pneumonoultramicroscopicsilicovolcanoconiosis",
+    "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+    "zzxxqqjjkk",
+    "abababababababababab",
 ]
 WORDS = (
     "a an the photo picture of in on with my dog cat car person bird tree house red green blue big small "
@@ -83,12 +216,31 @@ SEPARATORS = [" ", " ", " ", "", ", ", "\t", "\n", "  ", ". ", "-", "/", "\r\n",
 
 
 def _random_code_point(rng: random.Random) -> str:
-    low, high = rng.choice([
-        (0x21, 0x7E), (0xA0, 0x24F), (0x300, 0x36F), (0x370, 0x3FF), (0x400, 0x4FF), (0x590, 0x6FF),
-        (0x900, 0x97F), (0xE00, 0xE7F), (0x1100, 0x11FF), (0x2000, 0x206F), (0x2100, 0x22FF),
-        (0x2460, 0x24FF), (0x2500, 0x257F), (0x3040, 0x30FF), (0x4E00, 0x9FFF), (0xAC00, 0xD7A3),
-        (0xE000, 0xE0FF), (0xFF00, 0xFFEF), (0x1D400, 0x1D7FF), (0x1F300, 0x1FAFF), (0x80, 0x9F),
-    ])
+    low, high = rng.choice(
+        [
+            (0x21, 0x7E),
+            (0xA0, 0x24F),
+            (0x300, 0x36F),
+            (0x370, 0x3FF),
+            (0x400, 0x4FF),
+            (0x590, 0x6FF),
+            (0x900, 0x97F),
+            (0xE00, 0xE7F),
+            (0x1100, 0x11FF),
+            (0x2000, 0x206F),
+            (0x2100, 0x22FF),
+            (0x2460, 0x24FF),
+            (0x2500, 0x257F),
+            (0x3040, 0x30FF),
+            (0x4E00, 0x9FFF),
+            (0xAC00, 0xD7A3),
+            (0xE000, 0xE0FF),
+            (0xFF00, 0xFFEF),
+            (0x1D400, 0x1D7FF),
+            (0x1F300, 0x1FAFF),
+            (0x80, 0x9F),
+        ]
+    )
     return chr(rng.randint(low, high))
 
 
@@ -219,8 +371,9 @@ def test_loads_and_tokenizes_without_torch(clip, tmp_path):
         print("IDS", json.dumps([str(ids.dtype), ids.tolist()]))
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
-                            env=subprocess_env(), timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=subprocess_env(), timeout=120
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     dtype, ids = json.loads(result.stdout.split("IDS ", 1)[1])
     assert dtype == "int64" and ids == expected
@@ -244,8 +397,11 @@ def test_truncation_keeps_the_first_ids_and_ends_with_the_end_token(tokenizer):
 
 def test_too_long_text_without_truncation_names_its_index_and_the_fix(tokenizer):
     texts = ["fine", "x " * 200]
-    with pytest.raises(TextInputError, match=r"Text 1 \('x x .*\.\.\.'\) is 202 tokens long.*context length 77.*"
-                                             r"truncate=True"):
+    with pytest.raises(
+        TextInputError,
+        match=r"Text 1 \('x x .*\.\.\.'\) is 202 tokens long.*context length 77.*"
+        r"truncate=True",
+    ):
         tokenizer(texts, truncate=False)
     # 75 words + start + end is exactly 77: fits.
     assert tokenizer("x " * 75, truncate=False)[0, -1] == tokenizer.eot_token_id

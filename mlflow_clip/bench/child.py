@@ -1,6 +1,6 @@
 """Entry point of the benchmark's child processes (see `mlflow_clip.bench.worker`):
 
-    python -m mlflow_clip.bench.child TASK SPEC_JSON RESULT_JSON [REPLY_FD]
+python -m mlflow_clip.bench.child TASK SPEC_JSON RESULT_JSON [REPLY_FD]
 """
 
 from __future__ import annotations

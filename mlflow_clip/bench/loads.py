@@ -32,8 +32,9 @@ json.dump({"began": began, "imported": imported, "loaded": loaded, "predicted": 
 """
 
 
-def run_loads(options: BenchmarkOptions, builds: dict, image: Path,
-              progress: Callable[[str], None]) -> list[LoadResult]:
+def run_loads(
+    options: BenchmarkOptions, builds: dict, image: Path, progress: Callable[[str], None]
+) -> list[LoadResult]:
     """Load to first prediction for every built model and precision of the run."""
     results = []
     for model in options.models:
@@ -43,22 +44,32 @@ def run_loads(options: BenchmarkOptions, builds: dict, image: Path,
                 continue
             result = measure_load(options, info["model_uri"], image, model, precision)
             results.append(result)
-            progress(f"{model} {precision} load to first prediction: "
-                     + (f"{result.seconds:.2f} s" if result.status == "ok" else f"{result.status}: {result.note}"))
+            progress(
+                f"{model} {precision} load to first prediction: "
+                + (f"{result.seconds:.2f} s" if result.status == "ok" else f"{result.status}: {result.note}")
+            )
     return results
 
 
 def measure_load(options: BenchmarkOptions, model_uri: str, image: Path, model: str, precision: str) -> LoadResult:
     """Process start to first prediction for a registered model, in fresh interpreters."""
     result = LoadResult(model, precision, model_uri)
-    env = child_env({"MLFLOW_TRACKING_URI": registry_uri(options.work_dir), "MLFLOW_REGISTRY_URI": registry_uri(options.work_dir)})
+    env = child_env(
+        {"MLFLOW_TRACKING_URI": registry_uri(options.work_dir), "MLFLOW_REGISTRY_URI": registry_uri(options.work_dir)}
+    )
     out = options.work_dir / "logs" / f"load-{model_slug(model)}-{precision}.json"
     parts = []
     for _ in range(max(1, options.load_repeats)):
         out.unlink(missing_ok=True)
         spawned = time.time()
-        proc = subprocess.run([sys.executable, "-c", _LOAD_SCRIPT, model_uri, str(image), str(out)], env=env,
-                              cwd=options.work_dir, capture_output=True, text=True, timeout=options.child_timeout)
+        proc = subprocess.run(
+            [sys.executable, "-c", _LOAD_SCRIPT, model_uri, str(image), str(out)],
+            env=env,
+            cwd=options.work_dir,
+            capture_output=True,
+            text=True,
+            timeout=options.child_timeout,
+        )
         if proc.returncode != 0 or not out.exists():
             result.status = "not runnable" if precision == "fp16" else "failed"
             result.note = " | ".join(proc.stderr.strip().splitlines()[-2:])[-600:]

@@ -223,9 +223,21 @@ class MeasuredRow:
     """One row's measured requests, gathered over rounds: request indices continue from round
     to round, so every round sends new images of the same pool, in the same order in every row."""
 
-    def __init__(self, call: Callable[[int, Any], Any], batch: int, clients: int = 1,
-                 make_state: Callable[[], Any] = lambda: None, cpu_seconds: Callable[[], float] = _self_cpu_seconds):
-        self.call, self.batch, self.clients, self.make_state, self.cpu_seconds = call, batch, clients, make_state, cpu_seconds
+    def __init__(
+        self,
+        call: Callable[[int, Any], Any],
+        batch: int,
+        clients: int = 1,
+        make_state: Callable[[], Any] = lambda: None,
+        cpu_seconds: Callable[[], float] = _self_cpu_seconds,
+    ):
+        self.call, self.batch, self.clients, self.make_state, self.cpu_seconds = (
+            call,
+            batch,
+            clients,
+            make_state,
+            cpu_seconds,
+        )
         self.total = Timing([], 0.0, [], None)
         self.cpu = 0.0
 
@@ -237,8 +249,14 @@ class MeasuredRow:
     def run_round(self, min_requests: int, min_seconds: float, max_requests: int) -> None:
         offset = self.total.issued
         cpu_before = self.cpu_seconds()
-        timing = run_requests(lambda i, state: self.call(offset + i, state), self.clients, min_requests, min_seconds,
-                              max_requests, self.make_state)
+        timing = run_requests(
+            lambda i, state: self.call(offset + i, state),
+            self.clients,
+            min_requests,
+            min_seconds,
+            max_requests,
+            self.make_state,
+        )
         self.cpu += self.cpu_seconds() - cpu_before
         if offset == 0:
             self.total.first = timing.first

@@ -16,7 +16,16 @@ from mlflow_clip.bench.worker import run_child
 
 # Full-size architectures get random weights and these classes; the demo model gets its own.
 BENCHMARK_CLASSES: tuple[str, ...] = (
-    "a person", "a car", "a dog", "a cat", "a bird", "a tree", "a house", "a boat", "a bicycle", "a flower",
+    "a person",
+    "a car",
+    "a dog",
+    "a cat",
+    "a bird",
+    "a tree",
+    "a house",
+    "a boat",
+    "a bicycle",
+    "a flower",
 )
 TEMPLATES = "photo"
 
@@ -32,8 +41,13 @@ def _model_dir(work_dir: Path, model: str, precision: str) -> Path:
 
 
 def _build_key(model: str, precision: str) -> dict[str, Any]:
-    return {"model": model, "precision": precision, "templates": TEMPLATES, "classes": list(classes_for(model)),
-            "text_encoder": precision == "fp32"}
+    return {
+        "model": model,
+        "precision": precision,
+        "templates": TEMPLATES,
+        "classes": list(classes_for(model)),
+        "text_encoder": precision == "fp32",
+    }
 
 
 def classes_for(model: str) -> tuple[str, ...]:
@@ -55,8 +69,9 @@ def read_build(work_dir: Path, model: str, precision: str) -> dict[str, Any] | N
     return info if current and (Path(info["model_dir"]) / "MLmodel").exists() else None
 
 
-def ensure_models(options: BenchmarkOptions, models: Sequence[str], precisions: Sequence[str],
-                  progress: Callable[[str], None]) -> dict:
+def ensure_models(
+    options: BenchmarkOptions, models: Sequence[str], precisions: Sequence[str], progress: Callable[[str], None]
+) -> dict:
     """Build each (model, precision) once into the work dir; returns {(model, precision): build info}."""
     builds: dict[tuple[str, str], dict] = {}
     for model in models:
@@ -107,7 +122,9 @@ def _build_one(work_dir: Path, model: str, clip_spec: str, precision: str) -> di
     except Exception as e:
         return {"status": "failed", "note": f"{type(e).__name__}: {str(e)[:400]}"}
     flavor.save_model(built.onnx_path, out / "model", text_encoder=built.text_encoder_path)
-    np.savez(out / "head.npz", text_features=built.head.text_features.t().numpy(), logit_scale=float(built.head.logit_scale))
+    np.savez(
+        out / "head.npz", text_features=built.head.text_features.t().numpy(), logit_scale=float(built.head.logit_scale)
+    )
     info = {
         "status": "ok",
         "key": _build_key(model, precision),
@@ -137,8 +154,10 @@ def _register(work_dir: Path, onnx_path: Path, name: str) -> str:
     mlflow.set_tracking_uri(registry_uri(work_dir))
     mlflow.set_registry_uri(registry_uri(work_dir))
     experiment = mlflow.get_experiment_by_name("benchmark")
-    experiment_id = experiment.experiment_id if experiment else mlflow.create_experiment(
-        "benchmark", artifact_location=(work_dir / "registry" / "artifacts").as_uri()
+    experiment_id = (
+        experiment.experiment_id
+        if experiment
+        else mlflow.create_experiment("benchmark", artifact_location=(work_dir / "registry" / "artifacts").as_uri())
     )
     with mlflow.start_run(experiment_id=experiment_id):
         info = mlflow_clip.log_model(onnx_path, name="model", registered_model_name=name)

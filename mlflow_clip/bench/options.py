@@ -8,10 +8,19 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
+
 from mlflow_clip.errors import MlflowClipError
 
 ROW_KINDS: tuple[str, ...] = (
-    "torch", "onnxruntime", "pyfunc", "labels", "server", "precision", "draft", "load", "settings",
+    "torch",
+    "onnxruntime",
+    "pyfunc",
+    "labels",
+    "server",
+    "precision",
+    "draft",
+    "load",
+    "settings",
 )
 # `settings` (the pyfunc's session and sharding defaults switched back one at a time) is asked for.
 DEFAULT_ROWS: tuple[str, ...] = tuple(kind for kind in ROW_KINDS if kind != "settings")
@@ -89,8 +98,18 @@ class BenchmarkOptions:
 
 
 QUICK = dict(
-    models=("demo",), sizes=((320, 240),), batches=(1, 4), warmup=1, min_requests=3, min_seconds=0.0, rounds=2,
-    pool_size=4, load_repeats=1, soak_requests=(100,), soak_size=(320, 240), quick=True,
+    models=("demo",),
+    sizes=((320, 240),),
+    batches=(1, 4),
+    warmup=1,
+    min_requests=3,
+    min_seconds=0.0,
+    rounds=2,
+    pool_size=4,
+    load_repeats=1,
+    soak_requests=(100,),
+    soak_size=(320, 240),
+    quick=True,
 )
 
 
@@ -184,8 +203,11 @@ def command_line(options: BenchmarkOptions) -> str:
         "--seconds": (options.min_seconds, base.min_seconds, f"{options.min_seconds:g}"),
         "--warmup": (options.warmup, base.warmup, str(options.warmup)),
         "--rounds": (options.rounds, base.rounds, str(options.rounds)),
-        "--server-configs": (options.server_configs, base.server_configs,
-                             ",".join(f"{c.workers}x{c.threads}" for c in options.server_configs)),
+        "--server-configs": (
+            options.server_configs,
+            base.server_configs,
+            ",".join(f"{c.workers}x{c.threads}" for c in options.server_configs),
+        ),
         "--server-form": (options.server_form, base.server_form, options.server_form),
         "--server-env": (options.server_env, base.server_env, ",".join(f"{k}={v}" for k, v in options.server_env)),
     }
@@ -198,7 +220,12 @@ def command_line(options: BenchmarkOptions) -> str:
             ("--soak-models", options.soak_models, base.soak_models, ",".join(options.soak_models)),
             ("--soak-size", options.soak_size, base.soak_size, size_name(options.soak_size)),
             ("--soak-requests", options.soak_requests, base.soak_requests, ",".join(map(str, options.soak_requests))),
-            ("--soak-arena", options.soak_arena, base.soak_arena, {(False,): "off", (True,): "on"}.get(options.soak_arena, "both")),
+            (
+                "--soak-arena",
+                options.soak_arena,
+                base.soak_arena,
+                {(False,): "off", (True,): "on"}.get(options.soak_arena, "both"),
+            ),
         ):
             if value != default:
                 args += [flag, text]
@@ -244,13 +271,19 @@ def make_options(
         if name in changes and not changes[name]:
             raise BenchmarkError(f"Received an empty --{name}; expected at least one value.")
     return replace(
-        base, **changes, server_form=server_form, soak=soak, soak_arena=arena, rebuild=rebuild,
+        base,
+        **changes,
+        server_form=server_form,
+        soak=soak,
+        soak_arena=arena,
+        rebuild=rebuild,
         work_dir=Path(work_dir).expanduser() if work_dir else base.work_dir,
     )
 
 
-def _grid_changes(models: str | None, sizes: str | None, batches: str | None, rows: str | None,
-                  precisions: str | None) -> dict[str, Any]:
+def _grid_changes(
+    models: str | None, sizes: str | None, batches: str | None, rows: str | None, precisions: str | None
+) -> dict[str, Any]:
     """What is measured: models, image sizes, batch sizes, rows and precisions."""
     changes: dict[str, Any] = {}
     if models:
@@ -266,8 +299,9 @@ def _grid_changes(models: str | None, sizes: str | None, batches: str | None, ro
     return changes
 
 
-def _timing_changes(requests: int | None, seconds: float | None, warmup: int | None,
-                    rounds: int | None) -> dict[str, Any]:
+def _timing_changes(
+    requests: int | None, seconds: float | None, warmup: int | None, rounds: int | None
+) -> dict[str, Any]:
     """How long each row is measured; out-of-range values are clamped, not refused."""
     changes: dict[str, Any] = {}
     if requests is not None:
@@ -293,8 +327,9 @@ def _server_changes(server_configs: str | None, server_form: str, server_env: st
     return changes
 
 
-def _soak_changes(base: BenchmarkOptions, soak_requests: str | None, soak_models: str | None,
-                  soak_size: str | None) -> dict[str, Any]:
+def _soak_changes(
+    base: BenchmarkOptions, soak_requests: str | None, soak_models: str | None, soak_size: str | None
+) -> dict[str, Any]:
     """The soak's models, request counts (one for all models or one each) and image size."""
     changes: dict[str, Any] = {}
     if soak_requests:

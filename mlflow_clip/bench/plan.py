@@ -47,48 +47,109 @@ def row_plan(options: BenchmarkOptions, model: str, builds: dict) -> list[tuple[
     if "torch" in options.rows:
         plan.append(("torch", ROW_LABELS["torch"], "torch", {"clip_spec": fp32["clip_spec"], "head": fp32["head"]}))
     if "onnxruntime" in options.rows:
-        plan.append(("onnxruntime", ROW_LABELS["onnxruntime"], "onnxruntime", {"model_dir": fp32["model_dir"], "model_config": threads}))
+        plan.append(
+            (
+                "onnxruntime",
+                ROW_LABELS["onnxruntime"],
+                "onnxruntime",
+                {"model_dir": fp32["model_dir"], "model_config": threads},
+            )
+        )
     if "pyfunc" in options.rows:
         plan.append(("pyfunc", ROW_LABELS["pyfunc"], "pyfunc", {"model_dir": fp32["model_dir"], "model_config": exact}))
     if "labels" in options.rows and (Path(fp32["model_dir"]) / "text_encoder.onnx").exists():
         # The same classes and templates as the baked graph, sent per request: after the first
         # (warm-up) request the label set is cached, so this is the per-request labels path's cost.
         params = {"classes": list(classes_for(model)), "templates": TEMPLATES}
-        plan.append(("pyfunc-labels", ROW_LABELS["pyfunc-labels"], "pyfunc",
-                     {"model_dir": fp32["model_dir"], "model_config": exact, "params": params}))
+        plan.append(
+            (
+                "pyfunc-labels",
+                ROW_LABELS["pyfunc-labels"],
+                "pyfunc",
+                {"model_dir": fp32["model_dir"], "model_config": exact, "params": params},
+            )
+        )
     if "draft" in options.rows and has_draft:
-        plan.append(("pyfunc-draft", ROW_LABELS["pyfunc-draft"], "pyfunc",
-                     {"model_dir": fp32["model_dir"], "model_config": {**threads, "jpeg_draft": True}}))
+        plan.append(
+            (
+                "pyfunc-draft",
+                ROW_LABELS["pyfunc-draft"],
+                "pyfunc",
+                {"model_dir": fp32["model_dir"], "model_config": {**threads, "jpeg_draft": True}},
+            )
+        )
     keys = pyfunc_config_keys(fp32["model_dir"])
     if "settings" in options.rows and {"shards", "allow_spinning"} <= keys:
         plan += [
-            ("onnxruntime-spin", ROW_LABELS["onnxruntime-spin"], "onnxruntime",
-             {"model_dir": fp32["model_dir"], "model_config": {**threads, "allow_spinning": True}}),
-            ("pyfunc-1shard", ROW_LABELS["pyfunc-1shard"], "pyfunc",
-             {"model_dir": fp32["model_dir"], "model_config": {**exact, "shards": 1}}),
-            ("pyfunc-spin", ROW_LABELS["pyfunc-spin"], "pyfunc",
-             {"model_dir": fp32["model_dir"], "model_config": {**exact, "allow_spinning": True}}),
+            (
+                "onnxruntime-spin",
+                ROW_LABELS["onnxruntime-spin"],
+                "onnxruntime",
+                {"model_dir": fp32["model_dir"], "model_config": {**threads, "allow_spinning": True}},
+            ),
+            (
+                "pyfunc-1shard",
+                ROW_LABELS["pyfunc-1shard"],
+                "pyfunc",
+                {"model_dir": fp32["model_dir"], "model_config": {**exact, "shards": 1}},
+            ),
+            (
+                "pyfunc-spin",
+                ROW_LABELS["pyfunc-spin"],
+                "pyfunc",
+                {"model_dir": fp32["model_dir"], "model_config": {**exact, "allow_spinning": True}},
+            ),
         ]
     if "settings" in options.rows and native_status().available:  # the same pixels, by Pillow
-        plan.append(("pyfunc-pillow", ROW_LABELS["pyfunc-pillow"], "pyfunc",
-                     {"model_dir": fp32["model_dir"], "model_config": exact, "env": {resample.ENV_VAR: "0"}}))
+        plan.append(
+            (
+                "pyfunc-pillow",
+                ROW_LABELS["pyfunc-pillow"],
+                "pyfunc",
+                {"model_dir": fp32["model_dir"], "model_config": exact, "env": {resample.ENV_VAR: "0"}},
+            )
+        )
     if "precision" in options.rows:
         for precision in options.precisions:
             info = builds.get((model, precision), {})
             if info.get("status") == "ok":
-                plan.append((f"pyfunc-{precision}", ROW_LABELS[f"pyfunc-{precision}"], "pyfunc",
-                             {"model_dir": info["model_dir"], "model_config": exact, "precision": precision}))
-                if "draft" in options.rows and precision == "int8" and "jpeg_draft" in pyfunc_config_keys(info["model_dir"]):
-                    plan.append(("pyfunc-int8-draft", ROW_LABELS["pyfunc-int8-draft"], "pyfunc",
-                                 {"model_dir": info["model_dir"], "model_config": {**threads, "jpeg_draft": True},
-                                  "precision": precision}))
+                plan.append(
+                    (
+                        f"pyfunc-{precision}",
+                        ROW_LABELS[f"pyfunc-{precision}"],
+                        "pyfunc",
+                        {"model_dir": info["model_dir"], "model_config": exact, "precision": precision},
+                    )
+                )
+                if (
+                    "draft" in options.rows
+                    and precision == "int8"
+                    and "jpeg_draft" in pyfunc_config_keys(info["model_dir"])
+                ):
+                    plan.append(
+                        (
+                            "pyfunc-int8-draft",
+                            ROW_LABELS["pyfunc-int8-draft"],
+                            "pyfunc",
+                            {
+                                "model_dir": info["model_dir"],
+                                "model_config": {**threads, "jpeg_draft": True},
+                                "precision": precision,
+                            },
+                        )
+                    )
     return plan
 
 
 def _timing_spec(options: BenchmarkOptions, batch: int, pool: Sequence[Path]) -> dict[str, Any]:
     return {
-        "batch": batch, "threads": options.threads, "warmup": options.warmup, "min_requests": options.min_requests,
-        "min_seconds": options.min_seconds, "max_requests": options.max_requests, "images": [str(p) for p in pool],
+        "batch": batch,
+        "threads": options.threads,
+        "warmup": options.warmup,
+        "min_requests": options.min_requests,
+        "min_seconds": options.min_seconds,
+        "max_requests": options.max_requests,
+        "images": [str(p) for p in pool],
     }
 
 
@@ -103,8 +164,15 @@ class Planned:
     precision: str = "fp32"
 
 
-def plan_group(options: BenchmarkOptions, model: str, size: tuple[int, int], batch: int, pool: Sequence[Path],
-               builds: dict, unrunnable: dict[tuple[str, str], str]) -> tuple[list[Planned], list[RowResult]]:
+def plan_group(
+    options: BenchmarkOptions,
+    model: str,
+    size: tuple[int, int],
+    batch: int,
+    pool: Sequence[Path],
+    builds: dict,
+    unrunnable: dict[tuple[str, str], str],
+) -> tuple[list[Planned], list[RowResult]]:
     """The child processes for one group and the rows they fill; a (model, precision) in
     `unrunnable` gets its rows marked so, without a process."""
     planned, rows = [], []
@@ -125,12 +193,18 @@ def plan_group(options: BenchmarkOptions, model: str, size: tuple[int, int], bat
     for config in options.server_configs:
         name = f"{prefix}-server-{config.key}"
         spec = {
-            **_timing_spec(options, batch, pool), "model_dir": fp32["model_dir"], "workers": config.workers,
-            "model_config": {"intra_op_num_threads": config.threads}, "clients": list(options.clients),
-            "form": options.server_form, "log": str(options.work_dir / "logs" / f"{name}.server.log"),
+            **_timing_spec(options, batch, pool),
+            "model_dir": fp32["model_dir"],
+            "workers": config.workers,
+            "model_config": {"intra_op_num_threads": config.threads},
+            "clients": list(options.clients),
+            "form": options.server_form,
+            "log": str(options.work_dir / "logs" / f"{name}.server.log"),
             "env": dict(options.server_env),
         }
-        server_rows = [(RowResult(model, size_name(size), batch, *server_row(c, config, several)), str(c)) for c in options.clients]
+        server_rows = [
+            (RowResult(model, size_name(size), batch, *server_row(c, config, several)), str(c)) for c in options.clients
+        ]
         rows += [row for row, _ in server_rows]
         planned.append(Planned("server", name, spec, server_rows))
     return planned, rows

@@ -101,8 +101,10 @@ def render_markdown(report: BenchmarkReport) -> str:
     ]
     if report.rows:
         parts += ["### Throughput and latency", rows_table(report.rows)]
-    parts += [f"### Targets ({TARGET_MODEL}, {TARGET_SIZE}, batch {TARGET_BATCH}, {options['threads']} threads)",
-              targets_table(report.targets)]
+    parts += [
+        f"### Targets ({TARGET_MODEL}, {TARGET_SIZE}, batch {TARGET_BATCH}, {options['threads']} threads)",
+        targets_table(report.targets),
+    ]
     decode = [r for r in report.rows if r.row == "onnxruntime" and r.ok and r.decode_ms is not None]
     if decode:
         parts.append(
@@ -200,7 +202,9 @@ def report_metrics(report: BenchmarkReport) -> dict[str, float]:
     for s in report.soaks:
         for name in ("images_per_s", "rss_warm_mb", "rss_end_mb", "growth_mb", "errors"):
             if getattr(s, name) is not None:
-                metrics[metric_key(s.model, s.size, f"soak_arena_{'on' if s.arena else 'off'}", name)] = float(getattr(s, name))
+                metrics[metric_key(s.model, s.size, f"soak_arena_{'on' if s.arena else 'off'}", name)] = float(
+                    getattr(s, name)
+                )
     return metrics
 
 

@@ -27,12 +27,16 @@ def task_torch(spec: dict[str, Any]) -> InProcessRow:
     torch.set_num_threads(spec["threads"])
     loaded = load_clip(spec["clip_spec"])
     head_data = np.load(spec["head"])
-    head = ZeroShotHead(loaded.model.visual, torch.from_numpy(head_data["text_features"]), float(head_data["logit_scale"]))
+    head = ZeroShotHead(
+        loaded.model.visual, torch.from_numpy(head_data["text_features"]), float(head_data["logit_scale"])
+    )
     head = head.eval()
     pool = read_pool(spec)
 
     def call(index: int, _state: Any) -> np.ndarray:
-        images = [loaded.preprocess(Image.open(io.BytesIO(data))) for data in request_images(pool, spec["batch"], index)]
+        images = [
+            loaded.preprocess(Image.open(io.BytesIO(data))) for data in request_images(pool, spec["batch"], index)
+        ]
         with torch.inference_mode():
             return head(torch.stack(images)).numpy()
 

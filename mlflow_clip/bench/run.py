@@ -71,15 +71,27 @@ class _RunState:
 def _note_builds(report: BenchmarkReport, builds: dict) -> None:
     for (model, precision), info in builds.items():
         if info.get("status") != "ok":
-            report.notes.append(f"{model} {precision}: not built, {info.get('status', 'failed')}: {info.get('note') or info.get('error', '')}")
-    drafts = [m for (m, p), info in builds.items() if p == "fp32" and info.get("status") == "ok"
-              and "jpeg_draft" not in pyfunc_config_keys(info["model_dir"])]
+            report.notes.append(
+                f"{model} {precision}: not built, {info.get('status', 'failed')}: {info.get('note') or info.get('error', '')}"
+            )
+    drafts = [
+        m
+        for (m, p), info in builds.items()
+        if p == "fp32" and info.get("status") == "ok" and "jpeg_draft" not in pyfunc_config_keys(info["model_dir"])
+    ]
     if drafts:
         report.notes.append("draft rows skipped: the model offers no `jpeg_draft` option (" + ", ".join(drafts) + ")")
 
 
-def _run_group(options: BenchmarkOptions, model: str, size: tuple[int, int], batch: int, pool: Sequence[Path],
-               state: _RunState, progress: Callable[[str], None]) -> list[RowResult]:
+def _run_group(
+    options: BenchmarkOptions,
+    model: str,
+    size: tuple[int, int],
+    batch: int,
+    pool: Sequence[Path],
+    state: _RunState,
+    progress: Callable[[str], None],
+) -> list[RowResult]:
     """All rows of one model, size and batch: each row's process is set up in turn, then the
     measured rounds alternate between rows."""
     planned, rows = plan_group(options, model, size, batch, pool, state.builds, state.unrunnable)
@@ -122,9 +134,21 @@ def _fill_planned(item: Planned, result: dict[str, Any], state: _RunState) -> No
 def _fill_row(row: RowResult, result: dict[str, Any], state: _RunState, precision: str = "fp32") -> None:
     if result.get("status") != "ok":
         error = result.get("error", "failed")
-        row.status, row.note = ("not runnable", f"not runnable on this machine: {error}") if precision == "fp16" else ("failed", error)
+        row.status, row.note = (
+            ("not runnable", f"not runnable on this machine: {error}") if precision == "fp16" else ("failed", error)
+        )
         return
-    for name in ("requests", "images", "seconds", "images_per_s", "p50_ms", "p95_ms", "peak_rss_mb", "cores_busy", "decode_ms"):
+    for name in (
+        "requests",
+        "images",
+        "seconds",
+        "images_per_s",
+        "p50_ms",
+        "p95_ms",
+        "peak_rss_mb",
+        "cores_busy",
+        "decode_ms",
+    ):
         setattr(row, name, result.get(name))
     if result.get("errors"):
         row.status = "not runnable" if precision == "fp16" else "failed"
@@ -137,8 +161,10 @@ def _fill_row(row: RowResult, result: dict[str, Any], state: _RunState, precisio
 def describe_row(row: RowResult) -> str:
     if not row.ok:
         return f"{row.status}: {row.note}"
-    return (f"{row.images_per_s:.2f} images/s, p50 {row.p50_ms:.0f} ms, p95 {row.p95_ms:.0f} ms, "
-            f"peak RSS {row.peak_rss_mb:.0f} MB ({row.requests} requests)")
+    return (
+        f"{row.images_per_s:.2f} images/s, p50 {row.p50_ms:.0f} ms, p95 {row.p95_ms:.0f} ms, "
+        f"peak RSS {row.peak_rss_mb:.0f} MB ({row.requests} requests)"
+    )
 
 
 def compare_rows(rows: list[RowResult], probabilities: dict | None = None) -> None:
@@ -155,15 +181,25 @@ def compare_rows(rows: list[RowResult], probabilities: dict | None = None) -> No
             if not row.ok or not row.images_per_s:
                 continue
             for name, reference in references.items():
-                ratio = row.images_per_s / reference.images_per_s if reference and reference.ok and reference.images_per_s else None
+                ratio = (
+                    row.images_per_s / reference.images_per_s
+                    if reference and reference.ok and reference.images_per_s
+                    else None
+                )
                 setattr(row, f"vs_{name}", ratio)
             own_p = probabilities.get((*key, row.row))
             if reference_p is not None and own_p is not None and row.row != "torch":
                 row.max_prob_diff = float(np.abs(np.asarray(own_p) - np.asarray(reference_p)).max())
 
 
-def run_from_cli(options: BenchmarkOptions, json_path: str | None, docs_path: str | None, log_to_mlflow: bool,
-                 echo: Callable[[str], None] = print, from_json: str | None = None) -> BenchmarkReport:
+def run_from_cli(
+    options: BenchmarkOptions,
+    json_path: str | None,
+    docs_path: str | None,
+    log_to_mlflow: bool,
+    echo: Callable[[str], None] = print,
+    from_json: str | None = None,
+) -> BenchmarkReport:
     """What `mlflow-clip benchmark` does: run (or read a saved run), print the tables, then
     write/log what was asked."""
     report = load_report(from_json) if from_json else run_benchmark(options)

@@ -26,21 +26,47 @@ SERVER_REQUEST_TIMEOUT_SECONDS = 900
 class ScoringServer:
     """`mlflow models serve --env-manager local`, stopped with all its processes."""
 
-    def __init__(self, model_dir: str, workers: int, model_config: dict[str, Any], log_path: Path,
-                 env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        model_dir: str,
+        workers: int,
+        model_config: dict[str, Any],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+    ):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = child_env({
-            "MLFLOW_PYFUNC_INFERENCE_CONFIG": json.dumps(model_config),
-            "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": str(SERVER_REQUEST_TIMEOUT_SECONDS),
-            **(env or {}),
-        })
+        env = child_env(
+            {
+                "MLFLOW_PYFUNC_INFERENCE_CONFIG": json.dumps(model_config),
+                "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": str(SERVER_REQUEST_TIMEOUT_SECONDS),
+                **(env or {}),
+            }
+        )
         self.log_path = log_path
         with open(log_path, "w") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model_dir), "--env-manager", "local",
-                 "-h", "127.0.0.1", "-p", str(self.port), "--workers", str(workers)],
-                stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent,
+                [
+                    sys.executable,
+                    "-m",
+                    "mlflow",
+                    "models",
+                    "serve",
+                    "-m",
+                    str(model_dir),
+                    "--env-manager",
+                    "local",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(self.port),
+                    "--workers",
+                    str(workers),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                preexec_fn=die_with_parent,
             )
 
     def wait_ready(self, timeout: float = SERVER_START_SECONDS) -> None:
@@ -82,9 +108,12 @@ def request_body(b64_rows: Sequence[str], form: str) -> bytes:
 
 def server_call(url: str, bodies: Callable[[int], tuple[bytes, int]]) -> Callable[[int, Any], np.ndarray]:
     """A request function for `run_requests`: POST `bodies(index)`, check the answer, return its probabilities."""
+
     def call(index: int, session: Any) -> np.ndarray:
         body, batch = bodies(index)
-        response = session.post(url + "/invocations", data=body, headers=JSON_HEADERS, timeout=SERVER_REQUEST_TIMEOUT_SECONDS)
+        response = session.post(
+            url + "/invocations", data=body, headers=JSON_HEADERS, timeout=SERVER_REQUEST_TIMEOUT_SECONDS
+        )
         if response.status_code != 200:
             raise RuntimeError(f"HTTP {response.status_code}: {response.text[:300]}")
         predictions = response.json()["predictions"]
@@ -110,8 +139,12 @@ class ServerRows:
         batch = spec["batch"]
         self.bodies = {}
         for index in range(len(b64)):  # every distinct body is built before timing
-            self.bodies.setdefault((index * batch) % len(b64), request_body(request_images(b64, batch, index), spec["form"]))
-        self.server = ScoringServer(spec["model_dir"], spec["workers"], spec["model_config"], Path(spec["log"]), spec.get("env"))
+            self.bodies.setdefault(
+                (index * batch) % len(b64), request_body(request_images(b64, batch, index), spec["form"])
+            )
+        self.server = ScoringServer(
+            spec["model_dir"], spec["workers"], spec["model_config"], Path(spec["log"]), spec.get("env")
+        )
         try:
             self.server.wait_ready()
         except BaseException:
@@ -119,7 +152,9 @@ class ServerRows:
             raise
         pid = self.server.proc.pid
         call = server_call(self.server.url, lambda index: (self.bodies[(index * batch) % len(b64)], batch))
-        self.rows = {c: MeasuredRow(call, batch, c, new_session, lambda: tree_cpu_seconds(pid)) for c in spec["clients"]}
+        self.rows = {
+            c: MeasuredRow(call, batch, c, new_session, lambda: tree_cpu_seconds(pid)) for c in spec["clients"]
+        }
         for clients, row in self.rows.items():
             row.warm_up(max(spec["warmup"], clients))
         self.sampled = {c: 0.0 for c in self.rows}
@@ -134,10 +169,12 @@ class ServerRows:
 
     def result(self) -> dict[str, Any]:
         peak = tree_peak_rss_mb(self.server.proc.pid)
-        return {"clients": {
-            str(c): {**row.result(), "peak_rss_mb": peak, "sampled_peak_rss_mb": self.sampled[c]}
-            for c, row in self.rows.items()
-        }}
+        return {
+            "clients": {
+                str(c): {**row.result(), "peak_rss_mb": peak, "sampled_peak_rss_mb": self.sampled[c]}
+                for c, row in self.rows.items()
+            }
+        }
 
     def close(self) -> None:
         self.sampler.stop()

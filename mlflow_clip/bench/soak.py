@@ -41,8 +41,9 @@ def task_soak(spec: dict[str, Any]) -> dict[str, Any]:
         server.stop()
 
 
-def _soak(server: ScoringServer, bodies: Callable[[int], tuple[bytes, int]], sizes: np.ndarray,
-          spec: dict) -> dict[str, Any]:
+def _soak(
+    server: ScoringServer, bodies: Callable[[int], tuple[bytes, int]], sizes: np.ndarray, spec: dict
+) -> dict[str, Any]:
     """Warm-up requests, then the rest; the server's RSS is read idle after each phase (so the
     two figures compare like with like) and sampled throughout."""
     pid, clients = server.proc.pid, spec["clients"]
@@ -58,12 +59,24 @@ def _soak(server: ScoringServer, bodies: Callable[[int], tuple[bytes, int]], siz
 
     warm = run_requests(call, clients, warm_n, 0.0, warm_n, new_session, on_done)
     rss_warm = _idle_rss_mb(pid)
-    rest = run_requests(lambda i, state: call(warm_n + i, state), clients, len(sizes) - warm_n, 0.0,
-                        len(sizes) - warm_n, new_session, lambda finished: on_done(warm_n + finished))
+    rest = run_requests(
+        lambda i, state: call(warm_n + i, state),
+        clients,
+        len(sizes) - warm_n,
+        0.0,
+        len(sizes) - warm_n,
+        new_session,
+        lambda finished: on_done(warm_n + finished),
+    )
     rss_end = _idle_rss_mb(pid)
     sampler.stop()
-    timing = Timing(warm.latencies + rest.latencies, warm.seconds + rest.seconds, warm.errors + rest.errors, None,
-                    warm.issued + rest.issued)
+    timing = Timing(
+        warm.latencies + rest.latencies,
+        warm.seconds + rest.seconds,
+        warm.errors + rest.errors,
+        None,
+        warm.issued + rest.issued,
+    )
     result = summarize(timing, 1)
     result["images"] = int(sizes.sum())
     result["images_per_s"] = int(sizes.sum()) / timing.seconds
@@ -101,7 +114,9 @@ def _growth_per_1000(samples: list[list[float]], after: int) -> float | None:
 def run_soaks(options: BenchmarkOptions, builds: dict, progress: Callable[[str], None]) -> list[SoakResult]:
     """One soak per soak model and arena setting, one after the other."""
     pool = ensure_images(options.work_dir, options.soak_size, options.pool_size)
-    counts = options.soak_requests * len(options.soak_models) if len(options.soak_requests) == 1 else options.soak_requests
+    counts = (
+        options.soak_requests * len(options.soak_models) if len(options.soak_requests) == 1 else options.soak_requests
+    )
     return [
         _run_soak(options, builds.get((model, "fp32"), {}), model, requests, arena, pool, progress)
         for model, requests in zip(options.soak_models, counts)
@@ -109,8 +124,15 @@ def run_soaks(options: BenchmarkOptions, builds: dict, progress: Callable[[str],
     ]
 
 
-def _run_soak(options: BenchmarkOptions, info: dict, model: str, requests: int, arena: bool, pool: Sequence[Path],
-              progress: Callable[[str], None]) -> SoakResult:
+def _run_soak(
+    options: BenchmarkOptions,
+    info: dict,
+    model: str,
+    requests: int,
+    arena: bool,
+    pool: Sequence[Path],
+    progress: Callable[[str], None],
+) -> SoakResult:
     config = options.server_configs[0]
     result = SoakResult(model, size_name(options.soak_size), arena, config.key, options.soak_clients)
     if info.get("status") != "ok":
@@ -120,9 +142,14 @@ def _run_soak(options: BenchmarkOptions, info: dict, model: str, requests: int, 
     progress(f"soak {model}: {requests} requests, {options.soak_clients} clients, {setting}")
     name = f"soak-{model_slug(model)}-{result.size}-arena-{'on' if arena else 'off'}"
     spec = {
-        "model_dir": info["model_dir"], "workers": config.workers, "clients": options.soak_clients,
-        "requests": requests, "max_batch": options.soak_max_batch, "form": options.server_form,
-        "images": [str(p) for p in pool], "log": str(options.work_dir / "logs" / f"{name}.server.log"),
+        "model_dir": info["model_dir"],
+        "workers": config.workers,
+        "clients": options.soak_clients,
+        "requests": requests,
+        "max_batch": options.soak_max_batch,
+        "form": options.server_form,
+        "images": [str(p) for p in pool],
+        "log": str(options.work_dir / "logs" / f"{name}.server.log"),
         "model_config": {"intra_op_num_threads": config.threads, "enable_cpu_mem_arena": arena},
         "env": dict(options.server_env),
     }
@@ -148,5 +175,7 @@ def describe_soak(soak: SoakResult) -> str:
     if soak.status != "ok":
         return f"{soak.status}: {soak.note}"
     growth = "n/a" if soak.growth_mb is None else f"{soak.growth_mb:+.1f} MB"
-    return (f"{soak.requests} requests, {soak.errors} errors, {soak.images_per_s:.1f} images/s, RSS "
-            f"{format_number(soak.rss_warm_mb, 0)} MB after warm-up -> {soak.rss_end_mb:.0f} MB at the end ({growth})")
+    return (
+        f"{soak.requests} requests, {soak.errors} errors, {soak.images_per_s:.1f} images/s, RSS "
+        f"{format_number(soak.rss_warm_mb, 0)} MB after warm-up -> {soak.rss_end_mb:.0f} MB at the end ({growth})"
+    )

@@ -38,17 +38,28 @@ class RatioTarget:
 
 
 RATIO_TARGETS: tuple[RatioTarget, ...] = (
-    RatioTarget("pyfunc_fp32_vs_torch", "pyfunc fp32 vs (a) torch", "pyfunc", "torch", 2.0,
-                draft="pyfunc-draft", ceiling=True),
-    RatioTarget("pyfunc_int8_vs_torch", "pyfunc int8 vs (a) torch", "pyfunc-int8", "torch", 3.5,
-                draft="pyfunc-int8-draft"),
-    RatioTarget("pyfunc_fp32_vs_onnxruntime", "pyfunc fp32 vs (b) onnxruntime (the faster (b) row)", "pyfunc", GRAPH,
-                0.85, draft="pyfunc-draft", ceiling=True),
-    RatioTarget("server_4_clients_vs_pyfunc", "server 4 clients vs in-process pyfunc", "server-4c", "pyfunc", 0.8,
-                best_of=True),
+    RatioTarget(
+        "pyfunc_fp32_vs_torch", "pyfunc fp32 vs (a) torch", "pyfunc", "torch", 2.0, draft="pyfunc-draft", ceiling=True
+    ),
+    RatioTarget(
+        "pyfunc_int8_vs_torch", "pyfunc int8 vs (a) torch", "pyfunc-int8", "torch", 3.5, draft="pyfunc-int8-draft"
+    ),
+    RatioTarget(
+        "pyfunc_fp32_vs_onnxruntime",
+        "pyfunc fp32 vs (b) onnxruntime (the faster (b) row)",
+        "pyfunc",
+        GRAPH,
+        0.85,
+        draft="pyfunc-draft",
+        ceiling=True,
+    ),
+    RatioTarget(
+        "server_4_clients_vs_pyfunc", "server 4 clients vs in-process pyfunc", "server-4c", "pyfunc", 0.8, best_of=True
+    ),
     # Cached per-request labels cost at most 5% more than the baked classes.
-    RatioTarget("labels_per_request_vs_pyfunc", "pyfunc labels per request vs baked", "pyfunc-labels", "pyfunc",
-                1 / 1.05),
+    RatioTarget(
+        "labels_per_request_vs_pyfunc", "pyfunc labels per request vs baked", "pyfunc-labels", "pyfunc", 1 / 1.05
+    ),
 )
 
 
@@ -61,12 +72,15 @@ def evaluate_targets(report: BenchmarkReport) -> list[TargetResult]:
     graph = max((r for r in graphs if r is not None and r.ok), key=lambda r: r.images_per_s or 0, default=None)
     ceiling = decode_bound(graph, int(report.options.get("threads") or 0))
     targets = [_ratio_target(target, group, graph, ceiling) for target in RATIO_TARGETS]
-    load = next((l for l in report.loads if (l.model, l.precision) == (TARGET_MODEL, "fp32") and l.status == "ok"), None)
+    load = next(
+        (l for l in report.loads if (l.model, l.precision) == (TARGET_MODEL, "fp32") and l.status == "ok"), None
+    )
     return targets + [_load_target(load)]
 
 
-def _ratio_target(target: RatioTarget, group: dict[str, RowResult], graph: RowResult | None,
-                  ceiling: float | None) -> TargetResult:
+def _ratio_target(
+    target: RatioTarget, group: dict[str, RowResult], graph: RowResult | None, ceiling: float | None
+) -> TargetResult:
     def figure(row: RowResult | None) -> float | None:
         return _relative(row, graph) if target.versus == GRAPH else _ratio(row, f"vs_{target.versus}")
 
@@ -79,7 +93,9 @@ def _ratio_target(target: RatioTarget, group: dict[str, RowResult], graph: RowRe
     draft = figure(group.get(target.draft)) if target.draft else None
     extra = _extras(draft, _ceiling_against(target.versus, graph, ceiling) if target.ceiling else None)
     return TargetResult(
-        target.key, f"{target.name} ({TARGET_MODEL}, {TARGET_SIZE}, batch {TARGET_BATCH})", f">= {target.threshold:.2f}x",
+        target.key,
+        f"{target.name} ({TARGET_MODEL}, {TARGET_SIZE}, batch {TARGET_BATCH})",
+        f">= {target.threshold:.2f}x",
         "not measured" if value is None else f"{value:.2f}x{extra}",
         "n/a" if value is None else ("PASS" if value >= target.threshold else "FAIL"),
     )
@@ -96,10 +112,12 @@ def _ceiling_against(versus: str, graph: RowResult | None, ceiling: float | None
 def _load_target(load: LoadResult | None) -> TargetResult:
     seconds = load_seconds(load)
     return TargetResult(
-        "load_to_first_prediction", f"load to first prediction ({TARGET_MODEL} fp32, registered; after `import mlflow`)",
+        "load_to_first_prediction",
+        f"load to first prediction ({TARGET_MODEL} fp32, registered; after `import mlflow`)",
         f"<= {LOAD_TARGET_SECONDS:.1f} s",
-        "not measured" if seconds is None else
-        f"{seconds:.2f} s (from process start {load.seconds:.2f} s, of which interpreter and imports {load.seconds - seconds:.2f} s)",
+        "not measured"
+        if seconds is None
+        else f"{seconds:.2f} s (from process start {load.seconds:.2f} s, of which interpreter and imports {load.seconds - seconds:.2f} s)",
         "n/a" if seconds is None else ("PASS" if seconds <= LOAD_TARGET_SECONDS else "FAIL"),
     )
 
@@ -127,7 +145,14 @@ def decode_bound(onnxruntime_row: RowResult | None, threads: int) -> float | Non
 
 
 def _relative(row: RowResult | None, reference: RowResult | None) -> float | None:
-    if row is None or reference is None or not row.ok or not reference.ok or not row.images_per_s or not reference.images_per_s:
+    if (
+        row is None
+        or reference is None
+        or not row.ok
+        or not reference.ok
+        or not row.images_per_s
+        or not reference.images_per_s
+    ):
         return None
     return row.images_per_s / reference.images_per_s
 

@@ -74,7 +74,11 @@ def run_child(task: str, spec: dict[str, Any], work_dir: Path, name: str, timeou
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", CHILD_MODULE, task, str(spec_path), str(result_path)],
-            stdout=log, stderr=subprocess.STDOUT, env=child_env(), cwd=work_dir, preexec_fn=die_with_parent,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=child_env(),
+            cwd=work_dir,
+            preexec_fn=die_with_parent,
         )
         try:
             proc.wait(timeout=timeout)
@@ -119,8 +123,14 @@ class RowProcess:
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", CHILD_MODULE, task, str(spec_path), str(self.result_path), str(write_fd)],
-                stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, text=True, pass_fds=(write_fd,),
-                env=child_env(spec.get("env")), cwd=work_dir, preexec_fn=die_with_parent,
+                stdin=subprocess.PIPE,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                text=True,
+                pass_fds=(write_fd,),
+                env=child_env(spec.get("env")),
+                cwd=work_dir,
+                preexec_fn=die_with_parent,
             )
         os.close(write_fd)
         self.replies = os.fdopen(read_fd, "r")
@@ -162,7 +172,10 @@ class RowProcess:
             return True
         if line is None:
             stop_tree(self.proc, grace=5)
-            self.failure = {"status": "failed", "error": f"no answer within {self.timeout:.0f} s (log: {self.log_path})"}
+            self.failure = {
+                "status": "failed",
+                "error": f"no answer within {self.timeout:.0f} s (log: {self.log_path})",
+            }
             return False
         self.proc.wait()  # end of file: the child has finished, most likely with an error
         self.failure = self._result()
@@ -176,8 +189,11 @@ class RowProcess:
         return _exit_failure(self.proc.returncode, self.log_path)
 
 
-def child_main(argv: Sequence[str], row_tasks: Mapping[str, Callable[[dict], Any]],
-               one_shot_tasks: Mapping[str, Callable[[dict], dict]]) -> int:
+def child_main(
+    argv: Sequence[str],
+    row_tasks: Mapping[str, Callable[[dict], Any]],
+    one_shot_tasks: Mapping[str, Callable[[dict], dict]],
+) -> int:
     """A child's main: run the task named by `argv`, write its result (or its failure) as JSON."""
     task, spec_path, result_path, *reply_fd = argv
     spec = json.loads(Path(spec_path).read_text())

@@ -115,7 +115,8 @@ def load_labelled_images(data: str | Path, classes: Sequence[str]) -> list[Label
     else:
         raise EvaluationError(
             f"Received data={str(data)!r}; expected a folder with one subfolder of images per class, "
-            "or a .csv file with 'path' and 'label' columns. " + ("No such file or folder." if not path.exists() else "")
+            "or a .csv file with 'path' and 'label' columns. "
+            + ("No such file or folder." if not path.exists() else "")
         )
     mapping = map_labels([label for _, _, label in pairs], classes, source=str(path))
     return [LabelledImage(name, mapping[label], source) for name, source, label in pairs]
@@ -151,7 +152,9 @@ def _csv_pairs(csv_path: Path) -> list[tuple[str, Path, str]]:
         )
     blank = [i + 2 for i, (p, l) in enumerate(zip(table["path"], table["label"])) if not p.strip() or not l.strip()]
     if blank:
-        raise EvaluationError(f"The CSV {csv_path} has an empty path or label on line(s) {listing(blank)}; fill or remove them.")
+        raise EvaluationError(
+            f"The CSV {csv_path} has an empty path or label on line(s) {listing(blank)}; fill or remove them."
+        )
     if table.empty:
         raise EvaluationError(f"The CSV {csv_path} lists no images; expected one 'path,label' row per image.")
     base = csv_path.resolve().parent

@@ -147,7 +147,9 @@ def summarize(
         confusion=confusion,
         per_class=per_class,
         predictions=_predictions_table(items, rows, ok, in_top_k),
-        failed=[{"path": item.name, "reason": str(row.get("error"))} for item, row, good in zip(items, rows, ok) if not good],
+        failed=[
+            {"path": item.name, "reason": str(row.get("error"))} for item, row, good in zip(items, rows, ok) if not good
+        ],
         items=list(items),
     )
 
@@ -159,7 +161,9 @@ def _is_scored(row: Mapping[str, Any]) -> bool:
 
 def _class_index(index: Mapping[str, int], label: str) -> int:
     if label not in index:
-        raise EvaluationError(f"The classifier predicted {label!r}, which is not one of its classes {listing(list(index))}.")
+        raise EvaluationError(
+            f"The classifier predicted {label!r}, which is not one of its classes {listing(list(index))}."
+        )
     return index[label]
 
 
@@ -172,7 +176,14 @@ def per_class_metrics(classes: Sequence[str], confusion: np.ndarray) -> pd.DataF
     total = precision + recall
     f1 = np.divide(2 * precision * recall, total, out=np.zeros_like(tp), where=total > 0)
     return pd.DataFrame(
-        {"class": list(classes), "support": support, "predicted": predicted, "precision": precision, "recall": recall, "f1": f1}
+        {
+            "class": list(classes),
+            "support": support,
+            "predicted": predicted,
+            "precision": precision,
+            "recall": recall,
+            "f1": f1,
+        }
     )
 
 

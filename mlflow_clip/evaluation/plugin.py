@@ -74,7 +74,9 @@ class ClipZeroShotEvaluator(ModelEvaluator):
         )
         prefix = str(config.get("metric_prefix", ""))
         uris = log_evaluation(evaluation, run_id, prefix=prefix)
-        return EvaluationResult(metrics=evaluation.metrics(prefix), artifacts=_artifacts(uris, evaluation), run_id=run_id)
+        return EvaluationResult(
+            metrics=evaluation.metrics(prefix), artifacts=_artifacts(uris, evaluation), run_id=run_id
+        )
 
 
 def _model_classes(model) -> list[str] | None:

@@ -1,6 +1,6 @@
 """The evaluation's pictures and files: the confusion matrix, the most confident errors, CSVs.
 
-    >>> paths = write_reports(evaluation, "reports/")  # doctest: +SKIP
+>>> paths = write_reports(evaluation, "reports/")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -54,8 +54,15 @@ def plot_confusion_matrix(evaluation: ZeroShotEvaluation, path: str | Path, titl
     if n <= 40:
         for (i, j), count in np.ndenumerate(counts):
             if count:
-                ax.text(j, i, str(count), ha="center", va="center", fontsize=font,
-                        color="white" if shares[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(count),
+                    ha="center",
+                    va="center",
+                    fontsize=font,
+                    color="white" if shares[i, j] > 0.5 else "black",
+                )
     ax.set(xlabel="predicted class", ylabel="true class")
     ax.set_title(title or f"Top-1 accuracy {evaluation.accuracy_top1:.1%} on {evaluation.num_scored} images")
     figure.tight_layout()
@@ -66,11 +73,15 @@ def plot_confusion_matrix(evaluation: ZeroShotEvaluation, path: str | Path, titl
 def plot_confident_errors(evaluation: ZeroShotEvaluation, path: str | Path, limit: int = MAX_ERROR_THUMBNAILS) -> Path:
     """A grid of the `limit` most confidently wrong images, each titled with predicted and true label."""
     table = evaluation.predictions
-    wrong = table[table["predicted_label"].notna() & ~table["correct"]].sort_values("score", ascending=False, kind="stable")
+    wrong = table[table["predicted_label"].notna() & ~table["correct"]].sort_values(
+        "score", ascending=False, kind="stable"
+    )
     shown = wrong.head(limit)
     if shown.empty:
         figure = _figure(6, 2)
-        figure.text(0.5, 0.5, f"No misclassified images ({evaluation.num_scored} scored)", ha="center", va="center", fontsize=13)
+        figure.text(
+            0.5, 0.5, f"No misclassified images ({evaluation.num_scored} scored)", ha="center", va="center", fontsize=13
+        )
         figure.savefig(path, dpi=110)
         return Path(path)
     columns = min(4, len(shown))
@@ -84,7 +95,8 @@ def plot_confident_errors(evaluation: ZeroShotEvaluation, path: str | Path, limi
             f"predicted: {textwrap.shorten(str(row.predicted_label), 30, placeholder='...')} ({row.score:.0%})\n"
             f"true: {textwrap.shorten(str(row.true_label), 30, placeholder='...')}\n"
             f"{textwrap.shorten(str(row.path), 36, placeholder='...')}",
-            fontsize=8, color="darkred",
+            fontsize=8,
+            color="darkred",
         )
     figure.suptitle(f"Most confident errors: {len(shown)} of {len(wrong)} misclassified", fontsize=11)
     figure.tight_layout()

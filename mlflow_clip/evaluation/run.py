@@ -66,7 +66,9 @@ def log_evaluation(
         for local in paths.values():
             client.log_artifact(run_id, str(local), artifact_path)
     table = evaluation.predictions.astype(object).where(evaluation.predictions.notna(), None)
-    mlflow.log_table(table, f"{artifact_path}/{PREDICTIONS_TABLE}" if artifact_path else PREDICTIONS_TABLE, run_id=run_id)
+    mlflow.log_table(
+        table, f"{artifact_path}/{PREDICTIONS_TABLE}" if artifact_path else PREDICTIONS_TABLE, run_id=run_id
+    )
     root = client.get_run(run_id).info.artifact_uri.rstrip("/") + (f"/{artifact_path}" if artifact_path else "")
     return {name: f"{root}/{local.name}" for name, local in paths.items()}
 

@@ -1,8 +1,8 @@
 """Where CLIP weights come from: OpenAI's named models, a local checkpoint, or the demo model.
 
-    >>> loaded = load_clip("demo")  # doctest: +SKIP
-    >>> loaded.input_resolution  # doctest: +SKIP
-    64
+>>> loaded = load_clip("demo")  # doctest: +SKIP
+>>> loaded.input_resolution  # doctest: +SKIP
+64
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Callable
 import torch
 
 from mlflow_clip.errors import MlflowClipError
-from mlflow_clip.package_data import demo_weights_path
 from mlflow_clip.export.compat import import_clip, quiet_jit_load
+from mlflow_clip.package_data import demo_weights_path
 
 _logger = logging.getLogger(__name__)
 
@@ -120,15 +120,96 @@ def _loaded(model: torch.nn.Module, name: str) -> LoadedClip:
 
 # Published dimensions of CLIP's architectures, for building full-size models with random weights.
 ARCHITECTURES: dict[str, dict] = {
-    "RN50": dict(embed_dim=1024, image_resolution=224, vision_layers=(3, 4, 6, 3), vision_width=64, vision_patch_size=None, transformer_width=512, transformer_heads=8, transformer_layers=12),
-    "RN101": dict(embed_dim=512, image_resolution=224, vision_layers=(3, 4, 23, 3), vision_width=64, vision_patch_size=None, transformer_width=512, transformer_heads=8, transformer_layers=12),
-    "RN50x4": dict(embed_dim=640, image_resolution=288, vision_layers=(4, 6, 10, 6), vision_width=80, vision_patch_size=None, transformer_width=640, transformer_heads=10, transformer_layers=12),
-    "RN50x16": dict(embed_dim=768, image_resolution=384, vision_layers=(6, 8, 18, 8), vision_width=96, vision_patch_size=None, transformer_width=768, transformer_heads=12, transformer_layers=12),
-    "RN50x64": dict(embed_dim=1024, image_resolution=448, vision_layers=(3, 15, 36, 10), vision_width=128, vision_patch_size=None, transformer_width=1024, transformer_heads=16, transformer_layers=12),
-    "ViT-B/32": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32, transformer_width=512, transformer_heads=8, transformer_layers=12),
-    "ViT-B/16": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=16, transformer_width=512, transformer_heads=8, transformer_layers=12),
-    "ViT-L/14": dict(embed_dim=768, image_resolution=224, vision_layers=24, vision_width=1024, vision_patch_size=14, transformer_width=768, transformer_heads=12, transformer_layers=12),
-    "ViT-L/14@336px": dict(embed_dim=768, image_resolution=336, vision_layers=24, vision_width=1024, vision_patch_size=14, transformer_width=768, transformer_heads=12, transformer_layers=12),
+    "RN50": dict(
+        embed_dim=1024,
+        image_resolution=224,
+        vision_layers=(3, 4, 6, 3),
+        vision_width=64,
+        vision_patch_size=None,
+        transformer_width=512,
+        transformer_heads=8,
+        transformer_layers=12,
+    ),
+    "RN101": dict(
+        embed_dim=512,
+        image_resolution=224,
+        vision_layers=(3, 4, 23, 3),
+        vision_width=64,
+        vision_patch_size=None,
+        transformer_width=512,
+        transformer_heads=8,
+        transformer_layers=12,
+    ),
+    "RN50x4": dict(
+        embed_dim=640,
+        image_resolution=288,
+        vision_layers=(4, 6, 10, 6),
+        vision_width=80,
+        vision_patch_size=None,
+        transformer_width=640,
+        transformer_heads=10,
+        transformer_layers=12,
+    ),
+    "RN50x16": dict(
+        embed_dim=768,
+        image_resolution=384,
+        vision_layers=(6, 8, 18, 8),
+        vision_width=96,
+        vision_patch_size=None,
+        transformer_width=768,
+        transformer_heads=12,
+        transformer_layers=12,
+    ),
+    "RN50x64": dict(
+        embed_dim=1024,
+        image_resolution=448,
+        vision_layers=(3, 15, 36, 10),
+        vision_width=128,
+        vision_patch_size=None,
+        transformer_width=1024,
+        transformer_heads=16,
+        transformer_layers=12,
+    ),
+    "ViT-B/32": dict(
+        embed_dim=512,
+        image_resolution=224,
+        vision_layers=12,
+        vision_width=768,
+        vision_patch_size=32,
+        transformer_width=512,
+        transformer_heads=8,
+        transformer_layers=12,
+    ),
+    "ViT-B/16": dict(
+        embed_dim=512,
+        image_resolution=224,
+        vision_layers=12,
+        vision_width=768,
+        vision_patch_size=16,
+        transformer_width=512,
+        transformer_heads=8,
+        transformer_layers=12,
+    ),
+    "ViT-L/14": dict(
+        embed_dim=768,
+        image_resolution=224,
+        vision_layers=24,
+        vision_width=1024,
+        vision_patch_size=14,
+        transformer_width=768,
+        transformer_heads=12,
+        transformer_layers=12,
+    ),
+    "ViT-L/14@336px": dict(
+        embed_dim=768,
+        image_resolution=336,
+        vision_layers=24,
+        vision_width=1024,
+        vision_patch_size=14,
+        transformer_width=768,
+        transformer_heads=12,
+        transformer_layers=12,
+    ),
 }
 TRAINED_LOGIT_SCALE = 100.0
 

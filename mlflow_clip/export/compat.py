@@ -1,8 +1,8 @@
 """The export world's third-party quirks, handled where they are raised, in one place.
 
-    >>> clip = import_clip()  # doctest: +SKIP
-    >>> with quiet_onnx_export():  # doctest: +SKIP
-    ...     torch.onnx.export(...)
+>>> clip = import_clip()  # doctest: +SKIP
+>>> with quiet_onnx_export():  # doctest: +SKIP
+...     torch.onnx.export(...)
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ def quiet_onnx_export() -> Iterator[None]:
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*", category=DeprecationWarning)
+        warnings.filterwarnings(
+            "ignore", message=".*legacy TorchScript-based ONNX export.*", category=DeprecationWarning
+        )
         warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
         yield
 

@@ -25,6 +25,7 @@ import onnx
 import torch
 from torch import nn
 
+from mlflow_clip.export.compat import import_clip, quiet_onnx_export
 from mlflow_clip.export.spec import DEFAULT_OPSET, check_opset
 from mlflow_clip.serving.contract import (
     EDGE_INPUT_NAME,
@@ -35,7 +36,6 @@ from mlflow_clip.serving.contract import (
     edge_output_name,
 )
 from mlflow_clip.serving.prompts import texts_for_class
-from mlflow_clip.export.compat import import_clip, quiet_onnx_export
 
 _logger = logging.getLogger(__name__)
 
@@ -131,14 +131,14 @@ def encode_text_features(model: nn.Module, classes: Sequence[str], templates: Se
         texts = texts_for_class(name, templates)
         embeddings = []
         for start in range(0, len(texts), EXPORT_TEXT_BATCH):
-            tokens = clip.tokenize(texts[start : start + EXPORT_TEXT_BATCH], context_length=model.context_length, truncate=True)
+            tokens = clip.tokenize(
+                texts[start : start + EXPORT_TEXT_BATCH], context_length=model.context_length, truncate=True
+            )
             embedding = model.encode_text(tokens).float()
             embeddings.append(embedding / embedding.norm(dim=-1, keepdim=True))
         mean = torch.cat(embeddings).mean(dim=0)
         rows.append(mean / mean.norm())
     return torch.stack(rows)
-
-
 
 
 def export_onnx(
@@ -151,7 +151,9 @@ def export_onnx(
     module: nn.Module = _WithEmbedding(head) if embedding else head
     outputs = ["probabilities", EMBEDDING_OUTPUT] if embedding else ["probabilities"]
     dummy = torch.randn(2, 3, resolution, resolution)
-    return _export(module, (dummy,), path, ["image"], outputs, {name: {0: "batch"} for name in ["image", *outputs]}, opset)
+    return _export(
+        module, (dummy,), path, ["image"], outputs, {name: {0: "batch"} for name in ["image", *outputs]}, opset
+    )
 
 
 def export_text_encoder(model: nn.Module, path: str | Path, opset: int = DEFAULT_OPSET) -> Path:

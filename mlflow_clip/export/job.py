@@ -1,8 +1,8 @@
 """The export job behind `mlflow run .` and `mlflow-clip export`: build, check, log, register.
 
-    >>> result = export_and_register(classes="a red circle,a blue square", model="demo")  # doctest: +SKIP
-    >>> result.model_version  # doctest: +SKIP
-    '1'
+>>> result = export_and_register(classes="a red circle,a blue square", model="demo")  # doctest: +SKIP
+>>> result.model_version  # doctest: +SKIP
+'1'
 """
 
 from __future__ import annotations
@@ -22,14 +22,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from mlflow_clip import flavor
-from mlflow_clip.serving.contract import (
-    EMBEDDING_OUTPUT,
-    ONNX_FILE_NAME,
-    TEXT_ENCODER_FILE_NAME,
-    ClassifierConfig,
-    sha256_file,
-)
 from mlflow_clip.export.checkpoints import LoadedClip, load_clip
+from mlflow_clip.export.compat import import_clip
 from mlflow_clip.export.graph import (
     ZeroShotHead,
     apply_conventions,
@@ -52,11 +46,17 @@ from mlflow_clip.export.parity import (
 )
 from mlflow_clip.export.precision import PrecisionInfo, apply_precision, fp16_emulation
 from mlflow_clip.export.spec import DEFAULT_OPSET, DEFAULT_REGISTERED_MODEL_NAME, ExportSpec, check_precision
+from mlflow_clip.serving.contract import (
+    EMBEDDING_OUTPUT,
+    ONNX_FILE_NAME,
+    TEXT_ENCODER_FILE_NAME,
+    ClassifierConfig,
+    sha256_file,
+)
 from mlflow_clip.serving.preprocess import Preprocessor
 from mlflow_clip.serving.prompts import describe_templates, resolve_templates
 from mlflow_clip.serving.runtime import RuntimeSettings
 from mlflow_clip.tracking import active_or_new_run, log_new_params
-from mlflow_clip.export.compat import import_clip
 
 _logger = logging.getLogger(__name__)
 
@@ -160,7 +160,9 @@ def build_classifier(
     )
 
 
-def _convert_precision(onnx_path: Path, precision: str, loaded: LoadedClip, images) -> tuple[PrecisionInfo, Path | None]:
+def _convert_precision(
+    onnx_path: Path, precision: str, loaded: LoadedClip, images
+) -> tuple[PrecisionInfo, Path | None]:
     """Convert the simplified fp32 graph in place; for fp16 also write its GPU-like emulation."""
     if precision == "fp32":
         return PrecisionInfo("fp32", ""), None
@@ -214,14 +216,16 @@ def _package_version(name: str) -> str:
         return ""
 
 
-def check_parity(built: BuiltClassifier, images: str | Path | None, thresholds: ParityThresholds) -> tuple[ParityReport, list[str]]:
+def check_parity(
+    built: BuiltClassifier, images: str | Path | None, thresholds: ParityThresholds
+) -> tuple[ParityReport, list[str]]:
     _step("measuring parity against PyTorch")
     samples = load_sample_images(images)
     preprocessor = Preprocessor(built.config.input_resolution, tuple(built.config.mean), tuple(built.config.std))
     report = measure_parity(built.head, built.onnx_path, samples, built.loaded.preprocess, preprocessor)
     if built.text_encoder_path is not None:
-        from mlflow_clip.serving.prompts import texts_for_class
         from mlflow_clip.package_data import default_vocab_path
+        from mlflow_clip.serving.prompts import texts_for_class
 
         texts = [text for name in built.config.classes for text in texts_for_class(name, built.config.template_texts)]
         report.text = measure_text_parity(built.loaded.model, built.text_encoder_path, texts, default_vocab_path())
@@ -255,8 +259,16 @@ def export_and_register(
     Every argument is checked (`ExportSpec.create`) before anything is loaded.
     """
     spec = ExportSpec.create(
-        classes, model=model, templates=templates, registered_model_name=registered_model_name, opset=opset,
-        images=images, max_prob_diff=max_prob_diff, alias=alias, thresholds=thresholds, text_encoder=text_encoder,
+        classes,
+        model=model,
+        templates=templates,
+        registered_model_name=registered_model_name,
+        opset=opset,
+        images=images,
+        max_prob_diff=max_prob_diff,
+        alias=alias,
+        thresholds=thresholds,
+        text_encoder=text_encoder,
         precision=precision,
     )
     return run_export(spec)
@@ -268,8 +280,14 @@ def run_export(spec: ExportSpec) -> ExportResult:
         log_new_params(run.info.run_id, spec.run_params())
         with tempfile.TemporaryDirectory(prefix="mlflow-clip-") as tmp:
             built = build_classifier(
-                list(spec.classes), spec.model, spec.templates, spec.opset, tmp, text_encoder=spec.text_encoder,
-                precision=spec.precision, images=spec.images,
+                list(spec.classes),
+                spec.model,
+                spec.templates,
+                spec.opset,
+                tmp,
+                text_encoder=spec.text_encoder,
+                precision=spec.precision,
+                images=spec.images,
             )
             log_new_params(run.info.run_id, built.precision.params())
             report, failures = check_parity(built, spec.images, spec.thresholds)
@@ -298,7 +316,12 @@ def _log_reports(tmp: Path, built: BuiltClassifier, report: ParityReport, failur
     (tmp / "classes.json").write_text(json.dumps(built.config.classes, indent=2, ensure_ascii=False), encoding="utf-8")
     (tmp / "parity_report.json").write_text(
         json.dumps(
-            {"failures": failures, "simplify": built.simplify_note, "precision": built.precision.params(), **json.loads(report.to_json())},
+            {
+                "failures": failures,
+                "simplify": built.simplify_note,
+                "precision": built.precision.params(),
+                **json.loads(report.to_json()),
+            },
             indent=2,
         ),
         encoding="utf-8",

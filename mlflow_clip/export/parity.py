@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from mlflow_clip.errors import MlflowClipError
+from mlflow_clip.export.compat import import_clip
 from mlflow_clip.export.spec import PRECISION_THRESHOLDS, ParityThresholds  # noqa: F401 - re-exported
 from mlflow_clip.package_data import (
     IMAGE_SUFFIXES,
@@ -29,7 +30,6 @@ from mlflow_clip.package_data import (
 )
 from mlflow_clip.serving.images import decode_image
 from mlflow_clip.serving.preprocess import Preprocessor
-from mlflow_clip.export.compat import import_clip
 
 PARITY_BATCH_SIZES = (1, 3)
 
@@ -154,8 +154,9 @@ MAX_PARITY_TEXTS = 96
 
 
 @torch.no_grad()
-def measure_text_parity(model: torch.nn.Module, text_encoder_path: str | Path, texts: Sequence[str],
-                        vocab_path: str | Path) -> TextParity:
+def measure_text_parity(
+    model: torch.nn.Module, text_encoder_path: str | Path, texts: Sequence[str], vocab_path: str | Path
+) -> TextParity:
     """The serving path (`mlflow_clip.serving.text.TextEncoder`: our tokenizer, ids trimmed after the
     last end-of-text token, the ONNX graph) against `clip.tokenize` + PyTorch `encode_text`, on
     at most MAX_PARITY_TEXTS texts spread evenly over `texts`, plus TEXT_PROBES."""
@@ -216,13 +217,21 @@ def check_gates(report: ParityReport, thresholds: ParityThresholds, prefix: str 
     """Each failed gate as a sentence with its figures; empty when all pass."""
     failures = []
     if not report.max_abs_prob_diff <= thresholds.max_prob_diff:
-        failures.append(f"{prefix}max_abs_prob_diff = {report.max_abs_prob_diff:.3g} exceeds max_prob_diff = {thresholds.max_prob_diff:.3g}")
+        failures.append(
+            f"{prefix}max_abs_prob_diff = {report.max_abs_prob_diff:.3g} exceeds max_prob_diff = {thresholds.max_prob_diff:.3g}"
+        )
     if not report.max_abs_logit_diff <= thresholds.max_logit_diff:
-        failures.append(f"{prefix}max_abs_logit_diff = {report.max_abs_logit_diff:.3g} exceeds max_logit_diff = {thresholds.max_logit_diff:.3g}")
+        failures.append(
+            f"{prefix}max_abs_logit_diff = {report.max_abs_logit_diff:.3g} exceeds max_logit_diff = {thresholds.max_logit_diff:.3g}"
+        )
     if not report.top1_agreement >= thresholds.min_top1_agreement:
-        failures.append(f"{prefix}top1_agreement = {report.top1_agreement:.4f} is below min_top1_agreement = {thresholds.min_top1_agreement:.4f}")
+        failures.append(
+            f"{prefix}top1_agreement = {report.top1_agreement:.4f} is below min_top1_agreement = {thresholds.min_top1_agreement:.4f}"
+        )
     if not report.max_abs_pixel_diff <= thresholds.max_pixel_diff:
-        failures.append(f"{prefix}max_abs_pixel_diff = {report.max_abs_pixel_diff:.3g} exceeds max_pixel_diff = {thresholds.max_pixel_diff:.3g}")
+        failures.append(
+            f"{prefix}max_abs_pixel_diff = {report.max_abs_pixel_diff:.3g} exceeds max_pixel_diff = {thresholds.max_pixel_diff:.3g}"
+        )
     if report.text is not None:
         text = report.text
         if not text.max_abs_text_embedding_diff <= thresholds.max_text_embedding_diff:
@@ -231,7 +240,9 @@ def check_gates(report: ParityReport, thresholds: ParityThresholds, prefix: str 
                 f"max_text_embedding_diff = {thresholds.max_text_embedding_diff:.3g}"
             )
         if text.token_mismatches:
-            failures.append(f"{prefix}token_mismatches = {text.token_mismatches} of {text.count} texts tokenized differently from clip.tokenize")
+            failures.append(
+                f"{prefix}token_mismatches = {text.token_mismatches} of {text.count} texts tokenized differently from clip.tokenize"
+            )
     return failures
 
 

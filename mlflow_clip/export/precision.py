@@ -129,7 +129,9 @@ def _to_fp16(model: onnx.ModelProto, out_path: Path, head: Sequence[str]) -> Pre
         converted = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=list(head))
     _float32_outputs(converted, set(head))
     save_single_file(converted, out_path)
-    return PrecisionInfo("fp16", "float16", {"keep_io_types": True, "converter": "onnxconverter_common.float16"}, tuple(head))
+    return PrecisionInfo(
+        "fp16", "float16", {"keep_io_types": True, "converter": "onnxconverter_common.float16"}, tuple(head)
+    )
 
 
 def _float32_outputs(model: onnx.ModelProto, kept: set[str]) -> None:
@@ -165,21 +167,52 @@ def _to_int8(model, out_path: Path, head, method: str, calibration: np.ndarray |
 
     with _quiet_quantizer():
         if method == "dynamic":
-            quantize_dynamic(model, str(out_path), op_types_to_quantize=list(_DYNAMIC_OP_TYPES), per_channel=False,
-                             reduce_range=False, weight_type=QuantType.QInt8, nodes_to_exclude=list(head))
-            choices = {"method": "dynamic", "op_types": ",".join(_DYNAMIC_OP_TYPES), "weight_type": "int8",
-                       "per_channel": False, "reduce_range": False, "activations": "uint8, quantized at run time"}
+            quantize_dynamic(
+                model,
+                str(out_path),
+                op_types_to_quantize=list(_DYNAMIC_OP_TYPES),
+                per_channel=False,
+                reduce_range=False,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=list(head),
+            )
+            choices = {
+                "method": "dynamic",
+                "op_types": ",".join(_DYNAMIC_OP_TYPES),
+                "weight_type": "int8",
+                "per_channel": False,
+                "reduce_range": False,
+                "activations": "uint8, quantized at run time",
+            }
             return PrecisionInfo("int8", "int8-dynamic", choices, tuple(head))
         if calibration is None or len(calibration) == 0:
-            raise PrecisionError("Static int8 quantization needs calibration images; pass a folder of images (-P images=...).")
+            raise PrecisionError(
+                "Static int8 quantization needs calibration images; pass a folder of images (-P images=...)."
+            )
         reader = _CalibrationReader(model.graph.input[0].name, np.ascontiguousarray(calibration, dtype=np.float32))
-        quantize_static(model, str(out_path), reader, quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=False,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=list(head),
-                        calibrate_method=CalibrationMethod.MinMax,
-                        extra_options={"CalibMaxIntermediateOutputs": _CALIBRATION_FLUSH_BATCHES})
-    choices = {"method": "static-qdq", "op_types": "all quantizable", "weight_type": "int8", "per_channel": True,
-               "reduce_range": False, "activation_type": "uint8", "calibration": "minmax",
-               "calibration_images": len(calibration)}
+        quantize_static(
+            model,
+            str(out_path),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            reduce_range=False,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=list(head),
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"CalibMaxIntermediateOutputs": _CALIBRATION_FLUSH_BATCHES},
+        )
+    choices = {
+        "method": "static-qdq",
+        "op_types": "all quantizable",
+        "weight_type": "int8",
+        "per_channel": True,
+        "reduce_range": False,
+        "activation_type": "uint8",
+        "calibration": "minmax",
+        "calibration_images": len(calibration),
+    }
     return PrecisionInfo("int8", "int8-static-qdq", choices, tuple(head))
 
 

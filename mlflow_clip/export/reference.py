@@ -19,10 +19,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mlflow_clip.serving.classifier import InvalidInputError, describe_bad_rows, coerce_rows, format_predictions
-from mlflow_clip.serving.contract import ClassifierConfig
 from mlflow_clip.export.checkpoints import LoadedClip, load_clip
 from mlflow_clip.export.graph import ZeroShotHead, encode_text_features
+from mlflow_clip.serving.classifier import InvalidInputError, coerce_rows, describe_bad_rows, format_predictions
+from mlflow_clip.serving.contract import ClassifierConfig
 from mlflow_clip.serving.images import ImageInputError, decode_image
 
 _logger = logging.getLogger(__name__)
@@ -73,6 +73,8 @@ def build_reference_classifier(spec: str, config: ClassifierConfig) -> Reference
     if loaded.name != config.clip_model:
         _logger.warning(
             "The reference CLIP %r is not the model this classifier was exported from (%r); "
-            "the comparison measures two different models.", loaded.name, config.clip_model,
+            "the comparison measures two different models.",
+            loaded.name,
+            config.clip_model,
         )
     return ReferenceClassifier(loaded, config.classes, config.template_texts)

@@ -73,7 +73,9 @@ def check_precision(precision: str, error: type[MlflowClipError] = SpecError) ->
 
 def check_opset(opset: Any) -> int:
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
-        raise SpecError(f"Received opset={opset!r}; expected a whole number, {MIN_OPSET} or newer (default {DEFAULT_OPSET}).")
+        raise SpecError(
+            f"Received opset={opset!r}; expected a whole number, {MIN_OPSET} or newer (default {DEFAULT_OPSET})."
+        )
     return opset
 
 
@@ -113,7 +115,9 @@ class ExportSpec:
         names = tuple(parse_classes(classes))
         texts = tuple(resolve_templates(templates))
         if images is not None and not Path(images).is_dir():
-            raise SpecError(f"Received images={str(images)!r}; expected a folder of images (looked in {Path(images).resolve()}).")
+            raise SpecError(
+                f"Received images={str(images)!r}; expected a folder of images (looked in {Path(images).resolve()})."
+            )
         return cls(
             classes=names,
             model=model,

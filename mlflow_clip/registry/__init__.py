@@ -1,20 +1,19 @@
 """Registry promotion: gated, auditable, reversible alias moves (`@production`, `@challenger`).
 
-    >>> from mlflow_clip.registry import history, promote, rollback
-    >>> promote("clip-zero-shot", "3", alias="production")  # doctest: +SKIP
-    >>> rollback("clip-zero-shot", alias="production")  # doctest: +SKIP
-    >>> [(e.seq, e.event, e.version) for e in history("clip-zero-shot", "production")]  # doctest: +SKIP
+>>> from mlflow_clip.registry import history, promote, rollback
+>>> promote("clip-zero-shot", "3", alias="production")  # doctest: +SKIP
+>>> rollback("clip-zero-shot", alias="production")  # doctest: +SKIP
+>>> [(e.seq, e.event, e.version) for e in history("clip-zero-shot", "production")]  # doctest: +SKIP
 
-    names.py      model names, aliases and version arguments, checked first
-    gates.py      what a version must pass before an alias moves to it
-    lock.py       mutual exclusion of one alias's moves (a bakery lock with heartbeats)
-    records.py    the history: one record per event, ordered by sequence, completed after a crash
-    promotion.py  promote, rollback, history
-    runs.py       each promotion or rollback as an MLflow run, for the UI
+names.py      model names, aliases and version arguments, checked first
+gates.py      what a version must pass before an alias moves to it
+lock.py       mutual exclusion of one alias's moves (a bakery lock with heartbeats)
+records.py    the history: one record per event, ordered by sequence, completed after a crash
+promotion.py  promote, rollback, history
+runs.py       each promotion or rollback as an MLflow run, for the UI
 """
 
 from mlflow_clip.registry.gates import ACCURACY_TAG, GateResult, GateThresholds, check_gates
-from mlflow_clip.registry.records import Event, promotion_stack
 from mlflow_clip.registry.lock import LEASE_SECONDS, LockError
 from mlflow_clip.registry.names import RegistryNameError, parse_version
 from mlflow_clip.registry.promotion import (
@@ -28,6 +27,7 @@ from mlflow_clip.registry.promotion import (
     resolve_version,
     rollback,
 )
+from mlflow_clip.registry.records import Event, promotion_stack
 
 __all__ = [
     "ACCURACY_TAG",

@@ -105,11 +105,15 @@ def _checksum_gate(mv, local: Path, thresholds: GateThresholds) -> GateResult:
         )
         return GateResult("checksum", False, detail, figures)
     if recorded != actual:
-        problems.insert(0, Problem("the manifest in MLmodel", f"differs from the one recorded at export ({recorded[:16]}...)"))
+        problems.insert(
+            0, Problem("the manifest in MLmodel", f"differs from the one recorded at export ({recorded[:16]}...)")
+        )
     if problems:
         detail = f"{len(problems)} file(s) differ from the export's manifest: {describe_problems(problems)}"
         return GateResult("checksum", False, detail, {**figures, "problems": [str(p) for p in problems]})
-    return GateResult("checksum", True, f"all {len(manifest['files'])} files and MLmodel match the export's manifest", figures)
+    return GateResult(
+        "checksum", True, f"all {len(manifest['files'])} files and MLmodel match the export's manifest", figures
+    )
 
 
 def _legacy_checksum_gate(mv, local: Path, conf: dict, thresholds: GateThresholds) -> GateResult:
@@ -129,7 +133,12 @@ def _legacy_checksum_gate(mv, local: Path, conf: dict, thresholds: GateThreshold
             "--allow-legacy to promote it on that partial check"
         )
         return GateResult("checksum", False, detail, figures)
-    return GateResult("checksum", True, "legacy version without a manifest: model.onnx matches the export's record (partial check)", figures)
+    return GateResult(
+        "checksum",
+        True,
+        "legacy version without a manifest: model.onnx matches the export's record (partial check)",
+        figures,
+    )
 
 
 def _parity_gate(client: MlflowClient, mv, thresholds: GateThresholds) -> GateResult:
@@ -149,13 +158,19 @@ def _parity_gate(client: MlflowClient, mv, thresholds: GateThresholds) -> GateRe
         "max_pixel_diff": thresholds.max_pixel_diff,
         "min_top1_agreement": min_top1,
     }
-    if None in (figures["parity_max_abs_prob_diff"], figures["parity_max_abs_pixel_diff"], figures["parity_top1_agreement"]):
+    if None in (
+        figures["parity_max_abs_prob_diff"],
+        figures["parity_max_abs_pixel_diff"],
+        figures["parity_top1_agreement"],
+    ):
         return GateResult("parity", False, f"the export run {mv.run_id} has no parity metrics", figures)
     failures = []
     if figures["parity_max_abs_prob_diff"] > max_prob:
         failures.append(f"parity_max_abs_prob_diff {figures['parity_max_abs_prob_diff']:.3g} > {max_prob:.3g}")
     if figures["parity_max_abs_pixel_diff"] > thresholds.max_pixel_diff:
-        failures.append(f"parity_max_abs_pixel_diff {figures['parity_max_abs_pixel_diff']:.3g} > {thresholds.max_pixel_diff:.3g}")
+        failures.append(
+            f"parity_max_abs_pixel_diff {figures['parity_max_abs_pixel_diff']:.3g} > {thresholds.max_pixel_diff:.3g}"
+        )
     if figures["parity_top1_agreement"] < min_top1:
         failures.append(f"parity_top1_agreement {figures['parity_top1_agreement']:.4f} < {min_top1:.4f}")
     detail = "; ".join(failures) or (
@@ -174,7 +189,13 @@ _PROBES: dict[tuple[str, float], dict] = {}
 def _predict_gate(local: Path, max_prob_diff: float | None, manifest_sha256: str | None = None) -> GateResult:
     """Load the version as serving will (its own code and settings, a fresh process without
     torch) and compare its predictions on its reference images with those recorded at export."""
-    from mlflow_clip.references import ProbeError, compare_with_reference, max_score_difference, read_reference, run_probe
+    from mlflow_clip.references import (
+        ProbeError,
+        compare_with_reference,
+        max_score_difference,
+        read_reference,
+        run_probe,
+    )
 
     reference = read_reference(local)
     if reference is None:
@@ -189,17 +210,23 @@ def _predict_gate(local: Path, max_prob_diff: float | None, manifest_sha256: str
     if manifest_sha256 is not None:
         _PROBES[key] = probe
     problems = compare_with_reference(reference, probe, tolerance)
-    figures = {"images": len(reference["images"]), "max_score_diff": max_score_difference(reference, probe), "tolerance": tolerance,
-               "per_request": "per_request" in reference}
+    figures = {
+        "images": len(reference["images"]),
+        "max_score_diff": max_score_difference(reference, probe),
+        "tolerance": tolerance,
+        "per_request": "per_request" in reference,
+    }
     if problems:
         return GateResult("loads and predicts", False, "; ".join(problems[:5]), figures)
     kinds = "baked classes and per-request labels" if "per_request" in reference else "baked classes"
     where = "as served earlier in this process (the same manifest)" if cached else "served in a fresh process"
     figures["fresh_process"] = not cached
     return GateResult(
-        "loads and predicts", True,
+        "loads and predicts",
+        True,
         f"{where}, {len(reference['images'])} reference images ({kinds}) match the export's predictions "
-        f"(max score diff {figures['max_score_diff']:.1e} <= {tolerance:.0e})", figures,
+        f"(max score diff {figures['max_score_diff']:.1e} <= {tolerance:.0e})",
+        figures,
     )
 
 
@@ -217,22 +244,35 @@ def _legacy_predict_gate(local: Path) -> GateResult:
     sums = np.array([sum(p) for p in out["probabilities"]])
     ok = bool(out["label"].notna().all() and np.allclose(sums, 1.0, atol=1e-3))
     detail = f"predicted {len(out)} sample images" + ("" if ok else " but some rows were not valid probabilities")
-    return GateResult("loads and predicts", ok, detail, {"images": len(out), "max_sum_error": float(np.abs(sums - 1).max())})
+    return GateResult(
+        "loads and predicts", ok, detail, {"images": len(out), "max_sum_error": float(np.abs(sums - 1).max())}
+    )
 
 
-def accuracy_gate(client, model_name: str, candidate: str, holder: str | None, thresholds: GateThresholds) -> GateResult:
+def accuracy_gate(
+    client, model_name: str, candidate: str, holder: str | None, thresholds: GateThresholds
+) -> GateResult:
     """The candidate's recorded accuracy against the holder's (read under the lock)."""
     max_drop = thresholds.max_accuracy_drop
     if holder is None:
-        return GateResult("accuracy", True, "no version holds the alias yet: nothing to compare with", {"max_accuracy_drop": max_drop})
+        return GateResult(
+            "accuracy", True, "no version holds the alias yet: nothing to compare with", {"max_accuracy_drop": max_drop}
+        )
     accuracy = {v: client.get_model_version(model_name, v).tags.get(ACCURACY_TAG) for v in (candidate, holder)}
     missing = [v for v in (candidate, holder) if accuracy[v] is None]
     if missing:
         return _missing_accuracy(model_name, missing, thresholds)
     drop = float(accuracy[holder]) - float(accuracy[candidate])
-    figures = {"candidate": float(accuracy[candidate]), "current": float(accuracy[holder]), "drop": drop, "max_accuracy_drop": max_drop}
-    detail = (f"accuracy {figures['candidate']:.4f} (version {candidate}) vs {figures['current']:.4f} (version {holder}, "
-              f"holding the alias): drop {drop:.4f}, allowed {max_drop:.4f}")
+    figures = {
+        "candidate": float(accuracy[candidate]),
+        "current": float(accuracy[holder]),
+        "drop": drop,
+        "max_accuracy_drop": max_drop,
+    }
+    detail = (
+        f"accuracy {figures['candidate']:.4f} (version {candidate}) vs {figures['current']:.4f} (version {holder}, "
+        f"holding the alias): drop {drop:.4f}, allowed {max_drop:.4f}"
+    )
     return GateResult("accuracy", drop <= max_drop, detail, figures)
 
 
@@ -240,10 +280,16 @@ def _missing_accuracy(model_name: str, missing: list[str], thresholds: GateThres
     which = " and ".join(f"version {v}" for v in missing) + (" have" if len(missing) > 1 else " has")
     command = f"mlflow-clip evaluate --model-uri models:/{model_name}/{missing[0]} --data <labelled images>"
     if thresholds.allow_missing_accuracy:
-        return GateResult("accuracy", True, f"passed without comparing (--allow-missing-accuracy): {which} no recorded "
-                          "accuracy", {"missing": missing})
+        return GateResult(
+            "accuracy",
+            True,
+            f"passed without comparing (--allow-missing-accuracy): {which} no recorded accuracy",
+            {"missing": missing},
+        )
     return GateResult(
-        "accuracy", False,
+        "accuracy",
+        False,
         f"{which} no recorded accuracy ({ACCURACY_TAG}), so the accuracy drop cannot be measured; record it with "
-        f"`{command}`, or pass --allow-missing-accuracy", {"missing": missing},
+        f"`{command}`, or pass --allow-missing-accuracy",
+        {"missing": missing},
     )

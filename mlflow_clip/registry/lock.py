@@ -142,13 +142,16 @@ class AliasLock:
             )
         if self.key not in self.store.read(self.prefix):
             self._lost.set()
-            raise LockError(f"Lost the lock of @{self.alias}: another contender took this one for dead. Run the command again.")
+            raise LockError(
+                f"Lost the lock of @{self.alias}: another contender took this one for dead. Run the command again."
+            )
 
     def _wait_for_turn(self, number: int) -> None:
         deadline = self.clock() + self.timeout
         while True:
             blocking = [
-                owner for owner, t in self._live_others().items()
+                owner
+                for owner, t in self._live_others().items()
                 if t is None or t.choosing or (t.number and (t.number, owner) < (number, self.owner))
             ]
             if not blocking:
@@ -167,7 +170,9 @@ class AliasLock:
         try:
             self.store.delete(self.key)
         except Exception as e:  # noqa: BLE001 - an unreleased ticket expires after one lease
-            _logger.warning("Could not remove the lock ticket %s (%s); it expires after %.0f s.", self.key, e, self.lease)
+            _logger.warning(
+                "Could not remove the lock ticket %s (%s); it expires after %.0f s.", self.key, e, self.lease
+            )
 
     # -- tickets -------------------------------------------------------------------------------
 
@@ -198,7 +203,7 @@ class AliasLock:
         """The other contenders' tickets that are alive; dead ones are deleted."""
         now = self.clock()
         live: dict[str, Ticket | None] = {}
-        tickets = {k[len(self.prefix):]: v for k, v in self.store.read(self.prefix).items() if k != self.key}
+        tickets = {k[len(self.prefix) :]: v for k, v in self.store.read(self.prefix).items() if k != self.key}
         for owner in list(self._seen):
             if owner not in tickets:
                 del self._seen[owner]
@@ -213,8 +218,11 @@ class AliasLock:
         return live
 
     def _reclaim(self, owner: str) -> None:
-        _logger.warning("A promotion of @%s stopped without releasing its lock (no heartbeat for %.0f s); "
-                        "removing its ticket.", self.alias, self.lease)
+        _logger.warning(
+            "A promotion of @%s stopped without releasing its lock (no heartbeat for %.0f s); removing its ticket.",
+            self.alias,
+            self.lease,
+        )
         try:
             self.store.delete(self.prefix + owner)
         except Exception as e:  # noqa: BLE001 - someone else may have removed it first

@@ -40,7 +40,9 @@ def check_model_name(name: str, what: str = "model name") -> str:
     if not isinstance(name, str) or not name.strip():
         raise RegistryNameError(f"Received an empty {what}; expected the name of a registered model.")
     if len(name) > MAX_MODEL_NAME_LENGTH:
-        raise RegistryNameError(f"Received a {what} of {len(name)} characters; expected at most {MAX_MODEL_NAME_LENGTH}.")
+        raise RegistryNameError(
+            f"Received a {what} of {len(name)} characters; expected at most {MAX_MODEL_NAME_LENGTH}."
+        )
     bad = _BAD_NAME_CHARACTERS.search(name)
     if bad:
         raise RegistryNameError(
@@ -60,7 +62,9 @@ def check_alias(alias: str) -> str:
             f"Received the alias {_shown(alias)}; expected letters, digits, underscores (_) and dashes (-) only."
         )
     if _RESERVED_ALIAS.match(alias):
-        raise RegistryNameError(f"Received the alias {_shown(alias)}, which MLflow reserves (latest, v<number>); choose another.")
+        raise RegistryNameError(
+            f"Received the alias {_shown(alias)}, which MLflow reserves (latest, v<number>); choose another."
+        )
     return alias
 
 

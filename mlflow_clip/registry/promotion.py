@@ -124,13 +124,24 @@ def _move_under_lock(client, name, alias, target, source, gates, thresholds, run
     if thresholds.max_accuracy_drop is not None:
         gates = [*gates, accuracy_gate(client, name, target, holder, thresholds)]
     failed = [g for g in gates if not g.passed]
-    base = dict(seq=records.next_seq(events), alias=alias, previous=holder, by=records.who(), at=records.now(),
-                subject=target, run_id=run_id, gates={g.name: g.passed for g in gates})
+    base = dict(
+        seq=records.next_seq(events),
+        alias=alias,
+        previous=holder,
+        by=records.who(),
+        at=records.now(),
+        subject=target,
+        run_id=run_id,
+        gates={g.name: g.passed for g in gates},
+    )
     if failed:
         message = f"Promotion refused, @{alias} stays on {holder or 'no version'}: " + "; ".join(
-            f"gate '{g.name}' failed: {g.detail}" for g in failed)
+            f"gate '{g.name}' failed: {g.detail}" for g in failed
+        )
         held.check_held()
-        records.append(client, name, records.Event(event=records.REFUSED, version=target, detail=records.short(message), **base))
+        records.append(
+            client, name, records.Event(event=records.REFUSED, version=target, detail=records.short(message), **base)
+        )
         result = PromotionResult(name, alias, target, holder, gates, False, message, base["seq"])
         raise PromotionError(message, result)
     held.check_held()
@@ -143,8 +154,11 @@ def _move_under_lock(client, name, alias, target, source, gates, thresholds, run
 
 
 def _no_op(name: str, alias: str, version: str, gates: list[GateResult]) -> PromotionResult:
-    message = f"{name} version {version} already holds @{alias}; nothing to do (no gate was run)." if not gates else (
-        f"{name} version {version} already holds @{alias}; nothing to do.")
+    message = (
+        f"{name} version {version} already holds @{alias}; nothing to do (no gate was run)."
+        if not gates
+        else (f"{name} version {version} already holds @{alias}; nothing to do.")
+    )
     return PromotionResult(name, alias, version, version, gates, False, message)
 
 
@@ -189,7 +203,9 @@ def rollback(
         events = records.reconcile(client, model_name, alias, holder)
         stack = records.promotion_stack(events)
         if not stack:
-            raise PromotionError(f"No promotion of {model_name} @{alias} to roll back (its history has none in effect).")
+            raise PromotionError(
+                f"No promotion of {model_name} @{alias} to roll back (its history has none in effect)."
+            )
         top = stack[-1]
         if top.version != holder:
             raise PromotionError(
@@ -198,9 +214,21 @@ def rollback(
             )
         previous = top.previous
         held.check_held()
-        event = records.append(client, model_name, records.Event(
-            seq=records.next_seq(events), event=records.ROLLBACK, alias=alias, version=previous, previous=holder,
-            by=records.who(), at=records.now(), subject=previous or holder, run_id=run_id))
+        event = records.append(
+            client,
+            model_name,
+            records.Event(
+                seq=records.next_seq(events),
+                event=records.ROLLBACK,
+                alias=alias,
+                version=previous,
+                previous=holder,
+                by=records.who(),
+                at=records.now(),
+                subject=previous or holder,
+                run_id=run_id,
+            ),
+        )
         if previous:
             client.set_registered_model_alias(model_name, alias, previous)
         else:
@@ -222,5 +250,3 @@ def history(model_name: str, alias: str = DEFAULT_ALIAS, client: MlflowClient | 
     if legacy and not any(e.migrated for e in events):
         events = legacy + [e for e in events if e.seq > len(legacy)]
     return records.resolve(events, current_holder(client, model_name, alias))
-
-

@@ -111,8 +111,10 @@ def read_events(client, model_name: str, alias: str) -> list[Event]:
             if match.group("done"):
                 outcomes[seq] = _loads(value)
             elif seq in events:
-                raise HistoryError(f"Two records of @{alias} carry sequence number {seq} (versions "
-                                   f"{events[seq].subject} and {mv.version}); the history is inconsistent.")
+                raise HistoryError(
+                    f"Two records of @{alias} carry sequence number {seq} (versions "
+                    f"{events[seq].subject} and {mv.version}); the history is inconsistent."
+                )
             else:
                 events[seq] = _event(_loads(value), str(mv.version), seq, alias)
     result = []
@@ -195,8 +197,10 @@ def append(client, model_name: str, event: Event) -> Event:
     events = read_events(client, model_name, event.alias)
     expected = (events[-1].seq if events else 0) + 1
     if event.seq != expected:
-        raise HistoryError(f"Record {event.seq} of @{event.alias} would not follow record {expected - 1}; "
-                           "another writer was active. Run the command again.")
+        raise HistoryError(
+            f"Record {event.seq} of @{event.alias} would not follow record {expected - 1}; "
+            "another writer was active. Run the command again."
+        )
     client.set_model_version_tag(model_name, event.subject, _key(event.alias, event.seq), event.record())
     return event
 
@@ -235,9 +239,17 @@ def migrate_legacy(client, model_name: str, alias: str) -> list[Event]:
         subject = item.get("version") or item.get("previous")
         if not subject:
             continue
-        event = Event(seq=index, event=PROMOTE if item.get("action") == "promote" else ROLLBACK, alias=alias,
-                      version=item.get("version"), previous=item.get("previous"), by=str(item.get("by", ""))[:100],
-                      at=str(item.get("at", "")), subject=str(subject), migrated=True)
+        event = Event(
+            seq=index,
+            event=PROMOTE if item.get("action") == "promote" else ROLLBACK,
+            alias=alias,
+            version=item.get("version"),
+            previous=item.get("previous"),
+            by=str(item.get("by", ""))[:100],
+            at=str(item.get("at", "")),
+            subject=str(subject),
+            migrated=True,
+        )
         client.set_model_version_tag(model_name, event.subject, _key(alias, index), event.record())
     try:
         client.delete_registered_model_tag(model_name, tag)
@@ -260,8 +272,17 @@ def legacy_events(client, model_name: str, alias: str) -> list[Event]:
     if raw is None:
         return []
     return [
-        Event(seq=i, event=PROMOTE if it.get("action") == "promote" else ROLLBACK, alias=alias, version=it.get("version"),
-              previous=it.get("previous"), by=str(it.get("by", "")), at=str(it.get("at", "")),
-              subject=str(it.get("version") or it.get("previous") or ""), migrated=True, state=DONE)
+        Event(
+            seq=i,
+            event=PROMOTE if it.get("action") == "promote" else ROLLBACK,
+            alias=alias,
+            version=it.get("version"),
+            previous=it.get("previous"),
+            by=str(it.get("by", "")),
+            at=str(it.get("at", "")),
+            subject=str(it.get("version") or it.get("previous") or ""),
+            migrated=True,
+            state=DONE,
+        )
         for i, it in enumerate(_legacy_items(raw), start=1)
     ]

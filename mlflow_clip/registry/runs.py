@@ -31,14 +31,16 @@ def log_promotion(run_id: str, action: str, asked: str, result: PromotionResult 
 
     params: dict[str, Any] = {"action": action, "version_asked": asked}
     if result is not None:
-        params.update({
-            "model_name": result.model_name,
-            "alias": result.alias,
-            "version": result.version,
-            "previous_version": result.previous_version or "",
-            "outcome": _outcome(action, result, error),
-            "history_seq": result.seq if result.seq is not None else "",
-        })
+        params.update(
+            {
+                "model_name": result.model_name,
+                "alias": result.alias,
+                "version": result.version,
+                "previous_version": result.previous_version or "",
+                "outcome": _outcome(action, result, error),
+                "history_seq": result.seq if result.seq is not None else "",
+            }
+        )
         mlflow.log_metrics(gate_metrics(result.gates), run_id=run_id)
     else:
         params["outcome"] = "refused"
@@ -69,20 +71,33 @@ def gate_metrics(gates: list[GateResult]) -> dict[str, float]:
 def _description(action: str, result: PromotionResult | None, error: str) -> str:
     if result is None:
         return f"**{action}** refused: {error}"
-    link = f"[{result.model_name} version {result.version}](#/models/{result.model_name}/versions/{result.version})" \
-        if result.version else f"{result.model_name}: no version"
-    lines = [f"**{action}** of @{result.alias} to {link} (from version {result.previous_version or 'none'}): "
-             f"{_outcome(action, result, error)}."]
+    link = (
+        f"[{result.model_name} version {result.version}](#/models/{result.model_name}/versions/{result.version})"
+        if result.version
+        else f"{result.model_name}: no version"
+    )
+    lines = [
+        f"**{action}** of @{result.alias} to {link} (from version {result.previous_version or 'none'}): "
+        f"{_outcome(action, result, error)}."
+    ]
     if error:
         lines.append(f"\n{error}")
     if result.gates:
         lines += ["", "| gate | result | detail |", "|---|---|---|"]
-        lines += [f"| {g.name} | {'passed' if g.passed else 'FAILED'} | {g.detail.replace('|', '/')} |" for g in result.gates]
+        lines += [
+            f"| {g.name} | {'passed' if g.passed else 'FAILED'} | {g.detail.replace('|', '/')} |" for g in result.gates
+        ]
     return "\n".join(lines)
 
 
-def promote_in_run(model_name: str, version: str, alias: str, thresholds, copy_to: str | None = None,
-                   experiment_name: str | None = None) -> PromotionResult:
+def promote_in_run(
+    model_name: str,
+    version: str,
+    alias: str,
+    thresholds,
+    copy_to: str | None = None,
+    experiment_name: str | None = None,
+) -> PromotionResult:
     """`promote`, recorded as an MLflow run (the active one, e.g. `mlflow run`'s, or a new one)."""
     from mlflow_clip.registry.promotion import PromotionError, promote
     from mlflow_clip.tracking import active_or_new_run

@@ -1,9 +1,9 @@
 """The native, torch-free zero-shot classifier: image bytes in, class probabilities out.
 
-    >>> classifier = ZeroShotClassifier.from_directory("path/to/model")  # doctest: +SKIP
-    >>> classifier.predict([open("cat.jpg", "rb").read()])  # doctest: +SKIP
-         label     score          probabilities
-    0    a cat  0.97...  [0.01..., 0.97..., ...]
+>>> classifier = ZeroShotClassifier.from_directory("path/to/model")  # doctest: +SKIP
+>>> classifier.predict([open("cat.jpg", "rb").read()])  # doctest: +SKIP
+     label     score          probabilities
+0    a cat  0.97...  [0.01..., 0.97..., ...]
 """
 
 from __future__ import annotations
@@ -130,8 +130,10 @@ class ZeroShotClassifier:
         """Probabilities for already-preprocessed float32 images [N, 3, R, R], in chunks."""
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         chunk = max(1, self.session.settings.chunk_size)
-        parts = [self.session.run(batch[start : start + chunk], [self._probabilities_output])[0]
-                 for start in range(0, len(batch), chunk)]
+        parts = [
+            self.session.run(batch[start : start + chunk], [self._probabilities_output])[0]
+            for start in range(0, len(batch), chunk)
+        ]
         return np.concatenate(parts) if parts else np.zeros((0, len(self.config.classes)), np.float32)
 
     def _text_encoder(self, purpose: str) -> TextEncoder:
@@ -181,7 +183,9 @@ class ZeroShotClassifier:
                 cuts = np.linspace(0, len(part), shards + 1).astype(int)
                 results = list(
                     self._shard_pool.map(
-                        lambda lo, hi: self._run_loaded([self._load(v) for v in part[lo:hi]], lo, run, on_error, output),
+                        lambda lo, hi: self._run_loaded(
+                            [self._load(v) for v in part[lo:hi]], lo, run, on_error, output
+                        ),
                         cuts[:-1],
                         cuts[1:],
                     )
@@ -274,13 +278,15 @@ def request_templates(value: Any, limits: InputLimits = InputLimits()) -> list[s
     try:
         return resolve_templates(list(value))
     except PromptError as e:
-        raise InvalidInputError(
-            f"{e} Or send one of the presets: {', '.join(sorted(TEMPLATE_PRESETS))}."
-        ) from None
+        raise InvalidInputError(f"{e} Or send one of the presets: {', '.join(sorted(TEMPLATE_PRESETS))}.") from None
 
 
 def _describe_text(value: Any) -> str:
-    return "missing (null)" if value is None or (isinstance(value, float) and np.isnan(value)) else f"a {type(value).__name__}"
+    return (
+        "missing (null)"
+        if value is None or (isinstance(value, float) and np.isnan(value))
+        else f"a {type(value).__name__}"
+    )
 
 
 def format_embeddings(embeddings: np.ndarray, errors: list[str | None]) -> pd.DataFrame:
@@ -329,9 +335,7 @@ def _rows_from_frame(frame: pd.DataFrame) -> list[Any]:
 
 def _rows_from_mapping(data: Mapping) -> list[Any]:
     if IMAGE_COLUMN not in data:
-        raise InvalidInputError(
-            f"Received a dict with keys {list(map(str, data))}; expected the key '{IMAGE_COLUMN}'."
-        )
+        raise InvalidInputError(f"Received a dict with keys {list(map(str, data))}; expected the key '{IMAGE_COLUMN}'.")
     value = data[IMAGE_COLUMN]
     if isinstance(value, (list, tuple, pd.Series)) or (isinstance(value, np.ndarray) and value.dtype == object):
         return list(value)
@@ -342,9 +346,7 @@ def _check_options(top_k: Any, on_error: Any, num_classes: int) -> None:
     if on_error not in ON_ERROR_CHOICES:
         raise InvalidInputError(f"Received on_error={on_error!r}; expected one of {list(ON_ERROR_CHOICES)}.")
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
-        raise InvalidInputError(
-            f"Received top_k={top_k!r}; expected a whole number from 0 (off) to {num_classes}."
-        )
+        raise InvalidInputError(f"Received top_k={top_k!r}; expected a whole number from 0 (off) to {num_classes}.")
 
 
 def describe_bad_rows(bad: list[tuple[int, str]], shown: int = 5) -> str:
@@ -353,7 +355,7 @@ def describe_bad_rows(bad: list[tuple[int, str]], shown: int = 5) -> str:
     return (
         f"{len(bad)} input row(s) could not be read as images: " + "; ".join(parts) + more + ". "
         "Send each image's encoded bytes (JPEG, PNG, WebP, BMP, GIF or TIFF), base64-encoded in "
-        "JSON requests, or pass params {\"on_error\": \"null\"} to get a null label for bad rows."
+        'JSON requests, or pass params {"on_error": "null"} to get a null label for bad rows.'
     )
 
 

@@ -67,8 +67,15 @@ class FlavorKey:
 
 # Keys of ONNX metadata_props whose values are JSON.
 _JSON_KEYS = (
-    "classes", "template_texts", "mean", "std", "input_resolution", "logit_scale", "opset",
-    "embedding_dim", "context_length",
+    "classes",
+    "template_texts",
+    "mean",
+    "std",
+    "input_resolution",
+    "logit_scale",
+    "opset",
+    "embedding_dim",
+    "context_length",
 )
 
 

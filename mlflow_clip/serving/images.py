@@ -51,10 +51,7 @@ SEND_IMAGE_FIX = (
     "send the bytes of a JPEG, PNG, WebP, BMP, GIF or TIFF file, raw or base64-encoded "
     "(see mlflow_clip.client.encode_image)"
 )
-PATH_FIX = (
-    "the model never reads paths or URLs, send the image bytes "
-    "(see mlflow_clip.client.encode_image)"
-)
+PATH_FIX = "the model never reads paths or URLs, send the image bytes (see mlflow_clip.client.encode_image)"
 ARRAY_FIX = "send uint8 pixels shaped HxWx3 (RGB), HxW (gray) or HxWx4 (RGBA)"
 TOO_LARGE_FIX = "downscale or recompress the image before sending, or raise InputLimits.max_bytes"
 TOO_MANY_PIXELS_FIX = (
@@ -122,8 +119,6 @@ _EXIF_TRANSPOSE = {  # EXIF orientation -> transposition that makes the image up
 }
 
 
-
-
 class ImageInputError(MlflowClipError, ValueError):
     """One image input could not be used: ``reason`` says why, ``fix`` what to send instead.
 
@@ -183,8 +178,7 @@ def _encoded_bytes(value: object, limits: InputLimits) -> bytes:
         return _bytes_from_binary(value, limits)
     raise ImageInputError(
         f"unsupported input type {type(value).__name__}",
-        "send image bytes, base64 text, a data:image URI or a uint8 numpy array "
-        "(see mlflow_clip.client.encode_image)",
+        "send image bytes, base64 text, a data:image URI or a uint8 numpy array (see mlflow_clip.client.encode_image)",
     )
 
 
@@ -213,8 +207,7 @@ def _bytes_from_str(text: str, limits: InputLimits) -> bytes:
         if _looks_like_path_or_url(text.strip()):
             raise ImageInputError("looks like a file path or URL", PATH_FIX) from None
         raise ImageInputError(
-            f"not an image: a str of length {len(text)} with non-ASCII characters is neither "
-            "base64 nor a data URI"
+            f"not an image: a str of length {len(text)} with non-ASCII characters is neither base64 nor a data URI"
         ) from None
     return _bytes_from_text(data, limits)
 
@@ -231,8 +224,7 @@ def _bytes_from_text(text: bytes, limits: InputLimits) -> bytes:
         raise ImageInputError("looks like a file path or URL", PATH_FIX)
     if decoded is None:
         raise ImageInputError(
-            f"not an image: {len(text)} bytes that are neither a supported image file nor "
-            "base64 text nor a data URI"
+            f"not an image: {len(text)} bytes that are neither a supported image file nor base64 text nor a data URI"
         )
     _refuse_known_format(decoded)
     return decoded
@@ -245,9 +237,7 @@ def _bytes_from_data_uri(uri: bytes, limits: InputLimits) -> bytes:
     media_type, *parameters = header[5:].decode("latin-1").split(";")
     media_type = media_type.strip().lower()
     if "base64" not in (p.strip().lower() for p in parameters):
-        raise ImageInputError(
-            "data URI is not base64-encoded", "use data:image/png;base64,<base64 bytes>"
-        )
+        raise ImageInputError("data URI is not base64-encoded", "use data:image/png;base64,<base64 bytes>")
     _check_media_type(media_type)
     decoded = _decode_base64(payload.strip(), limits)
     if decoded is None:
@@ -289,9 +279,7 @@ def _decode_base64(text: bytes, limits: InputLimits) -> bytes | None:
 def _looks_like_path_or_url(text: str) -> bool:
     if len(text) > _MAX_PATH_LENGTH or "\n" in text:
         return False
-    return bool(
-        _URL.match(text) or text.startswith(_PATH_START) or _FILE_EXTENSION.search(text)
-    )
+    return bool(_URL.match(text) or text.startswith(_PATH_START) or _FILE_EXTENSION.search(text))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,8 +390,6 @@ def _bomb_reason(described: str) -> str:
     return f"too many pixels ({described}; over Pillow's limit of {Image.MAX_IMAGE_PIXELS})"
 
 
-
-
 def _image_from_array(array: np.ndarray, limits: InputLimits) -> Image.Image:
     if array.dtype != np.uint8:
         raise ImageInputError(f"unsupported array dtype {array.dtype}", ARRAY_FIX)
@@ -443,9 +429,7 @@ def _to_rgb_mode(image: Image.Image) -> Image.Image:
     try:
         return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV, RGBX
     except ValueError as e:
-        raise ImageInputError(
-            f"unsupported image mode {mode}", "convert the image to RGB before sending"
-        ) from e
+        raise ImageInputError(f"unsupported image mode {mode}", "convert the image to RGB before sending") from e
 
 
 def _composite_on_white(image: Image.Image) -> Image.Image:

@@ -1,7 +1,7 @@
 """The per-request input limits: one dataclass, stored in MLmodel and overridable at load.
 
-    >>> InputLimits(max_rows=100).max_rows
-    100
+>>> InputLimits(max_rows=100).max_rows
+100
 """
 
 from __future__ import annotations

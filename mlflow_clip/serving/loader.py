@@ -49,7 +49,9 @@ def default_signature():
     from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
     from mlflow.types.schema import Array
 
-    inputs = Schema([ColSpec(DataType.binary, "image", required=False), ColSpec(DataType.string, TEXT_COLUMN, required=False)])
+    inputs = Schema(
+        [ColSpec(DataType.binary, "image", required=False), ColSpec(DataType.string, TEXT_COLUMN, required=False)]
+    )
     outputs = Schema(
         [
             ColSpec(DataType.string, "label"),
@@ -126,20 +128,26 @@ def _verify(root: Path, mlmodel: Mapping[str, Any], conf: Mapping[str, Any], ver
         return
     if recorded_manifest(mlmodel) is None:
         # Saved by mlflow-clip 0.1.0, before manifests: there is nothing to check against.
-        _logger.info("mlflow-clip: %s (saved by mlflow-clip %s) has no manifest to check.", root, conf.get(FlavorKey.VERSION))
+        _logger.info(
+            "mlflow-clip: %s (saved by mlflow-clip %s) has no manifest to check.", root, conf.get(FlavorKey.VERSION)
+        )
         return
     started = time.perf_counter()
     try:
         check_manifest(root, mlmodel)
     except MlflowClipError as e:
         raise _invalid(str(e), "INVALID_STATE") from None
-    _logger.info("mlflow-clip: %s matches its manifest (checked in %.0f ms).", root, 1000 * (time.perf_counter() - started))
+    _logger.info(
+        "mlflow-clip: %s matches its manifest (checked in %.0f ms).", root, 1000 * (time.perf_counter() - started)
+    )
 
 
 def _model_file(root: Path, name: str) -> Path:
     path = root / name
     if Path(name).is_absolute() or ".." in Path(name).parts or not path.is_file():
-        raise _invalid(f"The model directory {root} has no file {name!r}, which its MLmodel names.", "RESOURCE_DOES_NOT_EXIST")
+        raise _invalid(
+            f"The model directory {root} has no file {name!r}, which its MLmodel names.", "RESOURCE_DOES_NOT_EXIST"
+        )
     return path
 
 
@@ -254,4 +262,3 @@ def _text_rows(data: Any) -> list[Any] | None:
             )
         return None
     return list(data[TEXT_COLUMN])
-

@@ -60,8 +60,8 @@ MAX_EXACT_RESIZED_PIXELS = 1 << 25
 def compute_resized_size(width: int, height: int, size: int) -> tuple[int, int]:
     """(width, height) after torchvision's ``Resize(size)``: the short side becomes ``size``.
 
-        >>> compute_resized_size(640, 480, 224)
-        (298, 224)
+    >>> compute_resized_size(640, 480, 224)
+    (298, 224)
     """
     short, long = (width, height) if width <= height else (height, width)
     new_short, new_long = size, int(size * long / short)
@@ -71,8 +71,8 @@ def compute_resized_size(width: int, height: int, size: int) -> tuple[int, int]:
 def compute_crop_origin(width: int, height: int, size: int) -> tuple[int, int]:
     """(left, top) of torchvision's ``CenterCrop(size)``; Python's round(), so halves go to even.
 
-        >>> compute_crop_origin(299, 224, 224), compute_crop_origin(301, 224, 224)
-        ((38, 0), (38, 0))
+    >>> compute_crop_origin(299, 224, 224), compute_crop_origin(301, 224, 224)
+    ((38, 0), (38, 0))
     """
     return int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
 
@@ -108,9 +108,7 @@ class Preprocessor:
         if any(value == 0.0 for value in self.std):
             raise ValueError(f"Preprocessor std must not contain 0; received {self.std}.")
         if self.resample not in RESAMPLE_FILTERS:
-            raise ValueError(
-                f"Received resample={self.resample!r}; expected one of {sorted(RESAMPLE_FILTERS)}."
-            )
+            raise ValueError(f"Received resample={self.resample!r}; expected one of {sorted(RESAMPLE_FILTERS)}.")
         object.__setattr__(self, "_table", _normalization_table(self.mean, self.std))
 
     def __call__(self, image: Image.Image) -> np.ndarray:
@@ -261,7 +259,9 @@ def native_status() -> NativeStatus:
         reason = f"failed its check ({type(e).__name__}: {e}); Pillow resizes"
         _logger.warning("mlflow-clip native resampling %s", reason)
         return NativeStatus(False, reason)
-    return NativeStatus(True, f"{native_resample.origin()}; identical to Pillow {Image.__version__} on its check images")
+    return NativeStatus(
+        True, f"{native_resample.origin()}; identical to Pillow {Image.__version__} on its check images"
+    )
 
 
 def _normalization_table(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -274,9 +274,7 @@ def _normalization_table(mean: Sequence[float], std: Sequence[float]) -> np.ndar
 
 def _check_resolution(value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(
-            f"Received input_resolution={value!r}; expected a positive int such as 224."
-        )
+        raise ValueError(f"Received input_resolution={value!r}; expected a positive int such as 224.")
 
 
 def _three_floats(name: str, values: Sequence[float]) -> tuple[float, float, float]:

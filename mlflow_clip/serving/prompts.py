@@ -111,9 +111,7 @@ PLACEHOLDER = "{}"
 FORBIDDEN_CLASS_CHARS = (";",)
 
 _LEADING_ARTICLE = re.compile(r"^(a|an|the)\s+(?=\S)", re.IGNORECASE)
-_DETERMINERS = frozenset(
-    "a an the my one many this that these those some your his her their our its".split()
-)
+_DETERMINERS = frozenset("a an the my one many this that these those some your his her their our its".split())
 _INDEFINITE_BEFORE_PLACEHOLDER = re.compile(r"\b(a|an)\s+$", re.IGNORECASE)
 
 
@@ -222,7 +220,7 @@ def fill_template(template: str, class_name: str) -> str:
     article = _LEADING_ARTICLE.match(class_name)
     if article is None or not _has_determiner(prefix):
         return f"{prefix}{class_name}{suffix}"
-    bare = class_name[article.end():]
+    bare = class_name[article.end() :]
     indefinite = _INDEFINITE_BEFORE_PLACEHOLDER.search(prefix)
     if indefinite is not None:
         # The template's "a"/"an" right before the class takes the class's own article.
@@ -256,4 +254,6 @@ def _read_text(path: Path, what: str) -> str:
     except FileNotFoundError as e:
         raise PromptError(f"The {what} file {path} does not exist; check the path after '@'.") from e
     except UnicodeDecodeError as e:
-        raise PromptError(f"The {what} file {path} is not valid UTF-8 ({e.reason} at byte {e.start}); save it as UTF-8.") from e
+        raise PromptError(
+            f"The {what} file {path} is not valid UTF-8 ({e.reason} at byte {e.start}); save it as UTF-8."
+        ) from e

@@ -80,7 +80,9 @@ class _CannotCompile(Exception):
 def _compile_from_source() -> ModuleType:
     if not SOURCE.is_file():
         raise _CannotCompile(f"its source {SOURCE.name} is missing")
-    compiler = shutil.which((sysconfig.get_config_var("CC") or "cc").split()[0]) or shutil.which("cc") or shutil.which("gcc")
+    compiler = (
+        shutil.which((sysconfig.get_config_var("CC") or "cc").split()[0]) or shutil.which("cc") or shutil.which("gcc")
+    )
     include = Path(sysconfig.get_paths()["include"])
     if compiler is None:
         raise _CannotCompile("no C compiler is installed")
@@ -123,11 +125,7 @@ def _cache_dir() -> Path:
 def vertical_first(width: int, height: int, new_width: int, new_height: int) -> bool:
     """Whether the installed Pillow resizes ``width x height`` to ``new_width x new_height``
     with the vertical pass first (only matters when both sides change)."""
-    return (
-        _pillow_rule()
-        and new_height < height
-        and height - new_height > 2 * (width - new_width)
-    )
+    return _pillow_rule() and new_height < height and height - new_height > 2 * (width - new_width)
 
 
 def built() -> bool:

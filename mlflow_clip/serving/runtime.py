@@ -78,9 +78,7 @@ class RuntimeSettings:
         known = {f for f in cls.__dataclass_fields__}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(
-                f"Received unknown runtime settings {unknown}; expected any of {sorted(known)}."
-            )
+            raise ValueError(f"Received unknown runtime settings {unknown}; expected any of {sorted(known)}.")
         if "providers" in data:
             data["providers"] = tuple(data["providers"])
         return cls(**data)

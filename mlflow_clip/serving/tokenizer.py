@@ -59,9 +59,9 @@ class TextInputError(MlflowClipError, ValueError):
 class ClipTokenizer:
     """CLIP's byte-pair-encoding tokenizer, loaded from an explicit vocabulary file.
 
-        >>> tokenizer = ClipTokenizer.from_file("model/bpe_simple_vocab_16e6.txt.gz")  # doctest: +SKIP
-        >>> tokenizer.encode("Hello, world!")  # doctest: +SKIP
-        [3306, 267, 1002, 256]
+    >>> tokenizer = ClipTokenizer.from_file("model/bpe_simple_vocab_16e6.txt.gz")  # doctest: +SKIP
+    >>> tokenizer.encode("Hello, world!")  # doctest: +SKIP
+    [3306, 267, 1002, 256]
     """
 
     def __init__(self, vocab_path: str | Path) -> None:
@@ -164,8 +164,8 @@ class ClipTokenizer:
 def clean_text(text: str) -> str:
     """CLIP's text cleaning: fix mojibake, unescape HTML twice, collapse whitespace, lower-case.
 
-        >>> clean_text("  Caf\\u00c3\\u00a9 &amp;amp;  Bar\\n")
-        'café & bar'
+    >>> clean_text("  Caf\\u00c3\\u00a9 &amp;amp;  Bar\\n")
+    'café & bar'
     """
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return _WHITESPACE.sub(" ", text).strip().lower()
