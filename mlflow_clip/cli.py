@@ -63,7 +63,8 @@ def cli(verbose: bool) -> None:
     "--max_prob_diff",
     default=None,
     type=float,
-    help="Parity gate: largest allowed |ONNX - PyTorch| probability. [default: per precision: fp32 1e-4, fp16 1e-2, int8 0.1]",
+    help="Parity gate: largest allowed |ONNX - PyTorch| probability. "
+    "[default: per precision: fp32 1e-4, fp16 1e-2, int8 0.1]",
 )
 @click.option("--alias", default="", help="Alias to set on the new version, e.g. challenger.")
 @click.option(
@@ -248,7 +249,8 @@ def evaluate_command(model_uri, data, reference) -> None:
 @click.option(
     "--models",
     default=None,
-    help="Comma-separated CLIP architectures (random weights), 'demo', or checkpoint paths. [default: RN50,ViT-B/32,demo; --quick: demo]",
+    help="Comma-separated CLIP architectures (random weights), 'demo', or checkpoint paths. "
+    "[default: RN50,ViT-B/32,demo; --quick: demo]",
 )
 @click.option(
     "--sizes",
@@ -261,7 +263,8 @@ def evaluate_command(model_uri, data, reference) -> None:
 @click.option(
     "--rows",
     default=None,
-    help="Comma-separated rows: torch, onnxruntime, pyfunc, labels, server, precision, draft, load, settings. [default: all but settings]",
+    help="Comma-separated rows: torch, onnxruntime, pyfunc, labels, server, precision, draft, load, settings. "
+    "[default: all but settings]",
 )
 @click.option("--precisions", default=None, help="Variants for the precision rows: int8, fp16. [default: int8,fp16]")
 @click.option(

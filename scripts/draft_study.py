@@ -120,7 +120,8 @@ def to_markdown(rows) -> str:
         "has real zero-shot accuracy to compare. Times are decode + preprocess per image, one thread,",
         "with the native resize when it is built (the machine's load moves them by up to 2x).",
         "",
-        "| model | JPEG | images | max abs prob diff | top-1 agreement | accuracy exact | accuracy draft | exact ms | draft ms | speed-up |",
+        "| model | JPEG | images | max abs prob diff | top-1 agreement | accuracy exact | accuracy draft | "
+        "exact ms | draft ms | speed-up |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

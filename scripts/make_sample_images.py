@@ -131,7 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     total = sum((args.out / entry["file"]).stat().st_size for entry in manifest)
     for entry in manifest:
         print(
-            f"{entry['file']:40s} {entry['format']:5s} {entry['mode']:5s} {(args.out / entry['file']).stat().st_size:>7,d} B"
+            f"{entry['file']:40s} {entry['format']:5s} {entry['mode']:5s} "
+            f"{(args.out / entry['file']).stat().st_size:>7,d} B"
         )
     print(f"{len(manifest)} images, {total / 1024:.1f} KiB in {args.out}")
     return 0

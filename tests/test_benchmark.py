@@ -261,7 +261,7 @@ def test_peak_rss_is_each_rows_own(quick_report):
 @pytest.mark.slow
 @requires_export
 def test_load_to_first_prediction_is_measured_in_a_fresh_interpreter(quick_report):
-    (load,) = [l for l in quick_report.loads if l.precision == "fp32"]
+    (load,) = [r for r in quick_report.loads if r.precision == "fp32"]
     assert load.status == "ok" and load.model_uri.startswith("models:/benchmark-demo-fp32/")
     assert load.seconds > 0 and len(load.runs) == 1
     assert load.imports_s + load.load_s + load.predict_s <= load.seconds

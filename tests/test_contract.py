@@ -172,7 +172,8 @@ def test_a_model_saved_by_0_1_0_still_loads_and_predicts_without_torch(tmp_path)
         model = mlflow.pyfunc.load_model({str(model_dir)!r})
         out = model.predict(pd.DataFrame({{"image": [(samples / n).read_bytes() for n in names]}}))
         assert not any(m.split(".")[0] in BLOCKED for m in sys.modules)
-        print("RESULT " + json.dumps({{"labels": list(out["label"]), "probabilities": [list(p) for p in out["probabilities"]]}}))
+        result = {{"labels": list(out["label"]), "probabilities": [list(p) for p in out["probabilities"]]}}
+        print("RESULT " + json.dumps(result))
         """
     )
     result = subprocess.run(

@@ -353,7 +353,8 @@ def test_evaluation_never_imports_torch(colour_model_dir, tmp_path):
         from mlflow_clip.evaluation import evaluate_classifier, load_labelled_images, write_reports
         import mlflow_clip.evaluation.plugin
         classifier = mlflow_clip.load_model({str(colour_model_dir)!r})
-        evaluation = evaluate_classifier(classifier, load_labelled_images({str(root)!r}, classifier.classes), progress=False)
+        items = load_labelled_images({str(root)!r}, classifier.classes)
+        evaluation = evaluate_classifier(classifier, items, progress=False)
         write_reports(evaluation, {str(tmp_path)!r})
         assert not any(m.split(".")[0] in BLOCKED for m in sys.modules)
         print("ACCURACY", evaluation.accuracy_top1)

@@ -27,9 +27,11 @@ def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("promotion")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     with using_store(uri):
-        mlflow.set_experiment(experiment_id=mlflow.create_experiment("p", artifact_location=(root / "a").as_uri()))
-        first = export_and_register(CLASSES, model="demo", templates="photo", registered_model_name=NAME)
-        second = export_and_register(CLASSES, model="demo", templates="none", registered_model_name=NAME)
+        experiment = mlflow.create_experiment("p", artifact_location=(root / "a").as_uri())
+        with mlflow.start_run(experiment_id=experiment):
+            first = export_and_register(CLASSES, model="demo", templates="photo", registered_model_name=NAME)
+        with mlflow.start_run(experiment_id=experiment):
+            second = export_and_register(CLASSES, model="demo", templates="none", registered_model_name=NAME)
         yield {"uri": uri, "v1": first.model_version, "v2": second.model_version}
 
 

@@ -105,7 +105,10 @@ def test_a_native_pass_that_differs_from_pillow_is_not_used(monkeypatch):
 
 
 def test_environment_switch_turns_it_off():
-    code = "from mlflow_clip.serving.preprocess import native_status; print(native_status().available, native_status().reason)"
+    code = (
+        "from mlflow_clip.serving.preprocess import native_status; "
+        "print(native_status().available, native_status().reason)"
+    )
     env = {**os.environ, resample.ENV_VAR: "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.startswith("False") and resample.ENV_VAR in out

@@ -129,7 +129,7 @@ def test_shards_give_the_same_rows_and_errors_as_one_run(demo_model_dir):
         with pytest.raises(ValueError, match=r"2 input row\(s\).*row 3:.*row 9:"):
             model.predict(rows)
     reference = np.array(outputs[1]["probabilities"].dropna().tolist())
-    for shards, frame in outputs.items():
+    for frame in outputs.values():
         assert frame["probabilities"].isna().tolist() == [i in (3, 9) for i in range(len(rows))]
         assert frame["label"].tolist() == outputs[1]["label"].tolist()
         np.testing.assert_allclose(np.array(frame["probabilities"].dropna().tolist()), reference, atol=1e-6)

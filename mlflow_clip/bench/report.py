@@ -32,7 +32,8 @@ def rows_table(rows: Sequence[RowResult]) -> str:
             f"| {r.model} | {r.size} | {r.batch} | {r.label} | {r.requests if ok else '—'} | "
             f"{format_number(r.images_per_s, 2) if ok else '—'} | {format_number(r.p50_ms, 0) if ok else '—'} | "
             f"{format_number(r.p95_ms, 0) if ok else '—'} | {format_number(r.peak_rss_mb, 0) if ok else '—'} | "
-            f"{format_number(r.cores_busy, 2) if ok else '—'} | {format_number(r.vs_torch, 2, 'x')} | {format_number(r.vs_onnxruntime, 2, 'x')} | "
+            f"{format_number(r.cores_busy, 2) if ok else '—'} | {format_number(r.vs_torch, 2, 'x')} | "
+            f"{format_number(r.vs_onnxruntime, 2, 'x')} | "
             f"{format_number(r.vs_pyfunc, 2, 'x')} | {'—' if r.max_prob_diff is None else f'{r.max_prob_diff:.1e}'} | "
             f"{'' if ok else r.status + ': '}{_cell(r.note)} |"
         )
@@ -51,14 +52,16 @@ def targets_table(targets: Sequence[TargetResult]) -> str:
 
 def loads_table(loads: Sequence[LoadResult]) -> str:
     lines = [
-        "| model | precision | load to first prediction s (median) | runs | imports s | load s | predict s | peak RSS MB | note |",
+        "| model | precision | load to first prediction s (median) | runs | imports s | load s | predict s | "
+        "peak RSS MB | note |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for l in loads:
+    for load in loads:
         lines.append(
-            f"| {l.model} | {l.precision} | {format_number(l.seconds, 2)} | {len(l.runs)} | {format_number(l.imports_s, 2)} | "
-            f"{format_number(l.load_s, 2)} | {format_number(l.predict_s, 2)} | {format_number(l.peak_rss_mb, 0)} | "
-            f"{'' if l.status == 'ok' else l.status + ': '}{_cell(l.note)} |"
+            f"| {load.model} | {load.precision} | {format_number(load.seconds, 2)} | {len(load.runs)} | "
+            f"{format_number(load.imports_s, 2)} | {format_number(load.load_s, 2)} | "
+            f"{format_number(load.predict_s, 2)} | {format_number(load.peak_rss_mb, 0)} | "
+            f"{'' if load.status == 'ok' else load.status + ': '}{_cell(load.note)} |"
         )
     return "\n".join(lines)
 
@@ -77,7 +80,8 @@ def soaks_table(soaks: Sequence[SoakResult]) -> str:
     for s in soaks:
         lines.append(
             f"| {s.model} | {s.size} | {'on' if s.arena else 'off'} | {s.clients} | {s.requests} | {s.errors} | "
-            f"{format_number(s.images_per_s, 1)} | {format_number(s.p50_ms, 0)} | {format_number(s.p95_ms, 0)} | {format_number(s.rss_start_mb, 0)} | "
+            f"{format_number(s.images_per_s, 1)} | {format_number(s.p50_ms, 0)} | {format_number(s.p95_ms, 0)} "
+            f"| {format_number(s.rss_start_mb, 0)} | "
             f"{format_number(s.rss_warm_mb, 0)} | {format_number(s.rss_end_mb, 0)} | {format_number(s.growth_mb, 1)} | "
             f"{format_number(_trend(s), 1)} | {format_number(s.rss_peak_mb, 0)} | "
             f"{'' if s.status == 'ok' else s.status + ': '}{_cell(s.note)} |"
@@ -90,12 +94,14 @@ def render_markdown(report: BenchmarkReport) -> str:
     options, machine = report.options, report.machine
     parts = [
         f"Machine: {machine['cpu']}, {machine['cpu_count']} cores; threads {options['threads']}; "
-        f"load average {format_number(machine.get('loadavg_start'), 2)} at the start, {format_number(machine.get('loadavg_end'), 2)} at the end; "
+        f"load average {format_number(machine.get('loadavg_start'), 2)} at the start, "
+        f"{format_number(machine.get('loadavg_end'), 2)} at the end; "
         f"onnxruntime {machine['versions'].get('onnxruntime')}, torch {machine['versions'].get('torch')}, "
         f"mlflow {machine['versions'].get('mlflow')}; run took {report.seconds / 60:.1f} min."
         + (f" Resize and crop: {machine['resampling']}." if machine.get("resampling") else ""),
         f"Server: {', '.join(options['server_configs'])} (w = uvicorn workers, t = onnxruntime threads per worker), "
-        f"`{options['server_form']}` requests{_env_text(options.get('server_env'))}. Warm-up: {options['warmup']} requests per row, excluded; then at "
+        f"`{options['server_form']}` requests{_env_text(options.get('server_env'))}. Warm-up: "
+        f"{options['warmup']} requests per row, excluded; then at "
         f"least {options['min_requests']} requests and {options['min_seconds']:g} s per row, in {options['rounds']} "
         "rounds that alternate between the rows of a group; a request is one batch.",
     ]
@@ -137,7 +143,8 @@ def soak_verdict(soaks: Sequence[SoakResult]) -> str:
         off, on = by_arena[False], by_arena[True]
         lower = "off" if off.rss_end_mb <= on.rss_end_mb else "on"
         lines.append(
-            f"- {model}: arena off {off.rss_end_mb:.0f} MB idle at the end ({off.growth_mb:+.1f} MB since the warm-up), "
+            f"- {model}: arena off {off.rss_end_mb:.0f} MB idle at the end ({off.growth_mb:+.1f} MB since the "
+            "warm-up), "
             f"{off.images_per_s:.1f} images/s; arena on {on.rss_end_mb:.0f} MB ({on.growth_mb:+.1f} MB), "
             f"{on.images_per_s:.1f} images/s: the smaller footprint is with the arena {lower}."
         )
@@ -196,9 +203,9 @@ def report_metrics(report: BenchmarkReport) -> dict[str, float]:
             for name in ("images_per_s", "p50_ms", "p95_ms", "peak_rss_mb", "vs_torch", "vs_onnxruntime", "vs_pyfunc"):
                 if getattr(r, name) is not None:
                     metrics[metric_key(r.model, r.size, f"b{r.batch}", r.row, name)] = float(getattr(r, name))
-    for l in report.loads:
-        if l.status == "ok":
-            metrics[metric_key(l.model, l.precision, "load_to_first_prediction_s")] = float(l.seconds)
+    for load in report.loads:
+        if load.status == "ok":
+            metrics[metric_key(load.model, load.precision, "load_to_first_prediction_s")] = float(load.seconds)
     for s in report.soaks:
         for name in ("images_per_s", "rss_warm_mb", "rss_end_mb", "growth_mb", "errors"):
             if getattr(s, name) is not None:

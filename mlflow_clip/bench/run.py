@@ -72,7 +72,8 @@ def _note_builds(report: BenchmarkReport, builds: dict) -> None:
     for (model, precision), info in builds.items():
         if info.get("status") != "ok":
             report.notes.append(
-                f"{model} {precision}: not built, {info.get('status', 'failed')}: {info.get('note') or info.get('error', '')}"
+                f"{model} {precision}: not built, {info.get('status', 'failed')}: "
+                f"{info.get('note') or info.get('error', '')}"
             )
     drafts = [
         m
@@ -105,7 +106,7 @@ def _run_group(
         per_round = _round_budget(options)
         for number in range(options.rounds):
             progress(f"{where}: round {number + 1} of {options.rounds}")
-            for item, process in running:
+            for _, process in running:
                 process.run_round(*per_round)
         for item, process in running:
             _fill_planned(item, process.finish(), state)

@@ -73,7 +73,7 @@ def evaluate_targets(report: BenchmarkReport) -> list[TargetResult]:
     ceiling = decode_bound(graph, int(report.options.get("threads") or 0))
     targets = [_ratio_target(target, group, graph, ceiling) for target in RATIO_TARGETS]
     load = next(
-        (l for l in report.loads if (l.model, l.precision) == (TARGET_MODEL, "fp32") and l.status == "ok"), None
+        (r for r in report.loads if (r.model, r.precision) == (TARGET_MODEL, "fp32") and r.status == "ok"), None
     )
     return targets + [_load_target(load)]
 
@@ -117,7 +117,8 @@ def _load_target(load: LoadResult | None) -> TargetResult:
         f"<= {LOAD_TARGET_SECONDS:.1f} s",
         "not measured"
         if seconds is None
-        else f"{seconds:.2f} s (from process start {load.seconds:.2f} s, of which interpreter and imports {load.seconds - seconds:.2f} s)",
+        else f"{seconds:.2f} s (from process start {load.seconds:.2f} s, "
+        f"of which interpreter and imports {load.seconds - seconds:.2f} s)",
         "n/a" if seconds is None else ("PASS" if seconds <= LOAD_TARGET_SECONDS else "FAIL"),
     )
 

@@ -150,7 +150,9 @@ def _csv_pairs(csv_path: Path) -> list[tuple[str, Path, str]]:
             f"The CSV {csv_path} has columns {list(table.columns)}; expected 'path' and 'label' "
             f"(missing {missing}). Write a header line 'path,label'."
         )
-    blank = [i + 2 for i, (p, l) in enumerate(zip(table["path"], table["label"])) if not p.strip() or not l.strip()]
+    blank = [
+        i + 2 for i, (p, label) in enumerate(zip(table["path"], table["label"])) if not p.strip() or not label.strip()
+    ]
     if blank:
         raise EvaluationError(
             f"The CSV {csv_path} has an empty path or label on line(s) {listing(blank)}; fill or remove them."
@@ -158,4 +160,7 @@ def _csv_pairs(csv_path: Path) -> list[tuple[str, Path, str]]:
     if table.empty:
         raise EvaluationError(f"The CSV {csv_path} lists no images; expected one 'path,label' row per image.")
     base = csv_path.resolve().parent
-    return [(p.strip(), base / Path(p.strip()).expanduser(), l.strip()) for p, l in zip(table["path"], table["label"])]
+    return [
+        (p.strip(), base / Path(p.strip()).expanduser(), label.strip())
+        for p, label in zip(table["path"], table["label"])
+    ]

@@ -91,7 +91,8 @@ def evaluate_classifier(
     Images that cannot be read or decoded are counted and listed in `.failed`, not fatal.
 
         >>> classifier = mlflow_clip.load_model("models:/clip-zero-shot/3")  # doctest: +SKIP
-        >>> evaluation = evaluate_classifier(classifier, load_labelled_images("val", classifier.classes))  # doctest: +SKIP
+        >>> items = load_labelled_images("val", classifier.classes)  # doctest: +SKIP
+        >>> evaluation = evaluate_classifier(classifier, items)  # doctest: +SKIP
     """
     if batch_size < 1:
         raise EvaluationError(f"Received batch_size={batch_size}; expected a whole number of at least 1.")

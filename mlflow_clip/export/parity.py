@@ -123,7 +123,7 @@ def measure_parity(
         torch_embeddings = head.embed(reference_pixels).float().numpy()
         embedding_diff = max(float(np.abs(e - torch_embeddings).max()) for e in onnx_embeddings.values())
     prob_diff = max(float(np.abs(p - torch_probs).max()) for p in onnx_probs.values())
-    logit_diff = max(float(np.abs(l - torch_logits).max()) for l in onnx_logits.values())
+    logit_diff = max(float(np.abs(logits - torch_logits).max()) for logits in onnx_logits.values())
     agreement = min(float((p.argmax(1) == torch_probs.argmax(1)).mean()) for p in onnx_probs.values())
     return ParityReport(
         image_names=names,
@@ -218,19 +218,23 @@ def check_gates(report: ParityReport, thresholds: ParityThresholds, prefix: str 
     failures = []
     if not report.max_abs_prob_diff <= thresholds.max_prob_diff:
         failures.append(
-            f"{prefix}max_abs_prob_diff = {report.max_abs_prob_diff:.3g} exceeds max_prob_diff = {thresholds.max_prob_diff:.3g}"
+            f"{prefix}max_abs_prob_diff = {report.max_abs_prob_diff:.3g} exceeds max_prob_diff = "
+            f"{thresholds.max_prob_diff:.3g}"
         )
     if not report.max_abs_logit_diff <= thresholds.max_logit_diff:
         failures.append(
-            f"{prefix}max_abs_logit_diff = {report.max_abs_logit_diff:.3g} exceeds max_logit_diff = {thresholds.max_logit_diff:.3g}"
+            f"{prefix}max_abs_logit_diff = {report.max_abs_logit_diff:.3g} exceeds max_logit_diff = "
+            f"{thresholds.max_logit_diff:.3g}"
         )
     if not report.top1_agreement >= thresholds.min_top1_agreement:
         failures.append(
-            f"{prefix}top1_agreement = {report.top1_agreement:.4f} is below min_top1_agreement = {thresholds.min_top1_agreement:.4f}"
+            f"{prefix}top1_agreement = {report.top1_agreement:.4f} is below min_top1_agreement = "
+            f"{thresholds.min_top1_agreement:.4f}"
         )
     if not report.max_abs_pixel_diff <= thresholds.max_pixel_diff:
         failures.append(
-            f"{prefix}max_abs_pixel_diff = {report.max_abs_pixel_diff:.3g} exceeds max_pixel_diff = {thresholds.max_pixel_diff:.3g}"
+            f"{prefix}max_abs_pixel_diff = {report.max_abs_pixel_diff:.3g} exceeds max_pixel_diff = "
+            f"{thresholds.max_pixel_diff:.3g}"
         )
     if report.text is not None:
         text = report.text
@@ -241,7 +245,8 @@ def check_gates(report: ParityReport, thresholds: ParityThresholds, prefix: str 
             )
         if text.token_mismatches:
             failures.append(
-                f"{prefix}token_mismatches = {text.token_mismatches} of {text.count} texts tokenized differently from clip.tokenize"
+                f"{prefix}token_mismatches = {text.token_mismatches} of {text.count} texts tokenized "
+                "differently from clip.tokenize"
             )
     return failures
 

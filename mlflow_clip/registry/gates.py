@@ -14,7 +14,9 @@ recorded accuracy against the current holder's.
 
 from __future__ import annotations
 
+import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,8 +75,23 @@ def check_gates(client: MlflowClient, model_name: str, version: str, thresholds:
 
 def _download(mv, tmp: str) -> Path:
     from mlflow.artifacts import download_artifacts
+    from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
 
-    return Path(download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=tmp))
+    with _environment(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name, "false"):  # the gates report what matters
+        return Path(download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=tmp))
+
+
+@contextmanager
+def _environment(name: str, value: str):
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
 
 
 def _checksum_gate(mv, local: Path, thresholds: GateThresholds) -> GateResult:
@@ -124,11 +141,15 @@ def _legacy_checksum_gate(mv, local: Path, conf: dict, thresholds: GateThreshold
     actual = sha256_file(local / conf.get("onnx_model", "model.onnx"))
     figures = {"recorded": recorded, "actual": actual, "manifest": False}
     if not (actual == recorded == conf.get("onnx_sha256")):
-        detail = f"ONNX SHA-256 {actual[:16]}... does not match the export's record {str(recorded)[:16]}... (the artifact was changed after export)"
+        detail = (
+            f"ONNX SHA-256 {actual[:16]}... does not match the export's record {str(recorded)[:16]}... "
+            "(the artifact was changed after export)"
+        )
         return GateResult("checksum", False, detail, figures)
     if not thresholds.allow_legacy:
         detail = (
-            f"version {mv.version} was saved by mlflow-clip {conf.get('mlflow_clip_version', '0.1.0')} without a manifest: only "
+            f"version {mv.version} was saved by mlflow-clip {conf.get('mlflow_clip_version', '0.1.0')} without "
+            "a manifest: only "
             "model.onnx can be checked, not its configuration, code or text encoder. Export it again, or pass "
             "--allow-legacy to promote it on that partial check"
         )

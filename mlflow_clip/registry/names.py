@@ -5,8 +5,8 @@ The rules are MLflow's (an alias is letters, digits, `_` and `-`, at most 255 ch
 quotes or control characters in a model name). One rule reads a version argument: digits are
 a version number, `@name` is an alias (so an all-digit alias is `@3`), any other name an alias.
 
-    >>> parse_version("3"), parse_version("@3"), parse_version("challenger")
-    (VersionRef(number='3', alias=None), VersionRef(number=None, alias='3'), VersionRef(number=None, alias='challenger'))
+    >>> [str(parse_version(text)) for text in ("3", "@3", "challenger")]
+    ['3', '@3', '@challenger']
 """
 
 from __future__ import annotations

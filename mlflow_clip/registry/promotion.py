@@ -209,7 +209,8 @@ def rollback(
         top = stack[-1]
         if top.version != holder:
             raise PromotionError(
-                f"@{alias} is on version {holder or 'no version'}, but the last promotion recorded by mlflow-clip set it to "
+                f"@{alias} is on version {holder or 'no version'}, but the last promotion recorded by "
+                "mlflow-clip set it to "
                 f"{top.version}: it was moved outside mlflow-clip. Promote the version you want explicitly."
             )
         previous = top.previous

@@ -183,7 +183,7 @@ class ZeroShotClassifier:
                 cuts = np.linspace(0, len(part), shards + 1).astype(int)
                 results = list(
                     self._shard_pool.map(
-                        lambda lo, hi: self._run_loaded(
+                        lambda lo, hi, part=part, run=run: self._run_loaded(
                             [self._load(v) for v in part[lo:hi]], lo, run, on_error, output
                         ),
                         cuts[:-1],

@@ -63,7 +63,8 @@ class RuntimeSettings:
             raise ValueError(f"Received chunk_size={self.chunk_size!r}; expected a whole number of images, at least 1.")
         if self.graph_optimization_level not in _OPT_LEVELS:
             raise ValueError(
-                f"Received graph_optimization_level={self.graph_optimization_level!r}; expected one of {sorted(_OPT_LEVELS)}."
+                f"Received graph_optimization_level={self.graph_optimization_level!r}; expected one of "
+                f"{sorted(_OPT_LEVELS)}."
             )
 
     def to_dict(self) -> dict[str, Any]:
