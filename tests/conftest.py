@@ -1,82 +1,18 @@
-"""Shared fixtures: tiny purpose-built models, images made here, and a fresh MLflow store per test."""
+"""Shared fixtures: tiny purpose-built models, images made here, and fresh MLflow stores.
+
+The helpers they use (and tests import) are in helpers.py.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
-import socket
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from helpers import build_colour_onnx, encode, has_module, solid, using_store
 
-ROOT = Path(__file__).resolve().parent.parent
-COLOUR_CLASSES = ["red", "green", "blue"]
-COLOUR_RGB = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
-
-
-def has_module(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None
-
-
-requires_export = pytest.mark.skipif(
-    not (has_module("torch") and has_module("clip")), reason="needs the export extra: pip install '.[export]'"
-)
-
-
-def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **kwargs)
-    return buffer.getvalue()
-
-
-def solid(colour: str, size=(40, 30)) -> Image.Image:
-    return Image.new("RGB", size, COLOUR_RGB[colour])
-
-
-def build_colour_onnx(path: Path, resolution: int = 32) -> Path:
-    """A hand-built ONNX 'classifier' that tells red, green and blue images apart: it averages
-    each channel and scores classes with a fixed matrix. With mlflow-clip's metadata, it stands
-    in for an exported CLIP where the test is about the flavor, not about CLIP."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    from mlflow_clip.serving.contract import ClassifierConfig, edge_output_name
-    from mlflow_clip.serving.preprocess import CLIP_MEAN, CLIP_STD
-
-    output = edge_output_name(COLOUR_CLASSES)
-    weights = (np.eye(3, dtype=np.float32) * 20.0).astype(np.float32)  # channel mean -> class logit
-    nodes = [
-        helper.make_node("ReduceMean", ["image-"], ["pooled"], axes=[2, 3], keepdims=0),
-        helper.make_node("MatMul", ["pooled", "w"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], [output], axis=-1),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "colour",
-        [helper.make_tensor_value_info("image-", TensorProto.FLOAT, ["batch", 3, resolution, resolution])],
-        [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["batch", 3])],
-        [helper.make_tensor("w", TensorProto.FLOAT, [3, 3], weights.ravel())],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    config = ClassifierConfig(
-        classes=COLOUR_CLASSES,
-        clip_model="colour-test",
-        input_resolution=resolution,
-        mean=list(CLIP_MEAN),
-        std=list(CLIP_STD),
-        logit_scale=20.0,
-        output_name=output,
-        opset=13,
-    )
-    helper.set_model_props(model, config.to_metadata_props())
-    onnx.save(model, str(path))
-    return path
+# MLflow's artifact progress bars would fill the logs of every test that downloads a model.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 @pytest.fixture(scope="session")
@@ -108,12 +44,6 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
     mlflow.set_tracking_uri(None)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def demo_built(tmp_path_factory):
     """The demo CLIP exported once for the session (all 9 classes, ensemble templates)."""
@@ -132,20 +62,6 @@ def demo_model_dir(tmp_path_factory, demo_built) -> Path:
     path = tmp_path_factory.mktemp("demo-model") / "model"
     mlflow_clip.save_model(demo_built.onnx_path, path, text_encoder=demo_built.text_encoder_path)
     return path
-
-
-def subprocess_env(**extra: str) -> dict[str, str]:
-    """This environment without the active run, and with a registry that follows the tracking
-    store named in `extra`."""
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_RUN")}
-    # MLflow starts `uvicorn` and `python` by name: this interpreter's bin/ comes first.
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    if "MLFLOW_TRACKING_URI" in extra:
-        env.pop("MLFLOW_REGISTRY_URI", None)
-    env.update(extra)
-    return env
 
 
 @pytest.fixture(scope="session")
@@ -175,20 +91,6 @@ def demo_registry(tmp_path_factory, demo_built):
     return uri, f"models:/clip-demo/{info.registered_model_version}"
 
 
-def demo_image_bytes(classes_and_formats, seed: int = 123, size=(150, 110)):
-    """(encoded bytes, class name) pairs of freshly drawn demo images."""
-    import numpy as np
-
-    from mlflow_clip.demo_data import draw_image
-
-    rng = np.random.default_rng(seed)
-    out = []
-    for name, fmt in classes_and_formats:
-        _, colour, shape = name.split()
-        out.append((encode(draw_image(colour, shape, size=size, rng=rng), fmt), name))
-    return out
-
-
 @pytest.fixture(scope="module")
 def module_store(tmp_path_factory) -> str:
     """A fresh SQLite store for one test module, in os.environ (so subprocesses and Spark
@@ -208,68 +110,6 @@ def module_store(tmp_path_factory) -> str:
         mlflow.set_registry_uri(None)
 
 
-def start_server(argv: list[str], log_path: Path, env: dict[str, str], cwd: Path | None = None):
-    """Start a server process whose output goes to a file (a pipe nobody reads would fill up
-    and block it)."""
-    import subprocess
-
-    log = open(log_path, "w")
-    process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
-    process.log_path = log_path
-    return process
-
-
-def wait_for_http(url: str, process, timeout: float = 180) -> None:
-    """Poll `url` until it answers 200; fail early with the process's output if it exits."""
-    import time
-
-    import requests
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            log_path = getattr(process, "log_path", None)
-            output = Path(log_path).read_text(errors="replace") if log_path else ""
-            raise RuntimeError(f"the server exited early:\n{output[-3000:]}")
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
-
-
-def stop_process(process, timeout: float = 20) -> None:
-    import subprocess
-
-    process.terminate()
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-
-
-@contextlib.contextmanager
-def using_store(uri: str):
-    """Point MLflow (its globals and the MLFLOW_*_URI variables it mirrors them into) at `uri`
-    for the block, then put both back."""
-    import mlflow
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("MLFLOW_REGISTRY_URI", uri)
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
-        try:
-            yield
-        finally:
-            mlflow.set_tracking_uri(None)
-            mlflow.set_registry_uri(None)
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"))
-    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI"))
-
-
 @pytest.fixture(scope="module")
 def module_demo_model_uri(module_store, demo_built) -> str:
     """The demo classifier registered as `clip-zero-shot` version 1 in the module's store."""
@@ -283,16 +123,3 @@ def module_demo_model_uri(module_store, demo_built) -> str:
         )
     assert str(info.registered_model_version) == "1"
     return "models:/clip-zero-shot/1"
-
-
-# Prepended to scripts that must run as on a serving machine: torch, torchvision and clip
-# cannot be imported.
-BLOCK_TORCH = """
-import importlib.abc, sys
-BLOCKED = {"torch", "torchvision", "clip"}
-class _Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ImportError(f"{name} is blocked: serving code must not import it")
-sys.meta_path.insert(0, _Block())
-"""

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import yaml
-from conftest import encode, solid
+from helpers import encode, solid
 
 from mlflow_clip.serving.manifest import read_mlmodel
 

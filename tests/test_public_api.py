@@ -7,7 +7,7 @@ from __future__ import annotations
 import inspect
 
 import yaml
-from conftest import ROOT
+from helpers import ROOT
 
 import mlflow_clip
 

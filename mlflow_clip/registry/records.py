@@ -26,6 +26,7 @@ import getpass
 import json
 import os
 import re
+import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
@@ -77,7 +78,8 @@ class Event:
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    """This host's wall-clock time, for people reading the history (never used for ordering)."""
+    return datetime.fromtimestamp(time.time(), timezone.utc).isoformat(timespec="milliseconds")
 
 
 def who() -> str:

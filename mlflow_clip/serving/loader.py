@@ -221,7 +221,9 @@ class ClipPyfuncModel:
     def get_raw_model(self) -> ZeroShotClassifier:
         return self.classifier
 
-    def predict(self, data: Any, params: dict[str, Any] | None = None):
+    # `data` carries no type hint on purpose: MLflow reads the hint of predict's first argument
+    # as an input schema (and warns that Any validates nothing); the signature in MLmodel is the schema.
+    def predict(self, data, params: dict[str, Any] | None = None):
         options = {**PARAM_DEFAULTS, **{k: v for k, v in (params or {}).items() if v is not None}}
         output = options["output"]
         if output not in OUTPUT_CHOICES:

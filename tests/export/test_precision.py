@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import encode, requires_export
+from helpers import encode, requires_export
 
 pytestmark = requires_export
 
@@ -427,7 +427,7 @@ def test_mlflow_run_with_precision_int8_and_a_passed_through_gate(tmp_path):
     import subprocess
     import sys
 
-    from conftest import ROOT, subprocess_env
+    from helpers import ROOT, subprocess_env
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import (
+from helpers import (
     demo_image_bytes,
     free_port,
     requires_export,

@@ -13,7 +13,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import BLOCK_TORCH, COLOUR_CLASSES, requires_export, solid, subprocess_env, using_store
+from helpers import BLOCK_TORCH, COLOUR_CLASSES, requires_export, solid, subprocess_env, using_store
 from PIL import Image
 
 import mlflow_clip

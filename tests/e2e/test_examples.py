@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT, free_port, subprocess_env
+from helpers import ROOT, free_port, subprocess_env
 
 pytestmark = pytest.mark.slow
 

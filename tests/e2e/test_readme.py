@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, requires_export, subprocess_env
+from helpers import ROOT, requires_export, subprocess_env
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 

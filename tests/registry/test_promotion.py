@@ -9,7 +9,7 @@ import json
 import time
 
 import pytest
-from conftest import requires_export, using_store
+from helpers import requires_export, using_store
 
 pytestmark = requires_export
 

@@ -61,7 +61,7 @@ def test_draft_is_a_load_time_choice_with_small_measured_effect(demo_model_dir):
     """Exact by default (bit-identical preprocessing); `jpeg_draft` through model_config changes
     the demo model's probabilities by at most 1e-2 and none of its labels."""
     import mlflow
-    from conftest import demo_image_bytes
+    from helpers import demo_image_bytes
 
     images = demo_image_bytes(
         [(n, "JPEG") for n in ("a red circle", "a green square", "a blue triangle")] * 3, size=(1280, 960)
@@ -114,7 +114,7 @@ def test_shards_give_the_same_rows_and_errors_as_one_run(demo_model_dir):
     """Splitting a request into concurrent shards (each decoding, then running its slice)
     changes neither the probabilities (at 1e-6) nor which rows fail, and the error still names
     every bad row across shards and chunks."""
-    from conftest import demo_image_bytes
+    from helpers import demo_image_bytes
 
     import mlflow_clip
 

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import BLOCK_TORCH, COLOUR_CLASSES, encode, solid, subprocess_env
+from helpers import BLOCK_TORCH, COLOUR_CLASSES, encode, solid, subprocess_env
 from mlflow.exceptions import MlflowException
 
 import mlflow_clip

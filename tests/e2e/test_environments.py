@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import encode, free_port, solid, start_server, stop_process, subprocess_env, wait_for_http
+from helpers import encode, free_port, solid, start_server, stop_process, subprocess_env, wait_for_http
 
 requests = pytest.importorskip("requests")
 

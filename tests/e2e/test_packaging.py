@@ -16,7 +16,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, subprocess_env
+from helpers import ROOT, subprocess_env
 
 pytestmark = pytest.mark.slow
 

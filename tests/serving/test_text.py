@@ -11,7 +11,7 @@ import textwrap
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import (
+from helpers import (
     BLOCK_TORCH,
     demo_image_bytes,
     free_port,

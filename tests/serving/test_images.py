@@ -15,10 +15,10 @@ import sys
 import textwrap
 import warnings
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ROOT
 from PIL import Image, ImageFile, ImageOps
 
 from mlflow_clip.serving import images as images_module
@@ -558,7 +558,7 @@ def test_serving_modules_never_import_torch():
         print(Preprocessor(32)(decode_image(np.zeros((40, 50, 3), dtype=np.uint8))).shape)
         """
     )
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=root)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "(3, 32, 32)"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ROOT
 from PIL import Image
 
 from mlflow_clip.bench import make_photo_jpeg
@@ -191,12 +192,11 @@ def test_portable_scalar_pass_is_identical_too(tmp_path):
     """CPUs without AVX2 (and non-x86 builds) take the scalar pass: build it and check it here."""
     import shutil
     import sysconfig
-    from pathlib import Path
 
     compiler = shutil.which(sysconfig.get_config_var("CC").split()[0]) or shutil.which("gcc")
     if compiler is None:
         pytest.skip("no C compiler")
-    source = Path(__file__).resolve().parent.parent / "mlflow_clip" / "serving" / "resample.c"
+    source = ROOT / "mlflow_clip" / "serving" / "resample.c"
     target = tmp_path / f"_mlflow_clip_resample{sysconfig.get_config_var('EXT_SUFFIX')}"
     subprocess.run(
         [

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import ROOT, requires_export, subprocess_env
+from helpers import ROOT, requires_export, subprocess_env
 from PIL import Image
 
 from mlflow_clip.bench import (

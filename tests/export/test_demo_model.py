@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ROOT
 
 clip = pytest.importorskip("clip")
 torch = pytest.importorskip("torch")
@@ -18,7 +19,7 @@ from mlflow_clip.serving.prompts import TEMPLATE_PRESETS, fill_template  # noqa:
 
 PACKAGE_DIR = Path(importlib.util.find_spec("mlflow_clip").submodule_search_locations[0])
 DEMO_PATH = PACKAGE_DIR / "assets" / "demo_clip.pt"
-TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_demo_model.py"
+TRAIN_SCRIPT = ROOT / "scripts" / "train_demo_model.py"
 MAX_BYTES = 10_000_000
 HELD_OUT_SEED = 31337  # never used in training (the script's default seed is 0)
 

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import ftfy
 import numpy as np
 import pytest
-from conftest import BLOCK_TORCH, requires_export, subprocess_env
+from helpers import BLOCK_TORCH, requires_export, subprocess_env
 
 from mlflow_clip.package_data import default_vocab_license_path, default_vocab_path
 from mlflow_clip.serving.contract import sha256_file as file_sha256

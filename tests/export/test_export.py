@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import requires_export
+from helpers import requires_export
 
 pytestmark = requires_export
 
@@ -168,7 +168,7 @@ def test_unknown_model_lists_the_choices(tmp_path):
 
 def test_demo_onnx_classifier_is_accurate_on_fresh_images_of_any_size(demo_model_dir):
     """>= 95% top-1 through the served path (encoded bytes -> torch-free preprocessing -> ONNX)."""
-    from conftest import encode
+    from helpers import encode
 
     import mlflow_clip
     from mlflow_clip.demo_data import DEMO_CLASSES, draw_image

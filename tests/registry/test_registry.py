@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
-from conftest import (
+from helpers import (
     demo_image_bytes,
     free_port,
     requires_export,
@@ -192,7 +191,7 @@ def test_each_tampered_file_is_refused_by_promotion_naming_it(tracking_server, e
     result = promote(NAME, version, "production")
     assert result.moved and all(g.passed for g in result.gates)
     predict = next(g for g in result.gates if g.name == "loads and predicts")
-    assert "fresh process" in predict.detail and predict.figures["per_request"] is True
+    assert "reference images" in predict.detail and predict.figures["per_request"] is True
 
 
 def _serve_alias_and_predict(tracking_url: str, log_dir: Path) -> None:
@@ -288,21 +287,11 @@ def test_100_alternating_promotions_then_10_rollbacks(tracking_server, two_versi
 
 
 def _promote_process(tracking_url: str, version: str, alias: str, log: Path, clock_offset: float = 0.0):
-    """`mlflow-clip promote` in its own process; with `clock_offset`, its wall clock is that far
-    ahead (time.time and datetime), as on a host whose clock is wrong."""
+    """`mlflow-clip promote` in its own process; with `clock_offset`, its wall clock (time.time,
+    which everything it writes is timed with) is that far ahead, as on a host whose clock is wrong."""
     code = "from mlflow_clip.cli import main; main()"
     if clock_offset:
-        skew = textwrap.dedent(f"""
-            import datetime, time
-            _time, _datetime, _skew = time.time, datetime.datetime, {clock_offset}
-            time.time = lambda: _time() + _skew
-            class _Skewed(_datetime):
-                @classmethod
-                def now(cls, tz=None):
-                    return _datetime.now(tz) + datetime.timedelta(seconds=_skew)
-            datetime.datetime = _Skewed
-            """)
-        code = skew + code
+        code = f"import time; _time = time.time; time.time = lambda: _time() + {clock_offset}\n" + code
     argv = [sys.executable, "-c", code, "promote", "--model-name", NAME, "--version", version, "--alias", alias]
     return start_server(argv, log, subprocess_env(MLFLOW_TRACKING_URI=tracking_url, MLFLOW_CLIP_PROMOTED_BY=log.stem))
 
@@ -373,6 +362,14 @@ def test_a_contender_700_s_ahead_breaks_nothing(tracking_server, two_versions, t
     events = history(NAME, alias)
     assert sorted(e.version for e in events if e.event == "promote" and e.state == "done") == sorted(versions)
     _assert_chain(events)
+    from datetime import datetime
+
+    skewed = next(e for e in events if e.by == "p0")  # its clock really was off: its record says so
+    assert all(
+        (datetime.fromisoformat(skewed.at) - datetime.fromisoformat(e.at)).total_seconds() > 600
+        for e in events
+        if e.by != "p0"
+    )
 
 
 @pytest.mark.parametrize("moment", ["importing", "gates", "ticket", "alias moved"])
