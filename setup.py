@@ -47,6 +47,7 @@ TEST_REQUIRES = [
     "psycopg[binary]>=3.1",
     # `mlflow models serve --env-manager uv`: environments built from a model alone.
     "uv>=0.4",
+    "ruff>=0.6",
 ]
 
 # CLIP's resize + crop + normalize in one native pass, bit-exact with Pillow (checked against the

@@ -35,109 +35,79 @@ def server_row(clients: int, config: ServerSettings, several: bool) -> tuple[str
     return f"server-{clients}c{suffix}", label
 
 
+def _row(row: str, task: str, **spec: Any) -> tuple[str, str, str, dict]:
+    return (row, ROW_LABELS[row], task, spec)
+
+
 def row_plan(options: BenchmarkOptions, model: str, builds: dict) -> list[tuple[str, str, str, dict]]:
     """(row id, label, task, spec extras) for the in-process rows of one model."""
     fp32 = builds.get((model, "fp32"), {})
     if fp32.get("status") != "ok":
         return []
     threads = {"intra_op_num_threads": options.threads}
-    has_draft = "jpeg_draft" in pyfunc_config_keys(fp32["model_dir"])
-    exact = {**threads, **({"jpeg_draft": False} if has_draft else {})}
+    keys = pyfunc_config_keys(fp32["model_dir"])
+    exact = {**threads, **({"jpeg_draft": False} if "jpeg_draft" in keys else {})}
+    return [
+        *_baseline_rows(options, model, fp32, threads, exact, keys),
+        *_setting_rows(options, fp32["model_dir"], threads, exact, keys),
+        *_precision_rows(options, model, builds, threads, exact),
+    ]
+
+
+def _baseline_rows(options, model, fp32, threads, exact, keys) -> list[tuple[str, str, str, dict]]:
+    rows, model_dir = options.rows, fp32["model_dir"]
     plan = []
-    if "torch" in options.rows:
-        plan.append(("torch", ROW_LABELS["torch"], "torch", {"clip_spec": fp32["clip_spec"], "head": fp32["head"]}))
-    if "onnxruntime" in options.rows:
-        plan.append(
-            (
-                "onnxruntime",
-                ROW_LABELS["onnxruntime"],
-                "onnxruntime",
-                {"model_dir": fp32["model_dir"], "model_config": threads},
-            )
-        )
-    if "pyfunc" in options.rows:
-        plan.append(("pyfunc", ROW_LABELS["pyfunc"], "pyfunc", {"model_dir": fp32["model_dir"], "model_config": exact}))
-    if "labels" in options.rows and (Path(fp32["model_dir"]) / "text_encoder.onnx").exists():
+    if "torch" in rows:
+        plan.append(_row("torch", "torch", clip_spec=fp32["clip_spec"], head=fp32["head"]))
+    if "onnxruntime" in rows:
+        plan.append(_row("onnxruntime", "onnxruntime", model_dir=model_dir, model_config=threads))
+    if "pyfunc" in rows:
+        plan.append(_row("pyfunc", "pyfunc", model_dir=model_dir, model_config=exact))
+    if "labels" in rows and (Path(model_dir) / "text_encoder.onnx").exists():
         # The same classes and templates as the baked graph, sent per request: after the first
         # (warm-up) request the label set is cached, so this is the per-request labels path's cost.
         params = {"classes": list(classes_for(model)), "templates": TEMPLATES}
-        plan.append(
-            (
-                "pyfunc-labels",
-                ROW_LABELS["pyfunc-labels"],
-                "pyfunc",
-                {"model_dir": fp32["model_dir"], "model_config": exact, "params": params},
-            )
-        )
-    if "draft" in options.rows and has_draft:
-        plan.append(
-            (
-                "pyfunc-draft",
-                ROW_LABELS["pyfunc-draft"],
-                "pyfunc",
-                {"model_dir": fp32["model_dir"], "model_config": {**threads, "jpeg_draft": True}},
-            )
-        )
-    keys = pyfunc_config_keys(fp32["model_dir"])
-    if "settings" in options.rows and {"shards", "allow_spinning"} <= keys:
+        plan.append(_row("pyfunc-labels", "pyfunc", model_dir=model_dir, model_config=exact, params=params))
+    if "draft" in rows and "jpeg_draft" in keys:
+        plan.append(_row("pyfunc-draft", "pyfunc", model_dir=model_dir, model_config={**threads, "jpeg_draft": True}))
+    return plan
+
+
+def _setting_rows(options, model_dir, threads, exact, keys) -> list[tuple[str, str, str, dict]]:
+    """Each default setting switched back alone, side by side with the default."""
+    if "settings" not in options.rows:
+        return []
+    plan = []
+    if {"shards", "allow_spinning"} <= keys:
         plan += [
-            (
-                "onnxruntime-spin",
-                ROW_LABELS["onnxruntime-spin"],
-                "onnxruntime",
-                {"model_dir": fp32["model_dir"], "model_config": {**threads, "allow_spinning": True}},
+            _row(
+                "onnxruntime-spin", "onnxruntime", model_dir=model_dir, model_config={**threads, "allow_spinning": True}
             ),
-            (
-                "pyfunc-1shard",
-                ROW_LABELS["pyfunc-1shard"],
-                "pyfunc",
-                {"model_dir": fp32["model_dir"], "model_config": {**exact, "shards": 1}},
-            ),
-            (
-                "pyfunc-spin",
-                ROW_LABELS["pyfunc-spin"],
-                "pyfunc",
-                {"model_dir": fp32["model_dir"], "model_config": {**exact, "allow_spinning": True}},
-            ),
+            _row("pyfunc-1shard", "pyfunc", model_dir=model_dir, model_config={**exact, "shards": 1}),
+            _row("pyfunc-spin", "pyfunc", model_dir=model_dir, model_config={**exact, "allow_spinning": True}),
         ]
-    if "settings" in options.rows and native_status().available:  # the same pixels, by Pillow
+    if native_status().available:  # the same pixels, by Pillow
         plan.append(
-            (
-                "pyfunc-pillow",
-                ROW_LABELS["pyfunc-pillow"],
-                "pyfunc",
-                {"model_dir": fp32["model_dir"], "model_config": exact, "env": {resample.ENV_VAR: "0"}},
-            )
+            _row("pyfunc-pillow", "pyfunc", model_dir=model_dir, model_config=exact, env={resample.ENV_VAR: "0"})
         )
-    if "precision" in options.rows:
-        for precision in options.precisions:
-            info = builds.get((model, precision), {})
-            if info.get("status") == "ok":
-                plan.append(
-                    (
-                        f"pyfunc-{precision}",
-                        ROW_LABELS[f"pyfunc-{precision}"],
-                        "pyfunc",
-                        {"model_dir": info["model_dir"], "model_config": exact, "precision": precision},
-                    )
-                )
-                if (
-                    "draft" in options.rows
-                    and precision == "int8"
-                    and "jpeg_draft" in pyfunc_config_keys(info["model_dir"])
-                ):
-                    plan.append(
-                        (
-                            "pyfunc-int8-draft",
-                            ROW_LABELS["pyfunc-int8-draft"],
-                            "pyfunc",
-                            {
-                                "model_dir": info["model_dir"],
-                                "model_config": {**threads, "jpeg_draft": True},
-                                "precision": precision,
-                            },
-                        )
-                    )
+    return plan
+
+
+def _precision_rows(options, model, builds, threads, exact) -> list[tuple[str, str, str, dict]]:
+    if "precision" not in options.rows:
+        return []
+    plan = []
+    for precision in options.precisions:
+        info = builds.get((model, precision), {})
+        if info.get("status") != "ok":
+            continue
+        model_dir = info["model_dir"]
+        plan.append(_row(f"pyfunc-{precision}", "pyfunc", model_dir=model_dir, model_config=exact, precision=precision))
+        if "draft" in options.rows and precision == "int8" and "jpeg_draft" in pyfunc_config_keys(model_dir):
+            draft = {**threads, "jpeg_draft": True}
+            plan.append(
+                _row("pyfunc-int8-draft", "pyfunc", model_dir=model_dir, model_config=draft, precision=precision)
+            )
     return plan
 
 
