@@ -124,8 +124,8 @@ def start_server(argv: list[str], log_path: Path, env: dict[str, str], cwd: Path
     and block it)."""
     import subprocess
 
-    log = open(log_path, "w")
-    process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
+    with open(log_path, "w") as log:  # the child has its own copy of the descriptor
+        process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
     process.log_path = log_path
     return process
 

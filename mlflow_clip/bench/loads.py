@@ -25,10 +25,13 @@ import mlflow, pandas as pd
 imported = time.time()
 model = mlflow.pyfunc.load_model(sys.argv[1])
 loaded = time.time()
-model.predict(pd.DataFrame({"image": [open(sys.argv[2], "rb").read()]}))
+with open(sys.argv[2], "rb") as image:
+    model.predict(pd.DataFrame({"image": [image.read()]}))
 predicted = time.time()
-json.dump({"began": began, "imported": imported, "loaded": loaded, "predicted": predicted,
-           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, open(sys.argv[3], "w"))
+peak = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")]  # exec resets it
+with open(sys.argv[3], "w") as out:
+    json.dump({"began": began, "imported": imported, "loaded": loaded, "predicted": predicted,
+               "peak_rss_mb": (peak[0] if peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024}, out)
 """
 
 

@@ -83,7 +83,10 @@ def tree_cpu_seconds(root: int) -> float:
 
 
 def self_peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's own peak RSS: VmHWM, which exec resets. (getrusage's ru_maxrss survives exec
+    on Linux, so a child started from a large parent would report the parent's size.)"""
+    peak_kb = _status_kb(os.getpid(), "VmHWM")
+    return (peak_kb or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
 
 
 def _self_cpu_seconds() -> float:

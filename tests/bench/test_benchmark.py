@@ -7,6 +7,7 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -322,7 +323,7 @@ def test_report_logs_to_mlflow(quick_report, tracking_uri):
     assert run.data.tags["target.load_to_first_prediction"].startswith("n/a")
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"benchmark.md", "benchmark.json"} <= artifacts
-    logged = json.loads(open(client.download_artifacts(run_id, "benchmark.json")).read())
+    logged = json.loads(Path(client.download_artifacts(run_id, "benchmark.json")).read_text())
     assert len(logged["rows"]) == len(quick_report.rows)
 
 

@@ -330,6 +330,7 @@ def test_concurrent_promotions_with_one_killed(tracking_server, two_versions, tm
     victim = _promote_process(tracking_server["url"], versions[0], alias, tmp_path / "victim.log")
     _wait_for_ticket(client, alias)
     victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
     killed_at = time.monotonic()
     others = [
         _promote_process(tracking_server["url"], v, alias, tmp_path / f"c{i}.log") for i, v in enumerate(versions[1:])
