@@ -26,8 +26,8 @@ from mlflow.models.evaluation.base import EvaluationResult, ModelEvaluator
 from mlflow_clip.evaluation.data import EvaluationError, LabelledImage, map_labels
 from mlflow_clip.evaluation.metrics import DEFAULT_BATCH_SIZE, evaluate_classifier
 from mlflow_clip.evaluation.run import log_evaluation
-from mlflow_clip.serving.classifier import IMAGE_COLUMN
 from mlflow_clip.serving.contract import FLAVOR_NAME
+from mlflow_clip.serving.rows import IMAGE_COLUMN
 
 _logger = logging.getLogger(__name__)
 

@@ -250,13 +250,15 @@ def export_and_register(
     thresholds: ParityThresholds | None = None,
     text_encoder: bool = True,
     precision: str = "fp32",
+    truncate: bool = False,
 ) -> ExportResult:
     """The whole job in one MLflow run: export, parity gates, log, register, tag, alias.
 
     `precision` is fp32, fp16 (for GPU providers) or int8 (for CPUs); the parity gates default
     to `ParityThresholds.for_precision(precision)`, `max_prob_diff` overriding its gate.
     If a parity gate fails the run fails with the gate's figures and nothing is registered.
-    Every argument is checked (`ExportSpec.create`) before anything is loaded.
+    A class whose prompts exceed CLIP's context is refused unless `truncate`. Every argument is
+    checked (`ExportSpec.create`) before anything is loaded.
     """
     spec = ExportSpec.create(
         classes,
@@ -270,6 +272,7 @@ def export_and_register(
         thresholds=thresholds,
         text_encoder=text_encoder,
         precision=precision,
+        truncate=truncate,
     )
     return run_export(spec)
 

@@ -21,9 +21,9 @@ import torch
 
 from mlflow_clip.export.checkpoints import LoadedClip, load_clip
 from mlflow_clip.export.graph import ZeroShotHead, encode_text_features
-from mlflow_clip.serving.classifier import InvalidInputError, coerce_rows, describe_bad_rows, format_predictions
 from mlflow_clip.serving.contract import ClassifierConfig
 from mlflow_clip.serving.images import ImageInputError, decode_image
+from mlflow_clip.serving.rows import InvalidInputError, coerce_rows, describe_bad_rows, format_predictions
 
 _logger = logging.getLogger(__name__)
 

@@ -79,6 +79,27 @@ def check_opset(opset: Any) -> int:
     return opset
 
 
+def check_prompt_lengths(classes, templates, context_length: int = 77, truncate: bool = False) -> None:
+    """Refuse a class whose prompts exceed CLIP's context (CLIP would cut them, changing what they
+    mean) unless `truncate`; checked with the torch-free tokenizer, before anything loads."""
+    if truncate:
+        return
+    from mlflow_clip.package_data import default_vocab_path
+    from mlflow_clip.serving.prompts import texts_for_class
+    from mlflow_clip.serving.tokenizer import ClipTokenizer
+
+    tokenizer = ClipTokenizer.from_file(default_vocab_path())
+    for index, name in enumerate(classes):
+        _, lengths = tokenizer.tokenize(texts_for_class(name, templates), context_length)
+        too_long = [t for t, n in enumerate(lengths) if n > context_length]
+        if too_long:
+            raise SpecError(
+                f"Class {index} gives a prompt longer than CLIP's context of {context_length} tokens with template "
+                f"{too_long[0]} ({len(too_long)} of {len(templates)} templates); CLIP would cut it. Shorten the class "
+                "name or the template, or pass truncate=true to keep CLIP's cut."
+            )
+
+
 @dataclass(frozen=True)
 class ExportSpec:
     """The export's choices, checked: classes parsed, templates resolved, gates chosen."""
@@ -94,6 +115,7 @@ class ExportSpec:
     alias: str | None = None
     text_encoder: bool = True
     precision: str = "fp32"
+    truncate: bool = False
 
     @classmethod
     def create(
@@ -109,11 +131,13 @@ class ExportSpec:
         thresholds: ParityThresholds | None = None,
         text_encoder: bool = True,
         precision: str = "fp32",
+        truncate: bool = False,
     ) -> ExportSpec:
         """Check every argument; raises an `MlflowClipError` naming the first bad one."""
         check_precision(precision)
         names = tuple(parse_classes(classes))
         texts = tuple(resolve_templates(templates))
+        check_prompt_lengths(names, texts, truncate=truncate)
         if images is not None and not Path(images).is_dir():
             raise SpecError(
                 f"Received images={str(images)!r}; expected a folder of images (looked in {Path(images).resolve()})."
@@ -130,6 +154,7 @@ class ExportSpec:
             alias=alias or None,
             text_encoder=bool(text_encoder),
             precision=precision,
+            truncate=bool(truncate),
         )
 
     def run_params(self) -> dict[str, Any]:
@@ -152,4 +177,5 @@ class ExportSpec:
             "text_encoder": self.text_encoder,
             "max_text_embedding_diff": t.max_text_embedding_diff,
             "precision": self.precision,
+            "truncate": self.truncate,
         }

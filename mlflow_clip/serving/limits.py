@@ -1,7 +1,13 @@
-"""The per-request input limits: one dataclass, stored in MLmodel and overridable at load.
+"""The per-request budget: one dataclass, stored in MLmodel and overridable at load.
 
->>> InputLimits(max_rows=100).max_rows
-100
+Every limit is checked before the work it bounds: header pixel counts before decoding, the
+characters of a text before tokenizing it, the prompts of a label set before the text encoder
+runs. Each refusal is a 400 that names the row, the figure and the setting. The defaults are
+chosen for CLIP, which sees at most a few hundred pixels a side and 77 tokens; the figures
+behind them are in docs/decisions/request-budget.md.
+
+    >>> InputLimits(max_rows=100).max_rows
+    100
 """
 
 from __future__ import annotations
@@ -10,7 +16,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 DEFAULT_MAX_BYTES = 32 * 1024 * 1024
-DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default MAX_IMAGE_PIXELS
+# 50 million pixels: a 48 MP phone photo (8000x6000) still decodes; anything larger is downscaled
+# by the client first, as CLIP keeps 224 pixels of its short side.
+DEFAULT_MAX_PIXELS = 50_000_000
 DEFAULT_MAX_ROWS = 10_000  # Spark's default Arrow batch size, so spark_udf works out of the box
 
 
@@ -18,9 +26,15 @@ DEFAULT_MAX_ROWS = 10_000  # Spark's default Arrow batch size, so spark_udf work
 class InputLimits:
     """Safe defaults for untrusted requests; each is a setting in MLmodel or at load time.
 
-    `max_bytes` bounds one encoded image (after base64 decoding) and `max_pixels` its
-    width x height as its header declares it, both checked before decoding; `max_rows` the rows
-    of one request; `max_classes` and `max_templates` the labels and templates sent with one.
+    Images: `max_bytes` bounds one encoded image (after base64 decoding) and `max_pixels` its
+    width x height as its header declares it; `max_pixels_per_byte` refuses images over
+    `ratio_free_pixels` whose header promises more pixels per encoded byte than real images
+    have (decompression bombs); `max_request_pixels` bounds the pixels of all images of one
+    request. Rows: `max_rows`. Text: `max_text_chars` per label, template or text, and
+    `max_request_text_chars` for all of a request's texts, checked before tokenizing;
+    `max_classes` and `max_templates` per request; `max_prompts` (classes x templates, or texts
+    to embed) and `max_prompt_tokens` (their tokens) per request, which bound the text encoder.
+    Time: `deadline_seconds` (0: the scoring server's request timeout when serving, none otherwise).
     """
 
     max_bytes: int = DEFAULT_MAX_BYTES
@@ -28,14 +42,23 @@ class InputLimits:
     max_rows: int = DEFAULT_MAX_ROWS
     max_classes: int = 1_000
     max_templates: int = 100
+    max_pixels_per_byte: int = 1_000
+    ratio_free_pixels: int = 4_000_000
+    max_request_pixels: int = 250_000_000
+    max_text_chars: int = 1_000
+    max_request_text_chars: int = 100_000
+    max_prompts: int = 2_000
+    max_prompt_tokens: int = 10_000
+    deadline_seconds: int = 0
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            smallest = 0 if f.name == "deadline_seconds" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
                 raise ValueError(
-                    f"InputLimits.{f.name} must be a positive int; received {value!r}. "
-                    f"Fix: pass a number such as {f.default}."
+                    f"InputLimits.{f.name} must be a {'whole number' if smallest == 0 else 'positive int'}; "
+                    f"received {value!r}. Fix: pass a number such as {f.default}."
                 )
 
     def to_dict(self) -> dict[str, int]:

@@ -19,15 +19,18 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.protos import databricks_pb2
 
-from .classifier import InvalidInputError, ZeroShotClassifier
+from .classifier import ZeroShotClassifier
 from .contract import FLAVOR_NAME, ONNX_FILE_NAME, ClassifierConfig, FlavorKey
+from .deadline import DeadlineExceeded
 from .errors import MlflowClipError, ModelFileError
 from .limits import InputLimits
 from .manifest import check_manifest, read_mlmodel, recorded_manifest
 from .preprocess import native_status
+from .rows import InvalidInputError
 from .runtime import RuntimeSettings
 from .text import TextEncoder
 
@@ -35,7 +38,14 @@ _logger = logging.getLogger("mlflow_clip.serving.loader")
 
 VERIFY_SETTING = "verify"
 VERIFY_ENV = "MLFLOW_CLIP_VERIFY"
-PARAM_DEFAULTS: dict[str, Any] = {"top_k": 0, "on_error": "raise", "output": "full", "classes": [], "templates": ""}
+PARAM_DEFAULTS: dict[str, Any] = {
+    "top_k": 0,
+    "on_error": "raise",
+    "output": "full",
+    "classes": [],
+    "templates": "",
+    "truncate": False,
+}
 # output="label" returns the labels alone (a Series), for tools that expect one prediction per row;
 # output="embedding" returns one normalized image embedding per row (column `embedding`).
 OUTPUT_CHOICES = ("full", "label", "embedding")
@@ -69,6 +79,9 @@ def default_signature():
             # (none, photo, ensemble) or one template with {} (empty: the model's own templates).
             ParamSpec("classes", DataType.string, PARAM_DEFAULTS["classes"], (-1,)),
             ParamSpec("templates", DataType.string, PARAM_DEFAULTS["templates"]),
+            # Keep the first 77 tokens of labels and texts longer than CLIP's context, as CLIP does;
+            # by default they are refused (cutting them can silently change what they mean).
+            ParamSpec("truncate", DataType.boolean, PARAM_DEFAULTS["truncate"]),
         ]
     )
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
@@ -228,10 +241,11 @@ class ClipPyfuncModel:
         output = options["output"]
         if output not in OUTPUT_CHOICES:
             raise ClientInputError(f"Received output={output!r}; expected one of {list(OUTPUT_CHOICES)}.")
+        truncate = _flag(options["truncate"], "truncate")
         try:
             texts = _text_rows(data)
             if texts is not None:
-                return self.classifier.embed_text(texts)
+                return self.classifier.embed_text(texts, truncate=truncate)
             if output == "embedding":
                 return self.classifier.embed_images(data, on_error=str(options["on_error"]))
             out = self.classifier.predict(
@@ -240,12 +254,23 @@ class ClipPyfuncModel:
                 on_error=str(options["on_error"]),
                 classes=options["classes"] or None,
                 templates=options["templates"] or None,
+                truncate=truncate,
             )
         except InvalidInputError as e:
             raise ClientInputError(str(e)) from None
+        except DeadlineExceeded as e:
+            raise ServingError(str(e), databricks_pb2.DEADLINE_EXCEEDED) from None
         except ModelFileError as e:
             raise ServingError(str(e)) from None
         return out["label"] if output == "label" else out
+
+
+def _flag(value: Any, name: str) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ClientInputError(f"Received {name} of type {type(value).__name__}; expected true or false.")
 
 
 def _text_rows(data: Any) -> list[Any] | None:

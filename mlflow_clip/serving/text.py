@@ -6,6 +6,12 @@ computed exactly as the exporter bakes them (per class, the renormalized mean of
 embeddings of its prompts) and cached per label set, so a repeated label set costs no
 text-encoder run.
 
+Each request's text work is bounded before the encoder runs: the characters of its texts
+(`max_request_text_chars`, before tokenizing), the number of prompts (`max_prompts`) and their
+tokens (`max_prompt_tokens`, after tokenizing); a text longer than CLIP's 77-token context is
+refused, naming it, unless the request asks to `truncate` it as CLIP does. The cache is bounded
+in bytes as well as entries, keyed by a digest of the label set rather than its strings.
+
     >>> encoder = TextEncoder("text_encoder.onnx", "bpe_simple_vocab_16e6.txt.gz")  # doctest: +SKIP
     >>> encoder.class_features(["a forklift", "a pallet"], ["a photo of a {}."]).shape  # doctest: +SKIP
     (2, 1024)
@@ -13,6 +19,7 @@ text-encoder run.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections import OrderedDict
@@ -21,8 +28,11 @@ from typing import Sequence
 
 import numpy as np
 
+from .deadline import NO_DEADLINE, Deadline
 from .errors import ModelFileError
+from .limits import DEFAULT_LIMITS, InputLimits
 from .prompts import texts_for_class
+from .rows import InvalidInputError
 from .runtime import OrtSession, RuntimeSettings
 from .tokenizer import ClipTokenizer
 
@@ -30,6 +40,7 @@ from .tokenizer import ClipTokenizer
 TEXT_RUN_BATCH = 64
 _logger = logging.getLogger("mlflow_clip.serving.text")
 DEFAULT_CACHE_SIZE = 64
+DEFAULT_CACHE_BYTES = 64 * 1024 * 1024
 
 
 class TextEncoder:
@@ -46,17 +57,17 @@ class TextEncoder:
         context_length: int = 77,
         settings: RuntimeSettings = RuntimeSettings(),
         cache_size: int = DEFAULT_CACHE_SIZE,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
     ):
         self.onnx_path = Path(onnx_path)
         self.vocab_path = Path(vocab_path)
         self.context_length = int(context_length)
         self.settings = settings
-        self.cache_size = int(cache_size)
+        self.cache = FeatureCache(int(cache_size), int(cache_bytes))
         self.runs = 0  # text-encoder graph runs so far (a cached label set adds none)
         self._session: OrtSession | None = None
         self._tokenizer = None
         self._lock = threading.Lock()
-        self._cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
 
     def _ready(self):
         with self._lock:
@@ -78,14 +89,48 @@ class TextEncoder:
         _, tokenizer = self._ready()
         return tokenizer(list(texts), context_length=self.context_length, truncate=True)
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """Normalized float32 embeddings [N, D], one per text, in order."""
-        session, _ = self._ready()
-        ids = self.tokenize(texts)
+    def embed(
+        self,
+        texts: Sequence[str],
+        limits: InputLimits = DEFAULT_LIMITS,
+        truncate: bool = True,
+        deadline: Deadline = NO_DEADLINE,
+        describe=None,
+    ) -> np.ndarray:
+        """Normalized float32 embeddings [N, D], one per text, in order, within `limits`.
+        `describe(i)` names text `i` in errors (default: "Text i")."""
+        texts = list(texts)
+        _check_budget(len(texts), sum(map(len, set(texts))), limits)
+        session, tokenizer = self._ready()
+        ids, lengths = tokenizer.tokenize(texts, self.context_length)
+        self._check_tokens(lengths, limits, truncate, describe or (lambda i: f"Text {i}"))
+        return self._run(session, ids, deadline)
+
+    def _check_tokens(self, lengths: list[int], limits: InputLimits, truncate: bool, describe) -> None:
+        if not truncate:
+            long = [i for i, n in enumerate(lengths) if n > self.context_length]
+            if long:
+                more = f" (and {len(long) - 1} more)" if len(long) > 1 else ""
+                raise InvalidInputError(
+                    f"{describe(long[0])}{more} is longer than CLIP's context of {self.context_length} tokens; CLIP "
+                    "would cut it, silently changing what it means. Shorten it, or pass params "
+                    '{"truncate": true} to keep its first tokens as CLIP does.',
+                    [(i, "longer than the context") for i in long],
+                )
+        tokens = sum(min(n, self.context_length) for n in lengths)
+        if tokens > limits.max_prompt_tokens:
+            raise InvalidInputError(
+                f"Received {len(lengths)} prompts of {tokens} tokens in all; expected at most "
+                f"{limits.max_prompt_tokens} per request (max_prompt_tokens). Send fewer labels or templates "
+                "(templates=photo is one prompt per label), or export a model with these labels baked in."
+            )
+
+    def _run(self, session: OrtSession, ids: np.ndarray, deadline: Deadline) -> np.ndarray:
         ends = ids.argmax(axis=1)  # end-of-text is the highest id: its position ends the prompt
         order = np.argsort(ends, kind="stable")
         parts = []
         for start in range(0, len(order), TEXT_RUN_BATCH):
+            deadline.check(f"encoding prompts {start} to {len(order) - 1}")
             rows = order[start : start + TEXT_RUN_BATCH]
             length = int(ends[rows].max()) + 1
             batch = np.ascontiguousarray(ids[rows, :length])
@@ -94,28 +139,92 @@ class TextEncoder:
                 self.runs += 1
         if not parts:
             return np.zeros((0, 0), dtype=np.float32)
-        out = np.empty((len(texts), parts[0].shape[1]), dtype=np.float32)
+        out = np.empty((len(ids), parts[0].shape[1]), dtype=np.float32)
         out[order] = np.concatenate(parts)
         return out
 
-    def class_features(self, classes: Sequence[str], templates: Sequence[str]) -> np.ndarray:
+    def class_features(
+        self,
+        classes: Sequence[str],
+        templates: Sequence[str],
+        limits: InputLimits = DEFAULT_LIMITS,
+        truncate: bool = True,
+        deadline: Deadline = NO_DEADLINE,
+    ) -> np.ndarray:
         """Normalized class features [C, D] for `classes` x `templates`, cached per label set."""
-        key = (tuple(classes), tuple(templates))
-        with self._lock:
-            cached = self._cache.get(key)
-            if cached is not None:
-                self._cache.move_to_end(key)
-                return cached
+        key = _label_set_key(classes, templates, truncate)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached
+        if len(classes) * len(templates) > limits.max_prompts:
+            raise InvalidInputError(
+                f"Received {len(classes)} classes x {len(templates)} templates = {len(classes) * len(templates)} "
+                f"prompts; expected at most {limits.max_prompts} per request (max_prompts). Send fewer labels, "
+                "templates=photo (one prompt per label), or export a model with these labels baked in."
+            )
         texts = [text for name in classes for text in texts_for_class(name, templates)]
-        embeddings = self.embed(texts).reshape(len(classes), len(templates), -1)
+
+        def describe(i: int) -> str:
+            return f"Class {i // len(templates)} with template {i % len(templates)}"
+
+        embeddings = self.embed(texts, limits, truncate, deadline, describe).reshape(len(classes), len(templates), -1)
         mean = embeddings.mean(axis=1)
         features = (mean / np.linalg.norm(mean, axis=1, keepdims=True)).astype(np.float32)
         features.setflags(write=False)
-        with self._lock:
-            self._cache[key] = features
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
+        self.cache.put(key, features)
         return features
+
+
+def _check_budget(prompts: int, chars: int, limits: InputLimits) -> None:
+    if prompts > limits.max_prompts:
+        raise InvalidInputError(
+            f"Received {prompts} texts; expected at most {limits.max_prompts} per request (max_prompts). "
+            "Split the request."
+        )
+    if chars > limits.max_request_text_chars:
+        raise InvalidInputError(
+            f"Received {chars} characters of text in all; expected at most {limits.max_request_text_chars} per "
+            "request (max_request_text_chars). Send shorter or fewer labels."
+        )
+
+
+def _label_set_key(classes: Sequence[str], templates: Sequence[str], truncate: bool) -> bytes:
+    digest = hashlib.sha256(b"truncate" if truncate else b"exact")
+    for part in (*classes, "\x00", *templates):
+        digest.update(part.encode("utf-8", "surrogatepass") + b"\x00")
+    return digest.digest()
+
+
+class FeatureCache:
+    """Thread-safe LRU of label-set digest -> class features, bounded in entries and bytes."""
+
+    def __init__(self, entries: int, max_bytes: int):
+        self.entries, self.max_bytes = entries, max_bytes
+        self.held = 0
+        self._items: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: bytes) -> np.ndarray | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: bytes, value: np.ndarray) -> None:
+        if value.nbytes > self.max_bytes:
+            return
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = value
+            self.held += value.nbytes
+            while len(self._items) > self.entries or self.held > self.max_bytes:
+                _, old = self._items.popitem(last=False)
+                self.held -= old.nbytes
 
 
 def softmax_scores(embeddings: np.ndarray, class_features: np.ndarray, logit_scale: float) -> np.ndarray:

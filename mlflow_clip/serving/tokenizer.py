@@ -21,6 +21,8 @@ from __future__ import annotations
 import functools
 import gzip
 import html
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -40,8 +42,11 @@ END_OF_TEXT = "<|endoftext|>"
 # CLIP's vocabulary: 256 byte symbols, the same 256 ending a word, 48,894 merges, 2 special tokens.
 _NUM_MERGES = 49152 - 256 - 2
 VOCAB_SIZE = 256 + 256 + _NUM_MERGES + 2
-# Words seen by a server are mostly a small set; the cache bounds memory on arbitrary input.
+# Words seen by a server are mostly a small set. The cache is bounded in entries and characters,
+# and never keeps a word long enough to be an attack rather than a word.
 BPE_CACHE_SIZE = 65_536
+BPE_CACHE_CHARS = 1_000_000
+BPE_CACHE_WORD_CHARS = 64
 _WORD_END = "</w>"
 _NOT_A_MERGE = float("inf")
 _WHITESPACE = regex.compile(r"\s+")
@@ -49,7 +54,6 @@ _PRETOKEN = regex.compile(
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
     regex.IGNORECASE,
 )
-_EXCERPT_CHARS = 40
 
 
 class TextInputError(MlflowClipError, ValueError):
@@ -75,14 +79,14 @@ class ClipTokenizer:
         self._to_symbols = str.maketrans({chr(b): s for b, s in _byte_to_symbol().items()})
         self.sot_token_id = self._ids[START_OF_TEXT]
         self.eot_token_id = self._ids[END_OF_TEXT]
-        self._word_ids = functools.lru_cache(maxsize=BPE_CACHE_SIZE)(self._encode_word)
+        self._cache = WordCache()
 
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "_word_ids"}
+        return {k: v for k, v in self.__dict__.items() if k != "_cache"}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._word_ids = functools.lru_cache(maxsize=BPE_CACHE_SIZE)(self._encode_word)
+        self._cache = WordCache()
 
     @classmethod
     def from_file(cls, vocab_path: str | Path) -> ClipTokenizer:
@@ -112,37 +116,53 @@ class ClipTokenizer:
             raise TypeError(f"context_length must be an int; received {context_length!r}.")
         if context_length < 1:
             raise ValueError(f"context_length must be at least 1; received {context_length}.")
-        rows = [self._row(i, text, context_length, truncate) for i, text in enumerate(texts)]
+        ids, lengths = self.tokenize(texts, context_length)
+        if not truncate:
+            too_long = [i for i, n in enumerate(lengths) if n > context_length]
+            if too_long:
+                raise TextInputError(
+                    f"Text {too_long[0]} is longer than the context length {context_length} tokens with its start "
+                    f"and end tokens. Fix: shorten it, or pass truncate=True to keep its first "
+                    f"{context_length - 1} tokens and the end token."
+                )
+        return ids
+
+    def tokenize(self, texts: Iterable[str], context_length: int = CONTEXT_LENGTH) -> tuple[np.ndarray, list[int]]:
+        """(ids truncated as CLIP truncates them, each text's own length with its start and end
+        tokens, or `context_length + 1` for any text longer than the context)."""
+        rows, lengths = [], []
+        for index, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TextInputError(
+                    f"Text {index} is a {type(text).__name__}, not a str. Fix: send every text as a string."
+                )
+            ids = [self.sot_token_id, *self.encode(text, max_tokens=context_length - 1), self.eot_token_id]
+            lengths.append(min(len(ids), context_length + 1))
+            if len(ids) > context_length:
+                ids = ids[:context_length]
+                ids[-1] = self.eot_token_id
+            rows.append(ids)
         result = np.zeros((len(rows), context_length), dtype=np.int64)
         for i, ids in enumerate(rows):
             result[i, : len(ids)] = ids
-        return result
+        return result, lengths
 
-    def encode(self, text: str) -> list[int]:
-        """The ids of one text, without the start and end tokens."""
+    def encode(self, text: str, max_tokens: int | None = None) -> list[int]:
+        """The ids of one text, without the start and end tokens. With `max_tokens`, encoding stops
+        once more than that many ids are known: the rest could only be cut off."""
         ids: list[int] = []
         for word in _PRETOKEN.findall(clean_text(text)):
             ids.extend(self._word_ids(word))
+            if max_tokens is not None and len(ids) > max_tokens:
+                break
         return ids
 
-    def _row(self, index: int, text: object, context_length: int, truncate: bool) -> list[int]:
-        if not isinstance(text, str):
-            raise TextInputError(
-                f"Text {index} is a {type(text).__name__}, not a str. Fix: send every text as a string."
-            )
-        ids = [self.sot_token_id, *self.encode(text), self.eot_token_id]
-        if len(ids) <= context_length:
-            return ids
-        if not truncate:
-            excerpt = text if len(text) <= _EXCERPT_CHARS else text[:_EXCERPT_CHARS] + "..."
-            raise TextInputError(
-                f"Text {index} ({excerpt!r}) is {len(ids)} tokens long with its start and end tokens, "
-                f"more than the context length {context_length}. Fix: shorten it, or pass "
-                f"truncate=True to keep its first {context_length - 1} tokens and the end token."
-            )
-        ids = ids[:context_length]
-        ids[-1] = self.eot_token_id
-        return ids
+    def _word_ids(self, word: str) -> tuple[int, ...]:
+        cached = self._cache.get(word)
+        if cached is None:
+            cached = self._encode_word(word)
+            self._cache.put(word, cached)
+        return cached
 
     def _encode_word(self, word: str) -> tuple[int, ...]:
         if word in (START_OF_TEXT, END_OF_TEXT):
@@ -213,3 +233,37 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
             f"header line). Fix: use {VOCAB_FILE_NAME} from the clip package, SHA-256 {VOCAB_SHA256}."
         )
     return merges  # type: ignore[return-value]
+
+
+class WordCache:
+    """Thread-safe LRU of word -> ids, bounded by entries and by characters held."""
+
+    def __init__(
+        self, entries: int = BPE_CACHE_SIZE, chars: int = BPE_CACHE_CHARS, word_chars: int = BPE_CACHE_WORD_CHARS
+    ):
+        self.entries, self.chars, self.word_chars = entries, chars, word_chars
+        self.held = 0
+        self._items: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, word: str) -> tuple[int, ...] | None:
+        with self._lock:
+            ids = self._items.get(word)
+            if ids is not None:
+                self._items.move_to_end(word)
+            return ids
+
+    def put(self, word: str, ids: tuple[int, ...]) -> None:
+        if len(word) > self.word_chars:
+            return
+        with self._lock:
+            if word in self._items:
+                return
+            self._items[word] = ids
+            self.held += len(word)
+            while len(self._items) > self.entries or self.held > self.chars:
+                old, _ = self._items.popitem(last=False)
+                self.held -= len(old)

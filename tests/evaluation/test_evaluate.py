@@ -30,7 +30,7 @@ from mlflow_clip.evaluation.metrics import metric_keys
 from mlflow_clip.evaluation.reports import CONFIDENT_ERRORS_PNG, CONFUSION_MATRIX_PNG
 from mlflow_clip.evaluation.run import parse_registered_uri
 from mlflow_clip.registry import ACCURACY_TAG
-from mlflow_clip.serving.classifier import format_predictions
+from mlflow_clip.serving.rows import format_predictions
 
 DEMO_MIN_ACCURACY = 0.95
 

@@ -135,7 +135,7 @@ def test_text_encoder_matches_pytorch_through_the_served_path(model, demo_built)
     import torch
 
     texts = ["a photo of a forklift.", "Is this a PALLET?", "caf\u00e9 \U0001f415 &amp; more", "long " * 90, ""]
-    served = np.array(model.predict(pd.DataFrame({"text": texts}))["embedding"].tolist())
+    served = np.array(model.predict(pd.DataFrame({"text": texts}), params={"truncate": True})["embedding"].tolist())
     clip_model = demo_built.loaded.model
     with torch.no_grad():
         reference = clip_model.encode_text(clip.tokenize(texts, truncate=True)).float()
@@ -163,7 +163,7 @@ def test_bad_labels_are_refused_with_the_fix(model, frame, params, message):
 
 def test_labels_never_name_files(demo_model_dir, frame):
     import mlflow_clip
-    from mlflow_clip.serving.classifier import InvalidInputError
+    from mlflow_clip.serving.rows import InvalidInputError
 
     classifier = mlflow_clip.load_model(str(demo_model_dir))
     with pytest.raises(InvalidInputError, match="cannot read files"):

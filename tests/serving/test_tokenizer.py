@@ -399,8 +399,7 @@ def test_too_long_text_without_truncation_names_its_index_and_the_fix(tokenizer)
     texts = ["fine", "x " * 200]
     with pytest.raises(
         TextInputError,
-        match=r"Text 1 \('x x .*\.\.\.'\) is 202 tokens long.*context length 77.*"
-        r"truncate=True",
+        match=r"Text 1 is longer than the context length 77 tokens.*truncate=True",
     ):
         tokenizer(texts, truncate=False)
     # 75 words + start + end is exactly 77: fits.
