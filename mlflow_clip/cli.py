@@ -82,8 +82,25 @@ def cli(verbose: bool) -> None:
     type=click.Choice(["fp32", "fp16", "int8"]),
     help="fp16 for GPU providers, int8 (onnxruntime quantization) for CPUs.",
 )
+@click.option(
+    "--truncate",
+    default="false",
+    type=click.BOOL,
+    show_default=True,
+    help="Keep CLIP's cut of prompts longer than its context instead of refusing them.",
+)
 def export_command(
-    classes, model, templates, registered_model_name, opset, images, max_prob_diff, alias, text_encoder, precision
+    classes,
+    model,
+    templates,
+    registered_model_name,
+    opset,
+    images,
+    max_prob_diff,
+    alias,
+    text_encoder,
+    precision,
+    truncate,
 ) -> None:
     """Export CLIP as a parity-checked ONNX zero-shot classifier and register it."""
     from mlflow_clip.export.job import export_and_register
@@ -99,6 +116,7 @@ def export_command(
         alias=alias or None,
         text_encoder=text_encoder,
         precision=precision,
+        truncate=truncate,
     )
     report = result.parity
     click.echo(
@@ -224,6 +242,27 @@ def history_command(model_name, alias, as_json) -> None:
     for e in events:
         move = f"{e.previous or '-'} -> {e.version or '-'}"
         click.echo(f"{e.seq:>5}  {e.at[:23]:<23}  {e.event:<8}  {move:<14}  {e.state:<9}  {e.by}")
+
+
+@cli.command("serve")
+@click.option("--model-uri", "-m", required=True, help="The model to serve, e.g. models:/clip-zero-shot@production.")
+@click.option("--host", "-h", default="127.0.0.1", show_default=True)
+@click.option("--port", "-p", default=5000, show_default=True, type=int)
+@click.option("--workers", "-w", default=1, show_default=True, type=int)
+@click.option(
+    "--timeout",
+    "-t",
+    default=60,
+    show_default=True,
+    type=int,
+    help="Seconds per request; the model stops its work then.",
+)
+@click.option("--max-body-mb", default=64, show_default=True, type=int, help="Largest request body, in MiB.")
+def serve_command(model_uri, host, port, workers, timeout, max_body_mb) -> None:
+    """Serve a model with MLflow's scoring server behind mlflow-clip's guard for untrusted traffic."""
+    from mlflow_clip.gateway import serve
+
+    serve(model_uri, host, port, workers, timeout, max_body_mb * 1024 * 1024)
 
 
 @cli.command("evaluate")

@@ -71,6 +71,7 @@ CLI_OPTIONS = {
         "--templates",
         "--text-encoder",
         "--text_encoder",
+        "--truncate",
     },
     "promote": {
         "--alias",
@@ -92,6 +93,19 @@ CLI_OPTIONS = {
     },
     "rollback": {"--alias", "--experiment-name", "--experiment_name", "--model-name", "--model_name"},
     "history": {"--alias", "--json", "--model-name", "--model_name"},
+    "serve": {
+        "--model-uri",
+        "-m",
+        "--host",
+        "-h",
+        "--port",
+        "-p",
+        "--workers",
+        "-w",
+        "--timeout",
+        "-t",
+        "--max-body-mb",
+    },
     "evaluate": {"--data", "--model-uri", "--model_uri", "--reference"},
     "benchmark": {
         "--batches",
@@ -133,6 +147,7 @@ ENTRY_POINTS = {
         "registered_model_name",
         "templates",
         "text_encoder",
+        "truncate",
     },
     "promote": {
         "alias",
