@@ -101,7 +101,7 @@ class ImageInputError(MlflowClipError, ValueError):
 class OpenedImage:
     """An image whose header has been read and checked, not yet decoded."""
 
-    image: Image.Image
+    image: Image.Image | None  # None once `finish` has taken it
     pixels: int
     encoded_bytes: int  # 0 for decoded arrays
     array: bool = False
@@ -158,8 +158,13 @@ def open_array(array: np.ndarray, limits: InputLimits) -> OpenedImage:
 
 
 def finish(opened: OpenedImage, draft_size: int | None = None, deadline: Deadline = NO_DEADLINE) -> Image.Image:
-    """Decode (within the process's decode budget) into a loaded, upright RGB image."""
-    image = opened.image
+    """Decode (within the process's decode budget) into a loaded, upright RGB image.
+
+    The opened image is handed over: a request keeps its list of opened images to the end, and
+    that list must not keep every decoded image (and a WebP decoder's canvases) alive with it."""
+    image, opened.image = opened.image, None
+    if image is None:
+        raise ValueError("this image was already decoded")
     if opened.array:
         rgb = to_rgb(image)
         return rgb.copy() if rgb is image else rgb
@@ -174,7 +179,10 @@ def finish(opened: OpenedImage, draft_size: int | None = None, deadline: Deadlin
         except _PILLOW_DECODE_ERRORS as e:
             raise ImageInputError(*_unreadable(described, e)) from e
         # Decoded pixels live in memory the image owns; a copy would cost ~5 ms for a 1080p photo.
-        return to_rgb(image)
+        rgb = to_rgb(image)
+        if rgb is not image:
+            image.close()  # frees the decoder's own buffers now, not when the request ends
+        return rgb
 
 
 def check_pixel_count(width: int, height: int, limits: InputLimits) -> None:
