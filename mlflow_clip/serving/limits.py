@@ -44,9 +44,9 @@ class InputLimits:
     max_templates: int = 100
     max_pixels_per_byte: int = 1_000
     ratio_free_pixels: int = 4_000_000
-    max_request_pixels: int = 250_000_000
+    max_request_pixels: int = 150_000_000
     max_text_chars: int = 1_000
-    max_request_text_chars: int = 100_000
+    max_request_text_chars: int = 50_000
     max_prompts: int = 2_000
     max_prompt_tokens: int = 10_000
     deadline_seconds: int = 0

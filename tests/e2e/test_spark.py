@@ -181,3 +181,17 @@ def test_raw_udf_keeps_none_as_null_in_a_mixed_batch(spark, module_demo_model_ur
     scored = score_folder(spark, module_demo_model_uri, mixed_folder, params={"on_error": "null"}, partitions=1)
     assert scored.loc[mixed_folder / TRUNCATED, "label"] is None
     assert scored.loc[sorted(mixed_folder.rglob("*.png")), "error"].isna().all()
+
+
+def test_a_batch_over_the_request_pixel_budget_still_scores(spark, module_demo_model_uri, tmp_path):
+    """Ten flat 26 MP images in one Arrow batch (260 MP) are over the per-request pixel budget
+    meant for HTTP requests; batch scoring lifts it, and still reads each image within its limits."""
+    from PIL import Image
+
+    from mlflow_clip.serving.limits import DEFAULT_LIMITS
+
+    for i in range(10):
+        Image.new("RGB", (5100, 5100), (220, 30, 30)).save(tmp_path / f"flat-{i}.png", optimize=True)
+    assert 10 * 5100 * 5100 > DEFAULT_LIMITS.max_request_pixels
+    scored = score_folder_null_on_error(spark, module_demo_model_uri, tmp_path)
+    assert len(scored) == 10 and scored["error"].isna().all() and scored["score"].notna().all()
