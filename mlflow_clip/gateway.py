@@ -9,6 +9,8 @@ request forms, same model code) and, on `/invocations` only:
 
 - refuses a body over `max_body_bytes` (413) and anything but JSON (415);
 - parses the JSON once, answering malformed or too deeply nested JSON with a short 400;
+- refuses a `text` cell that is not a string in the `inputs` and `instances` forms, which MLflow
+  would otherwise turn into the text "None" or "5" before the model sees it;
 - rewrites `data:image/...;base64,` cells of `dataframe_split` and `dataframe_records` bodies to
   their base64 payload, which MLflow then decodes (it base64-decodes binary columns itself, and
   cannot decode a data URI);
@@ -105,9 +107,35 @@ def _checked_json(body: bytes) -> tuple[bytes, tuple[int, str, str] | None]:
             f"The body is not valid JSON{where}. Send one JSON object, such as "
             '{"inputs": {"image": ["<base64>"]}}.',
         )
+    problem = _text_cell_problem(document)
+    if problem is not None:
+        return b"", (400, "INVALID_PARAMETER_VALUE", problem)
     if _unwrap_data_uris(document):
         return json.dumps(document).encode(), None
     return body, None
+
+
+def _text_cells(document: Any) -> list:
+    """The `text` column of an `inputs` or `instances` body, as sent."""
+    if not isinstance(document, dict):
+        return []
+    inputs, instances = document.get("inputs"), document.get("instances")
+    if isinstance(inputs, dict) and isinstance(inputs.get("text"), list):
+        return inputs["text"]
+    if isinstance(instances, list):
+        return [row.get("text", "") if isinstance(row, dict) else "" for row in instances]
+    return []
+
+
+def _text_cell_problem(document: Any) -> str | None:
+    bad = [(i, cell) for i, cell in enumerate(_text_cells(document)) if not isinstance(cell, str)]
+    if not bad:
+        return None
+    parts = "; ".join(
+        f"row {i}: {'missing (null)' if cell is None else f'a {type(cell).__name__}'}, not text" for i, cell in bad[:5]
+    )
+    more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+    return f"{len(bad)} text row(s) cannot be embedded: {parts}{more}. Send a string in every row of the 'text' column."
 
 
 def _unwrap_data_uris(document: Any) -> bool:
