@@ -354,6 +354,17 @@ def evaluate_command(model_uri, data, reference) -> None:
     type=click.Choice(["both", "off", "on"]),
     help="onnxruntime CPU memory arena in the soak.",
 )
+@click.option(
+    "--hostile",
+    is_flag=True,
+    help="Also run good requests beside hostile ones (bombs, long labels, 10 MB label sets) and compare their p95.",
+)
+@click.option(
+    "--hostile-requests", default=None, type=int, help="Good requests per hostile phase. [default: 300; --quick: 30]"
+)
+@click.option(
+    "--hostile-flood", default=None, type=int, help="Requests carrying 10 MB label sets. [default: 1000; --quick: 20]"
+)
 @click.option("--rebuild", is_flag=True, help="Export the models again instead of using the cached ones.")
 @click.option("--json", "json_path", default=None, help="Write the full results as JSON to this file.")
 @click.option("--write-docs", "docs_path", default=None, help="Write the Markdown page (e.g. docs/benchmark.md).")

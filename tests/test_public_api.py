@@ -110,6 +110,9 @@ CLI_OPTIONS = {
     "benchmark": {
         "--batches",
         "--from-json",
+        "--hostile",
+        "--hostile-flood",
+        "--hostile-requests",
         "--json",
         "--log-to-mlflow",
         "--mlflow",

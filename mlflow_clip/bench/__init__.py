@@ -23,7 +23,9 @@ Rows, per model x image size x batch size:
   show what each buys.
 
 `--soak` adds a sustained run of the server (mixed batch sizes, several clients) that samples
-the server's RSS, with onnxruntime's CPU memory arena off and on.
+the server's RSS, with onnxruntime's CPU memory arena off and on. `--hostile` runs good
+requests alone and then beside clients sending decompression bombs, oversized labels and 10 MB
+label sets, and compares the good requests' p95 (target: within 2x).
 
 The package needs only the serving install; torch and clip are imported by the child processes
 that build models or run row (a). Its modules, each importing only those listed before it:
@@ -31,6 +33,7 @@ that build models or run row (a). Its modules, each importing only those listed 
 - `options`: `BenchmarkOptions` and the command line's parsing (`make_options`).
 - `results`: the result dataclasses and `BenchmarkReport` (to and from JSON).
 - `images`: the photo-like JPEGs every row scores, and which of them each request sends.
+- `bombs`: decompression bombs made on the spot, as an attacker would send them.
 - `measure`: /proc accounting (RSS, CPU), `RssSampler`, timed requests, the machine.
 - `targets`: the targets as data, and `evaluate_targets`.
 - `worker`: the child-process protocol (`run_child`, `RowProcess`, `child_main`).
@@ -38,6 +41,7 @@ that build models or run row (a). Its modules, each importing only those listed 
 - `rows`: the in-process rows' tasks: (a) torch, (b) onnxruntime, the pyfunc rows.
 - `server`: `mlflow models serve` as a row, row (d).
 - `soak`: the server under sustained load, and its RSS over time.
+- `hostile`: good requests beside hostile ones, and the requests an attacker would send.
 - `loads`: load to first prediction, in fresh interpreters.
 - `plan`: which rows run for a model, size and batch, and their specs.
 - `report`: Markdown tables, the docs page (`docs_template.md`), MLflow logging.
@@ -63,7 +67,14 @@ from mlflow_clip.bench.report import (
     report_metrics,
     write_docs,
 )
-from mlflow_clip.bench.results import BenchmarkReport, LoadResult, RowResult, SoakResult, TargetResult
+from mlflow_clip.bench.results import (
+    BenchmarkReport,
+    HostileResult,
+    LoadResult,
+    RowResult,
+    SoakResult,
+    TargetResult,
+)
 from mlflow_clip.bench.run import compare_rows, run_benchmark, run_from_cli
 from mlflow_clip.bench.targets import TARGET_BATCH, TARGET_MODEL, TARGET_SIZE, decode_bound, evaluate_targets
 
@@ -74,6 +85,7 @@ __all__ = [
     "BenchmarkError",
     "BenchmarkOptions",
     "BenchmarkReport",
+    "HostileResult",
     "LoadResult",
     "RowResult",
     "ServerSettings",

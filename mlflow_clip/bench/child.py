@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable
 
+from mlflow_clip.bench.hostile import task_hostile
 from mlflow_clip.bench.models import task_build
 from mlflow_clip.bench.rows import task_onnxruntime, task_pyfunc, task_torch
 from mlflow_clip.bench.server import ServerRows
@@ -15,7 +16,7 @@ from mlflow_clip.bench.soak import task_soak
 from mlflow_clip.bench.worker import child_main
 
 # One-shot tasks: run, write the result, exit.
-_ONE_SHOT_TASKS: dict[str, Callable[[dict], dict]] = {"build": task_build, "soak": task_soak}
+_ONE_SHOT_TASKS: dict[str, Callable[[dict], dict]] = {"build": task_build, "soak": task_soak, "hostile": task_hostile}
 # Row tasks: set up and warm up, answer "ready", then run measured rounds until told to finish.
 _ROW_TASKS: dict[str, Callable[[dict], Any]] = {
     "torch": task_torch,

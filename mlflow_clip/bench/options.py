@@ -83,6 +83,11 @@ class BenchmarkOptions:
     soak_clients: int = 4
     soak_max_batch: int = 32
     soak_arena: tuple[bool, ...] = (False, True)
+    # The hostile-traffic soak (on the first soak model, at the soak's image size and clients)
+    hostile: bool = False
+    hostile_requests: int = 300  # good requests alone, then as many beside the hostile ones
+    hostile_clients: int = 2
+    hostile_flood: int = 1000  # requests carrying 10 MB label sets, after the hostile phase
     work_dir: Path = DEFAULT_WORK_DIR
     rebuild: bool = False
     quick: bool = False
@@ -109,6 +114,8 @@ QUICK = dict(
     load_repeats=1,
     soak_requests=(100,),
     soak_size=(320, 240),
+    hostile_requests=30,
+    hostile_flood=20,
     quick=True,
 )
 
@@ -229,6 +236,14 @@ def command_line(options: BenchmarkOptions) -> str:
         ):
             if value != default:
                 args += [flag, text]
+    if options.hostile:
+        args.append("--hostile")
+        for flag, value, default in (
+            ("--hostile-requests", options.hostile_requests, base.hostile_requests),
+            ("--hostile-flood", options.hostile_flood, base.hostile_flood),
+        ):
+            if value != default:
+                args += [flag, str(value)]
     return " ".join(shlex.quote(a) for a in args)
 
 
@@ -254,6 +269,9 @@ def make_options(
     soak_size: str | None = None,
     soak_arena: str = "both",
     rebuild: bool = False,
+    hostile: bool = False,
+    hostile_requests: int | None = None,
+    hostile_flood: int | None = None,
 ) -> BenchmarkOptions:
     """Options from command-line text; anything not given keeps the full (or --quick) default.
 
@@ -267,6 +285,10 @@ def make_options(
     changes.update(_server_changes(server_configs, server_form, server_env))
     changes.update(_soak_changes(base, soak_requests, soak_models, soak_size))
     arena = _soak_arena(soak_arena)
+    if hostile_requests is not None:
+        changes["hostile_requests"] = max(1, hostile_requests)
+    if hostile_flood is not None:
+        changes["hostile_flood"] = max(0, hostile_flood)
     for name in ("models", "sizes", "batches", "rows"):
         if name in changes and not changes[name]:
             raise BenchmarkError(f"Received an empty --{name}; expected at least one value.")
@@ -276,6 +298,7 @@ def make_options(
         server_form=server_form,
         soak=soak,
         soak_arena=arena,
+        hostile=hostile,
         rebuild=rebuild,
         work_dir=Path(work_dir).expanduser() if work_dir else base.work_dir,
     )

@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mlflow_clip.bench.models import model_slug
-from mlflow_clip.bench.results import BenchmarkReport, LoadResult, RowResult, SoakResult, TargetResult, format_number
+from mlflow_clip.bench.results import (
+    BenchmarkReport,
+    HostileResult,
+    LoadResult,
+    RowResult,
+    SoakResult,
+    TargetResult,
+    format_number,
+)
 from mlflow_clip.bench.targets import TARGET_BATCH, TARGET_MODEL, TARGET_SIZE, evaluate_targets
 
 MIN_TREND_REQUESTS = 500  # soak requests after the warm-up needed to show an RSS trend
@@ -89,6 +97,29 @@ def soaks_table(soaks: Sequence[SoakResult]) -> str:
     return "\n".join(lines)
 
 
+def hostile_table(runs: Sequence[HostileResult]) -> str:
+    lines = [
+        "| model | image | server | good clients | hostile clients | good requests | good errors | p50 ms alone "
+        "| p95 ms alone | p50 ms beside | p95 ms beside | p95 ratio | hostile sent / refused | slowest refusal ms "
+        "| 10 MB label sets sent / refused | RSS MB: start, after good, after hostile, after label sets | peak MB "
+        "| note |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
+    ]
+    for h in runs:
+        rss = ", ".join(
+            format_number(v, 0) for v in (h.rss_start_mb, h.rss_after_alone_mb, h.rss_after_hostile_mb, h.rss_end_mb)
+        )
+        lines.append(
+            f"| {h.model} | {h.size} | {h.server} | {h.clients} | {h.hostile_clients} | {h.good_requests} | "
+            f"{h.good_errors} | {format_number(h.alone_p50_ms, 0)} | {format_number(h.alone_p95_ms, 0)} | "
+            f"{format_number(h.beside_p50_ms, 0)} | {format_number(h.beside_p95_ms, 0)} | "
+            f"{format_number(h.p95_ratio, 2)} | {h.hostile_sent} / {h.hostile_refused} | "
+            f"{format_number(h.hostile_max_ms, 0)} | {h.flood_requests} / {h.flood_refused} | {rss} | "
+            f"{format_number(h.rss_peak_mb, 0)} | {'' if h.status == 'ok' else h.status + ': '}{_cell(h.note)} |"
+        )
+    return "\n".join(lines)
+
+
 def render_markdown(report: BenchmarkReport) -> str:
     """The run's tables: rows, targets, load time, soak, notes."""
     options, machine = report.options, report.machine
@@ -124,6 +155,14 @@ def render_markdown(report: BenchmarkReport) -> str:
         parts += ["### Load to first prediction (registered model, fresh interpreter)", loads_table(report.loads)]
     if report.soaks:
         parts += ["### Memory under load (soak)", soaks_table(report.soaks), soak_verdict(report.soaks)]
+    if report.hostile:
+        parts += [
+            "### Hostile traffic",
+            "Good requests (4 images each, `inputs` form) alone, then as many again while other clients send "
+            "decompression bombs, oversized labels and templates, prompt floods and null texts in turn (each must be "
+            "refused with a 400), then requests carrying 10 MB label sets. RSS is read idle after each phase.",
+            hostile_table(report.hostile),
+        ]
     if report.notes:
         parts += ["### Notes", "\n".join(f"- {_cell(n)}" for n in report.notes)]
     return "\n\n".join(parts) + "\n"
@@ -212,6 +251,10 @@ def report_metrics(report: BenchmarkReport) -> dict[str, float]:
                 metrics[metric_key(s.model, s.size, f"soak_arena_{'on' if s.arena else 'off'}", name)] = float(
                     getattr(s, name)
                 )
+    for h in report.hostile:
+        for name in ("alone_p95_ms", "beside_p95_ms", "p95_ratio", "rss_start_mb", "rss_end_mb", "hostile_max_ms"):
+            if getattr(h, name) is not None:
+                metrics[metric_key(h.model, h.size, "hostile", name)] = float(getattr(h, name))
     return metrics
 
 

@@ -84,6 +84,37 @@ class SoakResult:
 
 
 @dataclass
+class HostileResult:
+    """Good requests alone and beside hostile ones; what the hostile ones got; the server's RSS."""
+
+    model: str
+    size: str
+    server: str
+    clients: int
+    hostile_clients: int
+    status: str = "ok"
+    note: str = ""
+    good_requests: int = 0
+    good_errors: int = 0
+    alone_p50_ms: float | None = None
+    alone_p95_ms: float | None = None
+    beside_p50_ms: float | None = None
+    beside_p95_ms: float | None = None
+    p95_ratio: float | None = None
+    hostile_sent: int = 0
+    hostile_refused: int = 0
+    hostile_max_ms: float | None = None
+    flood_requests: int = 0
+    flood_refused: int = 0
+    flood_seconds: float | None = None
+    rss_start_mb: float | None = None
+    rss_after_alone_mb: float | None = None
+    rss_after_hostile_mb: float | None = None
+    rss_end_mb: float | None = None
+    rss_peak_mb: float | None = None
+
+
+@dataclass
 class TargetResult:
     """One target's verdict: PASS, FAIL, or n/a when its rows were not measured."""
 
@@ -103,6 +134,7 @@ class BenchmarkReport:
     rows: list[RowResult] = field(default_factory=list)
     loads: list[LoadResult] = field(default_factory=list)
     soaks: list[SoakResult] = field(default_factory=list)
+    hostile: list[HostileResult] = field(default_factory=list)
     targets: list[TargetResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -117,7 +149,13 @@ class BenchmarkReport:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "BenchmarkReport":
         """A report read back from `to_json` (to render its tables again)."""
-        kinds = {"rows": RowResult, "loads": LoadResult, "soaks": SoakResult, "targets": TargetResult}
+        kinds = {
+            "rows": RowResult,
+            "loads": LoadResult,
+            "soaks": SoakResult,
+            "hostile": HostileResult,
+            "targets": TargetResult,
+        }
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         for name, kind in kinds.items():

@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from mlflow_clip.bench.hostile import run_hostile
 from mlflow_clip.bench.images import ensure_images
 from mlflow_clip.bench.loads import run_loads
 from mlflow_clip.bench.measure import loadavg, machine_info
@@ -38,7 +39,7 @@ def run_benchmark(options: BenchmarkOptions, progress: Callable[[str], None] = _
     report = BenchmarkReport(options=options.to_dict(), machine=machine_info(), command=command_line(options))
     precisions = ["fp32", *(options.precisions if "precision" in options.rows else ())]
     builds = ensure_models(options, options.models, precisions, progress)
-    soak_only = [m for m in options.soak_models if m not in options.models] if options.soak else []
+    soak_only = [m for m in options.soak_models if m not in options.models] if options.soak or options.hostile else []
     if soak_only:
         builds.update(ensure_models(options, soak_only, ["fp32"], progress))
     _note_builds(report, builds)
@@ -53,6 +54,8 @@ def run_benchmark(options: BenchmarkOptions, progress: Callable[[str], None] = _
         report.loads = run_loads(options, builds, pools[options.sizes[0]][0], progress)
     if options.soak:
         report.soaks = run_soaks(options, builds, progress)
+    if options.hostile:
+        report.hostile = [run_hostile(options, builds, progress)]
     report.targets = evaluate_targets(report)
     report.machine["loadavg_end"] = loadavg()
     report.seconds = time.perf_counter() - started

@@ -1,16 +1,17 @@
 """The targets, stated for one configuration (`TARGET_MODEL`, `TARGET_SIZE`, `TARGET_BATCH`):
-throughput ratios between rows on the default, exact path (`RATIO_TARGETS`, data), and the
-load-to-first-prediction time."""
+throughput ratios between rows on the default, exact path (`RATIO_TARGETS`, data), the
+load-to-first-prediction time, and the good requests' latency under hostile traffic."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mlflow_clip.bench.results import BenchmarkReport, LoadResult, RowResult, TargetResult
+from mlflow_clip.bench.results import BenchmarkReport, HostileResult, LoadResult, RowResult, TargetResult
 
 # The configuration the targets are stated for.
 TARGET_MODEL, TARGET_SIZE, TARGET_BATCH = "RN50", "1920x1080", 8
 LOAD_TARGET_SECONDS = 3.0
+HOSTILE_P95_RATIO = 2.0  # good requests' p95 beside hostile traffic over their p95 alone
 # The reference of a target against raw onnxruntime: the faster of the raw onnxruntime rows
 # (with and without thread spinning, when both ran): the pyfunc's session settings are not assumed best.
 GRAPH = "graph"
@@ -75,7 +76,20 @@ def evaluate_targets(report: BenchmarkReport) -> list[TargetResult]:
     load = next(
         (r for r in report.loads if (r.model, r.precision) == (TARGET_MODEL, "fp32") and r.status == "ok"), None
     )
-    return targets + [_load_target(load)]
+    return targets + [_load_target(load), _hostile_target(report.hostile[0] if report.hostile else None)]
+
+
+def _hostile_target(hostile: HostileResult | None) -> TargetResult:
+    ratio = hostile.p95_ratio if hostile is not None and hostile.status == "ok" else None
+    return TargetResult(
+        "hostile_good_p95",
+        "good requests' p95 beside hostile traffic vs alone (server, `--hostile`)",
+        f"<= {HOSTILE_P95_RATIO:.1f}x",
+        "not measured"
+        if ratio is None
+        else f"{ratio:.2f}x ({hostile.beside_p95_ms:.0f} ms vs {hostile.alone_p95_ms:.0f} ms)",
+        "n/a" if ratio is None else ("PASS" if ratio <= HOSTILE_P95_RATIO else "FAIL"),
+    )
 
 
 def _ratio_target(
