@@ -28,6 +28,7 @@ from mlflow_clip.bench import (
     make_photo_jpeg,
     quick_options,
     render_docs,
+    render_markdown,
     report_metrics,
     request_images,
     run_benchmark,
@@ -110,6 +111,9 @@ def test_quick_options_and_the_command_line_that_reproduces_them():
         "--soak-models RN50,demo --soak-requests 120,2000"
     )
     assert full.soak_models == ("RN50", "demo") and full.soak_requests == (120, 2000)
+    hostile = make_options(quick=True, hostile=True, hostile_flood=5)
+    assert (hostile.hostile, hostile.hostile_requests, hostile.hostile_flood) == (True, 30, 5)
+    assert command_line(hostile) == "--quick --hostile --hostile-flood 5"
 
 
 def _row(name: str, images_per_s: float, model="RN50", size="1920x1080", batch=8) -> RowResult:
@@ -178,6 +182,9 @@ def quick_report(work_dir) -> BenchmarkReport:
         soak_requests=(SOAK_REQUESTS,),
         soak_arena=(False,),
         soak_max_batch=6,
+        hostile=True,
+        hostile_requests=12,
+        hostile_flood=6,
     )
     return run_benchmark(options, progress=lambda message: print(message, file=sys.stderr))
 
@@ -280,6 +287,22 @@ def test_soak_reports_zero_errors_and_the_servers_memory(quick_report):
     assert soak.growth_mb == pytest.approx(soak.rss_end_mb - soak.rss_warm_mb)
     assert SOAK_REQUESTS <= soak.images <= SOAK_REQUESTS * 6
     assert soak.samples and soak.samples[-1][2] <= SOAK_REQUESTS
+
+
+@pytest.mark.slow
+@requires_export
+def test_hostile_soak_refuses_every_hostile_request_and_times_the_good_ones(quick_report):
+    (hostile,) = quick_report.hostile
+    assert hostile.status == "ok", hostile.note
+    assert hostile.good_requests == 24 and hostile.good_errors == 0
+    assert hostile.hostile_sent > 0 and hostile.hostile_refused == hostile.hostile_sent
+    assert (hostile.flood_requests, hostile.flood_refused) == (6, 6)
+    assert hostile.p95_ratio == pytest.approx(hostile.beside_p95_ms / hostile.alone_p95_ms)
+    assert hostile.alone_p50_ms <= hostile.alone_p95_ms and hostile.beside_p50_ms <= hostile.beside_p95_ms
+    assert 0 < hostile.rss_start_mb <= hostile.rss_peak_mb * 1.001
+    target = {t.key: t for t in quick_report.targets}["hostile_good_p95"]
+    assert target.result in ("PASS", "FAIL") and f"{hostile.p95_ratio:.2f}x" in target.measured
+    assert "### Hostile traffic" in render_markdown(quick_report)
 
 
 @pytest.mark.slow
