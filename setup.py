@@ -91,7 +91,11 @@ setup(
     },
     entry_points={
         "console_scripts": ["mlflow-clip=mlflow_clip.cli:cli"],
-        "mlflow.model_evaluator": ["clip-zero-shot=mlflow_clip.evaluation.plugin:ClipZeroShotEvaluator"],
+        "mlflow.model_evaluator": [
+            "clip-zero-shot=mlflow_clip.evaluation.plugin:ClipZeroShotEvaluator",
+            # MLflow's own classifier evaluator, able to read an mlflow-clip model's output columns
+            "classifier=mlflow_clip.evaluation.builtin:ClassifierEvaluator",
+        ],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

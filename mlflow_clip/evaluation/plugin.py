@@ -23,10 +23,10 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models.evaluation.base import EvaluationResult, ModelEvaluator
 
+from mlflow_clip.evaluation.builtin import clip_classes
 from mlflow_clip.evaluation.data import EvaluationError, LabelledImage, map_labels
 from mlflow_clip.evaluation.metrics import DEFAULT_BATCH_SIZE, evaluate_classifier
 from mlflow_clip.evaluation.run import log_evaluation
-from mlflow_clip.serving.contract import FLAVOR_NAME
 from mlflow_clip.serving.rows import IMAGE_COLUMN
 
 _logger = logging.getLogger(__name__)
@@ -59,9 +59,13 @@ class ClipZeroShotEvaluator(ModelEvaluator):
         **kwargs,
     ) -> EvaluationResult | None:
         config = dict(evaluator_config or {})
-        classes = _model_classes(model)
-        if classes is None:
-            _logger.warning("The %s evaluator skips this model: it is not an mlflow-clip model.", EVALUATOR_NAME)
+        classes = clip_classes(model)
+        if classes is None:  # evaluate() without `evaluators` runs every evaluator: stay out of the way
+            _logger.info(
+                "The %s evaluator skips this evaluation: it scores mlflow-clip models itself, and %s.",
+                EVALUATOR_NAME,
+                "no model was given" if model is None else "this is not one",
+            )
             return None
         if extra_metrics or custom_artifacts:
             _logger.warning("The %s evaluator ignores extra_metrics and custom_artifacts.", EVALUATOR_NAME)
@@ -77,17 +81,6 @@ class ClipZeroShotEvaluator(ModelEvaluator):
         return EvaluationResult(
             metrics=evaluation.metrics(prefix), artifacts=_artifacts(uris, evaluation), run_id=run_id
         )
-
-
-def _model_classes(model) -> list[str] | None:
-    if model is None:
-        raise MlflowException.invalid_parameter_value(
-            f"The {EVALUATOR_NAME} evaluator scores the images itself: pass the model "
-            "(mlflow.models.evaluate(model_uri, data, ...)), not a static predictions column."
-        )
-    metadata = getattr(model, "metadata", None)
-    flavor = getattr(metadata, "flavors", {}).get(FLAVOR_NAME) if metadata is not None else None
-    return list(flavor["classes"]) if flavor and "classes" in flavor else None
 
 
 def _labelled_images(dataset, classes: list[str], image_column: str) -> list[LabelledImage]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -451,7 +452,7 @@ def clip_evaluator_registered():
 
 @pytest.mark.slow
 @requires_export
-def test_mlflow_evaluate_with_the_plugin_and_with_the_default_evaluator(
+def test_mlflow_evaluate_with_the_plugin_and_with_no_evaluator_named(
     demo_registry, tmp_path, monkeypatch, clip_evaluator_registered
 ):
     monkeypatch.chdir(tmp_path)
@@ -468,24 +469,18 @@ def test_mlflow_evaluate_with_the_plugin_and_with_the_default_evaluator(
             )
         artifacts = {f.path for f in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
 
-        # MLflow's default classifier evaluator wants one label per row, and in MLflow 3.x
-        # inference_params is for endpoints only: pass the params through a callable.
-        pyfunc_model = mlflow.pyfunc.load_model(model_uri)
+        # The ordinary call, no evaluators named: MLflow's classifier metrics (its labels must be
+        # the class names exactly) and the project's evaluator beside them.
         labels = data.assign(label=["a " + label.lower() for label in data["label"]])
         with mlflow.start_run(experiment_id=experiment):
-            default = mlflow.models.evaluate(
-                lambda frame: pyfunc_model.predict(frame, params={"output": "label"}),
-                labels,
-                model_type="classifier",
-                targets="label",
-                evaluators=["default"],
-            )
+            default = mlflow.models.evaluate(model_uri, labels, model_type="classifier", targets="label")
     assert ours.metrics["accuracy_top1"] >= DEMO_MIN_ACCURACY
     assert ours.metrics["failed_images"] == 0.0 and "precision_a_red_circle" in ours.metrics
     assert {"confusion_matrix", "most_confident_errors", "predictions"} <= set(ours.artifacts)
     assert {CONFUSION_MATRIX_PNG, CONFIDENT_ERRORS_PNG, "predictions.json"} <= artifacts
     assert default.metrics["accuracy_score"] == pytest.approx(ours.metrics["accuracy_top1"])
-    assert default.metrics["example_count"] == len(data)
+    assert default.metrics["accuracy_top1"] == pytest.approx(ours.metrics["accuracy_top1"])
+    assert default.metrics["example_count"] == len(data) and "roc_auc" in default.metrics
 
 
 @pytest.mark.slow
@@ -503,3 +498,64 @@ def test_reference_pytorch_pipeline_agrees_with_onnx(demo_registry, tmp_path, mo
     assert abs(metrics["accuracy_diff_vs_reference"]) <= 0.02
     assert metrics["reference_accuracy_top1"] == pytest.approx(result.reference.accuracy_top1)
     assert metrics["reference_top1_agreement"] >= 0.97
+
+
+# ---------------------------------------------------------------------------------------------
+# The ordinary `mlflow.models.evaluate` call: MLflow's own classifier metrics, and ours
+
+
+def _colour_frame(classes: list[str], per_class: int = 3) -> pd.DataFrame:
+    images, labels = [], []
+    for name, colour in zip(classes, COLOUR_CLASSES):
+        for i in range(per_class):
+            buffer = io.BytesIO()
+            solid(colour, (30 + 7 * i, 20 + 5 * i)).save(buffer, "PNG")
+            images.append(buffer.getvalue())
+            labels.append(name)
+    return pd.DataFrame({"image": images, "label": labels})
+
+
+@pytest.mark.parametrize("predictions", [None, "label"])
+def test_the_ordinary_evaluate_call_gives_mlflows_classifier_metrics(colour_model_dir, tracking_uri, predictions):
+    """No evaluators named: MLflow's classifier evaluator reads the label column and the
+    probabilities, and the clip-zero-shot evaluator adds its own metrics beside them."""
+    classes = mlflow_clip.load_model(str(colour_model_dir)).classes
+    data = _colour_frame(classes)
+    data.loc[0, "label"] = classes[1]  # one wrong answer, so the metrics are not all 1.0
+    with mlflow.start_run():
+        result = mlflow.models.evaluate(
+            str(colour_model_dir), data, model_type="classifier", targets="label", predictions=predictions
+        )
+    metrics = result.metrics
+    assert metrics["example_count"] == len(data)
+    assert metrics["accuracy_score"] == pytest.approx((len(data) - 1) / len(data))
+    assert metrics["accuracy_top1"] == pytest.approx(metrics["accuracy_score"])  # the project's evaluator ran too
+    assert {"f1_score", "precision_score", "recall_score", "log_loss", "roc_auc"} <= set(metrics)
+    assert np.isfinite(metrics["log_loss"])
+
+
+def test_other_models_evaluate_exactly_as_mlflow_does(tracking_uri):
+    """The classifier evaluator registered by this package is MLflow's own for any model
+    without the mlflow_clip flavor: same metrics as MLflow's class run directly."""
+    from mlflow.models.evaluation.evaluators.classifier import ClassifierEvaluator
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    features = pd.DataFrame(rng.normal(size=(60, 3)), columns=["a", "b", "c"])
+    target = (features["a"] + 0.3 * rng.normal(size=60) > 0).astype(int)
+    with mlflow.start_run():
+        info = mlflow.sklearn.log_model(LogisticRegression().fit(features, target), name="model")
+        data = features.assign(y=target)
+        ours = mlflow.models.evaluate(info.model_uri, data, model_type="classifier", targets="y")
+        theirs = mlflow.models.evaluate(
+            info.model_uri, data, model_type="classifier", targets="y", evaluators=["classifier"]
+        )
+        static = mlflow.models.evaluate(
+            data=data.assign(p=target), predictions="p", model_type="classifier", targets="y"
+        )
+    from mlflow.models.evaluation.evaluator_registry import _model_evaluation_registry
+
+    assert issubclass(_model_evaluation_registry._registry["classifier"], ClassifierEvaluator)
+    shared = {k: v for k, v in theirs.metrics.items() if isinstance(v, float)}
+    assert shared and all(ours.metrics[k] == pytest.approx(v) for k, v in shared.items())
+    assert static.metrics["accuracy_score"] == 1.0  # a static predictions column: the clip evaluator stays out
