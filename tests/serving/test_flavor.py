@@ -258,3 +258,39 @@ def test_importing_the_package_needs_no_heavy_dependency(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK" in result.stdout
+
+
+def test_log_model_takes_every_argument_of_mlflows_own_flavors():
+    """Every parameter of `mlflow.onnx.log_model` except the ONNX-runtime-specific three (which
+    `runtime` replaces), visible in the signature rather than hidden in **kwargs."""
+    import inspect
+
+    theirs = set(inspect.signature(mlflow.onnx.log_model).parameters)
+    ours = set(inspect.signature(mlflow_clip.log_model).parameters)
+    assert theirs - ours == {"onnx_execution_providers", "onnx_session_options", "save_as_external_data"}
+    assert {"name", "artifact_path", "params", "tags", "model_type", "step", "model_id"} <= ours
+
+
+def test_log_model_behaves_as_mlflows_flavors(colour_onnx, tracking_uri, caplog):
+    """`artifact_path` still works, with MLflow's deprecation warning; params, tags, model_type
+    and step land on the logged model; the registered version carries the tags too."""
+    with mlflow.start_run() as run:
+        old = mlflow_clip.log_model(colour_onnx, artifact_path="legacy")
+        assert "`artifact_path` is deprecated" in caplog.text  # MLflow's own warning, as for its flavors
+        info = mlflow_clip.log_model(
+            colour_onnx,
+            name="colours",
+            params={"threshold": 0.5},
+            tags={"team": "vision"},
+            model_type="zero-shot-classifier",
+            step=3,
+            registered_model_name="colours",
+            metadata={"owner": "vision"},
+        )
+    logged = mlflow.get_logged_model(info.model_id)
+    assert logged.params == {"threshold": "0.5"} and logged.tags["team"] == "vision"
+    assert logged.model_type == "zero-shot-classifier" and logged.source_run_id == run.info.run_id
+    assert mlflow.get_logged_model(old.model_id).name == "legacy"
+    version = mlflow.MlflowClient().get_model_version("colours", info.registered_model_version)
+    assert version.tags["team"] == "vision" and "manifest_sha256" in version.tags
+    assert mlflow.models.get_model_info(info.model_uri).metadata["owner"] == "vision"
