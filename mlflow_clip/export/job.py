@@ -12,7 +12,7 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -22,7 +22,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from mlflow_clip import flavor
-from mlflow_clip.export.checkpoints import LoadedClip, load_clip
+from mlflow_clip.export.checkpoints import DEMO_MODEL_NAME, LoadedClip, load_clip
 from mlflow_clip.export.compat import import_clip
 from mlflow_clip.export.graph import (
     ZeroShotHead,
@@ -46,6 +46,7 @@ from mlflow_clip.export.parity import (
 )
 from mlflow_clip.export.precision import PrecisionInfo, apply_precision, fp16_emulation
 from mlflow_clip.export.spec import DEFAULT_OPSET, DEFAULT_REGISTERED_MODEL_NAME, ExportSpec, check_precision
+from mlflow_clip.registry import card
 from mlflow_clip.serving.contract import (
     EMBEDDING_OUTPUT,
     ONNX_FILE_NAME,
@@ -302,7 +303,7 @@ def run_export(spec: ExportSpec) -> ExportResult:
                 raise ParityError("Parity gate failed, nothing was registered: " + "; ".join(failures) + ".")
             mlflow.set_tag("parity_status", "passed")
             mlflow.log_artifact(str(built.edge_path), EDGE_ARTIFACT_DIR)
-            return _log_and_register(run.info.run_id, built, report, metrics, spec.registered_model_name, spec.alias)
+            return _log_and_register(run.info.run_id, built, report, metrics, spec)
 
 
 def _export_metrics(built: BuiltClassifier, report: ParityReport) -> dict[str, float]:
@@ -334,7 +335,8 @@ def _log_reports(tmp: Path, built: BuiltClassifier, report: ParityReport, failur
         mlflow.log_artifact(str(tmp / name))
 
 
-def _log_and_register(run_id, built, report, metrics, registered_model_name, alias) -> ExportResult:
+def _log_and_register(run_id, built, report, metrics, spec: ExportSpec) -> ExportResult:
+    registered_model_name, alias = spec.registered_model_name, spec.alias
     _step("logging the model" + (f" and registering it as {registered_model_name!r}" if registered_model_name else ""))
     example = pd.DataFrame({"image": [_example_image_bytes()]})
     sha = sha256_file(built.onnx_path)
@@ -352,10 +354,37 @@ def _log_and_register(run_id, built, report, metrics, registered_model_name, ali
     version = None
     if registered_model_name:
         version = str(info.registered_model_version)
+        _write_card(registered_model_name, version, built, metrics, spec, run_id)
         if alias:
             MlflowClient().set_registered_model_alias(registered_model_name, alias, version)
         _step(f"registered {registered_model_name} version {version}" + (f" with alias @{alias}" if alias else ""))
     return ExportResult(run_id, info.model_uri, registered_model_name, version, sha, report, metrics)
+
+
+def _write_card(name: str, version: str, built: BuiltClassifier, metrics: dict, spec: ExportSpec, run_id: str) -> None:
+    """The version's model card (and the registered model's, when it has none)."""
+    sizes = {"model.onnx": metrics["onnx_size_mb"]}
+    if "text_encoder_size_mb" in metrics:
+        sizes["text_encoder.onnx"] = metrics["text_encoder_size_mb"]
+    text = card.version_card(
+        name,
+        version,
+        built.config.to_dict(),
+        metrics,
+        asdict(spec.thresholds),
+        sizes,
+        run_id,
+        _weights_source(spec.model),
+    )
+    card.describe_new_version(MlflowClient(), name, version, text)
+
+
+def _weights_source(model: str) -> str:
+    if model == DEMO_MODEL_NAME:
+        return "the demo weights shipped with mlflow-clip, trained on drawn shapes"
+    if model in import_clip().available_models():
+        return "OpenAI's published checkpoint"
+    return f"local checkpoint `{Path(model).name}`"
 
 
 def _version_tags(config: ClassifierConfig, has_text_encoder: bool) -> dict[str, str]:

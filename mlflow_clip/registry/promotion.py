@@ -22,7 +22,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mlflow_clip.errors import MlflowClipError
-from mlflow_clip.registry import records
+from mlflow_clip.registry import card, records
 from mlflow_clip.registry.gates import GateResult, GateThresholds, accuracy_gate, check_gates, version_exists_gate
 from mlflow_clip.registry.lock import LEASE_SECONDS, AliasLock, RegisteredModelTickets
 from mlflow_clip.registry.names import check_alias, check_model_name, parse_version
@@ -143,14 +143,26 @@ def _move_under_lock(client, name, alias, target, source, gates, thresholds, run
             client, name, records.Event(event=records.REFUSED, version=target, detail=records.short(message), **base)
         )
         result = PromotionResult(name, alias, target, holder, gates, False, message, base["seq"])
+        _note(client, name, target, alias, "promotion refused", base, f"stays on {holder or 'no version'}")
         raise PromotionError(message, result)
     held.check_held()
     event = records.append(client, name, records.Event(event=records.PROMOTE, version=target, **base))
     client.set_registered_model_alias(name, alias, target)
     records.complete(client, name, event, records.DONE)
     _tag_version(client, name, target, alias, holder, gates, event, source)
+    _note(client, name, target, alias, "promoted to this version", base, f"was {holder or 'on no version'}")
     message = f"{name} @{alias}: version {holder or 'none'} -> {target}"
     return PromotionResult(name, alias, target, holder, gates, True, message, event.seq)
+
+
+def _note(client, name: str, version: str, alias: str, verb: str, event: dict, other: str) -> None:
+    """Append the event to the version's description (its model card); the history tags stay
+    the record, so a crash before this line costs the description one line, nothing else."""
+    line = card.alias_line(event["at"], alias, verb, event["by"], other, event.get("gates"), event.get("run_id", ""))
+    try:
+        card.append_line(client, name, version, line)
+    except MlflowException as e:  # e.g. a refused promotion of a version that does not exist
+        _logger.warning("Could not add to the description of %s version %s: %s", name, version, e.message[:200])
 
 
 def _no_op(name: str, alias: str, version: str, gates: list[GateResult]) -> PromotionResult:
@@ -235,6 +247,10 @@ def rollback(
         else:
             client.delete_registered_model_alias(model_name, alias)
         records.complete(client, model_name, event, records.DONE)
+        fields = {"at": event.at, "by": event.by, "run_id": run_id}
+        if previous:
+            _note(client, model_name, previous, alias, "rolled back to this version", fields, f"from {holder}")
+        _note(client, model_name, holder, alias, "rolled back from this version", fields, f"to {previous or 'none'}")
     message = f"{model_name} @{alias}: version {holder} -> {previous or 'none (alias removed)'}"
     return PromotionResult(model_name, alias, previous or "", holder, [], True, message, event.seq)
 
