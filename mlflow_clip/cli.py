@@ -27,11 +27,40 @@ class _Commands(click.Group):
             ctx.exit(USER_ERROR_EXIT_CODE)
 
 
+def _version() -> str:
+    from mlflow_clip.version import __version__
+
+    return __version__
+
+
+def _use_experiment(name: str) -> None:
+    """Runs this command starts go to experiment `name` (created if missing); under `mlflow run`,
+    whose run is already open, `mlflow run --experiment-name` chooses instead."""
+    import os
+
+    if name and not os.environ.get("MLFLOW_RUN_ID"):
+        import mlflow
+
+        mlflow.set_experiment(name)
+
+
+_EXPERIMENT_OPTION = click.option(
+    "--experiment-name",
+    "--experiment_name",
+    default="",
+    help="Record the run in this experiment (created if missing). [default: MLflow's active experiment]",
+)
+
+
 @click.group(cls=_Commands)
-@click.option("--verbose", "-v", is_flag=True, help="Log at DEBUG level.")
+@click.version_option(_version(), "--version", prog_name="mlflow-clip", message="%(prog)s %(version)s")
+@click.option("--verbose", "-v", is_flag=True, help="Also log what each step does, at DEBUG level.")
 def cli(verbose: bool) -> None:
     """Ship CLIP zero-shot image classifiers through MLflow."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Progress is printed once, as [mlflow-clip] lines; the library's own log lines are for -v.
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
 
 
 @cli.command("export")
@@ -89,6 +118,7 @@ def cli(verbose: bool) -> None:
     show_default=True,
     help="Keep CLIP's cut of prompts longer than its context instead of refusing them.",
 )
+@_EXPERIMENT_OPTION
 def export_command(
     classes,
     model,
@@ -101,11 +131,12 @@ def export_command(
     text_encoder,
     precision,
     truncate,
+    experiment_name,
 ) -> None:
     """Export CLIP as a parity-checked ONNX zero-shot classifier and register it."""
-    from mlflow_clip.export.job import export_and_register
+    from mlflow_clip.export.spec import ExportSpec
 
-    result = export_and_register(
+    spec = ExportSpec.create(  # every argument checked before torch is imported
         classes=classes,
         model=model,
         templates=templates,
@@ -118,6 +149,10 @@ def export_command(
         precision=precision,
         truncate=truncate,
     )
+    _use_experiment(experiment_name)
+    from mlflow_clip.export.job import run_export
+
+    result = run_export(spec)
     report = result.parity
     click.echo(
         f"run {result.run_id}: {result.model_uri}"
@@ -277,10 +312,12 @@ def serve_command(model_uri, host, port, workers, timeout, max_body_mb) -> None:
     default="",
     help="Also evaluate CLIP's PyTorch pipeline: a CLIP model name, 'demo', or a checkpoint path.",
 )
-def evaluate_command(model_uri, data, reference) -> None:
+@_EXPERIMENT_OPTION
+def evaluate_command(model_uri, data, reference, experiment_name) -> None:
     """Measure a model's accuracy on labelled images; record it on the registered version."""
     from mlflow_clip.evaluation import evaluate_command_impl
 
+    _use_experiment(experiment_name)
     evaluate_command_impl(model_uri, data, reference)
 
 

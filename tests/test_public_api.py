@@ -60,6 +60,8 @@ CLI_OPTIONS = {
     "export": {
         "--alias",
         "--classes",
+        "--experiment-name",
+        "--experiment_name",
         "--images",
         "--max-prob-diff",
         "--max_prob_diff",
@@ -106,7 +108,7 @@ CLI_OPTIONS = {
         "-t",
         "--max-body-mb",
     },
-    "evaluate": {"--data", "--model-uri", "--model_uri", "--reference"},
+    "evaluate": {"--data", "--experiment-name", "--experiment_name", "--model-uri", "--model_uri", "--reference"},
     "benchmark": {
         "--batches",
         "--from-json",
@@ -189,6 +191,7 @@ def test_cli_commands_and_options():
     from mlflow_clip.cli import cli
 
     assert set(cli.commands) == set(CLI_OPTIONS)
+    assert {o for p in cli.params for o in p.opts} == {"--version", "--verbose", "-v"}
     for name, options in CLI_OPTIONS.items():
         assert {o for p in cli.commands[name].params for o in p.opts} == options, name
 
@@ -198,7 +201,9 @@ def test_mlproject_entry_points_and_parameters():
     assert {name: set(e["parameters"]) for name, e in project["entry_points"].items()} == ENTRY_POINTS
 
 
-def test_evaluator_plugin_name():
+def test_evaluator_plugin_names():
+    """The project's own evaluator, and MLflow's classifier evaluator taught to read our output."""
     setup = (ROOT / "setup.py").read_text()
-    assert '"mlflow.model_evaluator": ["clip-zero-shot=' in setup
+    assert '"clip-zero-shot=mlflow_clip.evaluation.plugin:ClipZeroShotEvaluator"' in setup
+    assert '"classifier=mlflow_clip.evaluation.builtin:ClassifierEvaluator"' in setup
     assert '"console_scripts": ["mlflow-clip=mlflow_clip.cli:cli"]' in setup

@@ -98,8 +98,9 @@ class ExportResult:
 
 
 def _step(message: str) -> None:
+    """One progress line, printed once (and logged at DEBUG, for `-v` and log files)."""
     print(f"[mlflow-clip] {message}", flush=True)
-    _logger.info(message)
+    _logger.debug(message)
 
 
 def build_classifier(

@@ -10,6 +10,7 @@ Pure Python, so both the exporter and the serving side (per-request labels) can 
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Sequence
@@ -137,8 +138,7 @@ def parse_classes(spec: str | Sequence[str]) -> list[str]:
 
 def _split_class_spec(spec: str) -> tuple[list[str], str]:
     if spec.startswith("@"):
-        path = Path(spec[1:]).expanduser()
-        text = _read_text(path, "class")
+        text, path = _read_text(spec[1:], "class")
         lines = text.splitlines()
         # A trailing newline or blank lines around the list are not class names.
         while lines and not lines[-1].strip():
@@ -181,8 +181,8 @@ def resolve_templates(spec: str | Sequence[str]) -> list[str]:
         if key in TEMPLATE_PRESETS:
             return list(TEMPLATE_PRESETS[key])
         if key.startswith("@"):
-            path = Path(key[1:]).expanduser()
-            lines = _read_text(path, "template").splitlines()
+            text, path = _read_text(key[1:], "template")
+            lines = text.splitlines()
             templates = [t.strip() for t in lines if t.strip() and not t.lstrip().startswith("#")]
             source = f"file {path}"
         else:
@@ -248,11 +248,32 @@ def _match_case(word: str, like: str) -> str:
     return word.capitalize() if like[:1].isupper() else word.lower()
 
 
-def _read_text(path: Path, what: str) -> str:
+def locate(text: str) -> tuple[Path, list[Path]]:
+    """The file an `@path` names, and the directories searched for it. A relative path is looked
+    up in the caller's directory first: `mlflow run` starts the job in the project's directory,
+    and keeps the caller's in `$PWD`; then in the current directory."""
+    path = Path(text).expanduser()
+    if path.is_absolute():
+        return path, [path.parent]
+    searched = [Path.cwd()]
+    caller = os.environ.get("PWD")
+    if caller and Path(caller).is_dir() and Path(caller).resolve() != Path.cwd().resolve():
+        searched.insert(0, Path(caller))
+    for folder in searched:
+        if (folder / path).is_file():
+            return folder / path, searched
+    return searched[-1] / path, searched
+
+
+def _read_text(spec: str, what: str) -> tuple[str, Path]:
+    path, searched = locate(spec)
     try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError as e:
-        raise PromptError(f"The {what} file {path} does not exist; check the path after '@'.") from e
+        return path.read_text(encoding="utf-8"), path
+    except (FileNotFoundError, IsADirectoryError) as e:
+        where = " and ".join(str(folder) for folder in searched)
+        raise PromptError(
+            f"The {what} file {spec} was not found (looked in {where}); check the path after '@'."
+        ) from e
     except UnicodeDecodeError as e:
         raise PromptError(
             f"The {what} file {path} is not valid UTF-8 ({e.reason} at byte {e.start}); save it as UTF-8."

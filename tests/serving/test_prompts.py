@@ -47,7 +47,7 @@ def test_bad_class_lists_are_clear_errors(spec, words):
 
 
 def test_missing_class_file_says_so(tmp_path):
-    with pytest.raises(PromptError, match="does not exist"):
+    with pytest.raises(PromptError, match=r"nope.txt was not found \(looked in "):
         parse_classes(f"@{tmp_path / 'nope.txt'}")
 
 
