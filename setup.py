@@ -12,7 +12,12 @@ ROOT = Path(__file__).parent
 version: dict = {}
 exec((ROOT / "mlflow_clip" / "version.py").read_text(), version)
 
-# Serving: what a model's requirements.txt lists, and nothing heavier.
+# Serving: what a model's requirements.txt lists (mlflow_clip/flavor.py, SERVING_REQUIREMENTS),
+# plus what saving, registering and promoting need. Models declare mlflow-skinny; this install
+# keeps full mlflow, a superset of it, because the registry and MLflow's default tracking store
+# (sqlite:///mlflow.db) need the SQLAlchemy stack that only full mlflow brings: with
+# mlflow-skinny alone, log_model(registered_model_name=...) fails ("Model registry
+# functionality is unavailable").
 # Pillow >= 12.1.1 and onnx >= 1.21.0 are the first releases free of the known
 # image-decoding and external-data (path traversal / symlink) CVEs.
 SERVING_REQUIRES = [
@@ -20,6 +25,8 @@ SERVING_REQUIRES = [
     "onnxruntime>=1.20",
     "onnx>=1.21.0",
     "numpy>=1.24",
+    # The serving code builds its outputs as DataFrames; mlflow-skinny does not bring pandas.
+    "pandas",
     "pillow>=12.1.1",
     "click>=8",
     # The text tokenizer (mlflow_clip/tokenizer.py) cleans and splits text exactly as CLIP does.

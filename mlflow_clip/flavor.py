@@ -50,6 +50,7 @@ from mlflow.utils.environment import (
 from mlflow.utils.file_utils import write_to
 from mlflow.utils.model_utils import _validate_and_copy_code_paths, _validate_and_prepare_target_save_path
 from mlflow.utils.requirements_utils import _get_pinned_requirement
+from mlflow.version import VERSION as MLFLOW_VERSION
 
 from mlflow_clip.serving.classifier import ZeroShotClassifier
 from mlflow_clip.serving.contract import (
@@ -74,15 +75,27 @@ from mlflow_clip.serving.runtime import RuntimeSettings
 _logger = logging.getLogger(__name__)
 
 SERVING_PACKAGE_PREFIX = "mlflow_clip_serving_"
-SERVING_REQUIREMENTS = ("mlflow", "onnxruntime", "numpy", "pillow", "ftfy", "regex")
+# mlflow-skinny is MLflow without its data-science and tracking-server stack (pyarrow, scipy,
+# scikit-learn, SQLAlchemy, Flask): enough to serve, with the scoring server's fastapi and uvicorn.
+# It does not bring pandas or numpy, which mlflow.pyfunc and the serving code import.
+SERVING_REQUIREMENTS = ("mlflow-skinny", "onnxruntime", "numpy", "pandas", "pillow", "ftfy", "regex")
 
 __all__ = ["get_default_pip_requirements", "save_model", "log_model", "load_model", "_load_pyfunc"]
 
 
 def get_default_pip_requirements() -> list[str]:
-    """The serving requirements: onnxruntime, numpy, Pillow and MLflow (plus the tokenizer's
-    ftfy and regex); never torch. The native resize needs none: the model carries it."""
-    return [_get_pinned_requirement(name) for name in SERVING_REQUIREMENTS]
+    """The serving requirements, pinned to the installed versions: mlflow-skinny, onnxruntime,
+    numpy, pandas, Pillow, and the tokenizer's ftfy and regex; never torch, never full mlflow.
+    The native resize needs none: the model carries it."""
+    return [_pinned_requirement(name) for name in SERVING_REQUIREMENTS]
+
+
+def _pinned_requirement(name: str) -> str:
+    if name == "mlflow-skinny":
+        # The running MLflow's own version, which full mlflow pins its mlflow-skinny to; a source
+        # install of MLflow has no mlflow-skinny distribution to read it from.
+        return _get_pinned_requirement(name, version=MLFLOW_VERSION)
+    return _get_pinned_requirement(name)
 
 
 def get_default_conda_env() -> dict:

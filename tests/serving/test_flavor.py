@@ -47,12 +47,58 @@ def test_mlmodel_carries_the_contract(colour_model_dir):
 
 
 def test_requirements_are_serving_only(colour_model_dir):
-    requirements = (colour_model_dir / "requirements.txt").read_text().lower()
-    lines = [line.strip() for line in requirements.splitlines() if line.strip()]
-    names = {line.split("==")[0].split(">")[0].strip() for line in lines if not line.startswith("-")}
-    assert names == {"mlflow", "onnxruntime", "numpy", "pillow", "ftfy", "regex"}
+    """mlflow-skinny, never full mlflow (whose pyarrow, scipy and scikit-learn serving never
+    uses), and the serving libraries, each pinned to the version installed here; conda.yaml
+    lists the same."""
+    import importlib.metadata
+
+    text = (colour_model_dir / "requirements.txt").read_text()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     assert not any(line.startswith("-") for line in lines)  # plain requirements, as MLflow's tools expect
-    assert "torch" not in requirements and "openai-clip" not in requirements
+    pins = dict(line.lower().split("==") for line in lines)
+    assert set(pins) == {"mlflow-skinny", "onnxruntime", "numpy", "pandas", "pillow", "ftfy", "regex"}
+    assert pins == {name: importlib.metadata.version(name) for name in pins}
+    assert pins["mlflow-skinny"] == mlflow.__version__
+    conda = yaml.safe_load((colour_model_dir / "conda.yaml").read_text())
+    assert next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict)) == lines
+
+
+def test_loading_here_warns_of_no_requirement_mismatch(colour_onnx, colour_model_dir, tmp_path, caplog):
+    """This environment has full mlflow, which includes mlflow-skinny at its own version, so
+    MLflow's requirement check at load has nothing to report; a model pinned to another
+    mlflow-skinny gets the warning, so the check is live."""
+    from mlflow_clip.flavor import get_default_pip_requirements
+
+    elsewhere = [r for r in get_default_pip_requirements() if not r.startswith("mlflow-skinny")]
+    mlflow_clip.save_model(colour_onnx, tmp_path / "elsewhere", pip_requirements=["mlflow-skinny==3.0.0", *elsewhere])
+    with caplog.at_level(logging.WARNING, logger="mlflow"):
+        caplog.clear()
+        mlflow.pyfunc.load_model(str(colour_model_dir))
+        assert "mismatches" not in caplog.text
+        mlflow.pyfunc.load_model(str(tmp_path / "elsewhere"))
+    assert f"mlflow-skinny (current: {mlflow.__version__}, required: mlflow-skinny==3.0.0)" in caplog.text
+
+
+def test_the_serving_install_covers_what_models_declare():
+    """`pip install .` (setup.py's SERVING_REQUIRES) installs every package a model declares:
+    full mlflow stands for mlflow-skinny, which it requires at its own version."""
+    import ast
+    import importlib.metadata
+
+    from helpers import ROOT
+    from packaging.requirements import Requirement
+
+    from mlflow_clip.flavor import SERVING_REQUIREMENTS
+
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    (serving,) = (
+        ast.literal_eval(node.value)
+        for node in tree.body
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "SERVING_REQUIRES"
+    )
+    installed = {Requirement(r).name.lower() for r in serving}
+    assert set(SERVING_REQUIREMENTS) - {"mlflow-skinny"} <= installed and "mlflow" in installed
+    assert f"mlflow-skinny=={mlflow.__version__}" in importlib.metadata.requires("mlflow")
 
 
 def test_serving_code_in_model_is_complete(colour_model_dir):
