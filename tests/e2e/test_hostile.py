@@ -255,13 +255,32 @@ def test_the_guard_caps_bodies_and_refuses_what_is_not_json(guarded):
     guarded.assert_serving()
 
 
-def test_the_guard_decodes_data_uris_in_dataframe_bodies(guarded):
+def _data_uri_bodies() -> dict[str, dict]:
     uri = "data:image/png;base64," + _good_image()
-    for body in (
-        {"dataframe_split": {"columns": ["image"], "data": [[uri]]}},
-        {"dataframe_records": [{"image": uri}]},
-        {"inputs": {"image": [uri]}},
-    ):
+    return {
+        "dataframe_split": {"dataframe_split": {"columns": ["image"], "data": [[uri]]}},
+        "dataframe_records": {"dataframe_records": [{"image": uri}]},
+        "inputs": {"inputs": {"image": [uri]}},
+        "instances": {"instances": [{"image": uri}]},
+    }
+
+
+def test_the_guard_decodes_data_uris_in_every_form(guarded):
+    for form, body in _data_uri_bodies().items():
         response = guarded.post(body)
-        assert response.status_code == 200, response.text[:300]
-        assert response.json()["predictions"][0]["label"] == "a red circle"
+        assert response.status_code == 200, (form, response.text[:300])
+        assert response.json()["predictions"][0]["label"] == "a red circle", form
+
+
+def test_a_plain_server_takes_data_uris_where_the_readme_says(plain):
+    """inputs and instances reach the model as text; MLflow base64-decodes the binary column of
+    the dataframe forms itself and refuses a data URI there, as the README states."""
+    for form, body in _data_uri_bodies().items():
+        response = plain.post(body)
+        if form in ("inputs", "instances"):
+            assert response.status_code == 200, (form, response.text[:300])
+            assert response.json()["predictions"][0]["label"] == "a red circle", form
+        else:
+            assert response.status_code == 400 and "Incorrect padding" in response.text, (form, response.text[:300])
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "through a plain `mlflow models serve` only in `inputs` and `instances`" in readme

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +22,30 @@ def readme_commands() -> list[str]:
     """The first two fenced bash blocks of the README: the quickstart, then the tests."""
     blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
     return [block.strip() for block in blocks[:2]]
+
+
+# What a checkout holds that the README's blocks use (`mlflow run .` runs the installed package).
+CHECKOUT_FILES = ("MLproject", "conda.yaml", "README.md", "examples")
+README_PORT = 5001  # the port the README's serve blocks use
+INSTALL_PREFIX = re.compile(r"^python3 -m venv .*?&& pip install [^&]*&& ")
+
+
+def readme_blocks() -> list[tuple[str, str]]:
+    """Every fenced bash and python block of the README, in order, as (language, text)."""
+    return [(lang, text.strip()) for lang, text in re.findall(r"```(bash|python)\n(.*?)```", README, flags=re.S)]
+
+
+def readme_script() -> str:
+    """The README as one shell session: the quickstart without its install (done by CI), then
+    every later block as written (python ones fed to `python -`), leaving out only the test
+    command, which is this suite."""
+    blocks = readme_blocks()
+    (_, quickstart), _tests, *rest = blocks
+    lines = ["set -euo pipefail"]
+    for number, (lang, text) in enumerate([("bash", INSTALL_PREFIX.sub("", quickstart)), *rest], start=1):
+        lines.append(f"echo '=== README block {number}' >&2")
+        lines.append(text if lang == "bash" else f"python - <<'README_PYTHON'\n{text}\nREADME_PYTHON")
+    return "\n".join(lines) + "\n"
 
 
 def test_readme_opens_with_the_two_commands():
@@ -87,3 +114,56 @@ def test_cli_reports_bad_classes_without_a_traceback(tmp_path):
     )
     assert result.returncode == 2
     assert "Class 1" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_readme_script_keeps_every_block():
+    script = readme_script()
+    assert "pip install" not in script.split("=== README block 2")[0]  # the install is left out
+    for _lang, text in readme_blocks()[2:]:
+        assert text in script, text[:80]
+    assert "until curl -sf http://127.0.0.1:5001/ping" in script  # a serve block waits for its server
+
+
+@pytest.mark.slow
+@requires_export
+def test_every_readme_block_works_when_pasted(tmp_path):
+    """Pastes the README into one shell, in a checkout with its default tracking store
+    (./mlflow.db): quickstart, serving, Python, promotion, rollback, evaluation. Any block
+    that fails stops the run with its number."""
+    import socket
+
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", README_PORT)) == 0:
+            pytest.skip(f"port {README_PORT}, which the README's blocks serve on, is in use here")
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    for name in CHECKOUT_FILES:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, checkout / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, checkout / name)
+    (checkout / "readme.sh").write_text(readme_script())
+    env = {k: v for k, v in subprocess_env().items() if not k.startswith(("MLFLOW_TRACKING", "MLFLOW_REGISTRY"))}
+    process = subprocess.Popen(
+        ["bash", "readme.sh"],
+        cwd=checkout,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=1500)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # a server a failed block left running
+    assert process.returncode == 0, output[-6000:]
+    blocks = len(readme_blocks()) - 1
+    assert f"=== README block {blocks}" in output
+    assert '"label": "a red circle"' in output  # the quickstart's server, asked about a red circle
+    assert '"label": "a green square"' in output  # production, after the promotion
+    # the history the README prints: two promotions, then the rollback from version 2 to 1
+    assert re.search(r"promote\s+- -> 1 ", output) and re.search(r"promote\s+1 -> 2 ", output), output[-3000:]
+    assert re.search(r"rollback\s+2 -> 1 ", output), output[-3000:]
