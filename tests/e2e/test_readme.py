@@ -71,6 +71,23 @@ def test_conda_env_lists_the_same_packages_as_setup():
         assert f'"{requirement}"' in setup, f"{requirement} is in conda.yaml but not in setup.py"
 
 
+def test_uv_and_virtualenv_runs_of_the_project_build_the_same_packages():
+    """`mlflow run . --env-manager uv|virtualenv` turns the project's conda.yaml into a python
+    env with MLflow's own converter: the same Python and exactly the pip packages conda gets."""
+    import yaml
+    from mlflow.projects._project_spec import load_project
+    from mlflow.utils.environment import _PythonEnv
+
+    project = load_project(str(ROOT))
+    assert project.env_type == "conda_env" and project.env_config_path.endswith("conda.yaml")
+    conda = yaml.safe_load((ROOT / "conda.yaml").read_text())
+    pip = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
+    python_env = _PythonEnv.from_conda_yaml(project.env_config_path)
+    assert python_env.python == "3.11" and python_env.dependencies == pip
+    readme = " ".join(README.split())
+    assert "mlflow run . --env-manager uv -P model=demo" in readme
+
+
 @pytest.mark.slow
 @requires_export
 def test_quickstart_mlflow_run_registers_a_checked_version(tmp_path):
