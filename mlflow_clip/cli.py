@@ -334,19 +334,21 @@ def evaluate_command(model_uri, data, reference, experiment_name) -> None:
     help="Comma-separated JPEG sizes WxH. [default: 640x480,1920x1080,4000x3000; --quick: 320x240]",
 )
 @click.option(
-    "--batches", default=None, help="Comma-separated batch sizes (images per request). [default: 1,8,32; --quick: 1,4]"
+    "--batches", default=None, help="Comma-separated batch sizes (images per request). [default: 1,8,32; --quick: 4]"
 )
 @click.option(
     "--rows",
     default=None,
-    help="Comma-separated rows: torch, onnxruntime, pyfunc, labels, server, precision, draft, load, settings. "
-    "[default: all but settings]",
+    help="Comma-separated rows: torch, onnxruntime, pyfunc, labels, server, precision, draft, load, settings, "
+    "mlserver. [default: all but settings and mlserver; --quick: torch,onnxruntime,pyfunc,labels,server]",
 )
 @click.option("--precisions", default=None, help="Variants for the precision rows: int8, fp16. [default: int8,fp16]")
 @click.option(
     "--threads", default=2, show_default=True, type=int, help="Threads for every row (torch, onnxruntime, pyfunc)."
 )
-@click.option("--quick", is_flag=True, help="A tiny configuration (demo model, small images, few requests).")
+@click.option(
+    "--quick", is_flag=True, help="A smoke run under a minute: demo model, 320x240, batch 4, the pipeline rows."
+)
 @click.option(
     "--work-dir",
     default=None,

@@ -21,6 +21,10 @@ Rows, per model x image size x batch size:
 - `settings` (only when asked for): the pyfunc and (b) with one default switched back at a
   time (one shard per request; onnxruntime's thread spinning on; Pillow doing the resize), to
   show what each buys.
+- `mlserver` (only when asked for): `mlserver start` with MLServer's MLflow runtime (what KServe
+  and Seldon run) over V2 requests, 16 concurrent clients, adaptive batching on and off, beside
+  row (d) with the same 16 clients; MLServer runs in an environment of its own, built once with
+  uv under the work dir.
 
 `--soak` adds a sustained run of the server (mixed batch sizes, several clients) that samples
 the server's RSS, with onnxruntime's CPU memory arena off and on. `--hostile` runs good
@@ -40,6 +44,7 @@ that build models or run row (a). Its modules, each importing only those listed 
 - `models`: building, caching and registering the benchmark's models.
 - `rows`: the in-process rows' tasks: (a) torch, (b) onnxruntime, the pyfunc rows.
 - `server`: `mlflow models serve` as a row, row (d).
+- `mlserver`: MLServer as a row, in its own environment, and its ratio to row (d).
 - `soak`: the server under sustained load, and its RSS over time.
 - `hostile`: good requests beside hostile ones, and the requests an attacker would send.
 - `loads`: load to first prediction, in fresh interpreters.

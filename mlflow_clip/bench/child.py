@@ -9,6 +9,7 @@ import sys
 from typing import Any, Callable
 
 from mlflow_clip.bench.hostile import task_hostile
+from mlflow_clip.bench.mlserver import MLServerRows
 from mlflow_clip.bench.models import task_build
 from mlflow_clip.bench.rows import task_onnxruntime, task_pyfunc, task_torch
 from mlflow_clip.bench.server import ServerRows
@@ -23,6 +24,7 @@ _ROW_TASKS: dict[str, Callable[[dict], Any]] = {
     "onnxruntime": task_onnxruntime,
     "pyfunc": task_pyfunc,
     "server": ServerRows,
+    "mlserver": MLServerRows,
 }
 
 

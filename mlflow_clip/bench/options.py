@@ -21,9 +21,12 @@ ROW_KINDS: tuple[str, ...] = (
     "draft",
     "load",
     "settings",
+    "mlserver",
 )
-# `settings` (the pyfunc's session and sharding defaults switched back one at a time) is asked for.
-DEFAULT_ROWS: tuple[str, ...] = tuple(kind for kind in ROW_KINDS if kind != "settings")
+# Rows run only when asked for: `settings` (the pyfunc's session and sharding defaults switched
+# back one at a time) and `mlserver` (MLServer, which needs an environment of its own).
+ASKED_FOR_ROWS: tuple[str, ...] = ("settings", "mlserver")
+DEFAULT_ROWS: tuple[str, ...] = tuple(kind for kind in ROW_KINDS if kind not in ASKED_FOR_ROWS)
 DEFAULT_MODELS: tuple[str, ...] = ("RN50", "ViT-B/32", "demo")
 DEFAULT_SIZES: tuple[tuple[int, int], ...] = ((640, 480), (1920, 1080), (4000, 3000))
 DEFAULT_BATCHES: tuple[int, ...] = (1, 8, 32)
@@ -88,6 +91,15 @@ class BenchmarkOptions:
     hostile_requests: int = 300  # good requests alone, then as many beside the hostile ones
     hostile_clients: int = 2
     hostile_flood: int = 1000  # requests carrying 10 MB label sets, after the hostile phase
+    # The MLServer rows (`--rows mlserver`): this many concurrent clients (and row (d) with the
+    # same clients beside them), adaptive batching on and off, and MLServer's inference worker
+    # processes (0: inference in the server's own process, which was faster and half the memory
+    # on 2 cores)
+    mlserver_clients: int = 16
+    mlserver_batching: tuple[bool, ...] = (True, False)
+    mlserver_max_batch_size: int = 16
+    mlserver_max_batch_time: float = 0.01
+    mlserver_parallel_workers: int = 0
     work_dir: Path = DEFAULT_WORK_DIR
     rebuild: bool = False
     quick: bool = False
@@ -102,10 +114,15 @@ class BenchmarkOptions:
         return data
 
 
+# Under a minute on 2 cores, the demo model's build included: the rows that compare the
+# pipelines (torch, onnxruntime, the pyfunc with baked and per-request labels, the server) at
+# one batch size. The other rows (precision builds, draft, load, soak, hostile) when asked for.
+QUICK_ROWS: tuple[str, ...] = ("torch", "onnxruntime", "pyfunc", "labels", "server")
 QUICK = dict(
     models=("demo",),
     sizes=((320, 240),),
-    batches=(1, 4),
+    batches=(4,),
+    rows=QUICK_ROWS,
     warmup=1,
     min_requests=3,
     min_seconds=0.0,
@@ -121,7 +138,7 @@ QUICK = dict(
 
 
 def quick_options(**overrides: Any) -> BenchmarkOptions:
-    """The tiny configuration (demo model, 320x240, batches 1 and 4, a few requests)."""
+    """The tiny configuration (demo model, 320x240, batch 4, the pipeline rows, a few requests)."""
     return replace(BenchmarkOptions(**QUICK), **overrides)
 
 

@@ -146,7 +146,7 @@ def plan_group(
     """The child processes for one group and the rows they fill; a (model, precision) in
     `unrunnable` gets its rows marked so, without a process."""
     planned, rows = [], []
-    prefix = f"{model_slug(model)}-{size_name(size)}-b{batch}"
+    prefix = _group_prefix((model, size_name(size), batch))
     for row_id, label, task, extra in row_plan(options, model, builds):
         row = RowResult(model, size_name(size), batch, row_id, label)
         rows.append(row)
@@ -157,9 +157,35 @@ def plan_group(
         spec = {**_timing_spec(options, batch, pool), **extra}
         planned.append(Planned(task, f"{prefix}-{row_id}", spec, [(row, "")], precision))
     fp32 = builds.get((model, "fp32"), {})
-    if "server" not in options.rows or fp32.get("status") != "ok":
-        return planned, rows
+    if fp32.get("status") == "ok":
+        group = (model, size_name(size), batch)
+        for item in [*_server_planned(options, fp32, group, pool), *_mlserver_planned(options, fp32, group, pool)]:
+            rows += [row for row, _ in item.rows]
+            planned.append(item)
+    return planned, rows
+
+
+def server_clients(options: BenchmarkOptions) -> list[int]:
+    """Row (d)'s client counts: `clients`, and the MLServer rows' clients beside them."""
+    clients = list(options.clients) if "server" in options.rows else []
+    if "mlserver" in options.rows and options.mlserver_clients not in clients:
+        clients.append(options.mlserver_clients)
+    return clients
+
+
+def _group_prefix(group: tuple[str, str, int]) -> str:
+    model, size, batch = group
+    return f"{model_slug(model)}-{size}-b{batch}"
+
+
+def _server_planned(options, fp32, group, pool) -> list[Planned]:
+    """Row (d): one server per setting, measured with each client count."""
+    clients = server_clients(options)
+    if not clients:
+        return []
+    prefix, batch = _group_prefix(group), group[2]
     several = len(options.server_configs) > 1
+    planned = []
     for config in options.server_configs:
         name = f"{prefix}-server-{config.key}"
         spec = {
@@ -167,14 +193,47 @@ def plan_group(
             "model_dir": fp32["model_dir"],
             "workers": config.workers,
             "model_config": {"intra_op_num_threads": config.threads},
-            "clients": list(options.clients),
+            "clients": clients,
             "form": options.server_form,
             "log": str(options.work_dir / "logs" / f"{name}.server.log"),
             "env": dict(options.server_env),
         }
-        server_rows = [
-            (RowResult(model, size_name(size), batch, *server_row(c, config, several)), str(c)) for c in options.clients
-        ]
-        rows += [row for row, _ in server_rows]
-        planned.append(Planned("server", name, spec, server_rows))
-    return planned, rows
+        rows = [(RowResult(*group, *server_row(c, config, several)), str(c)) for c in clients]
+        planned.append(Planned("server", name, spec, rows))
+    return planned
+
+
+def mlserver_row(clients: int, batching: bool) -> tuple[str, str]:
+    suffix, what = ("batching", "adaptive batching") if batching else ("nobatch", "no batching")
+    return f"mlserver-{clients}c-{suffix}", f"MLServer {clients} clients, {what}"
+
+
+def _mlserver_planned(options, fp32, group, pool) -> list[Planned]:
+    """The MLServer rows: one `mlserver start` per batching setting, the threads of row (d)'s first setting."""
+    if "mlserver" not in options.rows:
+        return []
+    prefix, batch = _group_prefix(group), group[2]
+    planned = []
+    for batching in options.mlserver_batching:
+        row_id, label = mlserver_row(options.mlserver_clients, batching)
+        name = f"{prefix}-{row_id}"
+        spec = {
+            **_timing_spec(options, batch, pool),
+            "model_dir": fp32["model_dir"],
+            "model_config": {"intra_op_num_threads": options.server_configs[0].threads},
+            "clients": [options.mlserver_clients],
+            "batching": (
+                {"max_batch_size": options.mlserver_max_batch_size, "max_batch_time": options.mlserver_max_batch_time}
+                if batching
+                else {}
+            ),
+            "parallel_workers": options.mlserver_parallel_workers,
+            "env_dir": str(options.work_dir / "mlserver-env"),
+            "repository": str(options.work_dir / "mlserver" / name),
+            "log": str(options.work_dir / "logs" / f"{name}.server.log"),
+            "env": dict(options.server_env),
+        }
+        planned.append(
+            Planned("mlserver", name, spec, [(RowResult(*group, row_id, label), str(options.mlserver_clients))])
+        )
+    return planned

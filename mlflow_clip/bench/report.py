@@ -138,12 +138,16 @@ def render_markdown(report: BenchmarkReport) -> str:
     ]
     if report.rows:
         parts += ["### Throughput and latency", rows_table(report.rows)]
+    heading = f"### Targets ({TARGET_MODEL}, {TARGET_SIZE}, batch {TARGET_BATCH}, {options['threads']} threads)"
     parts += [
-        f"### Targets ({TARGET_MODEL}, {TARGET_SIZE}, batch {TARGET_BATCH}, {options['threads']} threads)",
-        targets_table(report.targets),
+        heading,
+        targets_table(report.targets)
+        if report.targets
+        else f"None measured: the targets are stated for {TARGET_MODEL} at {TARGET_SIZE}, batch {TARGET_BATCH}, "
+        "which this run did not include.",
     ]
     decode = [r for r in report.rows if r.row == "onnxruntime" and r.ok and r.decode_ms is not None]
-    if decode:
+    if decode and report.targets:
         parts.append(
             "The targets count the default, exact path only. Exact decode and preprocess of one image on one "
             "thread (timed while row (b) prepares its tensors): "

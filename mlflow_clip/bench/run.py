@@ -15,6 +15,7 @@ from mlflow_clip.bench.hostile import run_hostile
 from mlflow_clip.bench.images import ensure_images
 from mlflow_clip.bench.loads import run_loads
 from mlflow_clip.bench.measure import loadavg, machine_info
+from mlflow_clip.bench.mlserver import MLServerUnavailable, note_mlserver_ratios
 from mlflow_clip.bench.models import ensure_models, pyfunc_config_keys
 from mlflow_clip.bench.options import BenchmarkOptions, command_line, size_name
 from mlflow_clip.bench.plan import Planned, plan_group
@@ -50,6 +51,7 @@ def run_benchmark(options: BenchmarkOptions, progress: Callable[[str], None] = _
             for batch in options.batches:
                 report.rows += _run_group(options, model, size, batch, pools[size], state, progress)
     compare_rows(report.rows, state.probabilities)
+    note_mlserver_ratios(report.rows)
     if "load" in options.rows:
         report.loads = run_loads(options, builds, pools[options.sizes[0]][0], progress)
     if options.soak:
@@ -138,8 +140,9 @@ def _fill_planned(item: Planned, result: dict[str, Any], state: _RunState) -> No
 def _fill_row(row: RowResult, result: dict[str, Any], state: _RunState, precision: str = "fp32") -> None:
     if result.get("status") != "ok":
         error = result.get("error", "failed")
+        unrunnable = precision == "fp16" or error.startswith(MLServerUnavailable.__name__)
         row.status, row.note = (
-            ("not runnable", f"not runnable on this machine: {error}") if precision == "fp16" else ("failed", error)
+            ("not runnable", f"not runnable on this machine: {error}") if unrunnable else ("failed", error)
         )
         return
     for name in (

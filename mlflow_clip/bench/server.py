@@ -1,5 +1,6 @@
 """The scoring server: `mlflow models serve --env-manager local` started and stopped with all
-its processes, request bodies, and row (d) (one server, measured with each number of clients)."""
+its processes, request bodies, and row (d) (one server, measured with each number of clients).
+`MeasuredServer` is the measuring part, shared with the MLServer rows (`mlserver`)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ class ScoringServer:
         log_path: Path,
         env: dict[str, str] | None = None,
     ):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = child_env(
             {
@@ -91,7 +92,7 @@ class ScoringServer:
         stop_tree(self.proc)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -131,29 +132,24 @@ def new_session():
     return requests.Session()
 
 
-class ServerRows:
-    """Row (d): one server, measured with each number of concurrent clients in turn, every round."""
+def distinct_bodies(b64_rows: Sequence[str], batch: int, make_body: Callable[[list[str]], bytes]) -> dict[int, bytes]:
+    """Every distinct request body of a row, built before timing, keyed by its first image's
+    index in the pool (`(index * batch) % len(pool)` for request `index`)."""
+    bodies: dict[int, bytes] = {}
+    for index in range(len(b64_rows)):
+        bodies.setdefault((index * batch) % len(b64_rows), make_body(request_images(b64_rows, batch, index)))
+    return bodies
 
-    def __init__(self, spec: dict[str, Any]):
-        b64 = [base64.b64encode(data).decode("ascii") for data in read_pool(spec)]
-        batch = spec["batch"]
-        self.bodies = {}
-        for index in range(len(b64)):  # every distinct body is built before timing
-            self.bodies.setdefault(
-                (index * batch) % len(b64), request_body(request_images(b64, batch, index), spec["form"])
-            )
-        self.server = ScoringServer(
-            spec["model_dir"], spec["workers"], spec["model_config"], Path(spec["log"]), spec.get("env")
-        )
-        try:
-            self.server.wait_ready()
-        except BaseException:
-            self.server.stop()
-            raise
-        pid = self.server.proc.pid
-        call = server_call(self.server.url, lambda index: (self.bodies[(index * batch) % len(b64)], batch))
+
+class MeasuredServer:
+    """A started server (`.proc`, `.stop()`), measured with each number of concurrent clients in
+    turn, every round, and its process tree's CPU and memory."""
+
+    def __init__(self, server: Any, call: Callable[[int, Any], np.ndarray], spec: dict[str, Any]):
+        self.server = server
+        pid = server.proc.pid
         self.rows = {
-            c: MeasuredRow(call, batch, c, new_session, lambda: tree_cpu_seconds(pid)) for c in spec["clients"]
+            c: MeasuredRow(call, spec["batch"], c, new_session, lambda: tree_cpu_seconds(pid)) for c in spec["clients"]
         }
         for clients, row in self.rows.items():
             row.warm_up(max(spec["warmup"], clients))
@@ -179,3 +175,22 @@ class ServerRows:
     def close(self) -> None:
         self.sampler.stop()
         self.server.stop()
+
+
+class ServerRows(MeasuredServer):
+    """Row (d): one server, measured with each number of concurrent clients in turn, every round."""
+
+    def __init__(self, spec: dict[str, Any]):
+        b64 = [base64.b64encode(data).decode("ascii") for data in read_pool(spec)]
+        batch = spec["batch"]
+        bodies = distinct_bodies(b64, batch, lambda rows: request_body(rows, spec["form"]))
+        server = ScoringServer(
+            spec["model_dir"], spec["workers"], spec["model_config"], Path(spec["log"]), spec.get("env")
+        )
+        try:
+            server.wait_ready()
+            call = server_call(server.url, lambda index: (bodies[(index * batch) % len(b64)], batch))
+            super().__init__(server, call, spec)
+        except BaseException:
+            server.stop()
+            raise

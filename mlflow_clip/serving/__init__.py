@@ -10,6 +10,7 @@ and the first one's directory may be gone (a temporary download) by the time the
     contract.py    file names, MLmodel keys, graph names, the classifier config, the hash
     manifest.py    the SHA-256 of every file that decides a prediction, and its check
     loader.py      the pyfunc loader MLflow calls, and the pyfunc wrapper
+    v2.py          the output table and errors as MLServer's V2 codecs take them
     classifier.py  rows in, predictions out
     images.py      decoding untrusted image bytes
     preprocess.py  CLIP's resize, crop and normalization (native or Pillow, same pixels)

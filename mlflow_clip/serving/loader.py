@@ -33,6 +33,7 @@ from .preprocess import native_status
 from .rows import InvalidInputError
 from .runtime import RuntimeSettings
 from .text import TextEncoder
+from .v2 import called_by_mlserver, mlserver_error, v2_table
 
 _logger = logging.getLogger("mlflow_clip.serving.loader")
 
@@ -237,6 +238,16 @@ class ClipPyfuncModel:
     # `data` carries no type hint on purpose: MLflow reads the hint of predict's first argument
     # as an input schema (and warns that Any validates nothing); the signature in MLmodel is the schema.
     def predict(self, data, params: dict[str, Any] | None = None):
+        """The output table (a Series of labels for `output="label"`). Called by MLServer's V2
+        runtime, the same table in the form its codecs encode, and its errors (see `v2.py`)."""
+        if not called_by_mlserver():
+            return self._predict(data, params)
+        try:
+            return v2_table(self._predict(data, params))
+        except ServingError as e:
+            raise mlserver_error(e) from None
+
+    def _predict(self, data: Any, params: dict[str, Any] | None):
         options = {**PARAM_DEFAULTS, **{k: v for k, v in (params or {}).items() if v is not None}}
         output = options["output"]
         if output not in OUTPUT_CHOICES:

@@ -271,9 +271,7 @@ def _read_text(spec: str, what: str) -> tuple[str, Path]:
         return path.read_text(encoding="utf-8"), path
     except (FileNotFoundError, IsADirectoryError) as e:
         where = " and ".join(str(folder) for folder in searched)
-        raise PromptError(
-            f"The {what} file {spec} was not found (looked in {where}); check the path after '@'."
-        ) from e
+        raise PromptError(f"The {what} file {spec} was not found (looked in {where}); check the path after '@'.") from e
     except UnicodeDecodeError as e:
         raise PromptError(
             f"The {what} file {path} is not valid UTF-8 ({e.reason} at byte {e.start}); save it as UTF-8."

@@ -34,6 +34,7 @@ from mlflow_clip.bench import (
     run_benchmark,
     write_docs,
 )
+from mlflow_clip.bench.options import DEFAULT_ROWS
 
 BASE_ROWS = ("torch", "onnxruntime", "pyfunc", "pyfunc-labels", "server-1c", "server-4c")
 SOAK_REQUESTS = 40
@@ -154,7 +155,7 @@ def test_targets_pass_and_fail_at_their_thresholds():
     assert results["pyfunc_int8_vs_torch"].result == "FAIL"  # 3.25x < 3.5x
     assert results["pyfunc_fp32_vs_onnxruntime"].result == "FAIL"  # 0.80x < 0.85x
     assert results["server_4_clients_vs_pyfunc"].result == "FAIL"  # 0.75x < 0.8x
-    assert results["load_to_first_prediction"].result == "n/a"
+    assert "load_to_first_prediction" not in results and "hostile_good_p95" not in results  # not measured: left out
     assert results["labels_per_request_vs_pyfunc"].result == "PASS"  # 0.96x: 4% slower than baked
     rows[-1].images_per_s = 7.5
     compare_rows(rows)
@@ -177,6 +178,7 @@ def quick_report(work_dir) -> BenchmarkReport:
         pytest.skip("needs the export extra")
     options = quick_options(
         work_dir=work_dir,
+        rows=DEFAULT_ROWS,
         batches=(1, 3),
         soak=True,
         soak_requests=(SOAK_REQUESTS,),
@@ -343,7 +345,7 @@ def test_report_logs_to_mlflow(quick_report, tracking_uri):
     pyfunc = next(r for r in quick_report.rows if r.row == "pyfunc" and r.batch == 1)
     assert run.data.metrics["demo.320x240.b1.pyfunc.images_per_s"] == pytest.approx(pyfunc.images_per_s)
     assert run.data.params["models"] == '["demo"]'
-    assert run.data.tags["target.load_to_first_prediction"].startswith("n/a")
+    assert not any(tag.startswith("target.") for tag in run.data.tags)  # the quick run measures no target
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"benchmark.md", "benchmark.json"} <= artifacts
     logged = json.loads(Path(client.download_artifacts(run_id, "benchmark.json")).read_text())
@@ -444,3 +446,15 @@ def test_pyfunc_target_divides_by_the_faster_raw_onnxruntime_row():
         target["pyfunc_fp32_vs_onnxruntime"].measured.startswith("0.90x")
         and target["pyfunc_fp32_vs_onnxruntime"].result == "PASS"
     )
+
+
+def test_quick_runs_the_pipeline_rows_at_one_batch_and_reports_no_unmeasured_target():
+    """`--quick` builds one model (no precision variants, no load or soak processes), so it stays
+    a smoke run; the targets it cannot measure are left out instead of printed as n/a."""
+    options = quick_options()
+    assert options.rows == ("torch", "onnxruntime", "pyfunc", "labels", "server") and options.batches == (4,)
+    assert options.models == ("demo",) and not (options.soak or options.hostile)
+    rows = [_row(name, 10.0, model="demo", size="320x240", batch=4) for name in ("torch", "onnxruntime", "pyfunc")]
+    compare_rows(rows)
+    report = BenchmarkReport(options={"threads": 2}, machine={}, rows=rows)
+    assert evaluate_targets(report) == []

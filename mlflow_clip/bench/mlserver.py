@@ -1,0 +1,208 @@
+"""MLServer as a row: `mlserver start` with MLServer's MLflow runtime (`mlserver_mlflow.MLflowRuntime`,
+what KServe and Seldon run for MLflow models), measured with V2 inference requests from
+concurrent clients, with adaptive batching on or off, next to row (d) with the same clients.
+
+MLServer downgrades FastAPI and Starlette, so it never goes into the benchmark's own
+environment: `ensure_mlserver_env` builds one with uv under the work dir (MLServer, its MLflow
+runtime and the model's own `requirements.txt`; the model carries its serving code), once, and
+reuses it while its packages are the same.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from mlflow_clip.bench.images import read_pool
+from mlflow_clip.bench.results import RowResult
+from mlflow_clip.bench.server import (
+    JSON_HEADERS,
+    SERVER_REQUEST_TIMEOUT_SECONDS,
+    SERVER_START_SECONDS,
+    MeasuredServer,
+    distinct_bodies,
+    free_port,
+)
+from mlflow_clip.bench.worker import child_env, die_with_parent, stop_tree
+
+# With inference workers (`parallel_workers` > 0) MLServer needs an event loop that uvloop 0.22
+# and later no longer makes ("There is no current event loop"), hence the pin.
+MLSERVER_PACKAGES: tuple[str, ...] = ("mlserver", "mlserver-mlflow", "uvloop<0.22")
+MLSERVER_RUNTIME = "mlserver_mlflow.MLflowRuntime"
+MODEL_NAME = "clip"
+ENV_MARKER = "mlflow-clip-env.json"
+INSTALL_TIMEOUT_SECONDS = 1800
+
+
+class MLServerUnavailable(RuntimeError):
+    """MLServer's environment could not be built here (no uv, no package index)."""
+
+
+def find_uv() -> str | None:
+    """uv next to this interpreter (a venv's bin/), else on PATH."""
+    return shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
+
+
+def model_requirements(model_dir: str | Path) -> list[str]:
+    """The requirements a saved model lists (its `requirements.txt`), one per line."""
+    lines = (Path(model_dir) / "requirements.txt").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def ensure_mlserver_env(env_dir: Path, packages: Sequence[str]) -> Path:
+    """The Python of an environment at `env_dir` with MLServer and `packages`, built with uv
+    unless one with the same packages is already there."""
+    key = {"python": platform.python_version(), "packages": [*MLSERVER_PACKAGES, *packages]}
+    python, marker = env_dir / "bin" / "python", env_dir / ENV_MARKER
+    if python.exists() and marker.exists() and json.loads(marker.read_text()) == key:
+        return python
+    uv = find_uv()
+    if uv is None:
+        raise MLServerUnavailable("MLServer's environment is built with uv, which is not installed: pip install uv")
+    shutil.rmtree(env_dir, ignore_errors=True)
+    for command in (
+        [uv, "venv", "-q", "--python", sys.executable, str(env_dir)],
+        [uv, "pip", "install", "-q", "--python", str(python), *key["packages"]],
+    ):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_SECONDS)
+        if done.returncode != 0:
+            raise MLServerUnavailable(f"`{' '.join(command[:3])}` failed: {done.stderr.strip()[-600:]}")
+    marker.write_text(json.dumps(key))
+    return python
+
+
+def write_model_settings(root: Path, model_dir: str, batching: dict[str, Any]) -> None:
+    """The model of a repository for `mlserver start root`: `<MODEL_NAME>/model-settings.json`,
+    with its adaptive batching settings (`max_batch_size`, `max_batch_time`), if any."""
+    (root / MODEL_NAME).mkdir(parents=True, exist_ok=True)
+    model = {"name": MODEL_NAME, "implementation": MLSERVER_RUNTIME, "parameters": {"uri": model_dir}, **batching}
+    (root / MODEL_NAME / "model-settings.json").write_text(json.dumps(model, indent=2))
+
+
+class MLServerProcess:
+    """`mlserver start` on a model repository (its `settings.json` written here: free local
+    ports, no stack traces in answers), stopped with all its processes."""
+
+    def __init__(self, python: Path, root: Path, parallel_workers: int, log_path: Path, env: dict[str, str]):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        settings = {
+            "host": "127.0.0.1",
+            "http_port": self.port,
+            "grpc_port": free_port(),
+            "metrics_port": free_port(),
+            "parallel_workers": parallel_workers,
+            "debug": False,
+        }
+        (root / "settings.json").write_text(json.dumps(settings, indent=2))
+        env = child_env(env)
+        env["PATH"] = str(python.parent) + ":" + env["PATH"]
+        self.log_path = log_path
+        with open(log_path, "w") as log:
+            self.proc = subprocess.Popen(
+                [str(python.parent / "mlserver"), "start", str(root)],
+                cwd=root,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                preexec_fn=die_with_parent,
+            )
+
+    def wait_ready(self, timeout: float = SERVER_START_SECONDS) -> None:
+        import requests
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlserver exited with {self.proc.returncode}: {self._log_tail()}")
+            try:
+                if requests.get(f"{self.url}/v2/models/{MODEL_NAME}/ready", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"mlserver's model was not ready within {timeout:.0f} s: {self._log_tail()}")
+
+    def _log_tail(self) -> str:
+        return " | ".join(self.log_path.read_text(errors="replace").strip().splitlines()[-3:])[-600:]
+
+    def stop(self) -> None:
+        stop_tree(self.proc)
+
+
+def v2_body(b64_rows: Sequence[str]) -> bytes:
+    """A V2 inference request: one BYTES input `image` of base64 images, one per row."""
+    tensor = {"name": "image", "datatype": "BYTES", "shape": [len(b64_rows), 1], "data": list(b64_rows)}
+    return json.dumps({"inputs": [tensor]}).encode("utf-8")
+
+
+def v2_call(url: str, bodies: Callable[[int], tuple[bytes, int]]) -> Callable[[int, Any], np.ndarray]:
+    """A request function for `run_requests`: POST a V2 request, check it, return its probabilities."""
+
+    def call(index: int, session: Any) -> np.ndarray:
+        body, batch = bodies(index)
+        response = session.post(
+            f"{url}/v2/models/{MODEL_NAME}/infer",
+            data=body,
+            headers=JSON_HEADERS,
+            timeout=SERVER_REQUEST_TIMEOUT_SECONDS,
+        )
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {response.text[:300]}")
+        outputs = {output["name"]: output for output in response.json()["outputs"]}
+        rows = outputs["probabilities"]["data"]  # one JSON list per row (MLServer's pd_json)
+        if len(rows) != batch:
+            raise RuntimeError(f"{len(rows)} predictions for {batch} images")
+        return np.asarray([json.loads(row) for row in rows], dtype=float)
+
+    return call
+
+
+class MLServerRows(MeasuredServer):
+    """The MLServer row: one `mlserver start` serving the model, measured with each number of
+    concurrent clients in turn, every round, like row (d)."""
+
+    def __init__(self, spec: dict[str, Any]):
+        python = ensure_mlserver_env(Path(spec["env_dir"]), model_requirements(spec["model_dir"]))
+        b64 = [base64.b64encode(data).decode("ascii") for data in read_pool(spec)]
+        batch = spec["batch"]
+        bodies = distinct_bodies(b64, batch, v2_body)
+        root = Path(spec["repository"])
+        write_model_settings(root, spec["model_dir"], spec["batching"])
+        env = {"MLFLOW_PYFUNC_INFERENCE_CONFIG": json.dumps(spec["model_config"]), **(spec.get("env") or {})}
+        server = MLServerProcess(python, root, spec["parallel_workers"], Path(spec["log"]), env)
+        try:
+            server.wait_ready()
+            call = v2_call(server.url, lambda index: (bodies[(index * batch) % len(b64)], batch))
+            super().__init__(server, call, spec)
+        except BaseException:
+            server.stop()
+            raise
+
+
+def note_mlserver_ratios(rows: list[RowResult]) -> None:
+    """Each MLServer row's throughput over row (d)'s with the same clients (same model, size,
+    batch; the first server setting), in its note."""
+
+    def key(r: RowResult) -> tuple[str, str, int]:
+        return r.model, r.size, r.batch
+
+    servers = {(*key(r), r.row): r for r in rows if r.row.startswith("server-") and r.ok}
+    for row in rows:
+        if not (row.row.startswith("mlserver-") and row.ok and row.images_per_s):
+            continue
+        clients = row.row.split("-")[1]  # "16c"
+        same = [s for (m, z, b, name), s in servers.items() if (m, z, b, name.split("-")[1]) == (*key(row), clients)]
+        server = same[0] if same else None
+        if server is not None and server.images_per_s:
+            ratio = f"{row.images_per_s / server.images_per_s:.2f}x {server.label}"
+            row.note = f"{ratio}; {row.note}" if row.note else ratio
