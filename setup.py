@@ -1,7 +1,8 @@
 """mlflow-clip: CLIP zero-shot image classifiers as parity-checked ONNX models in MLflow.
 
 `pip install .` is the serving install (onnxruntime, no torch);
-`pip install ".[export]"` adds what exporting needs; `".[test]"` the test tools.
+`pip install ".[export]"` adds what exporting needs; `".[openvino]"` the optional OpenVINO
+runtime (needed by bf16 models); `".[test]"` the test tools.
 """
 
 from pathlib import Path
@@ -46,6 +47,16 @@ EXPORT_REQUIRES = [
     "matplotlib>=3.7",
     "tqdm",
 ]
+# The optional OpenVINO runtime (`runtime: openvino`, and bf16 models, which need it). The
+# `openvino` package, not onnxruntime-openvino, which overwrites onnxruntime's own files with an
+# older build (docs/decisions/openvino.md). It installs next to the serving stack unchanged.
+OPENVINO_REQUIRES = ["openvino>=2024.0"]
+# Other sources of CLIP weights for the export (`-P model=open_clip:<architecture>`,
+# docs/sources.md): open_clip builds the architecture from its own configs and is the parity
+# reference. Export-side only: a served model needs none of it (its tokenizer and preprocessing
+# are mlflow-clip's own), so it stays out of the serving install and out of `export`.
+# transformers is not listed: Hugging Face CLIP folders are not a source yet (docs/sources.md).
+SOURCES_REQUIRES = ["open_clip_torch>=3"]
 TEST_REQUIRES = [
     "pytest>=8",
     "pytest-timeout>=2.3",
@@ -55,6 +66,10 @@ TEST_REQUIRES = [
     # `mlflow models serve --env-manager uv`: environments built from a model alone.
     "uv>=0.4",
     "ruff>=0.6",
+    # The OpenVINO runtime's tests (tests/serving/test_openvino.py, tests/export/test_bf16.py).
+    *OPENVINO_REQUIRES,
+    # The open_clip source's tests (tests/export/test_sources.py).
+    *SOURCES_REQUIRES,
 ]
 
 # CLIP's resize + crop + normalize in one native pass, bit-exact with Pillow (checked against the
@@ -94,6 +109,8 @@ setup(
     install_requires=SERVING_REQUIRES,
     extras_require={
         "export": EXPORT_REQUIRES,
+        "openvino": OPENVINO_REQUIRES,
+        "sources": SOURCES_REQUIRES,
         "test": TEST_REQUIRES,
     },
     entry_points={

@@ -68,7 +68,13 @@ def cli(verbose: bool) -> None:
     "--classes", required=True, help="Comma-separated class names, or @path to a UTF-8 file with one per line."
 )
 @click.option(
-    "--model", default="RN50", show_default=True, help="A CLIP model name, 'demo', or a local checkpoint path."
+    "--model",
+    default="RN50",
+    show_default=True,
+    help="A CLIP model name, 'demo', a local checkpoint path, or open_clip:<architecture> (with --checkpoint).",
+)
+@click.option(
+    "--checkpoint", default="", help="open_clip:<architecture> only: the local weights file (nothing is downloaded)."
 )
 @click.option(
     "--templates",
@@ -93,7 +99,7 @@ def cli(verbose: bool) -> None:
     default=None,
     type=float,
     help="Parity gate: largest allowed |ONNX - PyTorch| probability. "
-    "[default: per precision: fp32 1e-4, fp16 1e-2, int8 0.1]",
+    "[default: per precision: fp32 1e-4, fp16 1e-2, int8 0.1, bf16 1e-2]",
 )
 @click.option("--alias", default="", help="Alias to set on the new version, e.g. challenger.")
 @click.option(
@@ -108,8 +114,9 @@ def cli(verbose: bool) -> None:
     "--precision",
     default="fp32",
     show_default=True,
-    type=click.Choice(["fp32", "fp16", "int8"]),
-    help="fp16 for GPU providers, int8 (onnxruntime quantization) for CPUs.",
+    type=click.Choice(["fp32", "fp16", "int8", "bf16"]),
+    help="fp16 for GPU providers, int8 (onnxruntime quantization) for CPUs, bf16 (OpenVINO; pays on CPUs with "
+    "native bf16).",
 )
 @click.option(
     "--truncate",
@@ -122,6 +129,7 @@ def cli(verbose: bool) -> None:
 def export_command(
     classes,
     model,
+    checkpoint,
     templates,
     registered_model_name,
     opset,
@@ -148,6 +156,7 @@ def export_command(
         text_encoder=text_encoder,
         precision=precision,
         truncate=truncate,
+        checkpoint=checkpoint or None,
     )
     _use_experiment(experiment_name)
     from mlflow_clip.export.job import run_export

@@ -79,15 +79,19 @@ SERVING_PACKAGE_PREFIX = "mlflow_clip_serving_"
 # scikit-learn, SQLAlchemy, Flask): enough to serve, with the scoring server's fastapi and uvicorn.
 # It does not bring pandas or numpy, which mlflow.pyfunc and the serving code import.
 SERVING_REQUIREMENTS = ("mlflow-skinny", "onnxruntime", "numpy", "pandas", "pillow", "ftfy", "regex")
+# The optional runtime (`pip install "mlflow-clip[openvino]"`), required by models that run on it.
+OPENVINO_REQUIREMENTS = ("openvino",)
 
 __all__ = ["get_default_pip_requirements", "save_model", "log_model", "load_model", "_load_pyfunc"]
 
 
-def get_default_pip_requirements() -> list[str]:
+def get_default_pip_requirements(runtime: str = "onnxruntime") -> list[str]:
     """The serving requirements, pinned to the installed versions: mlflow-skinny, onnxruntime,
     numpy, pandas, Pillow, and the tokenizer's ftfy and regex; never torch, never full mlflow.
-    The native resize needs none: the model carries it."""
-    return [_pinned_requirement(name) for name in SERVING_REQUIREMENTS]
+    The native resize needs none: the model carries it. A model whose runtime is `openvino`
+    (bf16 models) also requires openvino."""
+    names = SERVING_REQUIREMENTS + (OPENVINO_REQUIREMENTS if runtime == "openvino" else ())
+    return [_pinned_requirement(name) for name in names]
 
 
 def _pinned_requirement(name: str) -> str:
@@ -163,7 +167,7 @@ def save_model(
     conf = _flavor_conf(config, settings, input_limits, path, text_encoder is not None)
     conf.update({FlavorKey.CODE: code_dir_subpath, FlavorKey.SERVING_PACKAGE: package, FlavorKey.REFERENCE: reference})
     mlflow_model.add_flavor(FLAVOR_NAME, **conf)
-    _write_environment(path, conda_env, pip_requirements, extra_pip_requirements)
+    _write_environment(path, conda_env, pip_requirements, extra_pip_requirements, settings)
     _save_with_manifest(mlflow_model, path)
 
 
@@ -299,9 +303,9 @@ def _copy_code(path: Path, code_paths: Sequence[str] | None) -> tuple[str, str]:
         return package, _validate_and_copy_code_paths([str(staged), *(code_paths or [])], str(path))
 
 
-def _write_environment(path: Path, conda_env, pip_requirements, extra_pip_requirements) -> None:
+def _write_environment(path: Path, conda_env, pip_requirements, extra_pip_requirements, settings) -> None:
     if conda_env is None:
-        default_reqs = None if pip_requirements is not None else get_default_pip_requirements()
+        default_reqs = None if pip_requirements is not None else get_default_pip_requirements(settings.runtime)
         conda_env, pip_reqs, constraints = _process_pip_requirements(
             default_reqs, pip_requirements, extra_pip_requirements
         )

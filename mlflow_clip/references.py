@@ -52,7 +52,8 @@ def write_reference(model_dir: Path, config, settings, has_text_encoder: bool) -
         shutil.copyfile(source, folder / source.name)
         names.append(source.name)
     images = [(folder / name).read_bytes() for name in names]
-    cpu = RuntimeSettings(providers=("CPUExecutionProvider",), jpeg_draft=settings.jpeg_draft)
+    # The model's own runtime (a bf16 model's predictions are recorded at bf16, as it serves), on the CPU.
+    cpu = RuntimeSettings(providers=("CPUExecutionProvider",), jpeg_draft=settings.jpeg_draft, runtime=settings.runtime)
     text_encoder = _text_encoder(model_dir, config, cpu) if has_text_encoder else None
     classifier = ZeroShotClassifier(model_dir / ONNX_FILE_NAME, config, cpu, text_encoder=text_encoder)
     try:
@@ -81,7 +82,13 @@ def write_reference(model_dir: Path, config, settings, has_text_encoder: bool) -
 def _text_encoder(model_dir: Path, config, settings):
     from mlflow_clip.serving.text import TextEncoder
 
-    return TextEncoder(model_dir / TEXT_ENCODER_FILE_NAME, model_dir / VOCAB_FILE_NAME, config.context_length, settings)
+    return TextEncoder(
+        model_dir / TEXT_ENCODER_FILE_NAME,
+        model_dir / VOCAB_FILE_NAME,
+        config.context_length,
+        settings,
+        tokenizer=config.tokenizer,
+    )
 
 
 def _rows(frame) -> list[dict[str, Any]]:

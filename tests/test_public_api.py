@@ -59,6 +59,7 @@ SIGNATURES = {
 CLI_OPTIONS = {
     "export": {
         "--alias",
+        "--checkpoint",
         "--classes",
         "--experiment-name",
         "--experiment_name",
@@ -144,6 +145,7 @@ CLI_OPTIONS = {
 ENTRY_POINTS = {
     "main": {
         "alias",
+        "checkpoint",
         "classes",
         "images",
         "model",

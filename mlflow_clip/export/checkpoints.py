@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +19,7 @@ import torch
 from mlflow_clip.errors import MlflowClipError
 from mlflow_clip.export.compat import import_clip, quiet_jit_load
 from mlflow_clip.package_data import demo_weights_path
+from mlflow_clip.serving.preprocess import CLIP_MEAN, CLIP_STD
 
 _logger = logging.getLogger(__name__)
 
@@ -37,6 +38,14 @@ class LoadedClip:
     preprocess: Callable  # CLIP's own torchvision preprocessing
     name: str  # a short name recorded with the export: RN50, ViT-B/32, demo, or the file name
     input_resolution: int
+    # The source's own preprocessing settings (CLIP's unless another source says otherwise).
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    interpolation: str = "bicubic"
+    # The source's own tokenizer, (texts, context_length) -> ids [N, context_length]; None: clip.tokenize.
+    tokenize: Callable | None = None
+    # Where the weights come from and what parity compares against (run params and version tags).
+    details: dict[str, str] = field(default_factory=dict)
 
 
 def default_cache_dir() -> Path:

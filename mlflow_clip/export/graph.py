@@ -18,7 +18,7 @@ import io
 import json
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import onnx
@@ -121,24 +121,29 @@ class TextTower(nn.Module):
 
 
 @torch.no_grad()
-def encode_text_features(model: nn.Module, classes: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+def encode_text_features(
+    model: nn.Module, classes: Sequence[str], templates: Sequence[str], tokenize: Callable | None = None
+) -> torch.Tensor:
     """Normalized class embeddings [C, D]: per class, the renormalized mean of the
-    L2-normalized embeddings of its prompt texts (one text per template)."""
-    clip = import_clip()
-
+    L2-normalized embeddings of its prompt texts (one text per template). `tokenize(texts,
+    context_length)` is the source's own tokenizer (default `clip.tokenize`, truncating)."""
+    tokenize = tokenize or clip_tokenize
     rows = []
     for name in classes:
         texts = texts_for_class(name, templates)
         embeddings = []
         for start in range(0, len(texts), EXPORT_TEXT_BATCH):
-            tokens = clip.tokenize(
-                texts[start : start + EXPORT_TEXT_BATCH], context_length=model.context_length, truncate=True
-            )
+            tokens = tokenize(texts[start : start + EXPORT_TEXT_BATCH], int(model.context_length))
             embedding = model.encode_text(tokens).float()
             embeddings.append(embedding / embedding.norm(dim=-1, keepdim=True))
         mean = torch.cat(embeddings).mean(dim=0)
         rows.append(mean / mean.norm())
     return torch.stack(rows)
+
+
+def clip_tokenize(texts: Sequence[str], context_length: int) -> torch.Tensor:
+    """`clip.tokenize`, truncating as CLIP's prompts are: the default `tokenize` of the export."""
+    return import_clip().tokenize(list(texts), context_length=context_length, truncate=True)
 
 
 def export_onnx(

@@ -22,7 +22,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from mlflow_clip import flavor
-from mlflow_clip.export.checkpoints import DEMO_MODEL_NAME, LoadedClip, load_clip
+from mlflow_clip.export.checkpoints import DEMO_MODEL_NAME, LoadedClip
 from mlflow_clip.export.compat import import_clip
 from mlflow_clip.export.graph import (
     ZeroShotHead,
@@ -34,6 +34,7 @@ from mlflow_clip.export.graph import (
     simplify_onnx,
     write_edge_file,
 )
+from mlflow_clip.export.loaders import load_source
 from mlflow_clip.export.parity import (
     ParityError,
     ParityReport,
@@ -112,17 +113,19 @@ def build_classifier(
     text_encoder: bool = True,
     precision: str = "fp32",
     images: str | Path | None = None,
+    checkpoint: str | None = None,
 ) -> BuiltClassifier:
     """Load CLIP, bake the class text features, export, simplify, convert to `precision`
-    (fp32, fp16 or int8; int8 calibrates on `images`, default the package's samples) and apply
-    the conventions; with `text_encoder`, also export CLIP's text encoder for per-request labels."""
+    (fp32, fp16, int8 or bf16; int8 calibrates on `images`, default the package's samples) and apply
+    the conventions; with `text_encoder`, also export CLIP's text encoder for per-request labels.
+    `model` is any spec `mlflow_clip.export.sources` accepts (`checkpoint` for open_clip)."""
     check_precision(precision)
     template_texts = resolve_templates(templates)
     started = time.perf_counter()
     _step(f"loading CLIP {model}")
-    loaded = load_clip(model)
+    loaded = load_source(model, checkpoint)
     _step(f"encoding {len(classes)} classes x {len(template_texts)} templates")
-    text_features = encode_text_features(loaded.model, classes, template_texts)
+    text_features = encode_text_features(loaded.model, classes, template_texts, loaded.tokenize)
     logit_scale = float(loaded.model.logit_scale.detach().exp())
     head = ZeroShotHead(loaded.model.visual, text_features, logit_scale).eval()
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="mlflow-clip-"))
@@ -166,14 +169,14 @@ def _convert_precision(
     onnx_path: Path, precision: str, loaded: LoadedClip, images
 ) -> tuple[PrecisionInfo, Path | None]:
     """Convert the simplified fp32 graph in place; for fp16 also write its GPU-like emulation."""
-    if precision == "fp32":
-        return PrecisionInfo("fp32", ""), None
+    if precision in ("fp32", "bf16"):  # bf16: the fp32 graph, run by OpenVINO at bf16
+        return apply_precision(onnx_path, precision), None
     _step(f"converting the graph to {precision}")
     fp32_path = onnx_path.with_name("fp32-" + onnx_path.name)
     shutil.copyfile(onnx_path, fp32_path)
     calibration = None
     if precision == "int8":
-        preprocessor = Preprocessor(loaded.input_resolution)
+        preprocessor = Preprocessor(loaded.input_resolution, loaded.mean, loaded.std, loaded.interpolation)
         calibration = preprocessor.batch([image for _, image in load_sample_images(images)])
     info = apply_precision(fp32_path, precision, calibration, out_path=onnx_path)
     emulation_path = None
@@ -188,8 +191,7 @@ def _config_for(loaded, classes, templates, template_texts, logit_scale, opset) 
     clip = import_clip()
     import onnx
 
-    from mlflow_clip.serving.preprocess import CLIP_MEAN, CLIP_STD
-
+    open_clip = loaded.details.get("source") == "open_clip"
     return ClassifierConfig(
         classes=list(classes),
         clip_model=loaded.name,
@@ -197,14 +199,20 @@ def _config_for(loaded, classes, templates, template_texts, logit_scale, opset) 
         embedding_dim=int(loaded.model.text_projection.shape[1]),
         context_length=int(loaded.model.context_length),
         input_resolution=loaded.input_resolution,
-        mean=list(CLIP_MEAN),
-        std=list(CLIP_STD),
+        mean=list(loaded.mean),
+        std=list(loaded.std),
+        interpolation=loaded.interpolation,
+        tokenizer=loaded.details.get("tokenizer", "clip"),
         logit_scale=logit_scale,
         templates=describe_templates(templates),
         template_texts=list(template_texts),
         opset=opset,
         torch_version=torch.__version__,
-        clip_version=_package_version("openai-clip") or getattr(clip, "__version__", ""),
+        clip_version=(
+            f"open_clip_torch {_package_version('open_clip_torch')}"
+            if open_clip
+            else _package_version("openai-clip") or getattr(clip, "__version__", "")
+        ),
         onnx_version=onnx.__version__,
     )
 
@@ -223,14 +231,23 @@ def check_parity(
 ) -> tuple[ParityReport, list[str]]:
     _step("measuring parity against PyTorch")
     samples = load_sample_images(images)
-    preprocessor = Preprocessor(built.config.input_resolution, tuple(built.config.mean), tuple(built.config.std))
-    report = measure_parity(built.head, built.onnx_path, samples, built.loaded.preprocess, preprocessor)
+    preprocessor = Preprocessor.from_config(built.config)
+    report = measure_parity(
+        built.head, built.onnx_path, samples, built.loaded.preprocess, preprocessor, precision=built.config.precision
+    )
     if built.text_encoder_path is not None:
         from mlflow_clip.package_data import default_vocab_path
         from mlflow_clip.serving.prompts import texts_for_class
 
         texts = [text for name in built.config.classes for text in texts_for_class(name, built.config.template_texts)]
-        report.text = measure_text_parity(built.loaded.model, built.text_encoder_path, texts, default_vocab_path())
+        report.text = measure_text_parity(
+            built.loaded.model,
+            built.text_encoder_path,
+            texts,
+            default_vocab_path(),
+            built.loaded.tokenize,
+            built.config.tokenizer,
+        )
     failures = check_gates(report, thresholds)
     if built.fp16_emulation_path is not None:
         prefix = "parity_fp16_emulated_"
@@ -253,14 +270,17 @@ def export_and_register(
     text_encoder: bool = True,
     precision: str = "fp32",
     truncate: bool = False,
+    checkpoint: str | None = None,
 ) -> ExportResult:
     """The whole job in one MLflow run: export, parity gates, log, register, tag, alias.
 
-    `precision` is fp32, fp16 (for GPU providers) or int8 (for CPUs); the parity gates default
+    `precision` is fp32, fp16 (for GPU providers), int8 (for CPUs) or bf16 (OpenVINO on CPUs
+    with bf16 instructions; needs `pip install "mlflow-clip[openvino]"`); the parity gates default
     to `ParityThresholds.for_precision(precision)`, `max_prob_diff` overriding its gate.
     If a parity gate fails the run fails with the gate's figures and nothing is registered.
     A class whose prompts exceed CLIP's context is refused unless `truncate`. Every argument is
-    checked (`ExportSpec.create`) before anything is loaded.
+    checked (`ExportSpec.create`) before anything is loaded; `model` may also be
+    `open_clip:<architecture>` with `checkpoint` a local weights file (docs/sources.md).
     """
     spec = ExportSpec.create(
         classes,
@@ -275,6 +295,7 @@ def export_and_register(
         text_encoder=text_encoder,
         precision=precision,
         truncate=truncate,
+        checkpoint=checkpoint,
     )
     return run_export(spec)
 
@@ -293,8 +314,9 @@ def run_export(spec: ExportSpec) -> ExportResult:
                 text_encoder=spec.text_encoder,
                 precision=spec.precision,
                 images=spec.images,
+                checkpoint=spec.checkpoint or None,
             )
-            log_new_params(run.info.run_id, built.precision.params())
+            log_new_params(run.info.run_id, {**built.precision.params(), **built.loaded.details})
             report, failures = check_parity(built, spec.images, spec.thresholds)
             metrics = _export_metrics(built, report)
             mlflow.log_metrics(metrics)
@@ -348,9 +370,9 @@ def _log_and_register(run_id, built, report, metrics, spec: ExportSpec) -> Expor
         input_example=example,
         metadata={"parity": report.metrics(), "onnx_sha256": sha},
         text_encoder=built.text_encoder_path,
-        runtime=RuntimeSettings(providers=built.precision.providers),
+        runtime=RuntimeSettings(runtime=built.precision.runtime, providers=built.precision.providers),
         # The tags travel with the registration itself, so no version exists without them.
-        tags=_version_tags(built.config, built.text_encoder_path is not None),
+        tags=_version_tags(built.config, built.text_encoder_path is not None, built.loaded.details),
     )
     version = None
     if registered_model_name:
@@ -375,12 +397,14 @@ def _write_card(name: str, version: str, built: BuiltClassifier, metrics: dict, 
         asdict(spec.thresholds),
         sizes,
         run_id,
-        _weights_source(spec.model),
+        _weights_source(spec.model, built.loaded.details),
     )
     card.describe_new_version(MlflowClient(), name, version, text)
 
 
-def _weights_source(model: str) -> str:
+def _weights_source(model: str, details: dict[str, str]) -> str:
+    if details.get("source") == "open_clip":
+        return f"local open_clip checkpoint `{Path(details['checkpoint']).name}` ({details['activation']})"
     if model == DEMO_MODEL_NAME:
         return "the demo weights shipped with mlflow-clip, trained on drawn shapes"
     if model in import_clip().available_models():
@@ -388,8 +412,9 @@ def _weights_source(model: str) -> str:
     return f"local checkpoint `{Path(model).name}`"
 
 
-def _version_tags(config: ClassifierConfig, has_text_encoder: bool) -> dict[str, str]:
+def _version_tags(config: ClassifierConfig, has_text_encoder: bool, details: dict[str, str]) -> dict[str, str]:
     return {
+        **{key: details[key] for key in ("source", "architecture", "activation") if details.get(key)},
         "clip_model": config.clip_model,
         "templates": config.templates,
         "num_classes": str(len(config.classes)),

@@ -11,8 +11,10 @@ at batch 1, an odd batch size and the whole set.
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -21,7 +23,6 @@ import torch
 from PIL import Image
 
 from mlflow_clip.errors import MlflowClipError
-from mlflow_clip.export.compat import import_clip
 from mlflow_clip.export.spec import PRECISION_THRESHOLDS, ParityThresholds  # noqa: F401 - re-exported
 from mlflow_clip.package_data import (
     IMAGE_SUFFIXES,
@@ -29,7 +30,9 @@ from mlflow_clip.package_data import (
     sample_image_paths,
 )
 from mlflow_clip.serving.images import decode_image
+from mlflow_clip.serving.openvino_runtime import OPENVINO_INSTALL_HINT, OpenVinoSession, openvino_available
 from mlflow_clip.serving.preprocess import Preprocessor
+from mlflow_clip.serving.runtime import OPENVINO_PRECISIONS, RuntimeSettings
 
 PARITY_BATCH_SIZES = (1, 3)
 
@@ -104,7 +107,9 @@ def measure_parity(
     clip_preprocess: Callable,
     preprocessor: Preprocessor,
     batch_sizes: Sequence[int] = PARITY_BATCH_SIZES,
+    precision: str = "fp32",
 ) -> ParityReport:
+    """`precision` bf16 runs the graph as serving does: OpenVINO with a bf16 precision hint."""
     names = [name for name, _ in images]
     reference_pixels = torch.stack([clip_preprocess(image) for _, image in images])
     ours = preprocessor.batch([image for _, image in images])
@@ -114,7 +119,7 @@ def measure_parity(
     torch_probs = torch_logits.softmax(dim=-1).numpy()
     torch_logits = torch_logits.numpy()
     sizes = sorted({*batch_sizes, len(images)})
-    session, outputs = session_with_logits(onnx_path)
+    session, outputs = session_with_logits(onnx_path, precision)
     onnx_probs, onnx_logits, onnx_embeddings = {}, {}, {}
     for size in sizes:
         onnx_probs[size], onnx_logits[size], onnx_embeddings[size] = run_with_logits(session, outputs, ours, size)
@@ -149,19 +154,27 @@ TEXT_PROBES = (
     "tabs\tand   runs of   spaces\n",
     "it's what they're doing, we've seen, I'm sure you'll, he'd",
     "a very long description " * 20,
+    # special tokens written in a text, in OpenAI's and open_clip's spellings
+    "a <|endoftext|> b <end_of_text> c <|startoftext|> <start_of_text>",
 )
 MAX_PARITY_TEXTS = 96
 
 
 @torch.no_grad()
 def measure_text_parity(
-    model: torch.nn.Module, text_encoder_path: str | Path, texts: Sequence[str], vocab_path: str | Path
+    model: torch.nn.Module,
+    text_encoder_path: str | Path,
+    texts: Sequence[str],
+    vocab_path: str | Path,
+    tokenize: Callable | None = None,
+    tokenizer: str = "clip",
 ) -> TextParity:
     """The serving path (`mlflow_clip.serving.text.TextEncoder`: our tokenizer, ids trimmed after the
-    last end-of-text token, the ONNX graph) against `clip.tokenize` + PyTorch `encode_text`, on
-    at most MAX_PARITY_TEXTS texts spread evenly over `texts`, plus TEXT_PROBES."""
-    clip = import_clip()
-
+    last end-of-text token, the ONNX graph) against the source's tokenizer (`tokenize(texts,
+    context_length)`, default `clip.tokenize`; `tokenizer` is the served tokenizer's spelling of
+    special tokens) + PyTorch `encode_text`, on at most
+    MAX_PARITY_TEXTS texts spread evenly over `texts`, plus TEXT_PROBES."""
+    from mlflow_clip.export.graph import clip_tokenize
     from mlflow_clip.serving.text import TextEncoder
 
     texts = list(texts)
@@ -170,17 +183,18 @@ def measure_text_parity(
         texts = [texts[int(i * step)] for i in range(MAX_PARITY_TEXTS)]
     texts = [*texts, *TEXT_PROBES]
     context = int(model.context_length)
-    encoder = TextEncoder(text_encoder_path, vocab_path, context)
-    reference_ids = clip.tokenize(texts, context_length=context, truncate=True)
+    encoder = TextEncoder(text_encoder_path, vocab_path, context, tokenizer=tokenizer)
+    reference_ids = (tokenize or clip_tokenize)(texts, context)
     mismatches = int((reference_ids.numpy() != encoder.tokenize(texts)).any(axis=1).sum())
     reference = model.encode_text(reference_ids).float()
     reference = (reference / reference.norm(dim=-1, keepdim=True)).numpy()
     return TextParity(len(texts), float(np.abs(encoder.embed(texts) - reference).max()), mismatches)
 
 
-def session_with_logits(onnx_path: str | Path):
+def session_with_logits(onnx_path: str | Path, precision: str = "fp32"):
     """A session on the shipped graph that also returns the logits feeding its final Softmax
-    (exposed as an extra output on an in-memory copy), and the output names to fetch."""
+    (exposed as an extra output on an in-memory copy), and the output names to fetch. bf16
+    graphs run on OpenVINO at bf16 (the serving runtime's session), others on onnxruntime."""
     import onnxruntime as ort
 
     model = onnx.load(str(onnx_path))
@@ -195,7 +209,31 @@ def session_with_logits(onnx_path: str | Path):
     else:
         outputs.append(None)
     outputs.extend(embedding)
+    if precision in OPENVINO_PRECISIONS:
+        return _openvino_session(model, precision), outputs
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]), outputs
+
+
+class _OpenVinoParitySession:
+    """onnxruntime's `get_inputs()` / `run(fetch, feed)` over the serving OpenVINO session."""
+
+    def __init__(self, session: OpenVinoSession):
+        self._session = session
+
+    def get_inputs(self) -> list[SimpleNamespace]:
+        return [SimpleNamespace(name=self._session.input_name)]
+
+    def run(self, fetch: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self._session.run(next(iter(feed.values())), fetch)
+
+
+def _openvino_session(model: onnx.ModelProto, precision: str) -> _OpenVinoParitySession:
+    if not openvino_available():
+        raise ParityError(f"precision={precision} is measured (and served) with OpenVINO: {OPENVINO_INSTALL_HINT}.")
+    with tempfile.TemporaryDirectory(prefix="mlflow-clip-parity-") as tmp:
+        path = Path(tmp) / "with-logits.onnx"
+        path.write_bytes(model.SerializeToString())
+        return _OpenVinoParitySession(OpenVinoSession(path, RuntimeSettings(runtime="openvino"), precision))
 
 
 def run_with_logits(session, outputs: list, batch: np.ndarray, batch_size: int):
@@ -246,7 +284,7 @@ def check_gates(report: ParityReport, thresholds: ParityThresholds, prefix: str 
         if text.token_mismatches:
             failures.append(
                 f"{prefix}token_mismatches = {text.token_mismatches} of {text.count} texts tokenized "
-                "differently from clip.tokenize"
+                "differently from the source's tokenizer (clip.tokenize for OpenAI models)"
             )
     return failures
 

@@ -19,6 +19,9 @@ softmax) always stays float32: it is tiny, and it is where rounding would move p
   understates a GPU's rounding, so `fp16_emulation` builds an fp32 graph that rounds every
   tensor the fp16 graph stores in fp16, and its parity is gated too
   (docs/decisions/fp16-emulation.md).
+- **bf16** leaves the fp32 graph as it is: OpenVINO compiles it with
+  `INFERENCE_PRECISION_HINT=bf16` at load time (the model's runtime is `openvino`), so the file
+  is the fp32 one and the rounding happens in the runtime (docs/decisions/openvino.md).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from mlflow_clip.errors import MlflowClipError
 from mlflow_clip.export.graph import save_single_file
-from mlflow_clip.export.spec import PRECISION_PROVIDERS, check_precision
+from mlflow_clip.export.spec import PRECISION_PROVIDERS, PRECISION_RUNTIMES, check_precision
 
 _logger = logging.getLogger(__name__)
 
@@ -51,6 +54,9 @@ _CALIBRATION_FLUSH_BATCHES = 8
 _SHAPE_OPS = ("Shape", "Size", "Constant", "ConstantOfShape", "Range")
 
 
+BF16_METHOD = "openvino-bf16-hint"
+
+
 class PrecisionError(MlflowClipError, ValueError):
     """The precision transform cannot be applied; the message says why and what to do."""
 
@@ -60,13 +66,18 @@ class PrecisionInfo:
     """What `apply_precision` did: the precision, the method, and each choice it made."""
 
     precision: str
-    method: str  # "", "float16", "int8-static-qdq" or "int8-dynamic"
+    method: str  # "", "float16", "int8-static-qdq", "int8-dynamic" or "openvino-bf16-hint"
     choices: dict[str, Any] = field(default_factory=dict)
     fp32_nodes: tuple[str, ...] = ()  # nodes kept in float32 (the head)
 
     @property
     def providers(self) -> tuple[str, ...]:
         return PRECISION_PROVIDERS[self.precision]
+
+    @property
+    def runtime(self) -> str:
+        """The runtime that serves this precision: onnxruntime, or openvino for bf16."""
+        return PRECISION_RUNTIMES[self.precision]
 
     def params(self) -> dict[str, str]:
         """MLflow params: `precision_method` and the method's choices, prefixed by precision."""
@@ -76,6 +87,12 @@ class PrecisionInfo:
         if self.fp32_nodes:
             params[f"{self.precision}_fp32_nodes"] = ",".join(self.fp32_nodes)
         return params
+
+
+# bf16: the fp32 graph, compiled by OpenVINO with a bf16 inference precision hint at load.
+BF16_INFO = PrecisionInfo(
+    "bf16", BF16_METHOD, {"runtime": "openvino", "inference_precision_hint": "bf16", "graph": "fp32"}
+)
 
 
 def apply_precision(
@@ -96,10 +113,10 @@ def apply_precision(
         raise PrecisionError(f"Received int8_method={int8_method!r}; expected one of {', '.join(INT8_METHODS)}.")
     onnx_path = Path(onnx_path)
     out_path = Path(out_path or onnx_path)
-    if precision == "fp32":
+    if precision in ("fp32", "bf16"):
         if out_path != onnx_path:
             shutil.copyfile(onnx_path, out_path)
-        return PrecisionInfo("fp32", "")
+        return PrecisionInfo("fp32", "") if precision == "fp32" else BF16_INFO
     model = onnx.load(str(onnx_path))
     interface = _interface(model)
     _name_nodes(model)

@@ -19,8 +19,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mlflow_clip.export.checkpoints import LoadedClip, load_clip
+from mlflow_clip.export.checkpoints import LoadedClip
 from mlflow_clip.export.graph import ZeroShotHead, encode_text_features
+from mlflow_clip.export.loaders import load_source
 from mlflow_clip.serving.contract import ClassifierConfig
 from mlflow_clip.serving.images import ImageInputError, decode_image
 from mlflow_clip.serving.rows import InvalidInputError, coerce_rows, describe_bad_rows, format_predictions
@@ -38,7 +39,7 @@ class ReferenceClassifier:
     def __init__(self, loaded: LoadedClip, classes: Sequence[str], template_texts: Sequence[str]):
         self.loaded = loaded
         self._classes = list(classes)
-        text_features = encode_text_features(loaded.model, self._classes, list(template_texts))
+        text_features = encode_text_features(loaded.model, self._classes, list(template_texts), loaded.tokenize)
         logit_scale = float(loaded.model.logit_scale.detach().exp())
         self.head = ZeroShotHead(loaded.model.visual, text_features, logit_scale).eval()
 
@@ -69,7 +70,7 @@ class ReferenceClassifier:
 def build_reference_classifier(spec: str, config: ClassifierConfig) -> ReferenceClassifier:
     """Load CLIP `spec` (a model name, 'demo' or a checkpoint path) as the reference for a model
     exported with `config` (its classes and template texts)."""
-    loaded = load_clip(spec)
+    loaded = load_source(spec)
     if loaded.name != config.clip_model:
         _logger.warning(
             "The reference CLIP %r is not the model this classifier was exported from (%r); "

@@ -16,26 +16,41 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mlflow_clip.errors import MlflowClipError
+from mlflow_clip.export.sources import check_source_opset, parse_model_source
 from mlflow_clip.serving.prompts import parse_classes, resolve_templates
 
 DEFAULT_REGISTERED_MODEL_NAME = "clip-zero-shot"
 DEFAULT_OPSET = 17
 MIN_OPSET = 12
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "bf16")
 # Execution providers written into the model for each precision; onnxruntime builds without
 # CUDA fall back to the CPU provider with a warning (mlflow_clip.serving.runtime.select_providers).
 PRECISION_PROVIDERS: dict[str, tuple[str, ...]] = {
     "fp32": ("CPUExecutionProvider",),
     "fp16": ("CUDAExecutionProvider", "CPUExecutionProvider"),
     "int8": ("CPUExecutionProvider",),
+    "bf16": ("CPUExecutionProvider",),
+}
+# The runtime written into the model for each precision: bf16 is the fp32 graph run by OpenVINO
+# with INFERENCE_PRECISION_HINT=bf16 (mlflow_clip.serving.openvino_runtime).
+PRECISION_RUNTIMES: dict[str, str] = {
+    "fp32": "onnxruntime",
+    "fp16": "onnxruntime",
+    "int8": "onnxruntime",
+    "bf16": "openvino",
 }
 # Per-precision parity gates, against fp32 PyTorch. Rule: about 3x headroom over the worst
 # figures measured on the sample images with each precision's chosen method, and a logit gate
 # that refuses the method not chosen (docs/decisions/parity-thresholds.md has the figures).
+# bf16 (measured on the demo's 400 fresh images and the samples, RN50 and ViT-B/32 with random
+# weights: docs/decisions/openvino.md): about 3x headroom over the worst figures measured.
+BF16_MAX_PROB_DIFF = 1e-2
+BF16_MAX_LOGIT_DIFF = 0.3
 PRECISION_THRESHOLDS: dict[str, dict[str, float]] = {
     "fp32": {},
     "fp16": {"max_prob_diff": 1e-2, "max_logit_diff": 0.1, "min_top1_agreement": 0.9},
     "int8": {"max_prob_diff": 0.1, "max_logit_diff": 1.5, "min_top1_agreement": 0.9},
+    "bf16": {"max_prob_diff": BF16_MAX_PROB_DIFF, "max_logit_diff": BF16_MAX_LOGIT_DIFF, "min_top1_agreement": 0.9},
 }
 
 
@@ -116,6 +131,8 @@ class ExportSpec:
     text_encoder: bool = True
     precision: str = "fp32"
     truncate: bool = False
+    # open_clip:<architecture> only: the local weights file (mlflow_clip.export.sources).
+    checkpoint: str = ""
 
     @classmethod
     def create(
@@ -132,9 +149,12 @@ class ExportSpec:
         text_encoder: bool = True,
         precision: str = "fp32",
         truncate: bool = False,
+        checkpoint: str | Path | None = None,
     ) -> ExportSpec:
         """Check every argument; raises an `MlflowClipError` naming the first bad one."""
         check_precision(precision)
+        source = parse_model_source(model, checkpoint)
+        check_source_opset(source, check_opset(opset))
         names = tuple(parse_classes(classes))
         texts = tuple(resolve_templates(templates))
         check_prompt_lengths(names, texts, truncate=truncate)
@@ -155,6 +175,7 @@ class ExportSpec:
             text_encoder=bool(text_encoder),
             precision=precision,
             truncate=bool(truncate),
+            checkpoint=source.checkpoint,
         )
 
     def run_params(self) -> dict[str, Any]:
@@ -178,4 +199,6 @@ class ExportSpec:
             "max_text_embedding_diff": t.max_text_embedding_diff,
             "precision": self.precision,
             "truncate": self.truncate,
+            "source": parse_model_source(self.model, self.checkpoint).kind,
+            "checkpoint": self.checkpoint,
         }

@@ -15,7 +15,8 @@ and the first one's directory may be gone (a temporary download) by the time the
     images.py      decoding untrusted image bytes
     preprocess.py  CLIP's resize, crop and normalization (native or Pillow, same pixels)
     resample.py    the binding to the native extension
-    runtime.py     the onnxruntime session and its settings
+    runtime.py     the runtime settings, the runtime choice and the onnxruntime session
+    openvino_runtime.py   the optional OpenVINO session (imported only when chosen; bf16)
     limits.py      per-request input limits
     prompts.py, tokenizer.py, text.py   labels, CLIP's tokenizer and text encoder
     errors.py      the error family's root

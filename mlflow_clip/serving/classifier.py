@@ -37,7 +37,7 @@ from .rows import (
     request_classes,
     request_templates,
 )
-from .runtime import OrtSession, RuntimeSettings
+from .runtime import RuntimeSettings, open_session
 from .text import TextEncoder, softmax_scores
 
 
@@ -57,7 +57,8 @@ class ZeroShotClassifier:
         self.config = config
         self.limits = limits
         self.preprocessor = Preprocessor.from_config(config)
-        self.session = OrtSession(onnx_path, settings)
+        # onnxruntime or OpenVINO (settings.runtime); a bf16 model needs OpenVINO.
+        self.session = open_session(onnx_path, settings, config.precision)
         self._probabilities_output = self.session.output_names[0]
         outputs = self.session.output_names
         self._embedding_output = config.embedding_output if config.embedding_output in outputs[1:] else None

@@ -103,6 +103,9 @@ class ClassifierConfig:
     embedding_dim: int = 0
     # Per-request labels: CLIP's text encoder and tokenizer, shipped in the model directory.
     context_length: int = 77
+    # Whose spelling of the start/end tokens written in a text the tokenizer honours: clip
+    # (OpenAI's) or open_clip (mlflow_clip.serving.tokenizer.SPECIAL_TOKEN_SPELLINGS).
+    tokenizer: str = "clip"
     interpolation: str = "bicubic"
     resize_mode: str = "shortest_side_then_center_crop"
     torch_version: str = ""

@@ -118,6 +118,7 @@ def load_classifier(local_path: str | os.PathLike, model_config: Mapping[str, An
             _model_file(root, conf[FlavorKey.TOKENIZER_VOCAB]),
             config.context_length,
             settings,
+            tokenizer=config.tokenizer,
         )
     classifier = ZeroShotClassifier(onnx_path, config, settings, limits, text_encoder=text_encoder)
     _log_loaded(root, conf, classifier)
@@ -169,11 +170,11 @@ def _log_loaded(root: Path, conf: Mapping[str, Any], classifier: ZeroShotClassif
     _configure_logging()
     package = __name__.rpartition(".")[0]
     _logger.info(
-        "mlflow-clip: serving %s with %s (%s); execution providers %s; image resize: %s",
+        "mlflow-clip: serving %s with %s (%s); runtime %s; image resize: %s",
         root,
         package,
         "the model's own code" if package != "mlflow_clip.serving" else "the installed mlflow_clip",
-        ", ".join(classifier.session.providers),
+        classifier.session.description,
         native_status().describe(),
     )
 

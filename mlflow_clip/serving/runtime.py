@@ -1,9 +1,12 @@
-"""onnxruntime ownership: one session per loaded model, explicit providers and settings.
+"""Runtime ownership: one session per loaded model, explicit runtime, providers and settings.
 
-The classifier depends on `OrtSession.run`, not on onnxruntime itself, so the runtime
-settings (providers, threads, arena) live in one place and are read from the model's MLmodel.
+The classifier depends on a session's `run`, not on onnxruntime or OpenVINO themselves, so the
+runtime settings (runtime, providers, threads, arena) live in one place and are read from the
+model's MLmodel. `open_session` picks the runtime: onnxruntime (`OrtSession`, the default) or
+OpenVINO (`openvino_runtime.OpenVinoSession`, an optional dependency imported only when chosen, and the
+only runtime that runs a bf16 model at bf16).
 
-    >>> session = OrtSession("model.onnx", RuntimeSettings(providers=("CPUExecutionProvider",)))  # doctest: +SKIP
+    >>> session = open_session("model.onnx", RuntimeSettings(runtime="openvino"), precision="bf16")  # doctest: +SKIP
     >>> probabilities, embeddings = session.run(batch)  # doctest: +SKIP
 """
 
@@ -17,18 +20,34 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .errors import MlflowClipError
+from .openvino_runtime import OPENVINO_INSTALL_HINT, OpenVinoSession, openvino_available
+
 _logger = logging.getLogger("mlflow_clip.serving.runtime")
 
 DEFAULT_PROVIDERS: tuple[str, ...] = ("CPUExecutionProvider",)
 # Environment overrides, for operators who cannot change the model: MLFLOW_CLIP_INTRA_OP_NUM_THREADS=2
 _ENV_PREFIX = "MLFLOW_CLIP_"
+ONNXRUNTIME = "onnxruntime"
+OPENVINO = "openvino"
+RUNTIMES: tuple[str, ...] = (ONNXRUNTIME, OPENVINO)
+# Precisions that only OpenVINO runs as such (an fp32 graph computed with a bf16 inference hint).
+OPENVINO_PRECISIONS: tuple[str, ...] = ("bf16",)
+
+
+class RuntimeUnavailableError(MlflowClipError, ImportError):
+    """The model needs a runtime this environment lacks; the message names the fix."""
 
 
 @dataclass(frozen=True)
 class RuntimeSettings:
     """How the onnxruntime session runs; stored in MLmodel, overridable at load time."""
 
+    # Which library runs the graphs: onnxruntime, or OpenVINO (`pip install "mlflow-clip[openvino]"`).
+    runtime: str = ONNXRUNTIME
     providers: tuple[str, ...] = DEFAULT_PROVIDERS
+    # The OpenVINO device (CPU, GPU, AUTO, ...); onnxruntime uses `providers` instead.
+    openvino_device: str = "CPU"
     intra_op_num_threads: int = 0  # 0: onnxruntime's default (one per physical core)
     inter_op_num_threads: int = 0
     # Largest batch handed to onnxruntime at once; larger inputs run in chunks.
@@ -61,6 +80,10 @@ class RuntimeSettings:
                 raise ValueError(f"Received {name}={value!r}; expected a whole number, 0 for the default.")
         if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             raise ValueError(f"Received chunk_size={self.chunk_size!r}; expected a whole number of images, at least 1.")
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"Received runtime={self.runtime!r}; expected one of {list(RUNTIMES)}.")
+        if not isinstance(self.openvino_device, str) or not self.openvino_device:
+            raise ValueError(f"Received openvino_device={self.openvino_device!r}; expected a device name such as CPU.")
         if self.graph_optimization_level not in _OPT_LEVELS:
             raise ValueError(
                 f"Received graph_optimization_level={self.graph_optimization_level!r}; expected one of "
@@ -116,6 +139,10 @@ def _env_overrides() -> dict[str, Any]:
         value = os.environ.get(_ENV_PREFIX + name.upper())
         if value:
             overrides[name] = value.strip().lower() in ("1", "true", "yes", "on")
+    for name in ("runtime", "openvino_device"):
+        value = os.environ.get(_ENV_PREFIX + name.upper())
+        if value:
+            overrides[name] = value.strip()
     providers = os.environ.get(_ENV_PREFIX + "PROVIDERS")
     if providers:
         overrides["providers"] = tuple(p.strip() for p in providers.split(",") if p.strip())
@@ -151,8 +178,48 @@ def select_providers(requested: tuple[str, ...]) -> tuple[str, ...]:
     return chosen
 
 
+def choose_runtime(settings: RuntimeSettings, precision: str = "fp32") -> str:
+    """The runtime that will run a graph at `precision` under `settings`, and why, logged.
+
+    OpenVINO requested but not installed: an fp32/fp16/int8 graph falls back to onnxruntime
+    with a warning (the same graph, the same results); a bf16 model is refused, naming the fix,
+    unless `runtime` was set to onnxruntime explicitly (its graph then runs in fp32)."""
+    if settings.runtime == ONNXRUNTIME:
+        if precision in OPENVINO_PRECISIONS:
+            _logger.warning(
+                "mlflow-clip: this %s model runs on onnxruntime as asked (runtime=onnxruntime): its graph "
+                "computes in fp32, not %s.",
+                precision,
+                precision,
+            )
+        return ONNXRUNTIME
+    if openvino_available():
+        return OPENVINO
+    if precision in OPENVINO_PRECISIONS:
+        raise RuntimeUnavailableError(
+            f"This model's precision is {precision}, which needs OpenVINO, not installed here: "
+            f'{OPENVINO_INSTALL_HINT} (or load it with model_config={{"runtime": "onnxruntime"}} to run it in fp32).'
+        )
+    _logger.warning(
+        "mlflow-clip: runtime=openvino was requested but OpenVINO is not installed (%s); falling back to "
+        "onnxruntime, which runs the same %s graph.",
+        OPENVINO_INSTALL_HINT,
+        precision,
+    )
+    return ONNXRUNTIME
+
+
+def open_session(model_path: str | Path, settings: RuntimeSettings = RuntimeSettings(), precision: str = "fp32"):
+    """An `OrtSession` or an `OpenVinoSession` for the graph (`choose_runtime` decides)."""
+    if choose_runtime(settings, precision) == OPENVINO:
+        return OpenVinoSession(model_path, settings, precision)
+    return OrtSession(model_path, settings)
+
+
 class OrtSession:
     """One onnxruntime InferenceSession; `run` is safe to call from concurrent threads."""
+
+    runtime = ONNXRUNTIME
 
     def __init__(self, model_path: str | Path, settings: RuntimeSettings = RuntimeSettings()):
         import onnxruntime as ort
@@ -171,6 +238,7 @@ class OrtSession:
         self.providers: tuple[str, ...] = tuple(self._session.get_providers())
         self.input_name: str = self._session.get_inputs()[0].name
         self.output_names: list[str] = [o.name for o in self._session.get_outputs()]
+        self.description = f"onnxruntime {ort.__version__} (execution providers {', '.join(self.providers)})"
         _logger.info("Loaded %s with execution providers %s", Path(model_path).name, self.providers)
 
     def run(self, batch: np.ndarray, outputs: list[str] | None = None) -> list[np.ndarray]:

@@ -58,8 +58,10 @@ class TextEncoder:
         settings: RuntimeSettings = RuntimeSettings(),
         cache_size: int = DEFAULT_CACHE_SIZE,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
+        tokenizer: str = "clip",
     ):
         self.onnx_path = Path(onnx_path)
+        self.tokenizer_name = tokenizer
         self.vocab_path = Path(vocab_path)
         self.context_length = int(context_length)
         self.settings = settings
@@ -73,7 +75,7 @@ class TextEncoder:
         with self._lock:
             if self._session is None:
                 try:
-                    self._tokenizer = ClipTokenizer.from_file(self.vocab_path)
+                    self._tokenizer = ClipTokenizer.from_file(self.vocab_path, self.tokenizer_name)
                     self._session = OrtSession(self.onnx_path, self.settings)
                 except Exception as e:  # noqa: BLE001 - a damaged file, whatever the library says
                     _logger.error("mlflow-clip: cannot load the text encoder %s: %s", self.onnx_path, e)

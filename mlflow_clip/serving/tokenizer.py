@@ -38,6 +38,13 @@ VOCAB_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a
 CONTEXT_LENGTH = 77
 START_OF_TEXT = "<|startoftext|>"
 END_OF_TEXT = "<|endoftext|>"
+# How the start and end tokens are spelled when they appear written in a text (they become the
+# special ids 49406 / 49407; any other spelling is plain text): OpenAI's CLIP, or open_clip's
+# SimpleTokenizer, identical to CLIP's otherwise. A model's contract names its tokenizer.
+SPECIAL_TOKEN_SPELLINGS: dict[str, tuple[str, str]] = {
+    "clip": (START_OF_TEXT, END_OF_TEXT),
+    "open_clip": ("<start_of_text>", "<end_of_text>"),
+}
 
 # CLIP's vocabulary: 256 byte symbols, the same 256 ending a word, 48,894 merges, 2 special tokens.
 _NUM_MERGES = 49152 - 256 - 2
@@ -50,10 +57,8 @@ BPE_CACHE_WORD_CHARS = 64
 _WORD_END = "</w>"
 _NOT_A_MERGE = float("inf")
 _WHITESPACE = regex.compile(r"\s+")
-_PRETOKEN = regex.compile(
-    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
-    regex.IGNORECASE,
-)
+_WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+_PRETOKEN = regex.compile(r"<\|startoftext\|>|<\|endoftext\|>|" + _WORDS, regex.IGNORECASE)
 
 
 class TextInputError(MlflowClipError, ValueError):
@@ -68,17 +73,24 @@ class ClipTokenizer:
     [3306, 267, 1002, 256]
     """
 
-    def __init__(self, vocab_path: str | Path) -> None:
+    def __init__(self, vocab_path: str | Path, special_tokens: str = "clip") -> None:
+        if special_tokens not in SPECIAL_TOKEN_SPELLINGS:
+            raise ValueError(
+                f"Received tokenizer={special_tokens!r}; expected one of {sorted(SPECIAL_TOKEN_SPELLINGS)}."
+            )
         self.vocab_path = Path(vocab_path)
+        self.special_tokens = special_tokens
+        self._specials = SPECIAL_TOKEN_SPELLINGS[special_tokens]
+        self._pretoken = _pretoken_pattern(*self._specials)
         merges = _read_merges(self.vocab_path)
         symbols = list(_byte_to_symbol().values())
         vocab = symbols + [s + _WORD_END for s in symbols] + ["".join(m) for m in merges]
-        vocab += [START_OF_TEXT, END_OF_TEXT]
+        vocab += list(self._specials)
         self._ids = {token: i for i, token in enumerate(vocab)}
         self._ranks = {merge: rank for rank, merge in enumerate(merges)}
         self._to_symbols = str.maketrans({chr(b): s for b, s in _byte_to_symbol().items()})
-        self.sot_token_id = self._ids[START_OF_TEXT]
-        self.eot_token_id = self._ids[END_OF_TEXT]
+        self.sot_token_id = self._ids[self._specials[0]]
+        self.eot_token_id = self._ids[self._specials[1]]
         self._cache = WordCache()
 
     def __getstate__(self) -> dict:
@@ -89,12 +101,14 @@ class ClipTokenizer:
         self._cache = WordCache()
 
     @classmethod
-    def from_file(cls, vocab_path: str | Path) -> ClipTokenizer:
-        """Load the tokenizer from a copy of ``bpe_simple_vocab_16e6.txt.gz``."""
-        return cls(vocab_path)
+    def from_file(cls, vocab_path: str | Path, special_tokens: str = "clip") -> ClipTokenizer:
+        """Load the tokenizer from a copy of ``bpe_simple_vocab_16e6.txt.gz``; `special_tokens`
+        (clip or open_clip) is a key of SPECIAL_TOKEN_SPELLINGS."""
+        return cls(vocab_path, special_tokens)
 
     def __repr__(self) -> str:
-        return f"ClipTokenizer({str(self.vocab_path)!r})"
+        extra = "" if self.special_tokens == "clip" else f", special_tokens={self.special_tokens!r}"
+        return f"ClipTokenizer({str(self.vocab_path)!r}{extra})"
 
     def __call__(
         self, texts: str | Iterable[str], context_length: int = CONTEXT_LENGTH, truncate: bool = True
@@ -151,7 +165,7 @@ class ClipTokenizer:
         """The ids of one text, without the start and end tokens. With `max_tokens`, encoding stops
         once more than that many ids are known: the rest could only be cut off."""
         ids: list[int] = []
-        for word in _PRETOKEN.findall(clean_text(text)):
+        for word in self._pretoken.findall(clean_text(text)):
             ids.extend(self._word_ids(word))
             if max_tokens is not None and len(ids) > max_tokens:
                 break
@@ -165,7 +179,7 @@ class ClipTokenizer:
         return cached
 
     def _encode_word(self, word: str) -> tuple[int, ...]:
-        if word in (START_OF_TEXT, END_OF_TEXT):
+        if word in self._specials:
             return (self._ids[word],)
         symbols = word.encode("utf-8").decode("latin-1").translate(self._to_symbols)
         return tuple(self._ids[part] for part in self._merge(symbols))
@@ -179,6 +193,13 @@ class ClipTokenizer:
                 break
             parts = _apply_merge(parts, *pair)
         return parts
+
+
+@functools.cache
+def _pretoken_pattern(start: str, end: str) -> regex.Pattern:
+    if (start, end) == (START_OF_TEXT, END_OF_TEXT):
+        return _PRETOKEN
+    return regex.compile(f"{regex.escape(start)}|{regex.escape(end)}|" + _WORDS, regex.IGNORECASE)
 
 
 def clean_text(text: str) -> str:

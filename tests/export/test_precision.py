@@ -217,8 +217,8 @@ def test_thresholds_per_precision_and_overrides():
     assert all(t.max_pixel_diff == 0.0 for t in (fp16, int8))  # preprocessing is the same at every precision
     assert ParityThresholds.for_precision("int8", max_prob_diff=0.02, max_logit_diff=None).max_prob_diff == 0.02
     assert ParityThresholds.for_precision("int8", max_logit_diff=None).max_logit_diff == int8.max_logit_diff
-    with pytest.raises(ValueError, match="expected one of fp32, fp16, int8"):
-        ParityThresholds.for_precision("bf16")
+    with pytest.raises(ValueError, match="expected one of fp32, fp16, int8, bf16"):
+        ParityThresholds.for_precision("fp8")
 
 
 # --- the transform itself, on purpose-built graphs ----------------------------------------------
@@ -295,8 +295,8 @@ def test_precision_choices_are_recorded(three_output_graph, tmp_path):
 def test_bad_requests_say_what_to_do(three_output_graph, tmp_path):
     from mlflow_clip.export.precision import PrecisionError, apply_precision
 
-    with pytest.raises(PrecisionError, match=r"precision='bf16'; expected one of fp32, fp16, int8"):
-        apply_precision(three_output_graph, "bf16")
+    with pytest.raises(PrecisionError, match=r"precision='fp8'; expected one of fp32, fp16, int8, bf16"):
+        apply_precision(three_output_graph, "fp8")
     with pytest.raises(PrecisionError, match=r"int8_method='qat'; expected one of auto, static, dynamic"):
         apply_precision(three_output_graph, "int8", int8_method="qat")
     with pytest.raises(PrecisionError, match="needs calibration images"):

@@ -1,0 +1,107 @@
+"""OpenVINO ownership: the optional runtime, imported only when a model is served with it.
+
+`pip install "mlflow-clip[openvino]"` (or `pip install openvino`) adds it; the default serving
+install never needs it. OpenVINO reads the exported ONNX graphs directly (no conversion step, no
+second file), and is the runtime that runs a `bf16` model at bf16: the fp32 graph compiled with
+`INFERENCE_PRECISION_HINT=bf16` (docs/decisions/openvino.md has the figures and why this package
+rather than onnxruntime's OpenVINO execution provider).
+
+    >>> session = OpenVinoSession("model.onnx", settings, precision="bf16")  # doctest: +SKIP
+    >>> probabilities, embeddings = session.run(batch)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_logger = logging.getLogger("mlflow_clip.serving.runtime")
+
+OPENVINO_INSTALL_HINT = 'pip install "mlflow-clip[openvino]" (or pip install openvino)'
+# The OpenVINO inference precision of each model precision: an fp16 or int8 graph carries its
+# own types, which OpenVINO keeps; only bf16 asks the CPU plugin to compute in bfloat16.
+_INFERENCE_PRECISION = {"bf16": "bf16"}
+_DEFAULT_INFERENCE_PRECISION = "f32"
+
+
+def openvino_available() -> bool:
+    """Whether `import openvino` would succeed (checked without importing it)."""
+    try:
+        return importlib.util.find_spec("openvino") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def inference_precision(precision: str) -> str:
+    """OpenVINO's INFERENCE_PRECISION_HINT for a model at `precision` (bf16, else f32)."""
+    return _INFERENCE_PRECISION.get(precision, _DEFAULT_INFERENCE_PRECISION)
+
+
+def compile_config(settings: Any, precision: str) -> dict[str, Any]:
+    """The properties the graph is compiled with: precision hint, latency hint, threads.
+
+    The precision hint is always explicit: OpenVINO's own default is bf16 on CPUs with AMX and
+    f16 on GPUs, which would silently change an fp32 model's probabilities."""
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": inference_precision(precision)}
+    if settings.intra_op_num_threads and settings.openvino_device == "CPU":
+        config["INFERENCE_NUM_THREADS"] = settings.intra_op_num_threads
+    return config
+
+
+class OpenVinoSession:
+    """One compiled OpenVINO model; `run` is safe to call from concurrent threads (each thread
+    gets its own infer request, and results are copied out of it)."""
+
+    runtime = "openvino"
+
+    def __init__(self, model_path: str | Path, settings: Any, precision: str = "fp32"):
+        import openvino as ov
+
+        self.settings = settings
+        core = ov.Core()
+        config = compile_config(settings, precision)
+        self._compiled = core.compile_model(str(model_path), settings.openvino_device, config)
+        self.input_name: str = self._compiled.inputs[0].any_name
+        self.output_names: list[str] = [o.any_name for o in self._compiled.outputs]
+        self._outputs = {name: self._compiled.output(name) for name in self.output_names}
+        self._local = threading.local()
+        self.inference_precision: str = _type_name(str(self._compiled.get_property("INFERENCE_PRECISION_HINT")))
+        self.providers: tuple[str, ...] = (f"OpenVINO {settings.openvino_device}",)
+        self.description = (
+            f"OpenVINO {ov.get_version().split('-')[0]} on {settings.openvino_device} "
+            f"(inference precision {self.inference_precision})"
+        )
+        if precision in _INFERENCE_PRECISION and "BF16" not in _capabilities(core, settings.openvino_device):
+            _logger.warning(
+                "mlflow-clip: this %s model runs on a CPU without native bf16 instructions: OpenVINO emulates "
+                'them, several times slower than fp32; model_config={"runtime": "onnxruntime"} runs it in fp32.',
+                precision,
+            )
+        _logger.info("Loaded %s with %s", Path(model_path).name, self.description)
+
+    def run(self, batch: np.ndarray, outputs: list[str] | None = None) -> list[np.ndarray]:
+        """Run the graph once on `batch` (callers split their rows: `chunk_size`)."""
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self._compiled.create_infer_request()
+        result = request.infer({0: np.ascontiguousarray(batch)}, share_outputs=False)
+        return [np.asarray(result[self._outputs[name]]) for name in (outputs or self.output_names)]
+
+
+def _type_name(value: str) -> str:
+    """`<Type: 'bfloat16'>` or `bf16` -> `bf16`; `float32` -> `f32`."""
+    names = {"bfloat16": "bf16", "float32": "f32", "float16": "f16"}
+    text = value.split("'")[1] if "'" in value else value
+    return names.get(text, text)
+
+
+def _capabilities(core: Any, device: str) -> list[str]:
+    try:
+        return list(core.get_property(device.split(":")[0], "OPTIMIZATION_CAPABILITIES"))
+    except Exception:  # a device without the property: nothing to warn about
+        return ["BF16"]
