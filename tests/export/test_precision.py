@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from helpers import encode, requires_export
 
@@ -149,6 +150,25 @@ def test_int8_demo_agrees_with_fp32_pytorch_on_fresh_images(int8_export, torch_r
     assert accuracy_int8 >= accuracy_fp32 - MAX_ACCURACY_DROP, (accuracy_int8, accuracy_fp32)
     assert accuracy_fp32 >= 0.95
     assert np.abs(int8 - torch_reference).max() <= 0.1
+
+
+def test_the_int8_graph_runs_on_openvino_as_it_does_on_onnxruntime(int8_export, torch_reference, fresh_images):
+    """The same QDQ graph, run by OpenVINO's int8 kernels through the pyfunc (`runtime` chosen at
+    load), meets the int8 gates the export applied on onnxruntime: agreement with fp32 PyTorch and
+    probabilities within int8's 0.1; and it is the runtime that answered."""
+    import mlflow
+
+    pytest.importorskip("openvino")
+    images, _ = fresh_images
+    frame = pd.DataFrame({"image": images})
+    model = mlflow.pyfunc.load_model(int8_export.model_uri, model_config={"runtime": "openvino"})
+    assert model.get_raw_model().session.runtime == "openvino"
+    openvino = np.array(model.predict(frame)["probabilities"].tolist())
+    onnxruntime = _served_probabilities(int8_export.model_uri, images)
+    agreement = float((openvino.argmax(1) == torch_reference.argmax(1)).mean())
+    assert agreement >= MIN_AGREEMENT, agreement
+    assert np.abs(openvino - torch_reference).max() <= 0.1
+    assert float((openvino.argmax(1) == onnxruntime.argmax(1)).mean()) >= MIN_AGREEMENT
 
 
 def test_int8_embeddings_serve_per_request_labels(int8_export, fresh_images):
