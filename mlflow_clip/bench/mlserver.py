@@ -16,7 +16,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -27,12 +26,12 @@ from mlflow_clip.bench.results import RowResult
 from mlflow_clip.bench.server import (
     JSON_HEADERS,
     SERVER_REQUEST_TIMEOUT_SECONDS,
-    SERVER_START_SECONDS,
     MeasuredServer,
+    ServerProcess,
     distinct_bodies,
     free_port,
 )
-from mlflow_clip.bench.worker import child_env, die_with_parent, stop_tree
+from mlflow_clip.bench.worker import child_env
 
 # With inference workers (`parallel_workers` > 0) MLServer needs an event loop that uvloop 0.22
 # and later no longer makes ("There is no current event loop"), hence the pin.
@@ -88,9 +87,12 @@ def write_model_settings(root: Path, model_dir: str, batching: dict[str, Any]) -
     (root / MODEL_NAME / "model-settings.json").write_text(json.dumps(model, indent=2))
 
 
-class MLServerProcess:
+class MLServerProcess(ServerProcess):
     """`mlserver start` on a model repository (its `settings.json` written here: free local
     ports, no stack traces in answers), stopped with all its processes."""
+
+    name = "mlserver"
+    ready_path = f"/v2/models/{MODEL_NAME}/ready"
 
     def __init__(self, python: Path, root: Path, parallel_workers: int, log_path: Path, env: dict[str, str]):
         self.port = free_port()
@@ -106,37 +108,7 @@ class MLServerProcess:
         (root / "settings.json").write_text(json.dumps(settings, indent=2))
         env = child_env(env)
         env["PATH"] = str(python.parent) + ":" + env["PATH"]
-        self.log_path = log_path
-        with open(log_path, "w") as log:
-            self.proc = subprocess.Popen(
-                [str(python.parent / "mlserver"), "start", str(root)],
-                cwd=root,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                preexec_fn=die_with_parent,
-            )
-
-    def wait_ready(self, timeout: float = SERVER_START_SECONDS) -> None:
-        import requests
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlserver exited with {self.proc.returncode}: {self._log_tail()}")
-            try:
-                if requests.get(f"{self.url}/v2/models/{MODEL_NAME}/ready", timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"mlserver's model was not ready within {timeout:.0f} s: {self._log_tail()}")
-
-    def _log_tail(self) -> str:
-        return " | ".join(self.log_path.read_text(errors="replace").strip().splitlines()[-3:])[-600:]
-
-    def stop(self) -> None:
-        stop_tree(self.proc)
+        self._start([str(python.parent / "mlserver"), "start", str(root)], log_path, env, cwd=root)
 
 
 def v2_body(b64_rows: Sequence[str]) -> bytes:

@@ -24,7 +24,43 @@ SERVER_START_SECONDS = 300
 SERVER_REQUEST_TIMEOUT_SECONDS = 900
 
 
-class ScoringServer:
+class ServerProcess:
+    """A server process with its output in a log file: ready once `ready_path` answers 200,
+    stopped with all its processes. Subclasses set `url`, `name` and `ready_path`."""
+
+    name = "the server"
+    ready_path = "/ping"
+
+    def _start(self, argv: list[str], log_path: Path, env: dict[str, str], cwd: Path | None = None) -> None:
+        self.log_path = log_path
+        with open(log_path, "w") as log:
+            self.proc = subprocess.Popen(
+                argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent
+            )
+
+    def wait_ready(self, timeout: float = SERVER_START_SECONDS) -> None:
+        import requests
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self._log_tail()}")
+            try:
+                if requests.get(self.url + self.ready_path, timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"{self.name} did not answer {self.ready_path} within {timeout:.0f} s: {self._log_tail()}")
+
+    def _log_tail(self) -> str:
+        return " | ".join(self.log_path.read_text(errors="replace").strip().splitlines()[-3:])[-600:]
+
+    def stop(self) -> None:
+        stop_tree(self.proc)
+
+
+class ScoringServer(ServerProcess):
     """`mlflow models serve --env-manager local`, stopped with all its processes."""
 
     def __init__(
@@ -44,52 +80,8 @@ class ScoringServer:
                 **(env or {}),
             }
         )
-        self.log_path = log_path
-        with open(log_path, "w") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "mlflow",
-                    "models",
-                    "serve",
-                    "-m",
-                    str(model_dir),
-                    "--env-manager",
-                    "local",
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    str(self.port),
-                    "--workers",
-                    str(workers),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                preexec_fn=die_with_parent,
-            )
-
-    def wait_ready(self, timeout: float = SERVER_START_SECONDS) -> None:
-        import requests
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode}: {self._log_tail()}")
-            try:
-                if requests.get(self.url + "/ping", timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"the server did not answer /ping within {timeout:.0f} s: {self._log_tail()}")
-
-    def _log_tail(self) -> str:
-        return " | ".join(self.log_path.read_text(errors="replace").strip().splitlines()[-3:])[-600:]
-
-    def stop(self) -> None:
-        stop_tree(self.proc)
+        argv = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model_dir), "--env-manager", "local"]
+        self._start([*argv, "-h", "127.0.0.1", "-p", str(self.port), "--workers", str(workers)], log_path, env)
 
 
 def free_port() -> int:
