@@ -6,6 +6,7 @@ The helpers they use (and tests import) are in helpers.py.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,29 @@ from helpers import build_colour_onnx, encode, has_module, solid, using_store
 
 # MLflow's artifact progress bars would fill the logs of every test that downloads a model.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def pytest_report_header(config):
+    import tempfile
+
+    free = shutil.disk_usage(tempfile.gettempdir()).free
+    return f"free disk for temporary files: {free / 2**30:.1f} GiB"
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory):
+    """`module_tmp(name)` makes a fresh folder that lasts until the test module is done; then the
+    module's folders are removed. A full run writes several GB (environments, full-size models,
+    stores), which would otherwise stay on disk to the end of the session."""
+    made = []
+
+    def mktemp(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield mktemp
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -168,8 +168,8 @@ def test_targets_pass_and_fail_at_their_thresholds():
 
 
 @pytest.fixture(scope="module")
-def work_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("benchmark-work")
+def work_dir(module_tmp):
+    return module_tmp("benchmark-work")
 
 
 @pytest.fixture(scope="module")

@@ -94,8 +94,8 @@ def true_class(path: str | Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def demo_images(tmp_path_factory, env) -> Path:
-    folder = tmp_path_factory.mktemp("examples") / "demo images"  # a space, as users' folders have
+def demo_images(module_tmp, env) -> Path:
+    folder = module_tmp("examples") / "demo images"  # a space, as users' folders have
     result = run(
         [
             sys.executable,
@@ -115,10 +115,10 @@ def demo_images(tmp_path_factory, env) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server_url(module_demo_model_uri, env, tmp_path_factory):
+def server_url(module_demo_model_uri, env, module_tmp):
     """One `mlflow models serve --env-manager local` for the module, always stopped."""
     port = free_port()
-    log = tmp_path_factory.mktemp("server") / "serve.log"
+    log = module_tmp("server") / "serve.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [

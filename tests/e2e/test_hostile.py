@@ -71,17 +71,17 @@ def _mlflow_serve(model_dir: Path, log: Path, **env: str) -> Server:
 
 
 @pytest.fixture(scope="module")
-def plain(demo_model_dir, tmp_path_factory):
-    server = _mlflow_serve(demo_model_dir, tmp_path_factory.mktemp("plain") / "server.log")
+def plain(demo_model_dir, module_tmp):
+    server = _mlflow_serve(demo_model_dir, module_tmp("plain") / "server.log")
     yield server
     stop_process(server.process)
 
 
 @pytest.fixture(scope="module")
-def guarded(demo_model_dir, tmp_path_factory):
+def guarded(demo_model_dir, module_tmp):
     cli = str(Path(sys.executable).with_name("mlflow-clip"))
     argv = [cli, "serve", "-m", str(demo_model_dir), "-w", "1", "--max-body-mb", "4"]
-    server = _start(argv, tmp_path_factory.mktemp("guarded") / "server.log")
+    server = _start(argv, module_tmp("guarded") / "server.log")
     yield server
     stop_process(server.process)
 

@@ -62,9 +62,9 @@ def _mlserver_python(root: Path, model_dir: Path) -> Path:
         pytest.skip(f"MLServer cannot be installed here, so it is not tested: {e}")
 
 
-@pytest.fixture(scope="session")
-def mlserver_envs(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("mlserver-envs")
+@pytest.fixture(scope="module")
+def mlserver_envs(module_tmp) -> Path:
+    return module_tmp("mlserver-envs")
 
 
 def _start_mlserver(python: Path, repository: Path, models: dict[str, dict], parallel_workers: int):
@@ -98,14 +98,14 @@ def _start_mlserver(python: Path, repository: Path, models: dict[str, dict], par
 
 
 @pytest.fixture(scope="module")
-def colour_server(mlserver_envs, colour_model_dir, tmp_path_factory):
+def colour_server(mlserver_envs, colour_model_dir, module_tmp):
     """The colour model twice: `colour` as is, `colour-batched` with adaptive batching; inference
     in the server's own process (`parallel_workers: 0`)."""
     python = _mlserver_python(mlserver_envs, colour_model_dir)
     uri = {"parameters": {"uri": str(colour_model_dir)}}
     batching = {"max_batch_size": MAX_BATCH_SIZE, "max_batch_time": MAX_BATCH_TIME}
     models = {"colour": uri, "colour-batched": {**uri, **batching}}
-    process, url = _start_mlserver(python, tmp_path_factory.mktemp("colour-repo"), models, parallel_workers=0)
+    process, url = _start_mlserver(python, module_tmp("colour-repo"), models, parallel_workers=0)
     yield url
     stop_process(process)
 
@@ -242,10 +242,10 @@ def test_adaptive_batching_answers_concurrent_clients_each_with_its_own_rows(col
 
 
 @pytest.fixture(scope="module")
-def demo_server(mlserver_envs, demo_model_dir, tmp_path_factory):
+def demo_server(mlserver_envs, demo_model_dir, module_tmp):
     python = _mlserver_python(mlserver_envs, demo_model_dir)
     models = {"demo": {"parameters": {"uri": str(demo_model_dir)}}}
-    process, url = _start_mlserver(python, tmp_path_factory.mktemp("demo-repo"), models, parallel_workers=1)
+    process, url = _start_mlserver(python, module_tmp("demo-repo"), models, parallel_workers=1)
     yield url
     stop_process(process)
 

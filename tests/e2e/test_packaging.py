@@ -22,8 +22,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
+def wheel(module_tmp) -> Path:
+    out = module_tmp("wheel")
     result = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT)],
         capture_output=True,
@@ -36,10 +36,10 @@ def wheel(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def installed(wheel, tmp_path_factory) -> Path:
+def installed(wheel, module_tmp) -> Path:
     """A new environment with the wheel installed; its dependencies come from this environment's
     site-packages, appended after its own (so the editable install here is not seen)."""
-    root = tmp_path_factory.mktemp("regular")
+    root = module_tmp("regular")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root / "venv")], check=True, timeout=120)
     python = root / "venv" / "bin" / "python"
     purelib = subprocess.run(

@@ -35,7 +35,7 @@ GOOD = [
 
 
 @pytest.fixture(scope="module")
-def server(demo_registry, tmp_path_factory):
+def server(demo_registry, module_tmp):
     tracking_uri, model_uri = demo_registry
     port = free_port()
     env = subprocess_env(
@@ -58,7 +58,7 @@ def server(demo_registry, tmp_path_factory):
             "-p",
             str(port),
         ],
-        tmp_path_factory.mktemp("serve") / "server.log",
+        module_tmp("serve") / "server.log",
         env,
     )
     url = f"http://127.0.0.1:{port}"

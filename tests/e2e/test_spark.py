@@ -29,19 +29,19 @@ TEXT_AS_JPEG = "notes.jpg"
 
 
 @pytest.fixture(scope="module")
-def image_folder(tmp_path_factory) -> Path:
+def image_folder(module_tmp) -> Path:
     """9 classes x N_PER_CLASS drawings of varied sizes, one subfolder per class."""
     from mlflow_clip.demo_data import write_image_folder
 
-    return write_image_folder(tmp_path_factory.mktemp("images") / "clean", N_PER_CLASS, seed=11, size=None)
+    return write_image_folder(module_tmp("images") / "clean", N_PER_CLASS, seed=11, size=None)
 
 
 @pytest.fixture(scope="module")
-def mixed_folder(tmp_path_factory, image_folder) -> Path:
+def mixed_folder(module_tmp, image_folder) -> Path:
     """The clean drawings plus a truncated JPEG and a text file named .jpg."""
     from mlflow_clip.demo_data import draw_image
 
-    root = tmp_path_factory.mktemp("images") / "mixed"
+    root = module_tmp("images") / "mixed"
     for path in image_folder.rglob("*.png"):
         target = root / path.relative_to(image_folder)
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -245,7 +245,7 @@ def test_thresholds_per_precision_and_overrides():
 
 
 @pytest.fixture(scope="module")
-def three_output_graph(demo_built, tmp_path_factory):
+def three_output_graph(demo_built, module_tmp):
     """The served demo graph (scores, embedding) plus a third output: the patch embedding, an
     intermediate tensor that other nodes also read."""
     import onnx
@@ -253,7 +253,7 @@ def three_output_graph(demo_built, tmp_path_factory):
     model = onnx.load(str(demo_built.onnx_path))
     conv = next(node for node in model.graph.node if node.op_type == "Conv")
     model.graph.output.append(onnx.helper.make_tensor_value_info(conv.output[0], onnx.TensorProto.FLOAT, None))
-    path = tmp_path_factory.mktemp("three") / "three.onnx"
+    path = module_tmp("three") / "three.onnx"
     onnx.save(model, str(path))
     return path
 

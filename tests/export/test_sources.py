@@ -37,10 +37,10 @@ def _tokenizer_corpus() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def small_checkpoint(tmp_path_factory):
+def small_checkpoint(module_tmp):
     from mlflow_clip.export.open_clip_source import save_random_open_clip_checkpoint
 
-    return save_random_open_clip_checkpoint("ViT-S-32", tmp_path_factory.mktemp("oc") / "vit-s-32.bin", seed=1)
+    return save_random_open_clip_checkpoint("ViT-S-32", module_tmp("oc") / "vit-s-32.bin", seed=1)
 
 
 # Spec parsing: torch-free, one line, before anything loads.
@@ -191,12 +191,12 @@ def test_torch_free_tokenizer_gives_open_clips_ids_on_the_tokenizer_corpus():
 
 
 @pytest.fixture(scope="module")
-def small_export(small_checkpoint, tmp_path_factory):
+def small_export(small_checkpoint, module_tmp):
     import mlflow
 
     from mlflow_clip.export.job import export_and_register
 
-    folder = tmp_path_factory.mktemp("store")
+    folder = module_tmp("store")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)

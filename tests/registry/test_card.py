@@ -63,12 +63,12 @@ def test_lines_are_appended_and_the_oldest_folded_at_the_limit():
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory):
+def registry(module_tmp):
     import mlflow
 
     from mlflow_clip.export.job import export_and_register
 
-    root = tmp_path_factory.mktemp("card")
+    root = module_tmp("card")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     with using_store(uri):
         experiment = mlflow.create_experiment("c", artifact_location=(root / "a").as_uri())

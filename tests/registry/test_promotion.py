@@ -18,13 +18,13 @@ CLASSES = ["a red circle", "a green square", "a blue triangle"]
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(module_tmp):
     """A SQLite tracking store and registry with two exported demo versions."""
     import mlflow
 
     from mlflow_clip.export.job import export_and_register
 
-    root = tmp_path_factory.mktemp("promotion")
+    root = module_tmp("promotion")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     with using_store(uri):
         experiment = mlflow.create_experiment("p", artifact_location=(root / "a").as_uri())

@@ -50,9 +50,9 @@ def _fresh_postgres_database(uri: str) -> str:
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def tracking_server(request, tmp_path_factory):
+def tracking_server(request, module_tmp):
     """`mlflow server` with the backend under test and a local artifact root, on a free port."""
-    tmp = tmp_path_factory.mktemp(f"server-{request.param}")
+    tmp = module_tmp(f"server-{request.param}")
     backend = _backend_uri(request.param, tmp)
     port = free_port()
     process = start_server(
