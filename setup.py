@@ -51,12 +51,14 @@ EXPORT_REQUIRES = [
 # `openvino` package, not onnxruntime-openvino, which overwrites onnxruntime's own files with an
 # older build (docs/decisions/openvino.md). It installs next to the serving stack unchanged.
 OPENVINO_REQUIRES = ["openvino>=2024.0"]
-# Other sources of CLIP weights for the export (`-P model=open_clip:<architecture>`,
-# docs/sources.md): open_clip builds the architecture from its own configs and is the parity
-# reference. Export-side only: a served model needs none of it (its tokenizer and preprocessing
-# are mlflow-clip's own), so it stays out of the serving install and out of `export`.
-# transformers is not listed: Hugging Face CLIP folders are not a source yet (docs/sources.md).
-SOURCES_REQUIRES = ["open_clip_torch>=3"]
+# Other sources of CLIP weights for the export (`-P model=open_clip:<architecture>` and
+# `-P model=hf:<folder>`, docs/sources.md): open_clip builds the architecture from its own configs,
+# transformers loads a CLIPModel folder, and each is the parity reference for its models.
+# Export-side only: a served model needs none of it (its tokenizer and preprocessing are
+# mlflow-clip's own), so it stays out of the serving install and out of `export`. transformers 5:
+# the served `hf` tokenizer reproduces its tokenizers-backed CLIPTokenizer, and parity uses its
+# CLIPImageProcessorPil.
+SOURCES_REQUIRES = ["open_clip_torch>=3", "transformers>=5,<6"]
 TEST_REQUIRES = [
     "pytest>=8",
     "pytest-timeout>=2.3",
@@ -68,7 +70,7 @@ TEST_REQUIRES = [
     "ruff>=0.6",
     # The OpenVINO runtime's tests (tests/serving/test_openvino.py, tests/export/test_bf16.py).
     *OPENVINO_REQUIRES,
-    # The open_clip source's tests (tests/export/test_sources.py).
+    # The open_clip and Hugging Face sources' tests (tests/export/test_sources.py, test_hf_source.py).
     *SOURCES_REQUIRES,
 ]
 

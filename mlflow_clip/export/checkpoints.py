@@ -19,7 +19,7 @@ import torch
 from mlflow_clip.errors import MlflowClipError
 from mlflow_clip.export.compat import import_clip, quiet_jit_load
 from mlflow_clip.package_data import demo_weights_path
-from mlflow_clip.serving.preprocess import CLIP_MEAN, CLIP_STD
+from mlflow_clip.serving.preprocess import CENTER_CROP, CLIP_MEAN, CLIP_STD
 
 _logger = logging.getLogger(__name__)
 
@@ -42,10 +42,18 @@ class LoadedClip:
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     interpolation: str = "bicubic"
+    resize_mode: str = CENTER_CROP
     # The source's own tokenizer, (texts, context_length) -> ids [N, context_length]; None: clip.tokenize.
     tokenize: Callable | None = None
     # Where the weights come from and what parity compares against (run params and version tags).
     details: dict[str, str] = field(default_factory=dict)
+    # The source's own PyTorch model, when `model` is a conversion of it (Hugging Face): parity
+    # compares the export against this (`visual`, `encode_text`, `context_length`), not `model`.
+    reference: torch.nn.Module | None = None
+
+    @property
+    def reference_model(self) -> torch.nn.Module:
+        return self.model if self.reference is None else self.reference
 
 
 def default_cache_dir() -> Path:

@@ -83,6 +83,9 @@ class BuiltClassifier:
     edge_path: Path | None = None
     text_encoder_path: Path | None = None
     precision: PrecisionInfo = field(default_factory=lambda: PrecisionInfo("fp32", ""))
+    # What parity compares against: `head`, or the source's own model when `head` is built from a
+    # conversion of it (Hugging Face folders).
+    reference_head: ZeroShotHead | None = None
     # fp16 only: the GPU-like emulation whose parity is also gated (precision.fp16_emulation).
     fp16_emulation_path: Path | None = None
 
@@ -161,8 +164,18 @@ def build_classifier(
         edge_path=edge_path,
         text_encoder_path=text_path,
         precision=precision_info,
+        reference_head=_reference_head(loaded, classes, template_texts, logit_scale),
         fp16_emulation_path=emulation_path,
     )
+
+
+def _reference_head(loaded: LoadedClip, classes, template_texts, logit_scale: float) -> ZeroShotHead | None:
+    """The source's own model as a head (its own text features), when the export converted it."""
+    if loaded.reference is None:
+        return None
+    reference = loaded.reference_model
+    features = encode_text_features(reference, classes, template_texts, loaded.tokenize)
+    return ZeroShotHead(reference.visual, features, logit_scale).eval()
 
 
 def _convert_precision(
@@ -176,7 +189,9 @@ def _convert_precision(
     shutil.copyfile(onnx_path, fp32_path)
     calibration = None
     if precision == "int8":
-        preprocessor = Preprocessor(loaded.input_resolution, loaded.mean, loaded.std, loaded.interpolation)
+        preprocessor = Preprocessor(
+            loaded.input_resolution, loaded.mean, loaded.std, loaded.interpolation, loaded.resize_mode
+        )
         calibration = preprocessor.batch([image for _, image in load_sample_images(images)])
     info = apply_precision(fp32_path, precision, calibration, out_path=onnx_path)
     emulation_path = None
@@ -191,7 +206,6 @@ def _config_for(loaded, classes, templates, template_texts, logit_scale, opset) 
     clip = import_clip()
     import onnx
 
-    open_clip = loaded.details.get("source") == "open_clip"
     return ClassifierConfig(
         classes=list(classes),
         clip_model=loaded.name,
@@ -202,19 +216,24 @@ def _config_for(loaded, classes, templates, template_texts, logit_scale, opset) 
         mean=list(loaded.mean),
         std=list(loaded.std),
         interpolation=loaded.interpolation,
+        resize_mode=loaded.resize_mode,
         tokenizer=loaded.details.get("tokenizer", "clip"),
         logit_scale=logit_scale,
         templates=describe_templates(templates),
         template_texts=list(template_texts),
         opset=opset,
         torch_version=torch.__version__,
-        clip_version=(
-            f"open_clip_torch {_package_version('open_clip_torch')}"
-            if open_clip
-            else _package_version("openai-clip") or getattr(clip, "__version__", "")
-        ),
+        clip_version=_source_version(loaded.details.get("source"))
+        or _package_version("openai-clip")
+        or getattr(clip, "__version__", ""),
         onnx_version=onnx.__version__,
     )
+
+
+def _source_version(source: str | None) -> str:
+    """The package that built a non-OpenAI source's model, with its version."""
+    package = {"open_clip": "open_clip_torch", "hf": "transformers"}.get(source or "")
+    return f"{package} {_package_version(package)}" if package else ""
 
 
 def _package_version(name: str) -> str:
@@ -232,8 +251,9 @@ def check_parity(
     _step("measuring parity against PyTorch")
     samples = load_sample_images(images)
     preprocessor = Preprocessor.from_config(built.config)
+    reference = built.reference_head or built.head
     report = measure_parity(
-        built.head, built.onnx_path, samples, built.loaded.preprocess, preprocessor, precision=built.config.precision
+        reference, built.onnx_path, samples, built.loaded.preprocess, preprocessor, precision=built.config.precision
     )
     if built.text_encoder_path is not None:
         from mlflow_clip.package_data import default_vocab_path
@@ -241,7 +261,7 @@ def check_parity(
 
         texts = [text for name in built.config.classes for text in texts_for_class(name, built.config.template_texts)]
         report.text = measure_text_parity(
-            built.loaded.model,
+            built.loaded.reference_model,
             built.text_encoder_path,
             texts,
             default_vocab_path(),
@@ -251,7 +271,7 @@ def check_parity(
     failures = check_gates(report, thresholds)
     if built.fp16_emulation_path is not None:
         prefix = "parity_fp16_emulated_"
-        emulated = measure_parity(built.head, built.fp16_emulation_path, samples, built.loaded.preprocess, preprocessor)
+        emulated = measure_parity(reference, built.fp16_emulation_path, samples, built.loaded.preprocess, preprocessor)
         report.extra_metrics.update(emulated.metrics(prefix))
         failures += check_gates(emulated, thresholds, prefix)
     return report, failures
@@ -405,6 +425,8 @@ def _write_card(name: str, version: str, built: BuiltClassifier, metrics: dict, 
 def _weights_source(model: str, details: dict[str, str]) -> str:
     if details.get("source") == "open_clip":
         return f"local open_clip checkpoint `{Path(details['checkpoint']).name}` ({details['activation']})"
+    if details.get("source") == "hf":
+        return f"local Hugging Face CLIPModel folder `{Path(details['folder']).name}` ({details['activation']})"
     if model == DEMO_MODEL_NAME:
         return "the demo weights shipped with mlflow-clip, trained on drawn shapes"
     if model in import_clip().available_models():

@@ -39,9 +39,10 @@ class ReferenceClassifier:
     def __init__(self, loaded: LoadedClip, classes: Sequence[str], template_texts: Sequence[str]):
         self.loaded = loaded
         self._classes = list(classes)
-        text_features = encode_text_features(loaded.model, self._classes, list(template_texts), loaded.tokenize)
-        logit_scale = float(loaded.model.logit_scale.detach().exp())
-        self.head = ZeroShotHead(loaded.model.visual, text_features, logit_scale).eval()
+        model = loaded.reference_model  # the source's own model (Hugging Face's, not its conversion)
+        text_features = encode_text_features(model, self._classes, list(template_texts), loaded.tokenize)
+        logit_scale = float(model.logit_scale.detach().exp())
+        self.head = ZeroShotHead(model.visual, text_features, logit_scale).eval()
 
     @property
     def classes(self) -> list[str]:

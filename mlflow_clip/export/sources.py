@@ -3,7 +3,8 @@
 Torch-free. `-P model=` takes OpenAI's CLIP names, `demo` or a local OpenAI checkpoint (the
 `openai` source, unchanged), or `open_clip:<architecture>` with `-P checkpoint=<local file>`: any
 architecture in open_clip's model configs whose text side is CLIP's (byte-pair tokenizer, causal
-text transformer read at the end-of-text token), so that the torch-free tokenizer serves it.
+text transformer read at the end-of-text token), so that the torch-free tokenizer serves it; or
+`hf:<folder>`, a Hugging Face `CLIPModel` folder (`export/hf_folder.py`).
 
     >>> source = parse_model_source("open_clip:ViT-B-32", "/models/open_clip_pytorch_model.bin")  # doctest: +SKIP
     >>> source.kind, source.architecture, source.activation  # doctest: +SKIP
@@ -26,10 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from mlflow_clip.errors import MlflowClipError
+from mlflow_clip.export.hf_folder import HfFolderError, check_hf_folder
 
 OPENAI_SOURCE = "openai"
 OPEN_CLIP_SOURCE = "open_clip"
-SOURCE_PREFIXES = {OPEN_CLIP_SOURCE: "open_clip:"}
+HF_SOURCE = "hf"
+SOURCE_PREFIXES = {OPEN_CLIP_SOURCE: "open_clip:", HF_SOURCE: "hf:"}
 QUICKGELU_SUFFIX = "-quickgelu"
 # open_clip's text towers are exported with batch-first attention, which the explicit attention
 # written for opsets before 14 (graph.with_explicit_attention) does not cover.
@@ -68,27 +71,31 @@ class SourceError(MlflowClipError, ValueError):
 class ModelSource:
     """A checked `-P model=` / `-P checkpoint=` pair."""
 
-    kind: str  # openai or open_clip
+    kind: str  # openai, open_clip or hf
     model: str  # the spec as given
-    architecture: str = ""  # open_clip: the config name that is built
+    architecture: str = ""  # open_clip: the config name that is built; hf: e.g. ViT-B-32 (its dimensions)
     checkpoint: str = ""  # open_clip: the local weights file
-    activation: str = ""  # open_clip: GELU or QuickGELU
+    activation: str = ""  # GELU or QuickGELU
     force_quick_gelu: bool = False
+    folder: str = ""  # hf: the CLIPModel folder
 
     @property
     def name(self) -> str:
         """The short name recorded with the export (`clip_model`)."""
         if self.kind == OPEN_CLIP_SOURCE:
             return f"{OPEN_CLIP_SOURCE}:{self.architecture}" + (QUICKGELU_SUFFIX if self.force_quick_gelu else "")
+        if self.kind == HF_SOURCE:
+            return f"{HF_SOURCE}:{Path(self.folder).name}"
         return self.model
 
     def run_params(self) -> dict[str, str]:
-        return {
+        params = {
             "source": self.kind,
             "architecture": self.architecture,
             "checkpoint": self.checkpoint,
             "activation": self.activation,
         }
+        return {**params, "folder": self.folder} if self.folder else params
 
 
 def parse_model_source(model: str, checkpoint: str | None = None) -> ModelSource:
@@ -96,11 +103,18 @@ def parse_model_source(model: str, checkpoint: str | None = None) -> ModelSource
     checkpoint = str(checkpoint or "")
     if model.startswith(SOURCE_PREFIXES[OPEN_CLIP_SOURCE]):
         return _open_clip_source(model, model[len(SOURCE_PREFIXES[OPEN_CLIP_SOURCE]) :], checkpoint)
-    if model.startswith("hf:"):
-        raise SourceError(
-            f"Received model={model!r}; Hugging Face CLIPModel folders are not a source yet: their tokenizer "
-            "and centre crop differ from CLIP's (docs/sources.md). Use open_clip:<architecture> or an OpenAI model."
-        )
+    if model.startswith(SOURCE_PREFIXES[HF_SOURCE]):
+        if checkpoint:
+            raise SourceError(
+                f"Received checkpoint={checkpoint!r} with model={model!r}; a Hugging Face folder holds its own "
+                "weights. Leave checkpoint out."
+            )
+        try:
+            folder, architecture = check_hf_folder(model, model[len(SOURCE_PREFIXES[HF_SOURCE]) :])
+        except HfFolderError as e:
+            raise SourceError(str(e)) from None
+        activation = _hf_activation(folder)
+        return ModelSource(HF_SOURCE, model, architecture=architecture, folder=folder, activation=activation)
     if ":" in model.split("/")[0] and not Path(model).expanduser().exists():
         raise SourceError(
             f"Received model={model!r}; expected an OpenAI CLIP name, 'demo', a local checkpoint path, or "
@@ -112,6 +126,11 @@ def parse_model_source(model: str, checkpoint: str | None = None) -> ModelSource
             "model=open_clip:<architecture>. For an OpenAI checkpoint pass its path as the model: -P model=<path>."
         )
     return ModelSource(OPENAI_SOURCE, model)
+
+
+def _hf_activation(folder: str) -> str:
+    config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    return "GELU" if config["vision_config"].get("hidden_act") == "gelu" else "QuickGELU"
 
 
 def check_source_opset(source: ModelSource, opset: int) -> None:

@@ -103,10 +103,13 @@ class ClassifierConfig:
     embedding_dim: int = 0
     # Per-request labels: CLIP's text encoder and tokenizer, shipped in the model directory.
     context_length: int = 77
-    # Whose spelling of the start/end tokens written in a text the tokenizer honours: clip
-    # (OpenAI's) or open_clip (mlflow_clip.serving.tokenizer.SPECIAL_TOKEN_SPELLINGS).
+    # Whose tokenizer the ids follow (mlflow_clip.serving.tokenizer.SPECIAL_TOKEN_SPELLINGS): clip
+    # (OpenAI's), open_clip (CLIP's, special tokens spelled <end_of_text>) or hf (Hugging Face's
+    # CLIPTokenizer: its own cleaning, padded with the end token).
     tokenizer: str = "clip"
     interpolation: str = "bicubic"
+    # shortest_side_then_center_crop (torchvision's crop offset, rounded half to even) or
+    # shortest_side_then_floor_center_crop (Hugging Face's, floored): serving.preprocess.RESIZE_MODES.
     resize_mode: str = "shortest_side_then_center_crop"
     torch_version: str = ""
     clip_version: str = ""

@@ -35,8 +35,12 @@ if TYPE_CHECKING:
     from .contract import ClassifierConfig
 
 _logger = logging.getLogger("mlflow_clip.serving.preprocess")
-# The geometry CLIP's preprocessing uses: resize the short side, then crop the centre.
-RESIZE_MODES = ("shortest_side_then_center_crop",)
+# The geometry: resize the short side, then crop the centre. CLIP's (torchvision's CenterCrop)
+# rounds the crop offset half to even; Hugging Face's CLIPImageProcessor floors it, which moves
+# the crop by one pixel when the resized side minus the crop is 3 mod 4 (a 303x224 image).
+CENTER_CROP = "shortest_side_then_center_crop"
+FLOOR_CENTER_CROP = "shortest_side_then_floor_center_crop"
+RESIZE_MODES = (CENTER_CROP, FLOOR_CENTER_CROP)
 
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
@@ -68,12 +72,17 @@ def compute_resized_size(width: int, height: int, size: int) -> tuple[int, int]:
     return (new_short, new_long) if width <= height else (new_long, new_short)
 
 
-def compute_crop_origin(width: int, height: int, size: int) -> tuple[int, int]:
-    """(left, top) of torchvision's ``CenterCrop(size)``; Python's round(), so halves go to even.
+def compute_crop_origin(width: int, height: int, size: int, resize_mode: str = CENTER_CROP) -> tuple[int, int]:
+    """(left, top) of torchvision's ``CenterCrop(size)``: Python's round(), so halves go to even;
+    with FLOOR_CENTER_CROP, Hugging Face's ``(side - size) // 2``.
 
     >>> compute_crop_origin(299, 224, 224), compute_crop_origin(301, 224, 224)
     ((38, 0), (38, 0))
+    >>> compute_crop_origin(303, 224, 224), compute_crop_origin(303, 224, 224, FLOOR_CENTER_CROP)
+    ((40, 0), (39, 0))
     """
+    if resize_mode == FLOOR_CENTER_CROP:
+        return (width - size) // 2, (height - size) // 2
     return int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
 
 
@@ -95,6 +104,7 @@ class Preprocessor:
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     resample: str = "bicubic"
+    resize_mode: str = CENTER_CROP
     # None: the native pass when available (mlflow_clip.resample), else Pillow. True or False
     # force one path (True still falls back for what the native pass does not cover).
     native: bool | None = None
@@ -109,6 +119,8 @@ class Preprocessor:
             raise ValueError(f"Preprocessor std must not contain 0; received {self.std}.")
         if self.resample not in RESAMPLE_FILTERS:
             raise ValueError(f"Received resample={self.resample!r}; expected one of {sorted(RESAMPLE_FILTERS)}.")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"Received resize_mode={self.resize_mode!r}; expected one of {list(RESIZE_MODES)}.")
         object.__setattr__(self, "_table", _normalization_table(self.mean, self.std))
 
     def __call__(self, image: Image.Image) -> np.ndarray:
@@ -132,7 +144,7 @@ class Preprocessor:
             image = to_rgb(image)
         size = self.input_resolution
         new_width, new_height = compute_resized_size(image.width, image.height, size)
-        left, top = compute_crop_origin(new_width, new_height, size)
+        left, top = compute_crop_origin(new_width, new_height, size, self.resize_mode)
         if new_width * new_height > MAX_EXACT_RESIZED_PIXELS:
             return self._resize_crop_region(image, new_width, new_height, left, top)
         if (new_width, new_height) != image.size:
@@ -181,7 +193,7 @@ class Preprocessor:
         new_size = compute_resized_size(image.width, image.height, size)
         if new_size[0] * new_size[1] > MAX_EXACT_RESIZED_PIXELS:
             return False
-        origin = compute_crop_origin(*new_size, size)
+        origin = compute_crop_origin(*new_size, size, self.resize_mode)
         native_resample.resize_crop_into(image, new_size, origin, size, self.resample, self._table, out)
         return True
 
@@ -199,6 +211,7 @@ class Preprocessor:
             mean=tuple(config.mean),
             std=tuple(config.std),
             resample=config.interpolation,
+            resize_mode=config.resize_mode,
         )
 
 

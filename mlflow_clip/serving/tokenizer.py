@@ -8,8 +8,11 @@ serving loads it from there.
 
 Text is cleaned exactly as CLIP cleans it (``ftfy.fix_text``, HTML unescaped twice, whitespace
 runs collapsed, lower-cased), split with CLIP's pattern (the ``regex`` module, for its Unicode
-classes) and byte-pair encoded. Each word's ids are cached in a bounded LRU cache, safe to share
-between the threads of a server.
+classes) and byte-pair encoded. The ``hf`` variant gives Hugging Face's ``CLIPTokenizer`` ids
+instead (its ``tokenizers`` pipeline on the same vocabulary): special tokens only as written,
+NFC, whitespace runs to one space, lower-cased character by character, no ftfy or HTML
+unescaping, GPT-2's split applied inside CLIP's, and rows padded with the end token. Each word's
+ids are cached in a bounded LRU cache, safe to share between the threads of a server.
 
     >>> tokenizer = ClipTokenizer.from_file("model/bpe_simple_vocab_16e6.txt.gz")  # doctest: +SKIP
     >>> tokenizer(["a photo of a cat."], context_length=8).tolist()  # doctest: +SKIP
@@ -22,6 +25,7 @@ import functools
 import gzip
 import html
 import threading
+import unicodedata
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
@@ -44,7 +48,9 @@ END_OF_TEXT = "<|endoftext|>"
 SPECIAL_TOKEN_SPELLINGS: dict[str, tuple[str, str]] = {
     "clip": (START_OF_TEXT, END_OF_TEXT),
     "open_clip": ("<start_of_text>", "<end_of_text>"),
+    "hf": (START_OF_TEXT, END_OF_TEXT),
 }
+HF_TOKENIZER = "hf"
 
 # CLIP's vocabulary: 256 byte symbols, the same 256 ending a word, 48,894 merges, 2 special tokens.
 _NUM_MERGES = 49152 - 256 - 2
@@ -59,6 +65,13 @@ _NOT_A_MERGE = float("inf")
 _WHITESPACE = regex.compile(r"\s+")
 _WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 _PRETOKEN = regex.compile(r"<\|startoftext\|>|<\|endoftext\|>|" + _WORDS, regex.IGNORECASE)
+# Hugging Face's pipeline: its Split (CLIP's pattern, case-sensitive, after lower-casing), then the
+# ByteLevel pre-tokenizer's own GPT-2 split, which cuts "<|endoftext|>" written in lower case
+# into "<|", "endoftext", "|>".
+_SURROGATE = regex.compile(r"[\ud800-\udfff]")
+_HF_SPECIALS = regex.compile(r"(<\|startoftext\|>|<\|endoftext\|>)")
+_HF_PRETOKEN = regex.compile(r"<\|startoftext\|>|<\|endoftext\|>|" + _WORDS)
+_GPT2_PRETOKEN = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
 
 
 class TextInputError(MlflowClipError, ValueError):
@@ -86,11 +99,13 @@ class ClipTokenizer:
         symbols = list(_byte_to_symbol().values())
         vocab = symbols + [s + _WORD_END for s in symbols] + ["".join(m) for m in merges]
         vocab += list(self._specials)
+        self._vocab, self._merges = vocab, merges
         self._ids = {token: i for i, token in enumerate(vocab)}
         self._ranks = {merge: rank for rank, merge in enumerate(merges)}
         self._to_symbols = str.maketrans({chr(b): s for b, s in _byte_to_symbol().items()})
         self.sot_token_id = self._ids[self._specials[0]]
         self.eot_token_id = self._ids[self._specials[1]]
+        self.pad_token_id = self.eot_token_id if special_tokens == HF_TOKENIZER else 0
         self._cache = WordCache()
 
     def __getstate__(self) -> dict:
@@ -103,8 +118,16 @@ class ClipTokenizer:
     @classmethod
     def from_file(cls, vocab_path: str | Path, special_tokens: str = "clip") -> ClipTokenizer:
         """Load the tokenizer from a copy of ``bpe_simple_vocab_16e6.txt.gz``; `special_tokens`
-        (clip or open_clip) is a key of SPECIAL_TOKEN_SPELLINGS."""
+        (clip, open_clip or hf) is a key of SPECIAL_TOKEN_SPELLINGS."""
         return cls(vocab_path, special_tokens)
+
+    def vocabulary(self) -> list[str]:
+        """Every token, in id order (byte symbols, the same ending a word, merges, special tokens)."""
+        return list(self._vocab)
+
+    def merges(self) -> list[tuple[str, str]]:
+        """The byte-pair merges, highest priority first."""
+        return list(self._merges)
 
     def __repr__(self) -> str:
         extra = "" if self.special_tokens == "clip" else f", special_tokens={self.special_tokens!r}"
@@ -115,7 +138,8 @@ class ClipTokenizer:
     ) -> np.ndarray:
         """Token ids as ``clip.tokenize`` gives them, as an int64 array ``[len(texts), context_length]``.
 
-        Each row is the start token, the text's ids, the end token, then zeros. A longer text is
+        Each row is the start token, the text's ids, the end token, then zeros (end tokens for
+        ``hf``, as Hugging Face pads). A longer text is
         cut to ``context_length`` ids whose last is the end token when ``truncate`` is true, and
         raises ``TextInputError`` otherwise. (``clip.tokenize`` defaults to ``truncate=False`` and
         returns int32 under torch >= 1.8; the ids are the same, and all below 2**16.)
@@ -150,13 +174,18 @@ class ClipTokenizer:
                 raise TextInputError(
                     f"Text {index} is a {type(text).__name__}, not a str. Fix: send every text as a string."
                 )
+            if self.special_tokens == HF_TOKENIZER and _SURROGATE.search(text):
+                raise TextInputError(
+                    f"Text {index} contains a lone surrogate code point, which Hugging Face's tokenizer refuses. "
+                    "Fix: send valid Unicode (decode UTF-8 with errors='replace')."
+                )
             ids = [self.sot_token_id, *self.encode(text, max_tokens=context_length - 1), self.eot_token_id]
             lengths.append(min(len(ids), context_length + 1))
             if len(ids) > context_length:
                 ids = ids[:context_length]
                 ids[-1] = self.eot_token_id
             rows.append(ids)
-        result = np.zeros((len(rows), context_length), dtype=np.int64)
+        result = np.full((len(rows), context_length), self.pad_token_id, dtype=np.int64)
         for i, ids in enumerate(rows):
             result[i, : len(ids)] = ids
         return result, lengths
@@ -165,11 +194,22 @@ class ClipTokenizer:
         """The ids of one text, without the start and end tokens. With `max_tokens`, encoding stops
         once more than that many ids are known: the rest could only be cut off."""
         ids: list[int] = []
-        for word in self._pretoken.findall(clean_text(text)):
+        for word in self._words(text):
             ids.extend(self._word_ids(word))
             if max_tokens is not None and len(ids) > max_tokens:
                 break
         return ids
+
+    def _words(self, text: str) -> Iterable[str]:
+        if self.special_tokens != HF_TOKENIZER:
+            yield from self._pretoken.findall(clean_text(text))
+            return
+        for segment in _HF_SPECIALS.split(text):
+            if segment in self._specials:
+                yield segment
+                continue
+            for piece in _HF_PRETOKEN.findall(hf_clean_text(segment)):
+                yield from _GPT2_PRETOKEN.findall(piece)
 
     def _word_ids(self, word: str) -> tuple[int, ...]:
         cached = self._cache.get(word)
@@ -210,6 +250,17 @@ def clean_text(text: str) -> str:
     """
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return _WHITESPACE.sub(" ", text).strip().lower()
+
+
+def hf_clean_text(text: str) -> str:
+    """Hugging Face's CLIP normalizer: NFC, whitespace runs to one space, each character
+    lower-cased on its own (a final capital sigma gives σ, where str.lower gives ς).
+
+    >>> hf_clean_text("ΟΔΟΣ  Caf\u00c3\u00a9 &amp;")
+    'οδοσ cafã© &amp;'
+    """
+    text = _WHITESPACE.sub(" ", unicodedata.normalize("NFC", text))
+    return "".join(c.lower() for c in text)
 
 
 def _apply_merge(parts: tuple[str, ...], first: str, second: str) -> tuple[str, ...]:

@@ -76,7 +76,7 @@ def test_open_clip_spec_is_parsed_with_its_architecture_and_activation(tmp_path)
         ("open_clip:EVA02-B-16", "FILE", "custom text tower"),
         ("RN50", "FILE", "checkpoint goes with model=open_clip"),
         ("hub:org/model", "", "expected an OpenAI CLIP name"),
-        ("hf:/models/clip-vit-base-patch32", "", "not a source yet"),
+        ("hf:/models/clip-vit-base-patch32", "", "no folder exists"),
     ],
 )
 def test_bad_specs_are_one_line_errors_naming_the_fix(tmp_path, model, checkpoint, words):

@@ -1,0 +1,150 @@
+"""A Hugging Face `CLIPModel` folder, checked before torch loads: `check_hf_folder`.
+
+Torch-free. `-P model=hf:<folder>` names a local folder written by `CLIPModel.save_pretrained`
+and its processor's `save_pretrained`: `config.json`, the weights (`model.safetensors` or
+`pytorch_model.bin`), the tokenizer files and the image processor's settings
+(`processor_config.json` from transformers 5, or `preprocessor_config.json`). Refused, in one
+line naming the fix: a missing folder or file, another model type (SigLIP, ...), an activation or
+layout the OpenAI-layout export cannot follow, and image settings the torch-free preprocessing
+cannot reproduce bit for bit.
+
+    >>> check_hf_folder("hf:/models/clip-vit-base-patch32", "/models/clip-vit-base-patch32")  # doctest: +SKIP
+    ('/models/clip-vit-base-patch32', 'ViT-B-32 (patch 32, 224 px, 12x768 vision, 12x512 text)')
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow_clip.errors import MlflowClipError
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+# Hugging Face's resample codes (PIL's), for the two the torch-free preprocessing follows.
+HF_RESAMPLE = {3: "bicubic", 2: "bilinear"}
+_SIZE_NAMES = {384: "S", 512: "M", 768: "B", 1024: "L", 1280: "H"}
+
+
+class HfFolderError(MlflowClipError, ValueError):
+    """A Hugging Face folder that cannot be exported; the message says what is missing or why."""
+
+
+@dataclass(frozen=True)
+class HfImageSettings:
+    """What the contract records of the folder's image processor."""
+
+    input_resolution: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+
+
+def check_hf_folder(model: str, folder: str) -> tuple[str, str]:
+    """(the folder's absolute path, a short description of its architecture); raises HfFolderError."""
+    path = Path(folder).expanduser()
+    if not folder or not path.is_dir():
+        raise HfFolderError(
+            f"Received model={model!r}; no folder exists at {path.resolve() if folder else '(empty)'}. Expected "
+            "hf:<folder written by CLIPModel.save_pretrained and its processor's save_pretrained>."
+        )
+    config = read_json(path / "config.json", model)
+    model_type = config.get("model_type")
+    if model_type != "clip":
+        reason = (
+            "SigLIP's sigmoid head and tokenizer are not CLIP's"
+            if "siglip" in str(model_type)
+            else "only CLIPModel folders are supported"
+        )
+        raise HfFolderError(f"Received model={model!r}; its config.json has model_type={model_type!r}: {reason}.")
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise HfFolderError(f"Received model={model!r}; the folder holds none of {', '.join(WEIGHT_FILES)}.")
+    if not any(all((path / name).is_file() for name in names) for names in TOKENIZER_FILES):
+        raise HfFolderError(
+            f"Received model={model!r}; the folder has no tokenizer (tokenizer.json, or vocab.json and merges.txt). "
+            "Save the CLIPProcessor or CLIPTokenizer into it too."
+        )
+    image_settings(path, model)
+    return str(path.resolve()), describe_architecture(config, model)
+
+
+def read_json(path: Path, model: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise HfFolderError(f"Received model={model!r}; the folder has no {path.name}.")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HfFolderError(f"Received model={model!r}; {path.name} is not readable JSON ({e}).") from e
+
+
+def describe_architecture(config: dict[str, Any], model: str) -> str:
+    """e.g. 'ViT-B-32 (patch 32, 224 px, 12x768 vision, 12x512 text)', after checking that the
+    OpenAI-layout export follows the towers: QuickGELU or GELU, 64-wide heads in the vision
+    tower, MLPs 4x wide, LayerNorm eps 1e-5, CLIP's vocabulary size."""
+    vision, text = config.get("vision_config") or {}, config.get("text_config") or {}
+    reason = ""
+    for name, tower in (("vision", vision), ("text", text)):
+        width = int(tower.get("hidden_size", 0))
+        if tower.get("hidden_act") not in ("quick_gelu", "gelu"):
+            reason = f"its {name} tower uses hidden_act={tower.get('hidden_act')!r} (QuickGELU or GELU are followed)"
+        elif int(tower.get("intermediate_size", 0)) != 4 * width:
+            reason = f"its {name} MLP is not 4x the width ({tower.get('intermediate_size')} for {width})"
+        elif float(tower.get("layer_norm_eps", 1e-5)) != 1e-5:
+            reason = f"its {name} LayerNorm eps is {tower.get('layer_norm_eps')}, not 1e-5"
+        if reason:
+            break
+    if not reason and int(vision.get("num_attention_heads", 0)) * 64 != int(vision.get("hidden_size", -1)):
+        reason = "its vision heads are not 64 wide"
+    if not reason and int(text.get("vocab_size", 49408)) != 49408:
+        reason = f"its vocabulary has {text.get('vocab_size')} tokens, not CLIP's 49408"
+    if reason:
+        raise HfFolderError(f"Received model={model!r}; this CLIPModel is not supported: {reason}.")
+    width, patch = int(vision["hidden_size"]), int(vision.get("patch_size", 32))
+    size = _SIZE_NAMES.get(width, f"w{width}")
+    return (
+        f"ViT-{size}-{patch} (patch {patch}, {vision.get('image_size', 224)} px, "
+        f"{vision.get('num_hidden_layers')}x{width} vision, "
+        f"{text.get('num_hidden_layers')}x{text.get('hidden_size')} text)"
+    )
+
+
+def image_settings(folder: Path, model: str) -> HfImageSettings:
+    """The image processor's settings, when the torch-free preprocessing reproduces them:
+    convert to RGB, resize the short side (bicubic or bilinear), crop the square centre, scale
+    by 1/255, normalize."""
+    found = next((folder / name for name in PROCESSOR_FILES if (folder / name).is_file()), None)
+    if found is None:
+        raise HfFolderError(
+            f"Received model={model!r}; the folder has no image processor settings ({' or '.join(PROCESSOR_FILES)}). "
+            "Save the CLIPProcessor or CLIPImageProcessor into it too."
+        )
+    settings = read_json(found, model)
+    settings = settings.get("image_processor", settings)
+    vision = read_json(folder / "config.json", model).get("vision_config") or {}
+    size, crop = settings.get("size") or {}, settings.get("crop_size") or {}
+    crop = crop if isinstance(crop, dict) else {"height": crop, "width": crop}
+    resolution = int(vision.get("image_size", 224))
+    reason = ""
+    if not (settings.get("do_resize", True) and settings.get("do_center_crop", True)):
+        reason = "it does not resize and centre-crop"
+    elif set(size) != {"shortest_edge"}:
+        reason = f"it resizes to {size} (the short side, shortest_edge, is followed)"
+    elif not (int(size["shortest_edge"]) == crop.get("height") == crop.get("width") == resolution):
+        reason = f"its resize ({size}) and crop ({crop}) are not the model's {resolution} px square"
+    elif settings.get("resample", 3) not in HF_RESAMPLE:
+        reason = f"it resamples with PIL filter {settings.get('resample')} (bicubic 3 or bilinear 2 are followed)"
+    elif not settings.get("do_rescale", True) or abs(float(settings.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-12:
+        reason = f"it rescales by {settings.get('rescale_factor')}, not 1/255"
+    elif not settings.get("do_normalize", True) or not settings.get("do_convert_rgb", True):
+        reason = "it does not normalize RGB"
+    if reason:
+        raise HfFolderError(
+            f"Received model={model!r}; its image processor is not supported: {reason}. The torch-free "
+            "preprocessing reproduces CLIPImageProcessor's resize of the short side + centre crop of a square."
+        )
+    mean = tuple(float(m) for m in settings.get("image_mean", (0.48145466, 0.4578275, 0.40821073)))
+    std = tuple(float(s) for s in settings.get("image_std", (0.26862954, 0.26130258, 0.27577711)))
+    return HfImageSettings(resolution, mean, std, HF_RESAMPLE[settings.get("resample", 3)])  # type: ignore[arg-type]

@@ -1,0 +1,244 @@
+"""Hugging Face `CLIPModel` folders, converted to OpenAI's CLIP layout for the export.
+
+Export world (torch, transformers). The folder's weights are copied into `clip.model.CLIP` (the
+layout every export path already follows: the baked head, the text encoder, the precisions),
+exactly: q/k/v projections concatenated, transposed projections, same activation. Parity then
+compares the export with the folder's own model, not with the conversion: `CLIPModel`'s
+`get_image_features` / `get_text_features`, fed by its `CLIPImageProcessorPil` (the processor
+whose pixels the torch-free preprocessing reproduces bit for bit, with its floor-rounded crop) and
+its `CLIPTokenizer`.
+
+    >>> loaded = load_hf(parse_model_source("hf:/models/clip-vit-base-patch32"))  # doctest: +SKIP
+    >>> loaded.details["tokenizer"], loaded.resize_mode  # doctest: +SKIP
+    ('hf', 'shortest_side_then_floor_center_crop')
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mlflow_clip.export.checkpoints import TRAINED_LOGIT_SCALE, CheckpointError, LoadedClip
+from mlflow_clip.export.compat import import_clip
+from mlflow_clip.export.hf_folder import image_settings
+from mlflow_clip.export.sources import ModelSource, SourceError
+from mlflow_clip.serving.preprocess import FLOOR_CENTER_CROP
+from mlflow_clip.serving.tokenizer import HF_TOKENIZER
+
+_logger = logging.getLogger(__name__)
+
+
+def import_transformers():
+    try:
+        import transformers
+    except ImportError as e:
+        raise SourceError("Hugging Face folders need transformers: pip install 'mlflow-clip[sources]'.") from e
+    return transformers
+
+
+class HfReference(nn.Module):
+    """A Hugging Face `CLIPModel` seen through what parity reads: `visual(pixels)` and
+    `encode_text(ids)` are its own `get_image_features` / `get_text_features`."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.hf_model = model
+        self.visual = _HfVisual(model)
+        self.logit_scale = model.logit_scale
+        self.context_length = int(model.config.text_config.max_position_embeddings)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return _features(self.hf_model.get_text_features(input_ids=tokens))
+
+
+class _HfVisual(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.hf_model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return _features(self.hf_model.get_image_features(pixel_values=pixels))
+
+
+def _features(output: Any) -> torch.Tensor:
+    """transformers 5 returns a ModelOutput whose pooler_output is the projected features."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def load_hf(source: ModelSource) -> LoadedClip:
+    """The folder's CLIPModel in float32, its OpenAI-layout conversion, processor and tokenizer."""
+    transformers = import_transformers()
+    folder = Path(source.folder)
+    _logger.info("Loading Hugging Face CLIPModel from %s", folder)
+    try:
+        hf_model = transformers.CLIPModel.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+        processor = transformers.CLIPImageProcessorPil.from_pretrained(folder, local_files_only=True)
+        tokenizer = transformers.CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"Could not load the Hugging Face CLIPModel in {folder}: {type(e).__name__}: {e}. Expected the files "
+            "CLIPModel.save_pretrained and CLIPProcessor.save_pretrained write."
+        ) from e
+    hf_model = hf_model.float().eval()
+    settings = image_settings(folder, source.model)
+    activation = _activation(hf_model.config)
+    if activation != source.activation:
+        raise CheckpointError(f"transformers built {activation} where config.json names {source.activation}.")
+
+    def preprocess(image):
+        return torch.from_numpy(processor(images=image, return_tensors="np")["pixel_values"][0])
+
+    def tokenize(texts, context_length):
+        ids = tokenizer(list(texts), padding="max_length", max_length=context_length, truncation=True)
+        return torch.tensor(ids["input_ids"], dtype=torch.long)
+
+    return LoadedClip(
+        model=convert_to_openai_layout(hf_model).eval(),
+        preprocess=preprocess,
+        name=source.name,
+        input_resolution=settings.input_resolution,
+        mean=settings.mean,
+        std=settings.std,
+        interpolation=settings.interpolation,
+        resize_mode=FLOOR_CENTER_CROP,
+        tokenize=tokenize,
+        reference=HfReference(hf_model).eval(),
+        details={
+            **source.run_params(),
+            "activation": activation,
+            "tokenizer": HF_TOKENIZER,
+            "parity_reference": (
+                f"transformers {transformers.__version__} CLIPModel from {folder.name} ({activation}), "
+                "CLIPImageProcessorPil and CLIPTokenizer"
+            ),
+        },
+    )
+
+
+def _activation(config) -> str:
+    acts = {config.vision_config.hidden_act, config.text_config.hidden_act}
+    if len(acts) != 1:
+        raise SourceError(f"The towers use different activations ({sorted(acts)}); one activation is supported.")
+    return "QuickGELU" if acts == {"quick_gelu"} else "GELU"
+
+
+@torch.no_grad()
+def convert_to_openai_layout(hf_model: nn.Module) -> nn.Module:
+    """`clip.model.CLIP` with the Hugging Face model's weights, value for value (float32)."""
+    clip = import_clip()
+    config = hf_model.config
+    vision, text = config.vision_config, config.text_config
+    model = clip.model.CLIP(
+        embed_dim=int(config.projection_dim),
+        image_resolution=int(vision.image_size),
+        vision_layers=int(vision.num_hidden_layers),
+        vision_width=int(vision.hidden_size),
+        vision_patch_size=int(vision.patch_size),
+        context_length=int(text.max_position_embeddings),
+        vocab_size=int(text.vocab_size),
+        transformer_width=int(text.hidden_size),
+        transformer_heads=int(text.num_attention_heads),
+        transformer_layers=int(text.num_hidden_layers),
+    ).float()
+    if _activation(config) == "GELU":  # OpenAI's blocks hard-code QuickGELU
+        for block in model.modules():
+            if isinstance(block, clip.model.ResidualAttentionBlock):
+                block.mlp.gelu = nn.GELU()
+    state = _openai_state_dict(hf_model.state_dict(), vision.num_hidden_layers, text.num_hidden_layers)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"visual.attnpool"}:
+        raise CheckpointError(f"The conversion left weights out: missing {missing}, unexpected {unexpected}.")
+    return model
+
+
+def _openai_state_dict(hf: dict[str, torch.Tensor], vision_layers: int, text_layers: int) -> dict[str, torch.Tensor]:
+    out = {
+        "logit_scale": hf["logit_scale"],
+        "token_embedding.weight": hf["text_model.embeddings.token_embedding.weight"],
+        "positional_embedding": hf["text_model.embeddings.position_embedding.weight"],
+        "ln_final.weight": hf["text_model.final_layer_norm.weight"],
+        "ln_final.bias": hf["text_model.final_layer_norm.bias"],
+        "text_projection": hf["text_projection.weight"].t(),
+        "visual.class_embedding": hf["vision_model.embeddings.class_embedding"],
+        "visual.conv1.weight": hf["vision_model.embeddings.patch_embedding.weight"],
+        "visual.positional_embedding": hf["vision_model.embeddings.position_embedding.weight"],
+        "visual.ln_pre.weight": hf["vision_model.pre_layrnorm.weight"],
+        "visual.ln_pre.bias": hf["vision_model.pre_layrnorm.bias"],
+        "visual.ln_post.weight": hf["vision_model.post_layernorm.weight"],
+        "visual.ln_post.bias": hf["vision_model.post_layernorm.bias"],
+        "visual.proj": hf["visual_projection.weight"].t(),
+    }
+    for hf_prefix, prefix, layers in (
+        ("text_model.encoder.layers", "transformer.resblocks", text_layers),
+        ("vision_model.encoder.layers", "visual.transformer.resblocks", vision_layers),
+    ):
+        for i in range(int(layers)):
+            src, dst = f"{hf_prefix}.{i}", f"{prefix}.{i}"
+            for kind in ("weight", "bias"):
+                attention = [hf[f"{src}.self_attn.{p}_proj.{kind}"] for p in ("q", "k", "v")]
+                out[f"{dst}.attn.in_proj_{kind}"] = torch.cat(attention)
+                out[f"{dst}.attn.out_proj.{kind}"] = hf[f"{src}.self_attn.out_proj.{kind}"]
+                out[f"{dst}.ln_1.{kind}"] = hf[f"{src}.layer_norm1.{kind}"]
+                out[f"{dst}.ln_2.{kind}"] = hf[f"{src}.layer_norm2.{kind}"]
+                out[f"{dst}.mlp.c_fc.{kind}"] = hf[f"{src}.mlp.fc1.{kind}"]
+                out[f"{dst}.mlp.c_proj.{kind}"] = hf[f"{src}.mlp.fc2.{kind}"]
+    return {key: value.detach().float().contiguous() for key, value in out.items()}
+
+
+def save_random_hf_clip(
+    folder: str | os.PathLike,
+    vocab_path: str | os.PathLike,
+    seed: int = 0,
+    vision: dict | None = None,
+    text: dict | None = None,
+    projection_dim: int = 512,
+) -> Path:
+    """A `CLIPModel` with random weights (ViT-B/32 dimensions unless `vision` / `text` say
+    otherwise) and CLIP's trained logit scale (100), saved with `save_pretrained`, with a
+    CLIPProcessor whose tokenizer is built from CLIP's vocabulary file `vocab_path`: what a
+    `hf:<folder>` export reads."""
+    transformers = import_transformers()
+    vision = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
+              "image_size": 224, "patch_size": 32, **(vision or {})}  # fmt: skip
+    text = {"hidden_size": 512, "intermediate_size": 2048, "num_attention_heads": 8, "num_hidden_layers": 12,
+            **(text or {})}  # fmt: skip
+    torch.manual_seed(seed)
+    config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
+    model = transformers.CLIPModel(config).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(TRAINED_LOGIT_SCALE))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    vocab_json, merges_txt = _hf_vocab_files(Path(vocab_path), folder / "vocab-build")
+    size = int(vision["image_size"])
+    processor = transformers.CLIPProcessor(
+        image_processor=transformers.CLIPImageProcessorPil(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+        ),
+        tokenizer=transformers.CLIPTokenizer(str(vocab_json), str(merges_txt)),
+    )
+    processor.save_pretrained(folder)
+    for path in (vocab_json, merges_txt):
+        path.unlink()
+    (folder / "vocab-build").rmdir()
+    return folder
+
+
+def _hf_vocab_files(vocab_path: Path, out: Path) -> tuple[Path, Path]:
+    """CLIP's vocabulary as Hugging Face's vocab.json and merges.txt (the same ids and merges)."""
+    from mlflow_clip.serving.tokenizer import ClipTokenizer
+
+    tokenizer = ClipTokenizer.from_file(vocab_path)
+    vocab, merges = tokenizer.vocabulary(), tokenizer.merges()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return out / "vocab.json", out / "merges.txt"
