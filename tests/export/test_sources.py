@@ -292,7 +292,9 @@ def test_the_exported_model_predicts_torch_free_with_baked_and_per_request_label
 
 @pytest.mark.slow
 # ViT-S-32-quickgelu: QuickGELU forced on an architecture open_clip has no -quickgelu config for.
-@pytest.mark.parametrize("architecture", ["ViT-B-32", "RN50-quickgelu", "ViT-S-32-quickgelu"])
+@pytest.mark.parametrize(
+    "architecture", ["ViT-B-32", "ViT-B-16", "RN50-quickgelu", "convnext_tiny", "ViT-S-32-quickgelu"]
+)
 def test_full_size_open_clip_architectures_meet_the_gates(architecture, tmp_path):
     from mlflow_clip.export.job import build_classifier, check_parity
     from mlflow_clip.export.open_clip_source import save_random_open_clip_checkpoint
