@@ -252,8 +252,9 @@ def check_parity(
     samples = load_sample_images(images)
     preprocessor = Preprocessor.from_config(built.config)
     reference = built.reference_head or built.head
+    precision, runtime = built.config.precision, built.precision.runtime
     report = measure_parity(
-        reference, built.onnx_path, samples, built.loaded.preprocess, preprocessor, precision=built.config.precision
+        reference, built.onnx_path, samples, built.loaded.preprocess, preprocessor, precision=precision, runtime=runtime
     )
     if built.text_encoder_path is not None:
         from mlflow_clip.package_data import default_vocab_path
@@ -269,6 +270,11 @@ def check_parity(
             built.config.tokenizer,
         )
     failures = check_gates(report, thresholds)
+    if runtime == "openvino" and precision != "bf16":  # onnxruntime serves it where OpenVINO is absent
+        prefix = "parity_onnxruntime_"
+        fallback = measure_parity(reference, built.onnx_path, samples, built.loaded.preprocess, preprocessor)
+        report.extra_metrics.update(fallback.metrics(prefix))
+        failures += check_gates(fallback, thresholds, prefix)
     if built.fp16_emulation_path is not None:
         prefix = "parity_fp16_emulated_"
         emulated = measure_parity(reference, built.fp16_emulation_path, samples, built.loaded.preprocess, preprocessor)

@@ -108,8 +108,10 @@ def measure_parity(
     preprocessor: Preprocessor,
     batch_sizes: Sequence[int] = PARITY_BATCH_SIZES,
     precision: str = "fp32",
+    runtime: str = "onnxruntime",
 ) -> ParityReport:
-    """`precision` bf16 runs the graph as serving does: OpenVINO with a bf16 precision hint."""
+    """The graph runs on `runtime` as serving runs it: bf16 is always OpenVINO with a bf16
+    precision hint; `runtime="openvino"` runs another precision's graph on OpenVINO too."""
     names = [name for name, _ in images]
     reference_pixels = torch.stack([clip_preprocess(image) for _, image in images])
     ours = preprocessor.batch([image for _, image in images])
@@ -119,7 +121,7 @@ def measure_parity(
     torch_probs = torch_logits.softmax(dim=-1).numpy()
     torch_logits = torch_logits.numpy()
     sizes = sorted({*batch_sizes, len(images)})
-    session, outputs = session_with_logits(onnx_path, precision)
+    session, outputs = session_with_logits(onnx_path, precision, runtime)
     onnx_probs, onnx_logits, onnx_embeddings = {}, {}, {}
     for size in sizes:
         onnx_probs[size], onnx_logits[size], onnx_embeddings[size] = run_with_logits(session, outputs, ours, size)
@@ -191,10 +193,11 @@ def measure_text_parity(
     return TextParity(len(texts), float(np.abs(encoder.embed(texts) - reference).max()), mismatches)
 
 
-def session_with_logits(onnx_path: str | Path, precision: str = "fp32"):
+def session_with_logits(onnx_path: str | Path, precision: str = "fp32", runtime: str = "onnxruntime"):
     """A session on the shipped graph that also returns the logits feeding its final Softmax
     (exposed as an extra output on an in-memory copy), and the output names to fetch. bf16
-    graphs run on OpenVINO at bf16 (the serving runtime's session), others on onnxruntime."""
+    graphs, and any graph with `runtime="openvino"`, run on OpenVINO (the serving runtime's
+    session, at bf16 for bf16), others on onnxruntime."""
     import onnxruntime as ort
 
     model = onnx.load(str(onnx_path))
@@ -209,7 +212,7 @@ def session_with_logits(onnx_path: str | Path, precision: str = "fp32"):
     else:
         outputs.append(None)
     outputs.extend(embedding)
-    if precision in OPENVINO_PRECISIONS:
+    if precision in OPENVINO_PRECISIONS or runtime == "openvino":
         return _openvino_session(model, precision), outputs
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]), outputs
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import encode, requires_export
+from helpers import encode, has_module, requires_export, solid
 
 pytestmark = requires_export
 
@@ -58,9 +58,9 @@ def _export(precision: str, name: str | None = None, **kwargs):
     from mlflow_clip.demo_data import DEMO_CLASSES
     from mlflow_clip.export.job import export_and_register
 
+    kwargs.setdefault("model", "demo")
     return export_and_register(
         list(DEMO_CLASSES),
-        model="demo",
         templates="ensemble",
         registered_model_name=name or f"clip-{precision}",
         precision=precision,
@@ -423,6 +423,9 @@ def test_full_size_rn50_int8_agrees_with_fp32_pytorch(tracking_uri, tmp_path):
         result.parity.max_abs_logit_diff <= gates.max_logit_diff
         and result.parity.top1_agreement >= gates.min_top1_agreement
     )
+    if has_module("openvino"):  # served by OpenVINO's int8 kernels, gated on onnxruntime too
+        assert run.data.params["int8_runtime"].startswith("openvino")
+        assert result.metrics["parity_onnxruntime_max_abs_logit_diff"] <= gates.max_logit_diff
 
     images, _ = _fresh_demo_images(seed=7)
     images = images[:48]
@@ -482,3 +485,55 @@ def test_mlflow_run_with_precision_int8_and_a_passed_through_gate(tmp_path):
     assert run.data.params["precision"] == "int8" and float(run.data.params["max_prob_diff"]) == 0.05
     assert run.data.params["precision_method"] == "int8-dynamic"
     assert run.data.metrics["parity_max_abs_prob_diff"] <= 0.05
+
+
+@pytest.fixture(scope="module")
+def small_resnet_checkpoint(module_tmp):
+    """A small CLIP with a modified-ResNet image tower (random weights, CLIP's trained logit
+    scale), saved as a state dict: an int8 export of it is static QDQ."""
+    import math
+
+    import torch
+
+    from mlflow_clip.export.compat import import_clip
+
+    clip = import_clip()
+    torch.manual_seed(5)
+    model = clip.model.CLIP(64, 64, (1, 1, 1, 1), 32, None, 77, 49408, 64, 1, 1).float()
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(100.0))
+    path = module_tmp("resnet") / "small-resnet.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_a_static_int8_graph_is_served_by_openvino_and_gated_on_both_runtimes(module_store, small_resnet_checkpoint):
+    """Static QDQ int8 runs faster on OpenVINO's int8 kernels: the export writes runtime openvino
+    and gates parity on it and on onnxruntime (what serves the model where OpenVINO is absent)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    pytest.importorskip("openvino")
+    from mlflow_clip.demo_data import DEMO_CLASSES
+    from mlflow_clip.export.parity import ParityThresholds
+
+    result = _export("int8", name="clip-int8-static", model=str(small_resnet_checkpoint), text_encoder=False)
+    params = MlflowClient().get_run(result.run_id).data.params
+    assert params["precision_method"] == "int8-static-qdq"
+    assert params["int8_runtime"].startswith("openvino (its int8 kernels")
+    gates = ParityThresholds.for_precision("int8")
+    metrics = result.metrics
+    for prefix in ("parity_", "parity_onnxruntime_"):
+        assert metrics[f"{prefix}max_abs_prob_diff"] <= gates.max_prob_diff
+        assert metrics[f"{prefix}top1_agreement"] >= gates.min_top1_agreement
+    assert _flavor(result.model_uri)["runtime"]["runtime"] == "openvino"
+    images = [encode(solid(colour)) for colour in ("red", "green", "blue")]
+    frame = pd.DataFrame({"image": images})
+    served = mlflow.pyfunc.load_model(result.model_uri)
+    assert served.get_raw_model().session.runtime == "openvino"
+    fallback = mlflow.pyfunc.load_model(result.model_uri, model_config={"runtime": "onnxruntime"})
+    assert fallback.get_raw_model().session.runtime == "onnxruntime"
+    on_openvino = np.array(served.predict(frame)["probabilities"].tolist())
+    on_onnxruntime = np.array(fallback.predict(frame)["probabilities"].tolist())
+    assert on_openvino.shape == (3, len(DEMO_CLASSES))
+    assert np.abs(on_openvino - on_onnxruntime).max() <= gates.max_prob_diff
