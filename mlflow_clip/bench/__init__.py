@@ -15,7 +15,9 @@ Rows, per model x image size x batch size:
   session settings as the pyfunc: the ceiling for our graph.
 - `pyfunc` (c): `mlflow.pyfunc.load_model(dir).predict(DataFrame({"image": [bytes, ...]}))`.
 - `server` (d): `mlflow models serve --env-manager local` over HTTP, 1 and 4 concurrent clients.
-- `precision` (e): the pyfunc on the int8 and fp16 variants of the model.
+- `precision` (e): the pyfunc on the int8 and fp16 variants of the model (`--precisions`, also
+  bf16), each with its own defaults (int8 and bf16 decode JPEGs in draft mode; with `draft`, the
+  exact decode beside them).
 - `draft`: the pyfunc with the `jpeg_draft` decode option, when the model offers it.
 - `load`: a registered model's load-to-first-prediction time, in a fresh interpreter.
 - `settings` (only when asked for): the pyfunc and (b) with one default switched back at a

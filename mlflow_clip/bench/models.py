@@ -121,7 +121,9 @@ def _build_one(work_dir: Path, model: str, clip_spec: str, precision: str) -> di
         return {"status": "skipped", "note": f"build_classifier does not build precision={precision!r} yet ({e})"}
     except Exception as e:
         return {"status": "failed", "note": f"{type(e).__name__}: {str(e)[:400]}"}
-    flavor.save_model(built.onnx_path, out / "model", text_encoder=built.text_encoder_path)
+    flavor.save_model(
+        built.onnx_path, out / "model", text_encoder=built.text_encoder_path, runtime=built.runtime_settings()
+    )
     np.savez(
         out / "head.npz", text_features=built.head.text_features.t().numpy(), logit_scale=float(built.head.logit_scale)
     )

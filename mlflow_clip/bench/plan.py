@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from mlflow_clip.bench.models import TEMPLATES, classes_for, model_slug, pyfunc_config_keys
+from mlflow_clip.bench.models import TEMPLATES, classes_for, flavor_conf, model_slug, pyfunc_config_keys
 from mlflow_clip.bench.options import BenchmarkOptions, ServerSettings, size_name
 from mlflow_clip.bench.results import RowResult
 from mlflow_clip.serving import resample
@@ -23,9 +23,13 @@ ROW_LABELS = {
     "pyfunc-spin": "pyfunc fp32, spinning on",
     "pyfunc-pillow": "pyfunc fp32, Pillow resampling",
     "pyfunc-labels": "(c) pyfunc fp32, labels per request (cached)",
+    # (e): each precision's model with its own defaults (int8 and bf16 decode JPEGs in draft
+    # mode, PRECISION_JPEG_DRAFT), and, with the `draft` rows, the exact decode beside it.
     "pyfunc-int8": "(e) pyfunc int8",
-    "pyfunc-int8-draft": "(e) pyfunc int8 jpeg_draft",
+    "pyfunc-int8-exact": "(e) pyfunc int8, exact decode",
     "pyfunc-fp16": "(e) pyfunc fp16",
+    "pyfunc-bf16": "(e) pyfunc bf16",
+    "pyfunc-bf16-exact": "(e) pyfunc bf16, exact decode",
 }
 
 
@@ -102,13 +106,21 @@ def _precision_rows(options, model, builds, threads, exact) -> list[tuple[str, s
         if info.get("status") != "ok":
             continue
         model_dir = info["model_dir"]
-        plan.append(_row(f"pyfunc-{precision}", "pyfunc", model_dir=model_dir, model_config=exact, precision=precision))
-        if "draft" in options.rows and precision == "int8" and "jpeg_draft" in pyfunc_config_keys(model_dir):
-            draft = {**threads, "jpeg_draft": True}
+        plan.append(
+            _row(f"pyfunc-{precision}", "pyfunc", model_dir=model_dir, model_config=threads, precision=precision)
+        )
+        if "draft" in options.rows and default_jpeg_draft(model_dir):
             plan.append(
-                _row("pyfunc-int8-draft", "pyfunc", model_dir=model_dir, model_config=draft, precision=precision)
+                _row(
+                    f"pyfunc-{precision}-exact", "pyfunc", model_dir=model_dir, model_config=exact, precision=precision
+                )
             )
     return plan
+
+
+def default_jpeg_draft(model_dir: str) -> bool:
+    """Whether the model decodes JPEGs in draft mode unless told otherwise."""
+    return bool((flavor_conf(Path(model_dir)).get("runtime") or {}).get("jpeg_draft"))
 
 
 def _timing_spec(options: BenchmarkOptions, batch: int, pool: Sequence[Path]) -> dict[str, Any]:

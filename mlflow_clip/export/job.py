@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import tempfile
 import time
@@ -46,7 +47,13 @@ from mlflow_clip.export.parity import (
     plot_parity,
 )
 from mlflow_clip.export.precision import PrecisionInfo, apply_precision, fp16_emulation
-from mlflow_clip.export.spec import DEFAULT_OPSET, DEFAULT_REGISTERED_MODEL_NAME, ExportSpec, check_precision
+from mlflow_clip.export.spec import (
+    DEFAULT_OPSET,
+    DEFAULT_REGISTERED_MODEL_NAME,
+    ExportSpec,
+    check_precision,
+    default_jpeg_draft,
+)
 from mlflow_clip.registry import card
 from mlflow_clip.serving.contract import (
     EMBEDDING_OUTPUT,
@@ -88,6 +95,15 @@ class BuiltClassifier:
     reference_head: ZeroShotHead | None = None
     # fp16 only: the GPU-like emulation whose parity is also gated (precision.fp16_emulation).
     fp16_emulation_path: Path | None = None
+
+    def runtime_settings(self) -> RuntimeSettings:
+        """The runtime settings the model is saved with: its precision's runtime and providers,
+        and its default decode (`spec.default_jpeg_draft`)."""
+        return RuntimeSettings(
+            runtime=self.precision.runtime,
+            providers=self.precision.providers,
+            jpeg_draft=default_jpeg_draft(self.config.precision, self.config.input_resolution),
+        )
 
 
 @dataclass
@@ -275,6 +291,15 @@ def check_parity(
         fallback = measure_parity(reference, built.onnx_path, samples, built.loaded.preprocess, preprocessor)
         report.extra_metrics.update(fallback.metrics(prefix))
         failures += check_gates(fallback, thresholds, prefix)
+    if built.runtime_settings().jpeg_draft:  # the default decode of this precision's model
+        prefix = "parity_draft_"
+        draft = load_sample_images(images, draft_size=built.config.input_resolution)
+        drafted = measure_parity(
+            reference, built.onnx_path, samples, built.loaded.preprocess, preprocessor, precision=precision,
+            runtime=runtime, served=draft,
+        )  # fmt: skip
+        report.extra_metrics.update(drafted.metrics(prefix))
+        failures += check_gates(drafted, replace(thresholds, max_pixel_diff=math.inf), prefix)
     if built.fp16_emulation_path is not None:
         prefix = "parity_fp16_emulated_"
         emulated = measure_parity(reference, built.fp16_emulation_path, samples, built.loaded.preprocess, preprocessor)
@@ -396,7 +421,7 @@ def _log_and_register(run_id, built, report, metrics, spec: ExportSpec) -> Expor
         input_example=example,
         metadata={"parity": report.metrics(), "onnx_sha256": sha},
         text_encoder=built.text_encoder_path,
-        runtime=RuntimeSettings(runtime=built.precision.runtime, providers=built.precision.providers),
+        runtime=built.runtime_settings(),
         # The tags travel with the registration itself, so no version exists without them.
         tags=_version_tags(built.config, built.text_encoder_path is not None, built.loaded.details),
     )

@@ -87,16 +87,19 @@ class ParityError(MlflowClipError, RuntimeError):
     """A parity gate failed; nothing was registered."""
 
 
-def load_sample_images(folder: str | Path | None = None) -> list[tuple[str, Image.Image]]:
+def load_sample_images(
+    folder: str | Path | None = None, draft_size: int | None = None
+) -> list[tuple[str, Image.Image]]:
     """Decode every image in `folder` (default: the samples shipped in the package) the way
-    serving does: upright, RGB, 8-bit."""
+    serving does: upright, RGB, 8-bit; with `draft_size`, JPEGs in draft mode as a model with
+    `jpeg_draft` decodes them."""
     folder = Path(folder) if folder else default_images_dir()
     if not folder.is_dir():
         raise ParityError(f"The parity images folder {folder} does not exist; pass -P images=<folder of images>.")
     paths = sample_image_paths(folder)
     if not paths:
         raise ParityError(f"No images ({', '.join(IMAGE_SUFFIXES)}) in {folder}; parity needs at least one.")
-    return [(p.name, decode_image(p.read_bytes())) for p in paths]
+    return [(p.name, decode_image(p.read_bytes(), draft_size=draft_size)) for p in paths]
 
 
 @torch.no_grad()
@@ -109,12 +112,15 @@ def measure_parity(
     batch_sizes: Sequence[int] = PARITY_BATCH_SIZES,
     precision: str = "fp32",
     runtime: str = "onnxruntime",
+    served: Sequence[tuple[str, Image.Image]] | None = None,
 ) -> ParityReport:
     """The graph runs on `runtime` as serving runs it: bf16 is always OpenVINO with a bf16
-    precision hint; `runtime="openvino"` runs another precision's graph on OpenVINO too."""
+    precision hint; `runtime="openvino"` runs another precision's graph on OpenVINO too.
+    `served`: the same images decoded as the model decodes them (draft), when that differs; the
+    reference always sees `images`, decoded exactly."""
     names = [name for name, _ in images]
     reference_pixels = torch.stack([clip_preprocess(image) for _, image in images])
-    ours = preprocessor.batch([image for _, image in images])
+    ours = preprocessor.batch([image for _, image in (served or images)])
     pixel_diff = float(np.abs(reference_pixels.numpy() - ours).max())
 
     torch_logits = head.logits(reference_pixels).float()

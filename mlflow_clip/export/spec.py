@@ -39,6 +39,27 @@ PRECISION_RUNTIMES: dict[str, str] = {
     "int8": "onnxruntime",
     "bf16": "openvino",
 }
+# The decode each precision's model uses by default (`jpeg_draft` in its runtime settings): JPEG
+# draft decoding changed probabilities by at most 4.1e-3 at 224 px (RN50, ViT-B/32;
+# docs/draft_mode.md) and bought 17 to 31% end to end for int8 at 1080p, so it is on where the
+# precision's own gate is at least 1e-2 and the CPU runs it (int8, bf16; its own gates,
+# `parity_draft_*`, are measured at export), for inputs of at least DRAFT_MIN_RESOLUTION. Below
+# that the draft is coarse: the 64 px demo model at int8 moved by 0.108 on 270 fresh images with
+# it (0.1 is int8's gate). fp32 stays bit-exact with CLIP's preprocessing; fp16 is for GPUs, not
+# measured here.
+PRECISION_JPEG_DRAFT: dict[str, bool] = {"fp32": False, "fp16": False, "int8": True, "bf16": True}
+DRAFT_MIN_RESOLUTION = 224
+
+
+def default_jpeg_draft(precision: str, input_resolution: int) -> bool:
+    """Whether a model at `precision` and `input_resolution` decodes JPEGs in draft mode by default.
+
+    >>> default_jpeg_draft("int8", 224), default_jpeg_draft("int8", 64), default_jpeg_draft("fp32", 336)
+    (True, False, False)
+    """
+    return PRECISION_JPEG_DRAFT[precision] and input_resolution >= DRAFT_MIN_RESOLUTION
+
+
 # Per-precision parity gates, against fp32 PyTorch. Rule: about 3x headroom over the worst
 # figures measured on the sample images with each precision's chosen method, and a logit gate
 # that refuses the method not chosen (docs/decisions/parity-thresholds.md has the figures).

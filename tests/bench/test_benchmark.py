@@ -199,6 +199,7 @@ def _has_export() -> bool:
 
 def _expected_rows(report: BenchmarkReport) -> set[str]:
     from mlflow_clip.bench import pyfunc_config_keys
+    from mlflow_clip.bench.plan import default_jpeg_draft
 
     expected = set(BASE_ROWS)
     model_dir = report.options["work_dir"] + "/models/demo/fp32/model"
@@ -207,8 +208,10 @@ def _expected_rows(report: BenchmarkReport) -> set[str]:
     for precision in ("int8", "fp16"):
         if not any(note.startswith(f"demo {precision}: not built") for note in report.notes):
             expected.add(f"pyfunc-{precision}")
-    if {"pyfunc-draft", "pyfunc-int8"} <= expected:
-        expected.add("pyfunc-int8-draft")
+    # int8 decodes in draft mode by default from 224 px, then with an exact-decode row beside it
+    int8_dir = report.options["work_dir"] + "/models/demo/int8/model"
+    if {"pyfunc-draft", "pyfunc-int8"} <= expected and default_jpeg_draft(int8_dir):
+        expected.add("pyfunc-int8-exact")
     return expected
 
 

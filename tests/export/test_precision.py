@@ -426,6 +426,10 @@ def test_full_size_rn50_int8_agrees_with_fp32_pytorch(tracking_uri, tmp_path):
     if has_module("openvino"):  # served by OpenVINO's int8 kernels, gated on onnxruntime too
         assert run.data.params["int8_runtime"].startswith("openvino")
         assert result.metrics["parity_onnxruntime_max_abs_logit_diff"] <= gates.max_logit_diff
+    # At 224 px an int8 model decodes JPEGs in draft mode by default, gated at export on that path.
+    assert _flavor(result.model_uri)["runtime"]["jpeg_draft"] is True
+    assert result.metrics["parity_draft_max_abs_prob_diff"] <= gates.max_prob_diff
+    assert result.metrics["parity_draft_top1_agreement"] >= gates.min_top1_agreement
 
     images, _ = _fresh_demo_images(seed=7)
     images = images[:48]
