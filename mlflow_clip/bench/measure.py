@@ -82,6 +82,16 @@ def tree_cpu_seconds(root: int) -> float:
     return total / ticks
 
 
+def seconds_since_process_start() -> float:
+    """Wall seconds since this process started (Linux: /proc/self/stat's starttime, which exec
+    resets, against /proc/uptime; 10 ms resolution)."""
+    with open("/proc/self/stat") as f:
+        start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+    with open("/proc/uptime") as f:
+        uptime = float(f.read().split()[0])
+    return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+
+
 def self_peak_rss_mb() -> float:
     """This process's own peak RSS: VmHWM, which exec resets. (getrusage's ru_maxrss survives exec
     on Linux, so a child started from a large parent would report the parent's size.)"""
@@ -281,8 +291,13 @@ class InProcessRow:
 
     def __init__(self, call: Callable[[int, Any], Any], spec: dict[str, Any], extra: dict[str, Any] | None = None):
         self.row = MeasuredRow(call, spec["batch"])
-        self.row.warm_up(spec["warmup"])
         self.extra = dict(extra or {})
+        warmup = spec["warmup"]
+        if spec.get("time_first") and warmup:  # from process start (imports, load) to the first answer
+            self.row.warm_up(1)
+            self.extra["first_prediction_s"] = seconds_since_process_start()
+            warmup -= 1
+        self.row.warm_up(warmup)
 
     def run_round(self, min_requests: int, min_seconds: float, max_requests: int) -> None:
         self.row.run_round(min_requests, min_seconds, max_requests)

@@ -22,10 +22,12 @@ ROW_KINDS: tuple[str, ...] = (
     "load",
     "settings",
     "mlserver",
+    "peers",
 )
 # Rows run only when asked for: `settings` (the pyfunc's session and sharding defaults switched
-# back one at a time) and `mlserver` (MLServer, which needs an environment of its own).
-ASKED_FOR_ROWS: tuple[str, ...] = ("settings", "mlserver")
+# back one at a time), `mlserver` (MLServer, which needs an environment of its own) and `peers`
+# (open_clip and Hugging Face transformers on the same weights, optional dependencies).
+ASKED_FOR_ROWS: tuple[str, ...] = ("settings", "mlserver", "peers")
 DEFAULT_ROWS: tuple[str, ...] = tuple(kind for kind in ROW_KINDS if kind not in ASKED_FOR_ROWS)
 DEFAULT_MODELS: tuple[str, ...] = ("RN50", "ViT-B/32", "demo")
 DEFAULT_SIZES: tuple[tuple[int, int], ...] = ((640, 480), (1920, 1080), (4000, 3000))

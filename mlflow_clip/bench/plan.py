@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 from mlflow_clip.bench.models import TEMPLATES, classes_for, flavor_conf, model_slug, pyfunc_config_keys
 from mlflow_clip.bench.options import BenchmarkOptions, ServerSettings, size_name
+from mlflow_clip.bench.peers import PEER_ROWS
 from mlflow_clip.bench.results import RowResult
 from mlflow_clip.serving import resample
 from mlflow_clip.serving.preprocess import native_status
@@ -30,6 +31,7 @@ ROW_LABELS = {
     "pyfunc-fp16": "(e) pyfunc fp16",
     "pyfunc-bf16": "(e) pyfunc bf16",
     "pyfunc-bf16-exact": "(e) pyfunc bf16, exact decode",
+    **PEER_ROWS,
 }
 
 
@@ -55,6 +57,25 @@ def row_plan(options: BenchmarkOptions, model: str, builds: dict) -> list[tuple[
         *_baseline_rows(options, model, fp32, threads, exact, keys),
         *_setting_rows(options, fp32["model_dir"], threads, exact, keys),
         *_precision_rows(options, model, builds, threads, exact),
+        *_peer_rows(options, model, fp32, builds.get((model, "peers"), {})),
+    ]
+
+
+def _peer_rows(options, model, fp32, peers) -> list[tuple[str, str, str, dict]]:
+    """The peers, on row (a)'s weights and classes (`peers`: what `prepare_peers` wrote)."""
+    if "peers" not in options.rows:
+        return []
+    common = {
+        "model": model,
+        "clip_spec": fp32["clip_spec"],
+        "classes": list(classes_for(model)),
+        "templates": TEMPLATES,
+    }
+    hf = {"hf_folder": peers.get("hf_folder", ""), "hf_note": peers.get("hf_note", "")}
+    return [
+        _row("peer-open_clip", "peer-open_clip", **common),
+        _row("peer-hf-model", "peer-hf-model", **common, **hf),
+        _row("peer-hf-pipeline", "peer-hf-pipeline", **common, **hf),
     ]
 
 
@@ -62,11 +83,11 @@ def _baseline_rows(options, model, fp32, threads, exact, keys) -> list[tuple[str
     rows, model_dir = options.rows, fp32["model_dir"]
     plan = []
     if "torch" in rows:
-        plan.append(_row("torch", "torch", clip_spec=fp32["clip_spec"], head=fp32["head"]))
+        plan.append(_row("torch", "torch", clip_spec=fp32["clip_spec"], head=fp32["head"], time_first=True))
     if "onnxruntime" in rows:
         plan.append(_row("onnxruntime", "onnxruntime", model_dir=model_dir, model_config=threads))
     if "pyfunc" in rows:
-        plan.append(_row("pyfunc", "pyfunc", model_dir=model_dir, model_config=exact))
+        plan.append(_row("pyfunc", "pyfunc", model_dir=model_dir, model_config=exact, time_first=True))
     if "labels" in rows and (Path(model_dir) / "text_encoder.onnx").exists():
         # The same classes and templates as the baked graph, sent per request: after the first
         # (warm-up) request the label set is cached, so this is the per-request labels path's cost.

@@ -18,6 +18,7 @@ from mlflow_clip.bench.measure import loadavg, machine_info
 from mlflow_clip.bench.mlserver import MLServerUnavailable, note_mlserver_ratios
 from mlflow_clip.bench.models import ensure_models, pyfunc_config_keys
 from mlflow_clip.bench.options import BenchmarkOptions, command_line, size_name
+from mlflow_clip.bench.peers import PeerUnavailable, ensure_peers
 from mlflow_clip.bench.plan import Planned, plan_group
 from mlflow_clip.bench.report import load_report, log_report, render_markdown, write_docs
 from mlflow_clip.bench.results import BenchmarkReport, RowResult
@@ -44,6 +45,8 @@ def run_benchmark(options: BenchmarkOptions, progress: Callable[[str], None] = _
     if soak_only:
         builds.update(ensure_models(options, soak_only, ["fp32"], progress))
     _note_builds(report, builds)
+    if "peers" in options.rows:
+        builds.update(ensure_peers(options, builds, progress))
     pools = {size: ensure_images(options.work_dir, size, options.pool_size) for size in options.sizes}
     state = _RunState(builds=builds)
     for model in options.models:
@@ -140,7 +143,7 @@ def _fill_planned(item: Planned, result: dict[str, Any], state: _RunState) -> No
 def _fill_row(row: RowResult, result: dict[str, Any], state: _RunState, precision: str = "fp32") -> None:
     if result.get("status") != "ok":
         error = result.get("error", "failed")
-        unrunnable = precision == "fp16" or error.startswith(MLServerUnavailable.__name__)
+        unrunnable = precision == "fp16" or error.startswith((MLServerUnavailable.__name__, PeerUnavailable.__name__))
         row.status, row.note = (
             ("not runnable", f"not runnable on this machine: {error}") if unrunnable else ("failed", error)
         )
@@ -162,6 +165,10 @@ def _fill_row(row: RowResult, result: dict[str, Any], state: _RunState, precisio
         row.note = f"{result['errors']} failed requests, e.g. {result['error_examples'][0]}"
     elif precision == "fp16":
         row.note = FP16_NOTE
+    if result.get("first_prediction_s") is not None:
+        row.note = "; ".join(
+            filter(None, [row.note, f"first prediction {result['first_prediction_s']:.1f} s after start"])
+        )
     state.probabilities[(row.model, row.size, row.batch, row.row)] = result.get("probabilities")
 
 

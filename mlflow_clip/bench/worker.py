@@ -9,6 +9,7 @@ MAX_REQUESTS" line on its stdin, answering "done", until "finish".
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -156,6 +157,8 @@ class RowProcess:
                 self.proc.wait(timeout=self.timeout)
             except (BrokenPipeError, OSError, subprocess.TimeoutExpired):
                 stop_tree(self.proc, grace=5)
+        with contextlib.suppress(OSError):  # a child that failed at set-up still has its stdin open
+            self.proc.stdin.close()
         self.replies.close()
         return self.failure or self._result()
 

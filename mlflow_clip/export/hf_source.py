@@ -158,22 +158,24 @@ def convert_to_openai_layout(hf_model: nn.Module) -> nn.Module:
     return model
 
 
-def _openai_state_dict(hf: dict[str, torch.Tensor], vision_layers: int, text_layers: int) -> dict[str, torch.Tensor]:
-    out = {
-        "logit_scale": hf["logit_scale"],
-        "token_embedding.weight": hf["text_model.embeddings.token_embedding.weight"],
-        "positional_embedding": hf["text_model.embeddings.position_embedding.weight"],
-        "ln_final.weight": hf["text_model.final_layer_norm.weight"],
-        "ln_final.bias": hf["text_model.final_layer_norm.bias"],
-        "text_projection": hf["text_projection.weight"].t(),
-        "visual.class_embedding": hf["vision_model.embeddings.class_embedding"],
-        "visual.conv1.weight": hf["vision_model.embeddings.patch_embedding.weight"],
-        "visual.positional_embedding": hf["vision_model.embeddings.position_embedding.weight"],
-        "visual.ln_pre.weight": hf["vision_model.pre_layrnorm.weight"],
-        "visual.ln_pre.bias": hf["vision_model.pre_layrnorm.bias"],
-        "visual.ln_post.weight": hf["vision_model.post_layernorm.weight"],
-        "visual.ln_post.bias": hf["vision_model.post_layernorm.bias"],
-        "visual.proj": hf["visual_projection.weight"].t(),
+def _name_table(vision_layers: int, text_layers: int) -> dict[str, tuple[tuple[str, ...], str]]:
+    """OpenAI's name -> (Hugging Face's names, how): "" copied, "t" transposed, "qkv" the
+    concatenation of the q, k and v projections."""
+    table: dict[str, tuple[tuple[str, ...], str]] = {
+        "logit_scale": (("logit_scale",), ""),
+        "token_embedding.weight": (("text_model.embeddings.token_embedding.weight",), ""),
+        "positional_embedding": (("text_model.embeddings.position_embedding.weight",), ""),
+        "ln_final.weight": (("text_model.final_layer_norm.weight",), ""),
+        "ln_final.bias": (("text_model.final_layer_norm.bias",), ""),
+        "text_projection": (("text_projection.weight",), "t"),
+        "visual.class_embedding": (("vision_model.embeddings.class_embedding",), ""),
+        "visual.conv1.weight": (("vision_model.embeddings.patch_embedding.weight",), ""),
+        "visual.positional_embedding": (("vision_model.embeddings.position_embedding.weight",), ""),
+        "visual.ln_pre.weight": (("vision_model.pre_layrnorm.weight",), ""),
+        "visual.ln_pre.bias": (("vision_model.pre_layrnorm.bias",), ""),
+        "visual.ln_post.weight": (("vision_model.post_layernorm.weight",), ""),
+        "visual.ln_post.bias": (("vision_model.post_layernorm.bias",), ""),
+        "visual.proj": (("visual_projection.weight",), "t"),
     }
     for hf_prefix, prefix, layers in (
         ("text_model.encoder.layers", "transformer.resblocks", text_layers),
@@ -182,14 +184,76 @@ def _openai_state_dict(hf: dict[str, torch.Tensor], vision_layers: int, text_lay
         for i in range(int(layers)):
             src, dst = f"{hf_prefix}.{i}", f"{prefix}.{i}"
             for kind in ("weight", "bias"):
-                attention = [hf[f"{src}.self_attn.{p}_proj.{kind}"] for p in ("q", "k", "v")]
-                out[f"{dst}.attn.in_proj_{kind}"] = torch.cat(attention)
-                out[f"{dst}.attn.out_proj.{kind}"] = hf[f"{src}.self_attn.out_proj.{kind}"]
-                out[f"{dst}.ln_1.{kind}"] = hf[f"{src}.layer_norm1.{kind}"]
-                out[f"{dst}.ln_2.{kind}"] = hf[f"{src}.layer_norm2.{kind}"]
-                out[f"{dst}.mlp.c_fc.{kind}"] = hf[f"{src}.mlp.fc1.{kind}"]
-                out[f"{dst}.mlp.c_proj.{kind}"] = hf[f"{src}.mlp.fc2.{kind}"]
+                qkv = tuple(f"{src}.self_attn.{p}_proj.{kind}" for p in ("q", "k", "v"))
+                table[f"{dst}.attn.in_proj_{kind}"] = (qkv, "qkv")
+                table[f"{dst}.attn.out_proj.{kind}"] = ((f"{src}.self_attn.out_proj.{kind}",), "")
+                table[f"{dst}.ln_1.{kind}"] = ((f"{src}.layer_norm1.{kind}",), "")
+                table[f"{dst}.ln_2.{kind}"] = ((f"{src}.layer_norm2.{kind}",), "")
+                table[f"{dst}.mlp.c_fc.{kind}"] = ((f"{src}.mlp.fc1.{kind}",), "")
+                table[f"{dst}.mlp.c_proj.{kind}"] = ((f"{src}.mlp.fc2.{kind}",), "")
+    return table
+
+
+def _openai_state_dict(hf: dict[str, torch.Tensor], vision_layers: int, text_layers: int) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, (names, how) in _name_table(vision_layers, text_layers).items():
+        values = [hf[name] for name in names]
+        out[key] = torch.cat(values) if how == "qkv" else values[0].t() if how == "t" else values[0]
     return {key: value.detach().float().contiguous() for key, value in out.items()}
+
+
+def _hf_state_dict(ours: dict[str, torch.Tensor], vision_layers: int, text_layers: int) -> dict[str, torch.Tensor]:
+    """`_openai_state_dict` inverted: OpenAI's names and layout to Hugging Face's."""
+    out: dict[str, torch.Tensor] = {}
+    for key, (names, how) in _name_table(vision_layers, text_layers).items():
+        value = ours[key]
+        parts = value.chunk(3) if how == "qkv" else [value.t() if how == "t" else value]
+        out.update({name: part.contiguous() for name, part in zip(names, parts)})
+    return out
+
+
+@torch.no_grad()
+def save_openai_as_hf(model: nn.Module, folder: str | os.PathLike, vocab_path: str | os.PathLike) -> Path:
+    """OpenAI's `clip.model.CLIP` (a ViT) as a Hugging Face folder with the same weights, value
+    for value, and a CLIPProcessor with transformers' default image processor and a tokenizer
+    built from CLIP's vocabulary: what a Hugging Face user of the same checkpoint loads."""
+    transformers = import_transformers()
+    visual = model.visual
+    if not hasattr(visual, "conv1") or not hasattr(visual, "class_embedding"):
+        raise SourceError("Hugging Face's CLIPModel has a ViT image tower only; this model's is not a ViT.")
+    vision_width, text_width = int(visual.conv1.out_channels), int(model.transformer.width)
+    vision = {"hidden_size": vision_width, "intermediate_size": 4 * vision_width,
+              "num_attention_heads": int(visual.transformer.resblocks[0].attn.num_heads),
+              "num_hidden_layers": len(visual.transformer.resblocks), "image_size": int(visual.input_resolution),
+              "patch_size": int(visual.conv1.kernel_size[0])}  # fmt: skip
+    text = {"hidden_size": text_width, "intermediate_size": 4 * text_width,
+            "num_attention_heads": int(model.transformer.resblocks[0].attn.num_heads),
+            "num_hidden_layers": len(model.transformer.resblocks), "vocab_size": int(model.vocab_size),
+            "max_position_embeddings": int(model.context_length)}  # fmt: skip
+    config = transformers.CLIPConfig(
+        text_config=text, vision_config=vision, projection_dim=int(model.text_projection.shape[1])
+    )
+    hf_model = transformers.CLIPModel(config).eval()
+    ours = {key: value.detach().float() for key, value in model.state_dict().items()}
+    state = _hf_state_dict(ours, vision["num_hidden_layers"], text["num_hidden_layers"])
+    missing, unexpected = hf_model.load_state_dict(state, strict=False)
+    if unexpected or any(not key.endswith("position_ids") for key in missing):
+        raise CheckpointError(f"The conversion left weights out: missing {missing}, unexpected {unexpected}.")
+    folder = Path(folder)
+    hf_model.save_pretrained(folder)
+    vocab_json, merges_txt = _hf_vocab_files(Path(vocab_path), folder / "vocab-build")
+    size = vision["image_size"]
+    processor = transformers.CLIPProcessor(
+        image_processor=transformers.CLIPImageProcessor(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+        ),
+        tokenizer=transformers.CLIPTokenizer(str(vocab_json), str(merges_txt)),
+    )
+    processor.save_pretrained(folder)
+    for path in (vocab_json, merges_txt):
+        path.unlink()
+    (folder / "vocab-build").rmdir()
+    return folder
 
 
 def save_random_hf_clip(

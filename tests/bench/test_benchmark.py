@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import ROOT, requires_export, subprocess_env
+from helpers import ROOT, has_module, requires_export, subprocess_env
 from PIL import Image
 
 from mlflow_clip.bench import (
@@ -464,3 +465,28 @@ def test_quick_runs_the_pipeline_rows_at_one_batch_and_reports_no_unmeasured_tar
     compare_rows(rows)
     report = BenchmarkReport(options={"threads": 2}, machine={}, rows=rows)
     assert evaluate_targets(report) == []
+
+
+@pytest.mark.slow
+@requires_export
+def test_peer_rows_run_the_same_weights_through_each_tools_own_pipeline(work_dir):
+    """`--rows peers` on the demo model: Hugging Face's CLIPModel and pipeline on row (a)'s
+    weights converted to their layout, each with its own preprocessing; open_clip, which has no
+    config for the demo model, not runnable with the reason. Every peer row reports its time to
+    the first prediction and its probability difference from row (a)."""
+    if not has_module("transformers"):
+        pytest.skip("needs transformers (the sources extra)")
+    options = quick_options(work_dir=work_dir, rows=("torch", "pyfunc", "peers"), batches=(3,))
+    report = run_benchmark(options, progress=lambda message: print(message, file=sys.stderr))
+    rows = {r.row: r for r in report.rows}
+    assert rows["peer-open_clip"].status == "not runnable"
+    assert "open_clip has no config for the demo model" in rows["peer-open_clip"].note
+    for name in ("peer-hf-model", "peer-hf-pipeline", "torch", "pyfunc"):
+        row = rows[name]
+        assert row.ok and row.images_per_s > 0, (name, row.status, row.note)
+        assert re.search(r"first prediction \d+\.\d s after start", row.note), row.note
+    # The same weights: the probabilities agree with CLIP's own pipeline up to each tool's
+    # preprocessing and prompts (the pipeline writes "a photo of a a red circle."), not beyond.
+    assert 0 < rows["peer-hf-model"].max_prob_diff < 0.05
+    assert 0 < rows["peer-hf-pipeline"].max_prob_diff < 0.1
+    assert rows["pyfunc"].max_prob_diff <= 1e-4

@@ -338,3 +338,27 @@ def test_mlflow_run_exports_a_vit_b_32_hugging_face_folder(tmp_path):
     metrics = client.get_run(version.run_id).data.metrics
     assert metrics["parity_max_abs_prob_diff"] <= 1e-5 and metrics["parity_max_abs_pixel_diff"] == 0.0
     assert metrics["parity_token_mismatches"] == 0.0 and metrics["parity_max_abs_text_embedding_diff"] <= 1e-5
+
+
+def test_openai_weights_written_as_a_hugging_face_folder_load_back_value_for_value(tmp_path):
+    """The benchmark's peers get row (a)'s weights in CLIPModel's layout: the same features, and
+    converting back gives OpenAI's tensors exactly."""
+    import torch
+    from transformers import CLIPModel
+
+    from mlflow_clip.export.checkpoints import load_clip
+    from mlflow_clip.export.hf_source import convert_to_openai_layout, save_openai_as_hf
+    from mlflow_clip.package_data import default_vocab_path
+
+    model = load_clip("demo").model
+    folder = save_openai_as_hf(model, tmp_path / "demo-hf", default_vocab_path())
+    hf = CLIPModel.from_pretrained(folder).eval()
+    pixels = torch.randn(2, 3, model.visual.input_resolution, model.visual.input_resolution)
+    ids = torch.tensor([[49406, 320, 1125, 539, 320, 2368, 49407] + [0] * 70])
+    with torch.no_grad():
+        image_diff = (model.encode_image(pixels) - hf.get_image_features(pixel_values=pixels).pooler_output).abs()
+        text_diff = (model.encode_text(ids) - hf.get_text_features(input_ids=ids).pooler_output).abs()
+    assert float(image_diff.max()) <= 1e-5 and float(text_diff.max()) <= 1e-5
+    back = convert_to_openai_layout(hf).state_dict()
+    for key, value in model.state_dict().items():
+        assert torch.equal(back[key], value.float()), key
