@@ -65,7 +65,9 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     yield uri
+    # Both: a registry URI left behind would point the next test at this (removed) folder.
     mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,8 @@ ROW_LABELS = {
     "pyfunc-labels": "(c) pyfunc fp32, labels per request (cached)",
     # (e): each precision's model with its own defaults (int8 and bf16 decode JPEGs in draft
     # mode, PRECISION_JPEG_DRAFT), and, with the `draft` rows, the exact decode beside it.
+    "graph-int8": "(b) graph int8 (its runtime)",
+    "graph-bf16": "(b) graph bf16 (OpenVINO)",
     "pyfunc-int8": "(e) pyfunc int8",
     "pyfunc-int8-exact": "(e) pyfunc int8, exact decode",
     "pyfunc-fp16": "(e) pyfunc fp16",
@@ -127,6 +129,12 @@ def _precision_rows(options, model, builds, threads, exact) -> list[tuple[str, s
         if info.get("status") != "ok":
             continue
         model_dir = info["model_dir"]
+        if "onnxruntime" in options.rows and precision in ("int8", "bf16"):  # the graph alone, its runtime
+            plan.append(
+                _row(
+                    f"graph-{precision}", "onnxruntime", model_dir=model_dir, model_config=threads, precision=precision
+                )
+            )
         plan.append(
             _row(f"pyfunc-{precision}", "pyfunc", model_dir=model_dir, model_config=threads, precision=precision)
         )

@@ -44,17 +44,19 @@ def task_torch(spec: dict[str, Any]) -> InProcessRow:
 
 
 def task_onnxruntime(spec: dict[str, Any]) -> InProcessRow:
-    """Row (b): the graph alone on float32 tensors preprocessed beforehand, same session settings."""
+    """Row (b): the graph alone on float32 tensors preprocessed beforehand (exactly), with the
+    pyfunc's session settings and the model's own runtime (OpenVINO for bf16 and, where chosen,
+    static int8)."""
     from mlflow_clip.serving.contract import ClassifierConfig
     from mlflow_clip.serving.images import decode_image
     from mlflow_clip.serving.preprocess import Preprocessor
-    from mlflow_clip.serving.runtime import OrtSession, RuntimeSettings
+    from mlflow_clip.serving.runtime import RuntimeSettings, open_session
 
     model_dir = Path(spec["model_dir"])
     settings = RuntimeSettings.from_dict(flavor_conf(model_dir).get("runtime")).with_overrides(spec["model_config"])
-    session = OrtSession(model_dir / "model.onnx", settings)
     config = ClassifierConfig.read(model_dir)
-    preprocessor = Preprocessor(config.input_resolution, tuple(config.mean), tuple(config.std))
+    session = open_session(model_dir / "model.onnx", settings, config.precision)
+    preprocessor = Preprocessor.from_config(config)
     encoded = read_pool(spec)
     began = time.perf_counter()
     tensors = [preprocessor(decode_image(data)) for data in encoded]

@@ -44,11 +44,16 @@ RATIO_TARGETS: tuple[RatioTarget, ...] = (
     RatioTarget(
         "pyfunc_fp32_vs_torch", "pyfunc fp32 vs (a) torch", "pyfunc", "torch", 2.0, draft="pyfunc-draft", ceiling=True
     ),
-    # int8 models decode JPEGs in draft mode by default (PRECISION_JPEG_DRAFT): the target is on
-    # that default; the exact decode's figure is shown beside it.
+    # int8 and bf16 models decode JPEGs in draft mode by default (PRECISION_JPEG_DRAFT): the
+    # targets are on that default; the exact decode's figure is shown beside them.
     RatioTarget(
-        "pyfunc_int8_vs_torch", "pyfunc int8 vs (a) torch", "pyfunc-int8", "torch", 3.5, exact="pyfunc-int8-exact"
+        "pyfunc_int8_vs_torch", "pyfunc int8 vs (a) torch", "pyfunc-int8", "torch", 4.5, exact="pyfunc-int8-exact"
     ),
+    RatioTarget("graph_int8_vs_graph_fp32", "(b) graph int8 vs (b) onnxruntime fp32", "graph-int8", GRAPH, 3.0),
+    RatioTarget(
+        "pyfunc_bf16_vs_torch", "pyfunc bf16 vs (a) torch", "pyfunc-bf16", "torch", 3.0, exact="pyfunc-bf16-exact"
+    ),
+    RatioTarget("graph_bf16_vs_graph_fp32", "(b) graph bf16 vs (b) onnxruntime fp32", "graph-bf16", GRAPH, 1.9),
     RatioTarget(
         "pyfunc_fp32_vs_onnxruntime",
         "pyfunc fp32 vs (b) onnxruntime (the faster (b) row)",

@@ -153,7 +153,7 @@ def test_targets_pass_and_fail_at_their_thresholds():
     report = BenchmarkReport(options={}, machine={}, rows=rows)
     results = {t.key: t for t in evaluate_targets(report)}
     assert (results["pyfunc_fp32_vs_torch"].result, results["pyfunc_fp32_vs_torch"].measured) == ("PASS", "2.00x")
-    assert results["pyfunc_int8_vs_torch"].result == "FAIL"  # 3.25x < 3.5x
+    assert results["pyfunc_int8_vs_torch"].result == "FAIL"  # 3.25x < 4.5x
     assert results["pyfunc_fp32_vs_onnxruntime"].result == "FAIL"  # 0.80x < 0.85x
     assert results["server_4_clients_vs_pyfunc"].result == "FAIL"  # 0.75x < 0.8x
     assert "load_to_first_prediction" not in results and "hostile_good_p95" not in results  # not measured: left out

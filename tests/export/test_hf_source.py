@@ -224,6 +224,7 @@ def small_export(small_folder, module_tmp):
         yield result, run, version, local
     finally:
         mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
 
 
 def test_hf_export_meets_every_parity_gate_against_the_folders_own_model(small_export):

@@ -217,6 +217,7 @@ def small_export(small_checkpoint, module_tmp):
         yield result, run, version, local
     finally:
         mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
 
 
 def test_open_clip_export_meets_every_parity_gate(small_export):
