@@ -349,9 +349,11 @@ def evaluate_command(model_uri, data, reference, experiment_name) -> None:
     "--rows",
     default=None,
     help="Comma-separated rows: torch, onnxruntime, pyfunc, labels, server, precision, draft, load, settings, "
-    "mlserver. [default: all but settings and mlserver; --quick: torch,onnxruntime,pyfunc,labels,server]",
+    "mlserver, peers. [default: all but settings, mlserver and peers; --quick: torch,onnxruntime,pyfunc,labels,server]",
 )
-@click.option("--precisions", default=None, help="Variants for the precision rows: int8, fp16. [default: int8,fp16]")
+@click.option(
+    "--precisions", default=None, help="Variants for the precision rows: int8, fp16, bf16. [default: int8,fp16]"
+)
 @click.option(
     "--threads", default=2, show_default=True, type=int, help="Threads for every row (torch, onnxruntime, pyfunc)."
 )

@@ -159,7 +159,7 @@ def ensure_peers(options: Any, builds: dict, progress: Callable[[str], None]) ->
         folder = options.work_dir / "peers" / model_slug(model) / "hf"
         folder.parent.mkdir(parents=True, exist_ok=True)
         if not (folder / "config.json").is_file():
-            progress(f"writing {model}'s weights as a Hugging Face folder for the peers' rows")
+            progress(f"preparing the peers' rows for {model} (its weights in Hugging Face's layout, for a ViT)")
         spec = {"model": model, "clip_spec": fp32["clip_spec"], "folder": str(folder)}
         result = run_child("prepare_peers", spec, options.work_dir, f"peers-{model_slug(model)}", options.child_timeout)
         if result.get("status") != "ok":

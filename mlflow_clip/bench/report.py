@@ -149,7 +149,9 @@ def render_markdown(report: BenchmarkReport) -> str:
     decode = [r for r in report.rows if r.row == "onnxruntime" and r.ok and r.decode_ms is not None]
     if decode and report.targets:
         parts.append(
-            "The targets count the default, exact path only. Exact decode and preprocess of one image on one "
+            "The targets count each model's default path: exact for fp32, JPEG draft decoding for int8 and bf16 "
+            "models of 224 px and more (their exact-decode figure beside them). Exact decode and preprocess of "
+            "one image on one "
             "thread (timed while row (b) prepares its tensors): "
             + ", ".join(f"{r.model} {r.size} {r.decode_ms:.1f} ms" for r in decode)
             + ". The decode-bound ceiling is the highest (c) / (b) ratio that work allows on the same cores, "
