@@ -297,39 +297,41 @@ def test_the_exported_model_predicts_torch_free_with_baked_and_per_request_label
     "architecture", ["ViT-B-32", "ViT-B-16", "RN50-quickgelu", "convnext_tiny", "ViT-S-32-quickgelu"]
 )
 def test_full_size_open_clip_architectures_meet_the_gates(architecture, tmp_path):
-    from mlflow_clip.export.job import build_classifier, check_parity
+    """Each through the real `mlflow run`, with the probability gate at 1e-5."""
     from mlflow_clip.export.open_clip_source import save_random_open_clip_checkpoint
-    from mlflow_clip.export.spec import ParityThresholds
 
     checkpoint = save_random_open_clip_checkpoint(architecture, tmp_path / f"{architecture}.bin")
-    built = build_classifier(
-        CLASSES, f"open_clip:{architecture}", "photo", out_dir=tmp_path / "out", checkpoint=str(checkpoint)
+    version, run = _mlflow_run(
+        tmp_path, f"model=open_clip:{architecture}", f"checkpoint={checkpoint}", "max_prob_diff=1e-5"
     )
-    report, failures = check_parity(built, None, ParityThresholds(max_prob_diff=1e-5))
-    assert failures == []
-    assert report.max_abs_pixel_diff == 0.0 and report.text.token_mismatches == 0
-    assert built.loaded.details["activation"] == ("QuickGELU" if "quickgelu" in architecture else "GELU")
+    metrics = run.data.metrics
+    assert metrics["parity_max_abs_prob_diff"] <= 1e-5 and metrics["parity_max_abs_pixel_diff"] == 0.0
+    assert metrics["parity_token_mismatches"] == 0.0 and metrics["parity_max_abs_text_embedding_diff"] <= 1e-5
+    assert version.tags["activation"] == ("QuickGELU" if "quickgelu" in architecture else "GELU")
+    assert version.tags["parity_status"] == "passed"
 
 
-@pytest.mark.slow
-def test_mlflow_run_exports_an_open_clip_checkpoint(small_checkpoint, tmp_path):
+def _mlflow_run(tmp_path, *params: str):
+    """`mlflow run .` with `params` (and CLASSES, templates=photo) into a fresh store: the one
+    registered version and its run."""
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     argv = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local"]
-    for param in (
-        "model=open_clip:ViT-S-32",
-        f"checkpoint={small_checkpoint}",
-        "classes=" + ",".join(CLASSES),
-        "templates=photo",
-    ):
+    for param in (*params, "classes=" + ",".join(CLASSES), "templates=photo"):
         argv += ["-P", param]
     env = subprocess_env(MLFLOW_TRACKING_URI=uri)
-    result = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     (version,) = client.search_model_versions("name='clip-zero-shot'")
+    return version, client.get_run(version.run_id)
+
+
+@pytest.mark.slow
+def test_mlflow_run_exports_an_open_clip_checkpoint(small_checkpoint, tmp_path):
+    version, run = _mlflow_run(tmp_path, "model=open_clip:ViT-S-32", f"checkpoint={small_checkpoint}")
     assert (version.tags["source"], version.tags["architecture"]) == ("open_clip", "ViT-S-32")
-    metrics = client.get_run(version.run_id).data.metrics
+    metrics = run.data.metrics
     assert metrics["parity_max_abs_prob_diff"] <= 1e-5 and metrics["parity_max_abs_pixel_diff"] == 0.0
     assert metrics["parity_token_mismatches"] == 0.0
