@@ -209,6 +209,8 @@ def _expected_rows(report: BenchmarkReport) -> set[str]:
     for precision in ("int8", "fp16"):
         if not any(note.startswith(f"demo {precision}: not built") for note in report.notes):
             expected.add(f"pyfunc-{precision}")
+    if "pyfunc-int8" in expected:  # the int8 graph alone, on its own runtime, beside (b)
+        expected.add("graph-int8")
     # int8 decodes in draft mode by default from 224 px, then with an exact-decode row beside it
     int8_dir = report.options["work_dir"] + "/models/demo/int8/model"
     if {"pyfunc-draft", "pyfunc-int8"} <= expected and default_jpeg_draft(int8_dir):
