@@ -162,6 +162,31 @@ def stop_process(process, timeout: float = 20) -> None:
 
 
 @contextlib.contextmanager
+def exported_in_store(folder: Path, experiment: str, registered_model_name: str, **export):
+    """`export_and_register(**export)` into a fresh SQLite store under `folder`; yields (result,
+    run, registered version, the model downloaded to a local folder), then resets both URIs."""
+    import mlflow
+
+    from mlflow_clip.export.job import export_and_register
+
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    experiment_id = mlflow.create_experiment(experiment, str(folder / "artifacts"))
+    try:
+        # An explicit run, not set_experiment: no active experiment outlives this store.
+        with mlflow.start_run(experiment_id=experiment_id):
+            result = export_and_register(registered_model_name=registered_model_name, **export)
+        client = mlflow.MlflowClient()
+        version = client.get_model_version(registered_model_name, result.model_version)
+        local = mlflow.artifacts.download_artifacts(result.model_uri, dst_path=str(folder / "model"))
+        yield result, client.get_run(result.run_id), version, local
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+
+
+@contextlib.contextmanager
 def using_store(uri: str):
     """Point MLflow (its globals and the MLFLOW_*_URI variables it mirrors them into) at `uri`
     for the block, then put both back."""

@@ -17,6 +17,7 @@ prediction. Optional: a row whose library is not installed is "not runnable", wi
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -47,15 +48,17 @@ def _need(module: str, install: str):
         raise PeerUnavailable(f"{module} is not installed: {install}") from e
 
 
-def _prompts(spec: dict[str, Any]) -> list[str]:
-    from mlflow_clip.serving.prompts import resolve_templates, texts_for_class
+def _template(spec: dict[str, Any]) -> str:
+    from mlflow_clip.serving.prompts import resolve_templates
 
     (template,) = resolve_templates(spec["templates"])
-    return [texts_for_class(name, [template])[0] for name in spec["classes"]]
+    return template
 
 
-def _finish(call, spec: dict[str, Any]) -> InProcessRow:
-    return InProcessRow(call, {**spec, "time_first": True})
+def _prompts(spec: dict[str, Any]) -> list[str]:
+    from mlflow_clip.serving.prompts import texts_for_class
+
+    return [texts_for_class(name, [_template(spec)])[0] for name in spec["classes"]]
 
 
 def task_peer_open_clip(spec: dict[str, Any]) -> InProcessRow:
@@ -83,7 +86,7 @@ def task_peer_open_clip(spec: dict[str, Any]) -> InProcessRow:
             features = features / features.norm(dim=-1, keepdim=True)
             return (model.logit_scale.exp() * features @ text.t()).softmax(dim=-1).numpy()
 
-    return _finish(call, spec)
+    return InProcessRow(call, spec)
 
 
 def _hf_folder(spec: dict[str, Any]) -> Path:
@@ -117,7 +120,7 @@ def task_peer_hf_model(spec: dict[str, Any]) -> InProcessRow:
             features = features / features.norm(dim=-1, keepdim=True)
             return (model.logit_scale.exp() * features @ text.t()).softmax(dim=-1).numpy()
 
-    return _finish(call, spec)
+    return InProcessRow(call, spec)
 
 
 def task_peer_hf_pipeline(spec: dict[str, Any]) -> InProcessRow:
@@ -129,7 +132,7 @@ def task_peer_hf_pipeline(spec: dict[str, Any]) -> InProcessRow:
 
     torch.set_num_threads(spec["threads"])
     classifier = transformers.pipeline("zero-shot-image-classification", model=str(folder), device="cpu")
-    classes, (template,) = list(spec["classes"]), _templates(spec)
+    classes, template = list(spec["classes"]), _template(spec)
     pool = read_pool(spec)
 
     def call(index: int, _state: Any) -> np.ndarray:
@@ -137,13 +140,7 @@ def task_peer_hf_pipeline(spec: dict[str, Any]) -> InProcessRow:
         out = classifier(images, candidate_labels=classes, hypothesis_template=template)
         return np.array([[{r["label"]: r["score"] for r in rows}[name] for name in classes] for rows in out])
 
-    return _finish(call, spec)
-
-
-def _templates(spec: dict[str, Any]) -> list[str]:
-    from mlflow_clip.serving.prompts import resolve_templates
-
-    return resolve_templates(spec["templates"])
+    return InProcessRow(call, spec)
 
 
 def ensure_peers(options: Any, builds: dict, progress: Callable[[str], None]) -> dict:
@@ -187,6 +184,7 @@ def task_prepare_peers(spec: dict[str, Any]) -> dict[str, Any]:
     from mlflow_clip.package_data import default_vocab_path
 
     part = folder.with_suffix(".part")
+    shutil.rmtree(part, ignore_errors=True)  # what a run killed while writing it left
     try:
         save_openai_as_hf(load_clip(spec["clip_spec"]).model, part, default_vocab_path())
     except SourceError as e:  # a ResNet tower

@@ -72,6 +72,7 @@ def _peer_rows(options, model, fp32, peers) -> list[tuple[str, str, str, dict]]:
         "clip_spec": fp32["clip_spec"],
         "classes": list(classes_for(model)),
         "templates": TEMPLATES,
+        "time_first": True,  # from process start to the first prediction, as for (a) and (c)
     }
     hf = {"hf_folder": peers.get("hf_folder", ""), "hf_note": peers.get("hf_note", "")}
     return [

@@ -9,7 +9,7 @@ layout the OpenAI-layout export cannot follow, and image settings the torch-free
 cannot reproduce bit for bit.
 
     >>> check_hf_folder("hf:/models/clip-vit-base-patch32", "/models/clip-vit-base-patch32")  # doctest: +SKIP
-    ('/models/clip-vit-base-patch32', 'ViT-B-32 (patch 32, 224 px, 12x768 vision, 12x512 text)')
+    ('/models/clip-vit-base-patch32', 'ViT-B-32 (patch 32, 224 px, 12x768 vision, 12x512 text)', 'QuickGELU')
 """
 
 from __future__ import annotations
@@ -43,8 +43,9 @@ class HfImageSettings:
     interpolation: str
 
 
-def check_hf_folder(model: str, folder: str) -> tuple[str, str]:
-    """(the folder's absolute path, a short description of its architecture); raises HfFolderError."""
+def check_hf_folder(model: str, folder: str) -> tuple[str, str, str]:
+    """(the folder's absolute path, a short description of its architecture, its activation:
+    QuickGELU or GELU); raises HfFolderError."""
     path = Path(folder).expanduser()
     if not folder or not path.is_dir():
         raise HfFolderError(
@@ -67,8 +68,9 @@ def check_hf_folder(model: str, folder: str) -> tuple[str, str]:
             f"Received model={model!r}; the folder has no tokenizer (tokenizer.json, or vocab.json and merges.txt). "
             "Save the CLIPProcessor or CLIPTokenizer into it too."
         )
-    image_settings(path, model)
-    return str(path.resolve()), describe_architecture(config, model)
+    image_settings(path, model, config)
+    activation = "GELU" if config["vision_config"].get("hidden_act") == "gelu" else "QuickGELU"
+    return str(path.resolve()), describe_architecture(config, model), activation
 
 
 def read_json(path: Path, model: str) -> dict[str, Any]:
@@ -111,7 +113,7 @@ def describe_architecture(config: dict[str, Any], model: str) -> str:
     )
 
 
-def image_settings(folder: Path, model: str) -> HfImageSettings:
+def image_settings(folder: Path, model: str, config: dict[str, Any] | None = None) -> HfImageSettings:
     """The image processor's settings, when the torch-free preprocessing reproduces them:
     convert to RGB, resize the short side (bicubic or bilinear), crop the square centre, scale
     by 1/255, normalize."""
@@ -123,7 +125,7 @@ def image_settings(folder: Path, model: str) -> HfImageSettings:
         )
     settings = read_json(found, model)
     settings = settings.get("image_processor", settings)
-    vision = read_json(folder / "config.json", model).get("vision_config") or {}
+    vision = (config or read_json(folder / "config.json", model)).get("vision_config") or {}
     size, crop = settings.get("size") or {}, settings.get("crop_size") or {}
     crop = crop if isinstance(crop, dict) else {"height": crop, "width": crop}
     resolution = int(vision.get("image_size", 224))

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +29,15 @@ from torch import nn
 from mlflow_clip.export.checkpoints import TRAINED_LOGIT_SCALE, CheckpointError, LoadedClip
 from mlflow_clip.export.compat import import_clip
 from mlflow_clip.export.hf_folder import image_settings
-from mlflow_clip.export.sources import ModelSource, SourceError
+from mlflow_clip.export.sources import ModelSource, SourceError, import_source_library
 from mlflow_clip.serving.preprocess import FLOOR_CENTER_CROP
-from mlflow_clip.serving.tokenizer import HF_TOKENIZER
+from mlflow_clip.serving.tokenizer import HF_TOKENIZER, ClipTokenizer
 
 _logger = logging.getLogger(__name__)
 
 
 def import_transformers():
-    try:
-        import transformers
-    except ImportError as e:
-        raise SourceError("Hugging Face folders need transformers: pip install 'mlflow-clip[sources]'.") from e
-    return transformers
+    return import_source_library("transformers", "Hugging Face folders")
 
 
 class HfReference(nn.Module):
@@ -241,18 +238,7 @@ def save_openai_as_hf(model: nn.Module, folder: str | os.PathLike, vocab_path: s
         raise CheckpointError(f"The conversion left weights out: missing {missing}, unexpected {unexpected}.")
     folder = Path(folder)
     hf_model.save_pretrained(folder)
-    vocab_json, merges_txt = _hf_vocab_files(Path(vocab_path), folder / "vocab-build")
-    size = vision["image_size"]
-    processor = transformers.CLIPProcessor(
-        image_processor=transformers.CLIPImageProcessor(
-            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
-        ),
-        tokenizer=transformers.CLIPTokenizer(str(vocab_json), str(merges_txt)),
-    )
-    processor.save_pretrained(folder)
-    for path in (vocab_json, merges_txt):
-        path.unlink()
-    (folder / "vocab-build").rmdir()
+    _save_processor(folder, Path(vocab_path), vision["image_size"], transformers.CLIPImageProcessor)
     return folder
 
 
@@ -281,28 +267,24 @@ def save_random_hf_clip(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
-    vocab_json, merges_txt = _hf_vocab_files(Path(vocab_path), folder / "vocab-build")
-    size = int(vision["image_size"])
-    processor = transformers.CLIPProcessor(
-        image_processor=transformers.CLIPImageProcessorPil(
-            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
-        ),
-        tokenizer=transformers.CLIPTokenizer(str(vocab_json), str(merges_txt)),
-    )
-    processor.save_pretrained(folder)
-    for path in (vocab_json, merges_txt):
-        path.unlink()
-    (folder / "vocab-build").rmdir()
+    _save_processor(folder, Path(vocab_path), int(vision["image_size"]), transformers.CLIPImageProcessorPil)
     return folder
 
 
-def _hf_vocab_files(vocab_path: Path, out: Path) -> tuple[Path, Path]:
-    """CLIP's vocabulary as Hugging Face's vocab.json and merges.txt (the same ids and merges)."""
-    from mlflow_clip.serving.tokenizer import ClipTokenizer
+def _save_processor(folder: Path, vocab_path: Path, size: int, image_processor: type) -> None:
+    """A CLIPProcessor into `folder`: `image_processor` for a `size` px square, and a
+    CLIPTokenizer built from CLIP's vocabulary (Hugging Face's vocab.json and merges.txt, the same
+    ids and merges)."""
+    transformers = import_transformers()
 
     tokenizer = ClipTokenizer.from_file(vocab_path)
-    vocab, merges = tokenizer.vocabulary(), tokenizer.merges()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
-    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    return out / "vocab.json", out / "merges.txt"
+    with tempfile.TemporaryDirectory(prefix="mlflow-clip-vocab-") as tmp:
+        vocab_json, merges_txt = Path(tmp) / "vocab.json", Path(tmp) / "merges.txt"
+        ids = {token: i for i, token in enumerate(tokenizer.vocabulary())}
+        vocab_json.write_text(json.dumps(ids, ensure_ascii=False))
+        merges_txt.write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in tokenizer.merges()) + "\n")
+        processor = transformers.CLIPProcessor(
+            image_processor=image_processor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
+            tokenizer=transformers.CLIPTokenizer(str(vocab_json), str(merges_txt)),
+        )
+        processor.save_pretrained(folder)

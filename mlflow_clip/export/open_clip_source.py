@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from mlflow_clip.export.checkpoints import TRAINED_LOGIT_SCALE, CheckpointError, LoadedClip
-from mlflow_clip.export.sources import QUICKGELU_SUFFIX, ModelSource, SourceError
+from mlflow_clip.export.sources import QUICKGELU_SUFFIX, ModelSource, SourceError, import_source_library
 from mlflow_clip.serving.preprocess import RESAMPLE_FILTERS
 
 _logger = logging.getLogger(__name__)
@@ -32,11 +32,7 @@ _INTERPOLATIONS = {"bicubic": "bicubic", "bilinear": "bilinear", "random": "bicu
 
 
 def import_open_clip():
-    try:
-        import open_clip
-    except ImportError as e:
-        raise SourceError("open_clip models need open_clip: pip install 'mlflow-clip[sources]'.") from e
-    return open_clip
+    return import_source_library("open_clip", "open_clip models")
 
 
 class OpenClipModel(nn.Module):

@@ -19,6 +19,7 @@ refused here: `-P model=<path>` loads them with OpenAI's code.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import zipfile
@@ -110,10 +111,9 @@ def parse_model_source(model: str, checkpoint: str | None = None) -> ModelSource
                 "weights. Leave checkpoint out."
             )
         try:
-            folder, architecture = check_hf_folder(model, model[len(SOURCE_PREFIXES[HF_SOURCE]) :])
+            folder, architecture, activation = check_hf_folder(model, model[len(SOURCE_PREFIXES[HF_SOURCE]) :])
         except HfFolderError as e:
             raise SourceError(str(e)) from None
-        activation = _hf_activation(folder)
         return ModelSource(HF_SOURCE, model, architecture=architecture, folder=folder, activation=activation)
     if ":" in model.split("/")[0] and not Path(model).expanduser().exists():
         raise SourceError(
@@ -128,9 +128,12 @@ def parse_model_source(model: str, checkpoint: str | None = None) -> ModelSource
     return ModelSource(OPENAI_SOURCE, model)
 
 
-def _hf_activation(folder: str) -> str:
-    config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
-    return "GELU" if config["vision_config"].get("hidden_act") == "gelu" else "QuickGELU"
+def import_source_library(module: str, what: str):
+    """`module`, imported, or a SourceError naming the extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise SourceError(f"{what} need {module}: pip install 'mlflow-clip[sources]'.") from e
 
 
 def check_source_opset(source: ModelSource, opset: int) -> None:

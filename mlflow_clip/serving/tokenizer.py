@@ -99,7 +99,6 @@ class ClipTokenizer:
         symbols = list(_byte_to_symbol().values())
         vocab = symbols + [s + _WORD_END for s in symbols] + ["".join(m) for m in merges]
         vocab += list(self._specials)
-        self._vocab, self._merges = vocab, merges
         self._ids = {token: i for i, token in enumerate(vocab)}
         self._ranks = {merge: rank for rank, merge in enumerate(merges)}
         self._to_symbols = str.maketrans({chr(b): s for b, s in _byte_to_symbol().items()})
@@ -123,11 +122,11 @@ class ClipTokenizer:
 
     def vocabulary(self) -> list[str]:
         """Every token, in id order (byte symbols, the same ending a word, merges, special tokens)."""
-        return list(self._vocab)
+        return list(self._ids)  # built in id order
 
     def merges(self) -> list[tuple[str, str]]:
         """The byte-pair merges, highest priority first."""
-        return list(self._merges)
+        return list(self._ranks)  # built in rank order
 
     def __repr__(self) -> str:
         extra = "" if self.special_tokens == "clip" else f", special_tokens={self.special_tokens!r}"

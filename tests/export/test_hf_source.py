@@ -13,7 +13,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from helpers import BLOCK_TORCH, ROOT, has_module, requires_export, subprocess_env
+from helpers import BLOCK_TORCH, ROOT, exported_in_store, has_module, requires_export, subprocess_env
 
 from mlflow_clip.export.sources import SourceError, parse_model_source
 
@@ -204,27 +204,10 @@ def test_torch_free_tokenizer_gives_hugging_faces_ids_on_the_tokenizer_corpus(sm
 
 @pytest.fixture(scope="module")
 def small_export(small_folder, module_tmp):
-    import mlflow
-
-    from mlflow_clip.export.job import export_and_register
-
-    folder = module_tmp("store")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    experiment = mlflow.create_experiment("hf", str(folder / "artifacts"))
-    try:
-        with mlflow.start_run(experiment_id=experiment):
-            result = export_and_register(
-                CLASSES, model=f"hf:{small_folder}", templates="photo", registered_model_name="hf-small"
-            )
-        run = mlflow.MlflowClient().get_run(result.run_id)
-        version = mlflow.MlflowClient().get_model_version("hf-small", result.model_version)
-        local = mlflow.artifacts.download_artifacts(result.model_uri, dst_path=str(folder / "model"))
-        yield result, run, version, local
-    finally:
-        mlflow.set_tracking_uri(None)
-        mlflow.set_registry_uri(None)
+    with exported_in_store(
+        module_tmp("store"), "hf", "hf-small", classes=CLASSES, model=f"hf:{small_folder}", templates="photo"
+    ) as exported:
+        yield exported
 
 
 def test_hf_export_meets_every_parity_gate_against_the_folders_own_model(small_export):

@@ -13,7 +13,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from helpers import BLOCK_TORCH, ROOT, has_module, requires_export, subprocess_env
+from helpers import BLOCK_TORCH, ROOT, exported_in_store, has_module, requires_export, subprocess_env
 
 from mlflow_clip.export.sources import SourceError, parse_model_source
 from mlflow_clip.export.spec import ExportSpec
@@ -192,32 +192,16 @@ def test_torch_free_tokenizer_gives_open_clips_ids_on_the_tokenizer_corpus():
 
 @pytest.fixture(scope="module")
 def small_export(small_checkpoint, module_tmp):
-    import mlflow
-
-    from mlflow_clip.export.job import export_and_register
-
-    folder = module_tmp("store")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    experiment = mlflow.create_experiment("sources", str(folder / "artifacts"))
-    try:
-        # An explicit run, not set_experiment: no active experiment outlives this store.
-        with mlflow.start_run(experiment_id=experiment):
-            result = export_and_register(
-                CLASSES,
-                model="open_clip:ViT-S-32",
-                checkpoint=str(small_checkpoint),
-                templates="photo",
-                registered_model_name="oc-small",
-            )
-        run = mlflow.MlflowClient().get_run(result.run_id)
-        version = mlflow.MlflowClient().get_model_version("oc-small", result.model_version)
-        local = mlflow.artifacts.download_artifacts(result.model_uri, dst_path=str(folder / "model"))
-        yield result, run, version, local
-    finally:
-        mlflow.set_tracking_uri(None)
-        mlflow.set_registry_uri(None)
+    with exported_in_store(
+        module_tmp("store"),
+        "sources",
+        "oc-small",
+        classes=CLASSES,
+        model="open_clip:ViT-S-32",
+        checkpoint=str(small_checkpoint),
+        templates="photo",
+    ) as exported:
+        yield exported
 
 
 def test_open_clip_export_meets_every_parity_gate(small_export):
