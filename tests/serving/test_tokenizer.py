@@ -290,9 +290,9 @@ def tokenizer() -> ClipTokenizer:
 
 @pytest.fixture(scope="module")
 def clip():
-    import clip
+    from mlflow_clip.export.compat import import_clip
 
-    return clip
+    return import_clip()  # without openai-clip's pkg_resources warning, whatever ran before
 
 
 def _clip_ids(clip, texts, context_length=CONTEXT_LENGTH, truncate=True) -> np.ndarray:
