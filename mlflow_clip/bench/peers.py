@@ -25,6 +25,7 @@ import numpy as np
 
 from mlflow_clip.bench.images import read_pool, request_images
 from mlflow_clip.bench.measure import InProcessRow
+from mlflow_clip.bench.rows import torch_engine, zero_shot_probabilities
 
 PEER_ROWS = {
     "peer-open_clip": "peer: open_clip",
@@ -82,11 +83,9 @@ def task_peer_open_clip(spec: dict[str, Any]) -> InProcessRow:
     def call(index: int, _state: Any) -> np.ndarray:
         images = [preprocess(Image.open(io.BytesIO(data))) for data in request_images(pool, spec["batch"], index)]
         with torch.inference_mode():
-            features = model.encode_image(torch.stack(images))
-            features = features / features.norm(dim=-1, keepdim=True)
-            return (model.logit_scale.exp() * features @ text.t()).softmax(dim=-1).numpy()
+            return zero_shot_probabilities(model.encode_image(torch.stack(images)), text, model.logit_scale.exp())
 
-    return InProcessRow(call, spec)
+    return InProcessRow(call, spec, {"engine": torch_engine()})
 
 
 def _hf_folder(spec: dict[str, Any]) -> Path:
@@ -117,10 +116,9 @@ def task_peer_hf_model(spec: dict[str, Any]) -> InProcessRow:
         with torch.inference_mode():
             pixels = processor(images=images, return_tensors="pt")["pixel_values"]
             features = model.get_image_features(pixel_values=pixels).pooler_output
-            features = features / features.norm(dim=-1, keepdim=True)
-            return (model.logit_scale.exp() * features @ text.t()).softmax(dim=-1).numpy()
+            return zero_shot_probabilities(features, text, model.logit_scale.exp())
 
-    return InProcessRow(call, spec)
+    return InProcessRow(call, spec, {"engine": torch_engine()})
 
 
 def task_peer_hf_pipeline(spec: dict[str, Any]) -> InProcessRow:
@@ -140,7 +138,7 @@ def task_peer_hf_pipeline(spec: dict[str, Any]) -> InProcessRow:
         out = classifier(images, candidate_labels=classes, hypothesis_template=template)
         return np.array([[{r["label"]: r["score"] for r in rows}[name] for name in classes] for rows in out])
 
-    return InProcessRow(call, spec)
+    return InProcessRow(call, spec, {"engine": torch_engine()})
 
 
 def ensure_peers(options: Any, builds: dict, progress: Callable[[str], None]) -> dict:

@@ -17,30 +17,42 @@ from mlflow_clip.bench.models import flavor_conf
 
 
 def task_torch(spec: dict[str, Any]) -> InProcessRow:
-    """Row (a): CLIP's preprocess (PIL decode), the PyTorch model and the same baked head."""
+    """Row (a): what a CLIP user runs, as CLIP's README does it: the model `clip.load` builds
+    from a local file (`clip.model.build_model`, float32), CLIP's own `preprocess` on each PIL
+    image, `encode_image`, L2 normalization and the logit scale times the cosine to the class
+    features, then softmax. The class features and scale are the exported head's."""
     import torch
     from PIL import Image
 
     from mlflow_clip.export.checkpoints import load_clip
-    from mlflow_clip.export.graph import ZeroShotHead
 
     torch.set_num_threads(spec["threads"])
     loaded = load_clip(spec["clip_spec"])
-    head_data = np.load(spec["head"])
-    head = ZeroShotHead(
-        loaded.model.visual, torch.from_numpy(head_data["text_features"]), float(head_data["logit_scale"])
-    )
-    head = head.eval()
+    model, preprocess = loaded.model, loaded.preprocess
+    head = np.load(spec["head"])
+    text, scale = torch.from_numpy(head["text_features"]).float(), float(head["logit_scale"])
     pool = read_pool(spec)
 
     def call(index: int, _state: Any) -> np.ndarray:
-        images = [
-            loaded.preprocess(Image.open(io.BytesIO(data))) for data in request_images(pool, spec["batch"], index)
-        ]
+        images = [preprocess(Image.open(io.BytesIO(data))) for data in request_images(pool, spec["batch"], index)]
         with torch.inference_mode():
-            return head(torch.stack(images)).numpy()
+            return zero_shot_probabilities(model.encode_image(torch.stack(images)), text, scale)
 
-    return InProcessRow(call, spec)
+    return InProcessRow(call, spec, {"engine": torch_engine()})
+
+
+def zero_shot_probabilities(image_features, text_features, logit_scale) -> np.ndarray:
+    """CLIP's README scoring on torch tensors: normalize the image features, scale the cosine to
+    the (normalized) class features [C, D], softmax over the classes."""
+    features = image_features / image_features.norm(dim=-1, keepdim=True)
+    return (logit_scale * features @ text_features.t()).softmax(dim=-1).numpy()
+
+
+def torch_engine() -> str:
+    """What runs a torch row, for its note: torch's version with its build tag, and its threads."""
+    import torch
+
+    return f"torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def task_onnxruntime(spec: dict[str, Any]) -> InProcessRow:

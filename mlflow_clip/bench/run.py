@@ -165,10 +165,9 @@ def _fill_row(row: RowResult, result: dict[str, Any], state: _RunState, precisio
         row.note = f"{result['errors']} failed requests, e.g. {result['error_examples'][0]}"
     elif precision == "fp16":
         row.note = FP16_NOTE
-    if result.get("first_prediction_s") is not None:
-        row.note = "; ".join(
-            filter(None, [row.note, f"first prediction {result['first_prediction_s']:.1f} s after start"])
-        )
+    first = result.get("first_prediction_s")
+    first_note = f"first prediction {first:.1f} s after start" if first is not None else ""
+    row.note = "; ".join(filter(None, [row.note, result.get("engine"), first_note]))
     state.probabilities[(row.model, row.size, row.batch, row.row)] = result.get("probabilities")
 
 

@@ -487,6 +487,12 @@ def test_peer_rows_run_the_same_weights_through_each_tools_own_pipeline(work_dir
         row = rows[name]
         assert row.ok and row.images_per_s > 0, (name, row.status, row.note)
         assert re.search(r"first prediction \d+\.\d s after start", row.note), row.note
+    # Every torch row says which torch ran it (the build tag too) and on how many threads.
+    import torch
+
+    for name in ("peer-hf-model", "peer-hf-pipeline", "torch"):
+        assert f"torch {torch.__version__}, {options.threads} threads" in rows[name].note, rows[name].note
+    assert "torch " not in rows["pyfunc"].note
     # The same weights: the probabilities agree with CLIP's own pipeline up to each tool's
     # preprocessing and prompts (the pipeline writes "a photo of a a red circle."), not beyond.
     assert 0 < rows["peer-hf-model"].max_prob_diff < 0.05
