@@ -330,9 +330,23 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "versions": versions,
         "resampling": native_status().describe(),
+        "cpu_bf16": cpu_has_native_bf16(),
         "loadavg_start": loadavg(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
+
+
+def cpu_has_native_bf16() -> bool | None:
+    """Whether the CPU has bf16 instructions (AVX512_BF16 or AMX), from /proc/cpuinfo's flags;
+    None where there is no /proc/cpuinfo. Without them OpenVINO emulates bf16, slowly."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return None
 
 
 def _cpu_model() -> str:

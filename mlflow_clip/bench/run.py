@@ -143,10 +143,12 @@ def _fill_planned(item: Planned, result: dict[str, Any], state: _RunState) -> No
 def _fill_row(row: RowResult, result: dict[str, Any], state: _RunState, precision: str = "fp32") -> None:
     if result.get("status") != "ok":
         error = result.get("error", "failed")
-        unrunnable = precision == "fp16" or error.startswith((MLServerUnavailable.__name__, PeerUnavailable.__name__))
-        row.status, row.note = (
-            ("not runnable", f"not runnable on this machine: {error}") if unrunnable else ("failed", error)
-        )
+        if error.startswith(PeerUnavailable.__name__ + ": "):  # the peer has no such model, or is not installed
+            row.status, row.note = "not runnable", error.split(": ", 1)[1]
+        elif precision == "fp16" or error.startswith(MLServerUnavailable.__name__):
+            row.status, row.note = "not runnable", f"not runnable on this machine: {error}"
+        else:
+            row.status, row.note = "failed", error
         return
     for name in (
         "requests",

@@ -17,6 +17,9 @@ HOSTILE_P95_RATIO = 2.0  # good requests' p95 beside hostile traffic over their 
 GRAPH = "graph"
 GRAPH_ROWS = ("onnxruntime", "onnxruntime-spin")
 NOT_MEASURED = "n/a"  # the verdict of a target whose rows did not run; such targets are not reported
+# The verdict of a target that needs CPU instructions this machine lacks: measured, not judged.
+NOT_THIS_CPU = "not on this CPU"
+NO_NATIVE_BF16 = "this CPU has no AVX512_BF16 or AMX, so OpenVINO emulates bf16; the target needs a CPU that has them"
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class RatioTarget:
     ceiling: bool = False
     best_of: bool = False
     exact: str | None = None  # the row of the same model with the exact decode, shown beside
+    needs_bf16: bool = False  # judged only on a CPU with bf16 instructions (else NOT_THIS_CPU)
 
 
 RATIO_TARGETS: tuple[RatioTarget, ...] = (
@@ -51,9 +55,22 @@ RATIO_TARGETS: tuple[RatioTarget, ...] = (
     ),
     RatioTarget("graph_int8_vs_graph_fp32", "(b) graph int8 vs (b) onnxruntime fp32", "graph-int8", GRAPH, 3.0),
     RatioTarget(
-        "pyfunc_bf16_vs_torch", "pyfunc bf16 vs (a) torch", "pyfunc-bf16", "torch", 3.0, exact="pyfunc-bf16-exact"
+        "pyfunc_bf16_vs_torch",
+        "pyfunc bf16 vs (a) torch",
+        "pyfunc-bf16",
+        "torch",
+        3.0,
+        exact="pyfunc-bf16-exact",
+        needs_bf16=True,
     ),
-    RatioTarget("graph_bf16_vs_graph_fp32", "(b) graph bf16 vs (b) onnxruntime fp32", "graph-bf16", GRAPH, 1.9),
+    RatioTarget(
+        "graph_bf16_vs_graph_fp32",
+        "(b) graph bf16 vs (b) onnxruntime fp32",
+        "graph-bf16",
+        GRAPH,
+        1.9,
+        needs_bf16=True,
+    ),
     RatioTarget(
         "pyfunc_fp32_vs_onnxruntime",
         "pyfunc fp32 vs (b) onnxruntime (the faster (b) row)",
@@ -81,7 +98,8 @@ def evaluate_targets(report: BenchmarkReport) -> list[TargetResult]:
     graphs = (group.get(name) for name in GRAPH_ROWS)
     graph = max((r for r in graphs if r is not None and r.ok), key=lambda r: r.images_per_s or 0, default=None)
     ceiling = decode_bound(graph, int(report.options.get("threads") or 0))
-    targets = [_ratio_target(target, group, graph, ceiling) for target in RATIO_TARGETS]
+    native_bf16 = report.machine.get("cpu_bf16") is not False  # unknown: judged
+    targets = [_ratio_target(target, group, graph, ceiling, native_bf16) for target in RATIO_TARGETS]
     load = next(
         (r for r in report.loads if (r.model, r.precision) == (TARGET_MODEL, "fp32") and r.status == "ok"), None
     )
@@ -103,7 +121,11 @@ def _hostile_target(hostile: HostileResult | None) -> TargetResult:
 
 
 def _ratio_target(
-    target: RatioTarget, group: dict[str, RowResult], graph: RowResult | None, ceiling: float | None
+    target: RatioTarget,
+    group: dict[str, RowResult],
+    graph: RowResult | None,
+    ceiling: float | None,
+    native_bf16: bool = True,
 ) -> TargetResult:
     def figure(row: RowResult | None) -> float | None:
         return _relative(row, graph) if target.versus == GRAPH else _ratio(row, f"vs_{target.versus}")
@@ -117,12 +139,15 @@ def _ratio_target(
     draft = figure(group.get(target.draft)) if target.draft else None
     exact = figure(group.get(target.exact)) if target.exact else None
     extra = _extras(draft, _ceiling_against(target.versus, graph, ceiling) if target.ceiling else None, exact)
+    verdict = "PASS" if value is not None and value >= target.threshold else "FAIL"
+    if target.needs_bf16 and not native_bf16:
+        verdict, extra = NOT_THIS_CPU, f"{extra}: {NO_NATIVE_BF16}"
     return TargetResult(
         target.key,
         f"{target.name} ({TARGET_MODEL}, {TARGET_SIZE}, batch {TARGET_BATCH})",
         f">= {target.threshold:.2f}x",
         "not measured" if value is None else f"{value:.2f}x{extra}",
-        NOT_MEASURED if value is None else ("PASS" if value >= target.threshold else "FAIL"),
+        NOT_MEASURED if value is None else verdict,
     )
 
 

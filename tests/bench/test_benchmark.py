@@ -164,6 +164,34 @@ def test_targets_pass_and_fail_at_their_thresholds():
     assert results["labels_per_request_vs_pyfunc"].result == "FAIL"  # 0.94x: 6.7% slower
 
 
+def test_bf16_targets_are_judged_only_on_a_cpu_with_bf16_instructions():
+    """Without AVX512_BF16 or AMX, OpenVINO emulates bf16: the figure is shown with the reason,
+    and neither PASS nor FAIL is given; with them (or when unknown) the threshold decides."""
+    rows = [_row("torch", 4.0), _row("onnxruntime", 10.0), _row("pyfunc-bf16", 1.0), _row("graph-bf16", 30.0)]
+    compare_rows(rows)
+    for cpu_bf16, verdicts in (
+        (False, ("not on this CPU", "not on this CPU")),
+        (True, ("FAIL", "PASS")),  # 0.25x < 3.0x; 3.00x >= 1.9x
+        (None, ("FAIL", "PASS")),
+    ):
+        report = BenchmarkReport(options={}, machine={"cpu_bf16": cpu_bf16}, rows=rows)
+        results = {t.key: t for t in evaluate_targets(report)}
+        pyfunc, graph = results["pyfunc_bf16_vs_torch"], results["graph_bf16_vs_graph_fp32"]
+        assert (pyfunc.result, graph.result) == verdicts, cpu_bf16
+        assert pyfunc.measured.startswith("0.25x") and graph.measured.startswith("3.00x")
+        assert ("no AVX512_BF16 or AMX" in pyfunc.measured) is (cpu_bf16 is False)
+
+
+def test_the_machine_says_whether_its_cpu_has_bf16_instructions():
+    from mlflow_clip.bench.measure import cpu_has_native_bf16, machine_info
+
+    flags = next(
+        (line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), ""
+    ).split()
+    assert machine_info()["cpu_bf16"] is cpu_has_native_bf16()
+    assert cpu_has_native_bf16() is ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
 # ---------------------------------------------------------------------------------------------
 # A real quick run
 
