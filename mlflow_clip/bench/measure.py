@@ -339,24 +339,23 @@ def machine_info() -> dict[str, Any]:
 def cpu_has_native_bf16() -> bool | None:
     """Whether the CPU has bf16 instructions (AVX512_BF16 or AMX), from /proc/cpuinfo's flags;
     None where there is no /proc/cpuinfo. Without them OpenVINO emulates bf16, slowly."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return None
+    flags = _cpuinfo("flags")
+    return None if flags is None else bool(set(flags.split()) & {"avx512_bf16", "amx_bf16"})
 
 
 def _cpu_model() -> str:
+    return _cpuinfo("model name") or platform.processor()
+
+
+def _cpuinfo(key: str) -> str | None:
+    """The first `key` field of /proc/cpuinfo, None where there is none."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(key):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor()
+    return None
 
 
 def loadavg() -> float | None:
