@@ -4,8 +4,8 @@ MLflow's scoring server answers 504 after its request timeout
 (`MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT`, which `mlflow models serve --timeout` sets) but keeps
 running the prediction. The classifier therefore takes that timeout as its own deadline when
 it runs under the server (or `deadline_seconds` when set), and checks it between chunks,
-shards, images and text-encoder runs: a timed-out request frees its worker within about one
-piece of work. Outside a server (a notebook, Spark) there is no deadline unless set.
+shards, images, slices of prompts being tokenized and text-encoder runs: a timed-out request
+frees its worker within about one piece of work. Outside a server (a notebook, Spark) there is no deadline unless set.
 
     >>> deadline = Deadline.after(30.0)
     >>> deadline.check("decoding")  # raises DeadlineExceeded once 30 s have passed
@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from .errors import MlflowClipError
 
 SERVER_TIMEOUT_ENV = "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"
+IMAGES_FIX = "Send fewer rows or smaller images per request"
+TEXT_FIX = "Send fewer labels, templates or texts per request (templates=photo is one prompt per label)"
 
 
 class DeadlineExceeded(MlflowClipError, TimeoutError):
@@ -50,11 +52,12 @@ class Deadline:
     def remaining(self) -> float | None:
         return None if self.at is None else self.at - time.monotonic()
 
-    def check(self, what: str) -> None:
+    def check(self, what: str, fix: str = IMAGES_FIX) -> None:
+        """Raise `DeadlineExceeded` naming `what` was being done and `fix` once the deadline passed."""
         if self.at is not None and time.monotonic() > self.at:
             raise DeadlineExceeded(
                 f"The request ran past its {self.seconds:.0f} s deadline while {what}; its work was stopped. "
-                "Send fewer rows or smaller images per request, or raise the server's timeout."
+                f"{fix}, or raise the server's timeout."
             )
 
 

@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .deadline import NO_DEADLINE, Deadline
+from .deadline import NO_DEADLINE, TEXT_FIX, Deadline
 from .errors import ModelFileError
 from .limits import DEFAULT_LIMITS, InputLimits
 from .prompts import texts_for_class
@@ -38,6 +38,7 @@ from .tokenizer import ClipTokenizer
 
 # Texts per text-encoder run; texts are sorted by length first so each run is trimmed tightly.
 TEXT_RUN_BATCH = 64
+TOKENIZE_SLICE = 1024  # prompts tokenized between two deadline checks
 _logger = logging.getLogger("mlflow_clip.serving.text")
 DEFAULT_CACHE_SIZE = 64
 DEFAULT_CACHE_BYTES = 64 * 1024 * 1024
@@ -102,11 +103,24 @@ class TextEncoder:
         """Normalized float32 embeddings [N, D], one per text, in order, within `limits`.
         `describe(i)` names text `i` in errors (default: "Text i")."""
         texts = list(texts)
-        _check_budget(len(texts), sum(map(len, set(texts))), limits)
+        _check_budget(len(texts), sum(map(len, {t for t in texts if isinstance(t, str)})), limits)
         session, tokenizer = self._ready()
-        ids, lengths = tokenizer.tokenize(texts, self.context_length)
+        ids, lengths = self._tokenize(tokenizer, texts, deadline)
         self._check_tokens(lengths, limits, truncate, describe or (lambda i: f"Text {i}"))
         return self._run(session, ids, deadline)
+
+    def _tokenize(self, tokenizer: ClipTokenizer, texts: list[str], deadline: Deadline) -> tuple[np.ndarray, list]:
+        """`tokenizer.tokenize` in slices, checking the deadline between them (tokenizing is
+        pure Python: about 50 us a prompt here, seconds for tens of thousands)."""
+        parts, lengths = [], []
+        for start in range(0, len(texts), TOKENIZE_SLICE):
+            deadline.check(f"tokenizing prompts {start} to {len(texts) - 1}", TEXT_FIX)
+            ids, slice_lengths = tokenizer.tokenize(texts[start : start + TOKENIZE_SLICE], self.context_length, start)
+            parts.append(ids)
+            lengths.extend(slice_lengths)
+        if not parts:
+            return tokenizer.tokenize([], self.context_length)
+        return np.concatenate(parts), lengths
 
     def _check_tokens(self, lengths: list[int], limits: InputLimits, truncate: bool, describe) -> None:
         if not truncate:
@@ -132,7 +146,7 @@ class TextEncoder:
         order = np.argsort(ends, kind="stable")
         parts = []
         for start in range(0, len(order), TEXT_RUN_BATCH):
-            deadline.check(f"encoding prompts {start} to {len(order) - 1}")
+            deadline.check(f"encoding prompts {start} to {len(order) - 1}", TEXT_FIX)
             rows = order[start : start + TEXT_RUN_BATCH]
             length = int(ends[rows].max()) + 1
             batch = np.ascontiguousarray(ids[rows, :length])

@@ -164,11 +164,14 @@ class ClipTokenizer:
                 )
         return ids
 
-    def tokenize(self, texts: Iterable[str], context_length: int = CONTEXT_LENGTH) -> tuple[np.ndarray, list[int]]:
+    def tokenize(
+        self, texts: Iterable[str], context_length: int = CONTEXT_LENGTH, first_index: int = 0
+    ) -> tuple[np.ndarray, list[int]]:
         """(ids truncated as CLIP truncates them, each text's own length with its start and end
-        tokens, or `context_length + 1` for any text longer than the context)."""
+        tokens, or `context_length + 1` for any text longer than the context). Errors name a
+        text by its position plus `first_index` (for a slice of a longer list)."""
         rows, lengths = [], []
-        for index, text in enumerate(texts):
+        for index, text in enumerate(texts, first_index):
             if not isinstance(text, str):
                 raise TextInputError(
                     f"Text {index} is a {type(text).__name__}, not a str. Fix: send every text as a string."

@@ -297,3 +297,47 @@ def test_mlflow_models_serve_takes_labels_and_text_in_params(demo_registry, tmp_
         assert requests.get(url + "/ping", timeout=10).status_code == 200  # still serving
     finally:
         stop_process(process)
+
+
+def test_tokenizing_many_prompts_stops_at_the_deadline(demo_model_dir):
+    """20,000 prompts take about a second to tokenize: a deadline already past stops the work
+    before the first slice, names what was being done and how to send less, and runs no encoder."""
+    from mlflow_clip.serving.deadline import Deadline, DeadlineExceeded
+    from mlflow_clip.serving.limits import InputLimits
+    from mlflow_clip.serving.text import TextEncoder
+
+    encoder = TextEncoder(demo_model_dir / "text_encoder.onnx", demo_model_dir / "bpe_simple_vocab_16e6.txt.gz")
+    texts = [f"prompt number {i}" for i in range(20_000)]
+    limits = InputLimits(max_prompts=10**6, max_prompt_tokens=10**8, max_request_text_chars=10**8)
+    with pytest.raises(DeadlineExceeded, match="while tokenizing prompts 0 to 19999.*fewer labels, templates or texts"):
+        encoder.embed(texts, limits, deadline=Deadline(at=0.0, seconds=2.0))
+    assert encoder.runs == 0
+    with pytest.raises(DeadlineExceeded, match="while tokenizing prompts 2048 to 19999"):
+        # a deadline that passes during the third slice: slices before it were tokenized, nothing was encoded
+        encoder.embed(texts, limits, deadline=_DeadlineAfterChecks(2))
+    assert encoder.runs == 0
+
+
+class _DeadlineAfterChecks:
+    """A deadline that passes after `n` checks, so the test does not depend on the machine's speed."""
+
+    def __init__(self, n: int):
+        from mlflow_clip.serving.deadline import Deadline
+
+        self.n, self.past = n, Deadline(at=0.0, seconds=2.0)
+
+    def check(self, what: str, fix: str = "") -> None:
+        self.n -= 1
+        if self.n < 0:
+            self.past.check(what, fix or "Send less")
+
+
+def test_a_bad_text_in_a_later_slice_is_named_by_its_own_index(demo_model_dir):
+    from mlflow_clip.serving.text import TOKENIZE_SLICE, TextEncoder
+    from mlflow_clip.serving.tokenizer import TextInputError
+
+    encoder = TextEncoder(demo_model_dir / "text_encoder.onnx", demo_model_dir / "bpe_simple_vocab_16e6.txt.gz")
+    texts = ["a red circle"] * (TOKENIZE_SLICE + 5)
+    texts[TOKENIZE_SLICE + 3] = 5
+    with pytest.raises(TextInputError, match=f"Text {TOKENIZE_SLICE + 3} is a int"):
+        encoder.embed(texts)
