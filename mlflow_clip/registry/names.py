@@ -17,7 +17,10 @@ from dataclasses import dataclass
 from mlflow_clip.errors import MlflowClipError
 
 MAX_MODEL_NAME_LENGTH = 256  # MLflow's registered_models.name column
-MAX_ALIAS_LENGTH = 255
+# MLflow caps tag keys at 250 characters; the longest tag key an alias goes into is a lock
+# ticket's, `mlflow_clip.lock.<alias>.<32 hex>`: 50 characters plus the alias.
+MAX_TAG_KEY_LENGTH = 250
+MAX_ALIAS_LENGTH = MAX_TAG_KEY_LENGTH - 50
 _ALIAS = re.compile(r"^[\w\-]+$")
 _RESERVED_ALIAS = re.compile(r"^(latest|[vV]\d+)$", re.IGNORECASE)
 _BAD_NAME_CHARACTERS = re.compile(r"[/:'\"\\\x00-\x1f\x7f]")
@@ -56,7 +59,10 @@ def check_alias(alias: str) -> str:
     if not isinstance(alias, str) or not alias:
         raise RegistryNameError("Received an empty alias; expected a name such as production.")
     if len(alias) > MAX_ALIAS_LENGTH:
-        raise RegistryNameError(f"Received an alias of {len(alias)} characters; expected at most {MAX_ALIAS_LENGTH}.")
+        raise RegistryNameError(
+            f"Received an alias of {len(alias)} characters; expected at most {MAX_ALIAS_LENGTH} "
+            "(the promotion's lock and history are tags named after the alias, and MLflow caps tag names)."
+        )
     if not _ALIAS.match(alias):
         raise RegistryNameError(
             f"Received the alias {_shown(alias)}; expected letters, digits, underscores (_) and dashes (-) only."

@@ -76,13 +76,25 @@ def test_names_are_checked_before_any_gate(client, monkeypatch):
     from mlflow_clip.registry import RegistryNameError, promote
 
     monkeypatch.setattr(promotion, "check_gates", lambda *a: pytest.fail("a gate ran"))
-    for bad in ("pro duction", "it's", "v.1", "", "latest", "v3", "x" * 256):
+    for bad in ("pro duction", "it's", "v.1", "", "latest", "v3", "x" * 201):
         with pytest.raises(RegistryNameError):
             promote(NAME, "1", bad)
     with pytest.raises(RegistryNameError, match="control character"):
         promote("clip\nzero-shot", "1", "production")
     with pytest.raises(RegistryNameError, match="empty version"):
         promote(NAME, " ", "production")
+
+
+def test_the_longest_alias_accepted_promotes_and_rolls_back(store, client):
+    """200 characters: the lock ticket's and the history's tag keys stay within MLflow's 250,
+    so the longest alias the name check accepts also goes through (201 is refused up front)."""
+    from mlflow_clip.registry import history, promote, rollback
+
+    longest = "L" * 200
+    promote(NAME, store["v1"], longest)
+    promote(NAME, store["v2"], longest)
+    assert rollback(NAME, longest).version == store["v1"]
+    assert [e.event for e in history(NAME, longest)] == ["promote", "promote", "rollback"]
 
 
 def test_a_number_is_a_version_and_at_names_an_alias(store, client):
@@ -249,7 +261,7 @@ def test_records_stay_far_from_the_column_limits(store, client):
     event = records.Event(
         seq=999_999_999,
         event=records.REFUSED,
-        alias="a" * 255,
+        alias="a" * 200,
         version="12345",
         previous="12344",
         by="b" * 100,
