@@ -474,6 +474,10 @@ def test_mlflow_evaluate_with_the_plugin_and_with_no_evaluator_named(
         labels = data.assign(label=["a " + label.lower() for label in data["label"]])
         with mlflow.start_run(experiment_id=experiment):
             default = mlflow.models.evaluate(model_uri, labels, model_type="classifier", targets="label")
+        with mlflow.start_run(experiment_id=experiment):
+            by_label = mlflow.models.evaluate(
+                model_uri, labels, model_type="classifier", targets="label", predictions="label"
+            )
     assert ours.metrics["accuracy_top1"] >= DEMO_MIN_ACCURACY
     assert ours.metrics["failed_images"] == 0.0 and "precision_a_red_circle" in ours.metrics
     assert {"confusion_matrix", "most_confident_errors", "predictions"} <= set(ours.artifacts)
@@ -481,6 +485,10 @@ def test_mlflow_evaluate_with_the_plugin_and_with_no_evaluator_named(
     assert default.metrics["accuracy_score"] == pytest.approx(ours.metrics["accuracy_top1"])
     assert default.metrics["accuracy_top1"] == pytest.approx(ours.metrics["accuracy_top1"])
     assert default.metrics["example_count"] == len(data) and "roc_auc" in default.metrics
+    # predictions="label" names the output column MLflow reads: the same metrics
+    assert by_label.metrics["accuracy_score"] == pytest.approx(default.metrics["accuracy_score"])
+    assert by_label.metrics["f1_score"] == pytest.approx(default.metrics["f1_score"])
+    assert by_label.metrics["accuracy_top1"] == pytest.approx(ours.metrics["accuracy_top1"])
 
 
 @pytest.mark.slow
@@ -536,7 +544,9 @@ def test_the_ordinary_evaluate_call_gives_mlflows_classifier_metrics(colour_mode
 
 def test_other_models_evaluate_exactly_as_mlflow_does(tracking_uri):
     """The classifier evaluator registered by this package is MLflow's own for any model
-    without the mlflow_clip flavor: same metrics as MLflow's class run directly."""
+    without the mlflow_clip flavor: same metrics as MLflow's class run directly (registered
+    here under a name of its own, since "classifier" now resolves to this package's)."""
+    from mlflow.models.evaluation.evaluator_registry import _model_evaluation_registry
     from mlflow.models.evaluation.evaluators.classifier import ClassifierEvaluator
     from sklearn.linear_model import LogisticRegression
 
@@ -547,14 +557,17 @@ def test_other_models_evaluate_exactly_as_mlflow_does(tracking_uri):
         info = mlflow.sklearn.log_model(LogisticRegression().fit(features, target), name="model")
         data = features.assign(y=target)
         ours = mlflow.models.evaluate(info.model_uri, data, model_type="classifier", targets="y")
-        theirs = mlflow.models.evaluate(
-            info.model_uri, data, model_type="classifier", targets="y", evaluators=["classifier"]
-        )
+        _model_evaluation_registry.register("mlflow-own-classifier", ClassifierEvaluator)
+        try:
+            theirs = mlflow.models.evaluate(
+                info.model_uri, data, model_type="classifier", targets="y", evaluators=["mlflow-own-classifier"]
+            )
+        finally:
+            del _model_evaluation_registry._registry["mlflow-own-classifier"]
         static = mlflow.models.evaluate(
             data=data.assign(p=target), predictions="p", model_type="classifier", targets="y"
         )
-    from mlflow.models.evaluation.evaluator_registry import _model_evaluation_registry
-
+    assert _model_evaluation_registry._registry["classifier"] is not ClassifierEvaluator
     assert issubclass(_model_evaluation_registry._registry["classifier"], ClassifierEvaluator)
     shared = {k: v for k, v in theirs.metrics.items() if isinstance(v, float)}
     assert shared and all(ours.metrics[k] == pytest.approx(v) for k, v in shared.items())

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -340,3 +341,45 @@ def test_log_model_behaves_as_mlflows_flavors(colour_onnx, tracking_uri, caplog)
     version = mlflow.MlflowClient().get_model_version("colours", info.registered_model_version)
     assert version.tags["team"] == "vision" and "manifest_sha256" in version.tags
     assert mlflow.models.get_model_info(info.model_uri).metadata["owner"] == "vision"
+
+
+def test_log_model_honours_code_signature_requirements_and_model_id(colour_onnx, tracking_uri, tmp_path):
+    """The remaining arguments of MLflow's flavors, each with its effect: `code_paths` ships a
+    file beside the serving code (and the manifest covers it), `signature` replaces the default
+    one, `extra_pip_requirements` and `pip_requirements` land in requirements.txt, `model_id`
+    logs into an existing LoggedModel, and `await_registration_for` registers a READY version."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    helper = tmp_path / "team_helpers.py"
+    helper.write_text("GREETING = 'hello'\n")
+    signature = ModelSignature(inputs=Schema([ColSpec("binary", "image")]))
+    with mlflow.start_run():
+        existing = mlflow.initialize_logged_model(name="colours-existing")
+        info = mlflow_clip.log_model(
+            colour_onnx,
+            name="colours-existing",
+            code_paths=[str(helper)],
+            signature=signature,
+            extra_pip_requirements=["team-extra==1.0"],
+            model_id=existing.model_id,
+            registered_model_name="colours-extra",
+            await_registration_for=30,
+        )
+        pinned = mlflow_clip.log_model(colour_onnx, name="pinned", pip_requirements=["onnxruntime", "pillow"])
+    assert info.model_id == existing.model_id
+    local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / "download")))
+    assert (local / "code" / "team_helpers.py").read_text() == "GREETING = 'hello'\n"
+    manifest = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["mlflow_clip"]["manifest"]
+    assert "code/team_helpers.py" in json.dumps(manifest)
+    assert mlflow.models.get_model_info(info.model_uri).signature.inputs.input_names() == ["image"]
+    assert mlflow.models.get_model_info(info.model_uri).signature.params is None  # the given one, not the default
+    assert "team-extra==1.0" in (local / "requirements.txt").read_text().split()
+    pinned_dir = Path(mlflow.artifacts.download_artifacts(pinned.model_uri, dst_path=str(tmp_path / "pinned")))
+    # exactly the given ones, plus the mlflow pin MLflow adds to every flavor's requirements
+    pinned_reqs = (pinned_dir / "requirements.txt").read_text().split()
+    assert pinned_reqs == [f"mlflow=={mlflow.__version__}", "onnxruntime", "pillow"]
+    version = mlflow.MlflowClient().get_model_version("colours-extra", info.registered_model_version)
+    assert version.status == "READY"
+    model = mlflow.pyfunc.load_model(info.model_uri)
+    assert list(model.predict(pd.DataFrame({"image": [encode(solid("red"))]}))["label"]) == ["red"]
