@@ -65,6 +65,13 @@ def hostile_requests(good_image: str) -> dict[str, tuple[dict, str]]:
         {"inputs": one, "params": {"classes": [" ".join(["red"] * 80) + " circle", "a square"]}},
         "truncate",
     )
+    long = "q" * 100_000
+    cases["a 100 KB @file template"] = (
+        {"inputs": one, "params": {"classes": ["a cat", "a dog"], "templates": "@" + long}},
+        "cannot read files",
+    )
+    for param in ("output", "on_error"):
+        cases[f"a 100 KB {param}"] = ({"inputs": one, "params": {param: long}}, "expected one of")
     cases["a 100 KB text to embed"] = ({"inputs": {"text": ["w" * 100_000]}}, "max_text_chars")
     cases["a null text"] = ({"dataframe_split": {"columns": ["text"], "data": [["a cat"], [None]]}}, "row 1")
     return cases

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 
 from mlflow_clip.errors import MlflowClipError
+from mlflow_clip.serving.errors import shown
 
 MAX_MODEL_NAME_LENGTH = 256  # MLflow's registered_models.name column
 # MLflow caps tag keys at 250 characters; the longest tag key an alias goes into is a lock
@@ -49,7 +50,7 @@ def check_model_name(name: str, what: str = "model name") -> str:
     bad = _BAD_NAME_CHARACTERS.search(name)
     if bad:
         raise RegistryNameError(
-            f"Received the {what} {_shown(name)}, which contains {_describe(bad.group())}; expected a name without "
+            f"Received the {what} {shown(name, 60)}, which contains {_describe(bad.group())}; expected a name without "
             "slashes, colons, quotes, backslashes or control characters."
         )
     return name
@@ -65,11 +66,11 @@ def check_alias(alias: str) -> str:
         )
     if not _ALIAS.match(alias):
         raise RegistryNameError(
-            f"Received the alias {_shown(alias)}; expected letters, digits, underscores (_) and dashes (-) only."
+            f"Received the alias {shown(alias, 60)}; expected letters, digits, underscores (_) and dashes (-) only."
         )
     if _RESERVED_ALIAS.match(alias):
         raise RegistryNameError(
-            f"Received the alias {_shown(alias)}, which MLflow reserves (latest, v<number>); choose another."
+            f"Received the alias {shown(alias, 60)}, which MLflow reserves (latest, v<number>); choose another."
         )
     return alias
 
@@ -84,10 +85,6 @@ def parse_version(text: str) -> VersionRef:
     if not text:
         raise RegistryNameError("Received an empty version; expected a number (3) or an alias (challenger, @3).")
     return VersionRef(None, check_alias(text))
-
-
-def _shown(value: str) -> str:
-    return repr(value if len(value) <= 60 else value[:57] + "...")
 
 
 def _describe(char: str) -> str:

@@ -20,3 +20,10 @@ class ModelIntegrityError(MlflowClipError, RuntimeError):
 
 class ModelFileError(MlflowClipError, RuntimeError):
     """A file of the model directory cannot be used (missing, unreadable, or unsafe)."""
+
+
+def shown(value: object, limit: int = 40) -> str:
+    """`repr(value)` cut to `limit` characters: how an error names a value it refuses without
+    echoing a request back (under 40 characters of it by default)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from .errors import MlflowClipError
+from .errors import MlflowClipError, shown
 
 # The 80 prompt templates CLIP's authors used for zero-shot ImageNet.
 IMAGENET_TEMPLATES: tuple[str, ...] = (
@@ -162,13 +162,13 @@ def _check_class_names(names: list[str], source: str) -> None:
         for char in FORBIDDEN_CLASS_CHARS:
             if char in name:
                 raise PromptError(
-                    f"Class {index} ({name!r}) contains {char!r}, which separates classes in the "
+                    f"Class {index} ({shown(name)}) contains {char!r}, which separates classes in the "
                     "model's output name; rephrase the class without it."
                 )
         key = name.casefold()
         if key in seen:
             raise PromptError(
-                f"Class {index} ({name!r}) duplicates class {seen[key]} ({names[seen[key]]!r}) in "
+                f"Class {index} ({shown(name)}) duplicates class {seen[key]} ({shown(names[seen[key]])}) in "
                 f"{source}; each class name must be unique (ignoring case)."
             )
         seen[key] = index
@@ -187,7 +187,7 @@ def resolve_templates(spec: str | Sequence[str]) -> list[str]:
             source = f"file {path}"
         else:
             raise PromptError(
-                f"Received templates={spec!r}; expected one of {sorted(TEMPLATE_PRESETS)} "
+                f"Received templates={shown(spec)}; expected one of {sorted(TEMPLATE_PRESETS)} "
                 "or @path to a file with one template containing {} per line."
             )
     else:
@@ -197,7 +197,7 @@ def resolve_templates(spec: str | Sequence[str]) -> list[str]:
     for index, template in enumerate(templates):
         if template.count(PLACEHOLDER) != 1:
             raise PromptError(
-                f"Template {index} in {source} ({template!r}) must contain the placeholder {{}} "
+                f"Template {index} in {source} ({shown(template)}) must contain the placeholder {{}} "
                 "exactly once, e.g. 'a photo of a {}.'"
             )
     return templates

@@ -12,7 +12,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .errors import MlflowClipError
+from .errors import MlflowClipError, shown
 from .limits import InputLimits
 from .prompts import TEMPLATE_PRESETS, PromptError, parse_classes, resolve_templates
 
@@ -33,7 +33,7 @@ def request_classes(value: Any, limits: InputLimits = InputLimits()) -> list[str
     if isinstance(value, str):
         if value.lstrip().startswith("@"):
             raise InvalidInputError(
-                f"Received classes={value!r}; a request cannot read files. Send the names as a list."
+                f"Received classes={shown(value)}; a request cannot read files. Send the names as a list."
             )
         value = value.split(",")
     if isinstance(value, np.ndarray):
@@ -61,7 +61,7 @@ def request_templates(value: Any, limits: InputLimits = InputLimits()) -> list[s
         key = value.strip()
         if key.startswith("@"):
             raise InvalidInputError(
-                f"Received templates={value!r}; a request cannot read files. Send a preset "
+                f"Received templates={shown(value)}; a request cannot read files. Send a preset "
                 f"({', '.join(sorted(TEMPLATE_PRESETS))}) or a template containing {{}}."
             )
         value = list(TEMPLATE_PRESETS[key]) if key in TEMPLATE_PRESETS else [value]
@@ -175,9 +175,11 @@ def _rows_from_mapping(data: Mapping) -> list[Any]:
 
 def check_options(top_k: Any, on_error: Any, num_classes: int) -> None:
     if on_error not in ON_ERROR_CHOICES:
-        raise InvalidInputError(f"Received on_error={on_error!r}; expected one of {list(ON_ERROR_CHOICES)}.")
+        raise InvalidInputError(f"Received on_error={shown(on_error)}; expected one of {list(ON_ERROR_CHOICES)}.")
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
-        raise InvalidInputError(f"Received top_k={top_k!r}; expected a whole number from 0 (off) to {num_classes}.")
+        raise InvalidInputError(
+            f"Received top_k={shown(top_k)}; expected a whole number from 0 (off) to {num_classes}."
+        )
 
 
 def describe_bad_rows(bad: list[tuple[int, str]], shown: int = 5) -> str:

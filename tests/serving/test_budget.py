@@ -97,6 +97,24 @@ def test_text_budgets_refuse_before_tokenizing(demo, params, match):
     assert time.process_time() - started < FAST
 
 
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"classes": ["a cat", "a dog"], "templates": "@" + "q" * 100_000},
+        {"output": "q" * 100_000},
+        {"on_error": "q" * 100_000},
+        {"classes": ["a cat," + "q" * 900, "a dog"]},
+    ],
+    ids=["@file template", "output", "on_error", "class with a comma"],
+)
+def test_a_refused_parameter_is_named_without_echoing_it(demo, params):
+    """The message names the value by its first few characters only, however long it is."""
+    with pytest.raises(MlflowException) as refused:
+        demo.predict(pd.DataFrame({"image": [encode(solid("red"))]}), params=params)
+    message = refused.value.message
+    assert "q" * 40 not in message and len(message) < 400, message
+
+
 def test_labels_longer_than_the_context_are_refused_unless_truncate(demo):
     """Two long labels sharing their first 77 tokens would both score 0.5: refused by default."""
     prefix = " ".join(["red"] * 80)
