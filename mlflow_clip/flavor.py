@@ -31,7 +31,6 @@ from typing import Any, Sequence
 
 import yaml
 from mlflow import pyfunc
-from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.models.utils import _save_example
@@ -68,7 +67,7 @@ from mlflow_clip.serving.contract import (
     sha256_file,
 )
 from mlflow_clip.serving.limits import InputLimits
-from mlflow_clip.serving.loader import VERIFY_SETTING, _load_pyfunc, default_signature, load_classifier
+from mlflow_clip.serving.loader import VERIFY_SETTING, ModelError, _load_pyfunc, default_signature, load_classifier
 from mlflow_clip.serving.manifest import build_manifest, manifest_digest, read_mlmodel
 from mlflow_clip.serving.runtime import RuntimeSettings
 
@@ -189,7 +188,7 @@ def refuse_external_data(onnx_path: str | os.PathLike) -> None:
     model = onnx.load(str(onnx_path), load_external_data=False)
     external = [t.name for t in _all_tensors(model) if uses_external_data(t)]
     if external:
-        raise MlflowException(
+        raise ModelError(
             f"Received {Path(onnx_path).name} whose tensors {external[:3]} keep their data in side files; "
             "expected a self-contained graph. Save it with onnx.save_model(model, path, save_as_external_data=False).",
             error_code=INVALID_PARAMETER_VALUE,
@@ -213,7 +212,7 @@ def _as_settings(runtime: RuntimeSettings | dict | None) -> RuntimeSettings:
     try:
         return RuntimeSettings.from_dict(runtime)
     except (TypeError, ValueError) as e:
-        raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from e
+        raise ModelError(str(e), error_code=INVALID_PARAMETER_VALUE) from e
 
 
 def _as_limits(limits: InputLimits | dict | None) -> InputLimits:
@@ -222,7 +221,7 @@ def _as_limits(limits: InputLimits | dict | None) -> InputLimits:
     try:
         return InputLimits.from_dict(limits)
     except (TypeError, ValueError) as e:
-        raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from e
+        raise ModelError(str(e), error_code=INVALID_PARAMETER_VALUE) from e
 
 
 def _copy_text_encoder(source: Path, path: Path) -> None:
@@ -405,5 +404,5 @@ def flavor_configuration(model_dir: str | os.PathLike) -> dict[str, Any]:
     """The `mlflow_clip` flavor configuration of a local model directory."""
     conf = (read_mlmodel(model_dir).get("flavors") or {}).get(FLAVOR_NAME)
     if not isinstance(conf, dict):
-        raise MlflowException(f"{model_dir} is not an mlflow_clip model.", error_code=INVALID_PARAMETER_VALUE)
+        raise ModelError(f"{model_dir} is not an mlflow_clip model.", error_code=INVALID_PARAMETER_VALUE)
     return conf

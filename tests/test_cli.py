@@ -97,3 +97,28 @@ def test_each_progress_line_is_printed_once(tmp_path):
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert client.get_experiment_by_name("first") is not None
+
+
+def test_evaluating_a_tampered_model_is_one_line_and_exit_code_2(colour_model_dir, tmp_path, monkeypatch):
+    """A model that fails its manifest is one of the library's own errors: the CLI prints one
+    line naming the changed file, with exit code 2, and Python callers can catch it either way."""
+    import shutil
+
+    from mlflow.exceptions import MlflowException
+    from tampering import swap_classes
+
+    import mlflow_clip
+    from mlflow_clip.errors import MlflowClipError
+
+    model = tmp_path / "model"
+    shutil.copytree(colour_model_dir, model)
+    changed = swap_classes(model)
+    with pytest.raises(MlflowClipError, match=changed) as refused:
+        mlflow_clip.load_model(str(model))
+    assert isinstance(refused.value, MlflowException)
+    (tmp_path / "val" / "red").mkdir(parents=True)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    result = CliRunner().invoke(cli, ["evaluate", "--model-uri", str(model), "--data", str(tmp_path / "val")])
+    assert result.exit_code == 2, result.output
+    assert changed in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output

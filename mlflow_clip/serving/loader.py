@@ -26,7 +26,7 @@ from mlflow.protos import databricks_pb2
 from .classifier import ZeroShotClassifier
 from .contract import FLAVOR_NAME, ONNX_FILE_NAME, ClassifierConfig, FlavorKey
 from .deadline import DeadlineExceeded
-from .errors import MlflowClipError, ModelFileError
+from .errors import MlflowClipError, ModelFileError, shown
 from .limits import InputLimits
 from .manifest import check_manifest, read_mlmodel, recorded_manifest
 from .preprocess import native_status
@@ -133,7 +133,7 @@ def _verify_setting(value: Any, saved: Any) -> bool:
     if isinstance(value, str):
         value = value.strip().lower() not in ("0", "false", "no", "off")
     if not isinstance(value, bool):
-        raise _invalid(f"Received verify={value!r}; expected true or false.")
+        raise _invalid(f"Received verify={shown(value)}; expected true or false.")
     return value
 
 
@@ -191,8 +191,14 @@ def _configure_logging() -> None:
     logger.setLevel(logging.INFO)
 
 
-def _invalid(message: str, code: str = "INVALID_PARAMETER_VALUE") -> MlflowException:
-    return MlflowException(message, error_code=getattr(databricks_pb2, code))
+class ModelError(MlflowException, MlflowClipError):
+    """A model that cannot be saved or loaded as asked (a file that fails its manifest, a missing
+    file, bad settings): an `MlflowException` for MLflow, and one of the library's own errors
+    for the CLI and for callers catching `MlflowClipError`."""
+
+
+def _invalid(message: str, code: str = "INVALID_PARAMETER_VALUE") -> ModelError:
+    return ModelError(message, error_code=getattr(databricks_pb2, code))
 
 
 def _load_pyfunc(path: str, model_config: dict | None = None) -> ClipPyfuncModel:
@@ -252,7 +258,7 @@ class ClipPyfuncModel:
         options = {**PARAM_DEFAULTS, **{k: v for k, v in (params or {}).items() if v is not None}}
         output = options["output"]
         if output not in OUTPUT_CHOICES:
-            raise ClientInputError(f"Received output={output!r}; expected one of {list(OUTPUT_CHOICES)}.")
+            raise ClientInputError(f"Received output={shown(output)}; expected one of {list(OUTPUT_CHOICES)}.")
         truncate = _flag(options["truncate"], "truncate")
         try:
             texts = _text_rows(data)
