@@ -140,6 +140,11 @@ def test_the_readme_layout_table_names_every_part_of_the_package():
     )
     missing = [part for part in parts if not re.search(rf"`mlflow_clip/{re.escape(Path(part).stem)}(/|\.py|`)", table)]
     assert missing == []
+    # and each folder's row names every module in it
+    for folder in (p for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()):
+        row = next(line for line in table.splitlines() if f"`mlflow_clip/{folder.name}/`" in line)
+        unnamed = [m.name for m in sorted(folder.glob("*.py")) if m.name != "__init__.py" and f"`{m.name}`" not in row]
+        assert unnamed == [], f"the README's row for mlflow_clip/{folder.name}/ does not name {unnamed}"
 
 
 def test_ruff_finds_nothing():
