@@ -27,7 +27,12 @@ def test_version():
         (["--opset", "11"], "Received opset=11; expected a whole number, 12 or newer"),
         (["--templates", "@nowhere.txt"], "The template file nowhere.txt was not found (looked in"),
         (["--classes", "a,,b"], "Class 1"),
+        (
+            ["--classes", " ".join(["red"] * 80) + " circle,a blue square"],
+            "Class 0 gives a prompt longer than CLIP's context of 77 tokens",
+        ),
     ],
+    ids=["opset", "missing template file", "empty class", "a class over the context"],
 )
 def test_bad_export_arguments_are_one_line_before_torch_is_imported(tmp_path, args, message):
     """torch cannot even be imported here: the argument must be refused before anything loads."""

@@ -36,6 +36,9 @@ def log_promotion(run_id: str, action: str, asked: str, result: PromotionResult 
                 "model_name": result.model_name,
                 "alias": result.alias,
                 "version": result.version,
+                # under `mlflow run -e promote`, "version" already holds what was typed (an alias,
+                # say): the number the alias now names is kept under a key of its own
+                "resolved_version": result.version,
                 "previous_version": result.previous_version or "",
                 "outcome": _outcome(action, result, error),
                 "history_seq": result.seq if result.seq is not None else "",

@@ -97,6 +97,29 @@ def test_the_longest_alias_accepted_promotes_and_rolls_back(store, client):
     assert [e.event for e in history(NAME, longest)] == ["promote", "promote", "rollback"]
 
 
+def test_a_promotion_run_records_what_was_asked_what_moved_and_each_gate(store, client, alias):
+    """As `mlflow run -e promote` leaves it: the entry point's own `version` param (an alias
+    here) stays, the resolved number, the outcome and every gate's figures are on the run, and its
+    description is a table of the gates, as the MLflow UI shows the run."""
+    import mlflow
+
+    from mlflow_clip.registry import GateThresholds
+    from mlflow_clip.registry.runs import promote_in_run
+
+    client.set_registered_model_alias(NAME, "challenger", store["v2"])
+    with mlflow.start_run() as run:
+        mlflow.log_param("version", "challenger")  # what MLproject logs for -P version=challenger
+        result = promote_in_run(NAME, "challenger", alias, GateThresholds())
+    data = client.get_run(run.info.run_id).data
+    assert data.params["version"] == "challenger" and data.params["resolved_version"] == store["v2"]
+    assert data.params["outcome"] == "promoted" and data.params["alias"] == alias
+    assert data.params["history_seq"] == str(result.seq)
+    assert {f"gate_{g.name.replace(' ', '_')}_passed" for g in result.gates} <= set(data.metrics)
+    assert all(data.metrics[f"gate_{g.name.replace(' ', '_')}_passed"] == 1.0 for g in result.gates)
+    description = data.tags["mlflow.note.content"]
+    assert f"version {store['v2']}" in description and "| gate | result | detail |" in description
+
+
 def test_a_number_is_a_version_and_at_names_an_alias(store, client):
     from mlflow_clip.registry import parse_version, resolve_version
 
