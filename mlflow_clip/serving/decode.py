@@ -210,8 +210,8 @@ def _check_ratio(image: Image.Image, size: int, limits: InputLimits) -> None:
 
 def _unreadable(described: str, error: BaseException) -> tuple[str, str]:
     """Say what is wrong when Pillow can name it; never the payload."""
-    text = str(error)
-    if "Decompressed Data Too Large" in text or "Too much memory used in text chunks" in text:
+    text = str(error).lower()  # Pillow 13: "Decompressed data too large"; older: "Decompressed Data Too Large"
+    if "decompressed data too large" in text or "too much memory used in text chunks" in text:
         return (
             f"PNG text chunk larger than Pillow accepts ({described})",
             "send the image without its text metadata (re-save it without text chunks)",

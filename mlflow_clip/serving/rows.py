@@ -154,7 +154,7 @@ def _rows_from_frame(frame: pd.DataFrame) -> list[Any]:
         return list(frame.iloc[:, 0])
     if len(frame.columns) == 0:
         raise InvalidInputError(
-            f"Received {len(frame)} rows without an '{IMAGE_COLUMN}' or 'text' column (MLflow drops the columns a "
+            f"Received rows without an '{IMAGE_COLUMN}' or 'text' column (MLflow drops the columns a "
             f"model's signature does not name, so check the column's name): send images in '{IMAGE_COLUMN}', "
             "texts to embed in 'text'."
         )

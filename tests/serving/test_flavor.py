@@ -383,3 +383,14 @@ def test_log_model_honours_code_signature_requirements_and_model_id(colour_onnx,
     assert version.status == "READY"
     model = mlflow.pyfunc.load_model(info.model_uri)
     assert list(model.predict(pd.DataFrame({"image": [encode(solid("red"))]}))["label"]) == ["red"]
+
+
+def test_a_misnamed_column_says_that_mlflow_dropped_it(colour_model_dir):
+    """MLflow drops the columns a signature does not name before the model sees the rows: the
+    error says so and names the columns to use, instead of counting the rows that are left."""
+    model = mlflow.pyfunc.load_model(str(colour_model_dir))
+    with pytest.raises(MlflowException) as refused:
+        model.predict(pd.DataFrame({"img": [encode(solid("red"))]}))
+    message = refused.value.message
+    assert "without an 'image' or 'text' column" in message and "MLflow drops the columns" in message
+    assert "0 rows" not in message

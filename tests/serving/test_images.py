@@ -304,6 +304,7 @@ def test_decoded_image_is_loaded_and_detached():
         (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n", "PDF"),
         (b"8BPS\x00\x01" + b"\x00" * 20, "PSD"),
         (b"\x00\x00\x01\x00\x01\x00" + b"\x00" * 20, "ICO"),
+        (b"\x00\x00\x02\x00\x01\x00" + b"\x00" * 20, "CUR or TGA"),
         (b"\x00\x00\x00\x1cftypavif" + b"\x00" * 20, "AVIF"),
         (b"\x00\x00\x00\x18ftypheic" + b"\x00" * 20, "HEIC"),
     ],
@@ -314,6 +315,23 @@ def test_unsupported_formats_are_refused_before_decoding(monkeypatch, payload, n
         with pytest.raises(ImageInputError) as raised:
             decode_image(value)
         assert raised.value.reason == f"unsupported format {name}"
+
+
+@pytest.mark.parametrize("many", [False, True], ids=["one 2 MB chunk", "many 500 KB chunks"])
+def test_a_png_whose_text_metadata_pillow_refuses_names_it_and_the_fix(many):
+    """2 KB of PNG that inflate to megabytes of text chunks: Pillow refuses them, and the error
+    says that it is the text metadata, not a corrupt image."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    for i in range(140 if many else 1):  # 70 MB in all, over Pillow's 64 MB for text
+        info.add_text(f"comment{i}", "x" * (500_000 if many else 2_000_000), zip=True)
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buffer, "PNG", pnginfo=info)
+    with pytest.raises(ImageInputError) as raised:
+        decode_image(buffer.getvalue())
+    assert raised.value.reason.startswith("PNG text chunk larger than Pillow accepts")
+    assert "without its text metadata" in str(raised.value)
 
 
 def test_unsupported_media_type_in_data_uri_is_refused():
