@@ -14,9 +14,9 @@ softmax) always stays float32: it is tiny, and it is where rounding would move p
   per-channel weights, every op but the head); transformer (ViT) towers get dynamic
   quantization of their MatMul/Gemm weights. The choice and the alternatives measured are in
   docs/decisions/int8-method.md. The runtime is chosen per tower too: a static QDQ graph is
-  served by OpenVINO when it is installed at export (its int8 kernels ran RN50 at 1.3x to 1.5x
-  onnxruntime's int8; parity is then gated on both runtimes, onnxruntime being the fallback),
-  a dynamic one by onnxruntime (OpenVINO ran ViT-B/32's at 0.27x; docs/decisions/openvino.md).
+  served by OpenVINO when it is installed at export (parity is then gated on both runtimes,
+  onnxruntime being the fallback), a dynamic one by onnxruntime, each where it ran faster
+  (docs/decisions/openvino.md has the figures).
 - **fp16** (`onnxconverter_common.float16`, inputs and outputs kept float32) is for GPU
   execution providers. onnxruntime's CPU provider computes most fp16 ops in float32, which
   understates a GPU's rounding, so `fp16_emulation` builds an fp32 graph that rounds every

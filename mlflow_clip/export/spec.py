@@ -39,14 +39,11 @@ PRECISION_RUNTIMES: dict[str, str] = {
     "int8": "onnxruntime",
     "bf16": "openvino",
 }
-# The decode each precision's model uses by default (`jpeg_draft` in its runtime settings): JPEG
-# draft decoding changed probabilities by at most 4.1e-3 at 224 px (RN50, ViT-B/32;
-# docs/draft_mode.md) and bought 17 to 31% end to end for int8 at 1080p, so it is on where the
-# precision's own gate is at least 1e-2 and the CPU runs it (int8, bf16; its own gates,
-# `parity_draft_*`, are measured at export), for inputs of at least DRAFT_MIN_RESOLUTION. Below
-# that the draft is coarse: the 64 px demo model at int8 moved by 0.108 on 270 fresh images with
-# it (0.1 is int8's gate). fp32 stays bit-exact with CLIP's preprocessing; fp16 is for GPUs, not
-# measured here.
+# The decode each precision's model uses by default (`jpeg_draft` in its runtime settings). Rule:
+# on where the draft's measured change is well inside the precision's own gate and the CPU runs
+# it (int8, bf16, whose export also gates the draft path, `parity_draft_*`), for inputs of at
+# least DRAFT_MIN_RESOLUTION, below which the draft is coarse; fp32 stays bit-exact with CLIP's
+# preprocessing, and fp16 is for GPUs. The figures: docs/decisions/jpeg-draft-off.md.
 PRECISION_JPEG_DRAFT: dict[str, bool] = {"fp32": False, "fp16": False, "int8": True, "bf16": True}
 DRAFT_MIN_RESOLUTION = 224
 
@@ -63,8 +60,7 @@ def default_jpeg_draft(precision: str, input_resolution: int) -> bool:
 # Per-precision parity gates, against fp32 PyTorch. Rule: about 3x headroom over the worst
 # figures measured on the sample images with each precision's chosen method, and a logit gate
 # that refuses the method not chosen (docs/decisions/parity-thresholds.md has the figures).
-# bf16 (measured on the demo's 400 fresh images and the samples, RN50 and ViT-B/32 with random
-# weights: docs/decisions/openvino.md): about 3x headroom over the worst figures measured.
+# bf16's figures (the demo model, RN50 and ViT-B/32) are in docs/decisions/openvino.md.
 BF16_MAX_PROB_DIFF = 1e-2
 BF16_MAX_LOGIT_DIFF = 0.3
 PRECISION_THRESHOLDS: dict[str, dict[str, float]] = {
