@@ -12,12 +12,15 @@ and the first one's directory may be gone (a temporary download) by the time the
     loader.py      the pyfunc loader MLflow calls, and the pyfunc wrapper
     v2.py          the output table and errors as MLServer's V2 codecs take them
     classifier.py  rows in, predictions out
+    rows.py        a request's rows and parameters, checked
     images.py      decoding untrusted image bytes
+    decode.py      header checks, pixel budgets and the decode itself
+    deadline.py    the request's deadline, checked between pieces of work
     preprocess.py  CLIP's resize, crop and normalization (native or Pillow, same pixels)
     resample.py    the binding to the native extension
     runtime.py     the runtime settings, the runtime choice and the onnxruntime session
     openvino_runtime.py   the optional OpenVINO session (imported only when chosen; bf16)
     limits.py      per-request input limits
     prompts.py, tokenizer.py, text.py   labels, CLIP's tokenizer and text encoder
-    errors.py      the error family's root
+    errors.py      the error family's root, and how an error names a value
 """

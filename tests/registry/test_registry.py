@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 from helpers import (
     demo_image_bytes,
@@ -119,7 +122,7 @@ def test_promote_gate_serve_tamper_rollback(tracking_server, two_versions):
     assert not again.moved and "already holds" in again.message
 
     if tracking_server["backend"] == "sqlite":
-        _serve_alias_and_predict(tracking_server["url"], tracking_server["artifacts"].parent)
+        _serve_alias_and_predict(tracking_server["url"], tracking_server["artifacts"].parent, v1, v2)
 
     v3 = _tampered_version(client, tracking_server["artifacts"])
     with pytest.raises(
@@ -194,36 +197,58 @@ def test_each_tampered_file_is_refused_by_promotion_naming_it(tracking_server, e
     assert "reference images" in predict.detail and predict.figures["per_request"] is True
 
 
-def _serve_alias_and_predict(tracking_url: str, log_dir: Path) -> None:
+def _serve_alias_and_predict(tracking_url: str, log_dir: Path, v1: str, v2: str) -> None:
+    """A server started on @production serves the version the alias named at its start, and
+    keeps serving it after a promotion moves the alias (the README says to restart it); after a
+    restart it serves the new holder. The alias is put back with a rollback."""
+    import base64
+
+    import mlflow
+
+    from mlflow_clip.registry import promote, rollback
+
+    images = demo_image_bytes([(c, "PNG") for c in CLASSES])
+    body = {"inputs": {"image": [base64.b64encode(d).decode() for d, _ in images]}}
+    frame = pd.DataFrame({"image": [d for d, _ in images]})
+    expected = {
+        v: np.array(mlflow.pyfunc.load_model(f"models:/{NAME}/{v}").predict(frame)["probabilities"].tolist())
+        for v in (v1, v2)
+    }
+    assert np.abs(expected[v1] - expected[v2]).max() > 1e-3  # photo vs ensemble templates: told apart
+
+    def served(name: str) -> np.ndarray:
+        with _alias_server(tracking_url, log_dir / f"{name}.log") as url:
+            first = _probabilities(url, body)
+            if name == "before":
+                promote(NAME, v1, "production")  # moves the alias while this server runs
+                assert np.abs(_probabilities(url, body) - expected[v2]).max() < 1e-5  # still v2: no reload
+            return first
+
+    assert np.abs(served("before") - expected[v2]).max() < 1e-5
+    assert np.abs(served("restarted") - expected[v1]).max() < 1e-5  # a restart picks up the new holder
+    assert rollback(NAME, "production").version == v2
+
+
+def _probabilities(url: str, body: dict) -> np.ndarray:
+    response = requests.post(f"{url}/invocations", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    assert [p["label"] for p in predictions] == CLASSES
+    return np.array([p["probabilities"] for p in predictions])
+
+
+@contextlib.contextmanager
+def _alias_server(tracking_url: str, log: Path):
     port = free_port()
+    argv = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@production"]
     process = start_server(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "models",
-            "serve",
-            "-m",
-            f"models:/{NAME}@production",
-            "--env-manager",
-            "local",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-        ],
-        log_dir / "serve.log",
+        [*argv, "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        log,
         subprocess_env(MLFLOW_TRACKING_URI=tracking_url),
     )
     try:
         wait_for_http(f"http://127.0.0.1:{port}/ping", process)
-        import base64
-
-        images = demo_image_bytes([(c, "PNG") for c in CLASSES])
-        body = {"inputs": {"image": [base64.b64encode(d).decode() for d, _ in images]}}
-        response = requests.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=60)
-        assert response.status_code == 200, response.text
-        assert [p["label"] for p in response.json()["predictions"]] == CLASSES
+        yield f"http://127.0.0.1:{port}"
     finally:
         stop_process(process)
 
