@@ -34,6 +34,7 @@ from mlflow_clip.errors import MlflowClipError
 _logger = logging.getLogger(__name__)
 
 LOCK_TAG_PREFIX = "mlflow_clip.lock."
+LOCK_KEY_OVERHEAD = len(LOCK_TAG_PREFIX) + 1 + 32  # a ticket's key: <prefix><alias>.<uuid4 hex>
 LEASE_SECONDS = 20.0
 POLL_SECONDS = 0.2
 WAIT_SECONDS = 300.0

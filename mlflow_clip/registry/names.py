@@ -15,13 +15,14 @@ import re
 from dataclasses import dataclass
 
 from mlflow_clip.errors import MlflowClipError
+from mlflow_clip.registry.lock import LOCK_KEY_OVERHEAD
 from mlflow_clip.serving.errors import shown
 
 MAX_MODEL_NAME_LENGTH = 256  # MLflow's registered_models.name column
 # MLflow caps tag keys at 250 characters; the longest tag key an alias goes into is a lock
-# ticket's, `mlflow_clip.lock.<alias>.<32 hex>`: 50 characters plus the alias.
+# ticket's (the history's keys are shorter).
 MAX_TAG_KEY_LENGTH = 250
-MAX_ALIAS_LENGTH = MAX_TAG_KEY_LENGTH - 50
+MAX_ALIAS_LENGTH = MAX_TAG_KEY_LENGTH - LOCK_KEY_OVERHEAD
 _ALIAS = re.compile(r"^[\w\-]+$")
 _RESERVED_ALIAS = re.compile(r"^(latest|[vV]\d+)$", re.IGNORECASE)
 _BAD_NAME_CHARACTERS = re.compile(r"[/:'\"\\\x00-\x1f\x7f]")

@@ -5,7 +5,8 @@ MLflow's scoring server answers 504 after its request timeout
 running the prediction. The classifier therefore takes that timeout as its own deadline when
 it runs under the server (or `deadline_seconds` when set), and checks it between chunks,
 shards, images, slices of prompts being tokenized and text-encoder runs: a timed-out request
-frees its worker within about one piece of work. Outside a server (a notebook, Spark) there is no deadline unless set.
+frees its worker within about one piece of work. Outside a server (a notebook, Spark) there is
+no deadline unless set.
 
     >>> deadline = Deadline.after(30.0)
     >>> deadline.check("decoding")  # raises DeadlineExceeded once 30 s have passed

@@ -218,16 +218,12 @@ def _serve_alias_and_predict(tracking_url: str, log_dir: Path, v1: str, v2: str)
     }
     assert np.abs(expected[v1] - expected[v2]).max() > 1e-2  # told apart: 10x the tolerance below
 
-    def served(name: str) -> np.ndarray:
-        with _alias_server(tracking_url, log_dir / f"{name}.log") as url:
-            first = _probabilities(url, body)
-            if name == "before":
-                promote(NAME, v1, "production")  # moves the alias while this server runs
-                assert np.abs(_probabilities(url, body) - expected[v2]).max() < 1e-3  # still v2: no reload
-            return first
-
-    assert np.abs(served("before") - expected[v2]).max() < 1e-3
-    assert np.abs(served("restarted") - expected[v1]).max() < 1e-3  # a restart picks up the new holder
+    with _alias_server(tracking_url, log_dir / "before.log") as url:
+        assert np.abs(_probabilities(url, body) - expected[v2]).max() < 1e-3
+        promote(NAME, v1, "production")  # moves the alias while this server runs
+        assert np.abs(_probabilities(url, body) - expected[v2]).max() < 1e-3  # still v2: no reload
+    with _alias_server(tracking_url, log_dir / "restarted.log") as url:
+        assert np.abs(_probabilities(url, body) - expected[v1]).max() < 1e-3  # a restart picks up the new holder
     assert rollback(NAME, "production").version == v2
 
 
