@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from helpers import requires_export
 
-from mlflow_clip.bench import RowResult, make_options, quick_options, run_benchmark
-from mlflow_clip.bench import mlserver as bench_mlserver
-from mlflow_clip.bench.mlserver import (
+from benchmarks import RowResult, make_options, quick_options, run_benchmark
+from benchmarks import mlserver as bench_mlserver
+from benchmarks.mlserver import (
     MLSERVER_RUNTIME,
     MODEL_NAME,
     MLServerUnavailable,
@@ -22,8 +22,8 @@ from mlflow_clip.bench.mlserver import (
     v2_call,
     write_model_settings,
 )
-from mlflow_clip.bench.options import DEFAULT_ROWS
-from mlflow_clip.bench.plan import plan_group
+from benchmarks.options import DEFAULT_ROWS
+from benchmarks.plan import plan_group
 
 
 def _plan(model_dir, **options):

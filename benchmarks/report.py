@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
-from mlflow_clip.bench.models import model_slug
-from mlflow_clip.bench.results import (
+from benchmarks.models import model_slug
+from benchmarks.results import (
     BenchmarkReport,
     HostileResult,
     LoadResult,
@@ -19,7 +18,7 @@ from mlflow_clip.bench.results import (
     TargetResult,
     format_number,
 )
-from mlflow_clip.bench.targets import TARGET_BATCH, TARGET_MODEL, TARGET_SIZE, evaluate_targets
+from benchmarks.targets import BUSY, TARGET_BATCH, TARGET_MODEL, TARGET_SIZE, evaluate_targets
 
 MIN_TREND_REQUESTS = 500  # soak requests after the warm-up needed to show an RSS trend
 
@@ -30,9 +29,10 @@ MIN_TREND_REQUESTS = 500  # soak requests after the warm-up needed to show an RS
 
 def rows_table(rows: Sequence[RowResult]) -> str:
     lines = [
-        "| model | image | batch | row | requests | images/s | p50 ms | p95 ms | peak RSS MB | cores busy "
-        "| × (a) torch | × (b) onnxruntime | × (c) pyfunc | max abs Δp vs (a) | note |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| model | image | batch | row | requests | images/s | p50 ms | p95 ms | peak RSS MB | cores busy | CPU s "
+        "| others' cores | × (a) torch | × (a+) strongest torch | × (b) onnxruntime | × (c) pyfunc "
+        "| max abs Δp vs (a) | note |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         ok = r.ok
@@ -40,8 +40,9 @@ def rows_table(rows: Sequence[RowResult]) -> str:
             f"| {r.model} | {r.size} | {r.batch} | {r.label} | {r.requests if ok else '—'} | "
             f"{format_number(r.images_per_s, 2) if ok else '—'} | {format_number(r.p50_ms, 0) if ok else '—'} | "
             f"{format_number(r.p95_ms, 0) if ok else '—'} | {format_number(r.peak_rss_mb, 0) if ok else '—'} | "
-            f"{format_number(r.cores_busy, 2) if ok else '—'} | {format_number(r.vs_torch, 2, 'x')} | "
-            f"{format_number(r.vs_onnxruntime, 2, 'x')} | "
+            f"{format_number(r.cores_busy, 2) if ok else '—'} | {format_number(r.cpu_seconds, 1)} | "
+            f"{format_number(r.others_cores, 2)} | {format_number(r.vs_torch, 2, 'x')} | "
+            f"{format_number(r.vs_torch_strong, 2, 'x')} | {format_number(r.vs_onnxruntime, 2, 'x')} | "
             f"{format_number(r.vs_pyfunc, 2, 'x')} | {'—' if r.max_prob_diff is None else f'{r.max_prob_diff:.1e}'} | "
             f"{'' if ok else r.status + ': '}{_cell(r.note)} |"
         )
@@ -54,7 +55,13 @@ def _cell(text: str) -> str:
 
 def targets_table(targets: Sequence[TargetResult]) -> str:
     lines = ["| target | threshold | measured | result |", "|---|---|---|---|"]
-    lines += [f"| {t.name} | {t.threshold} | {t.measured} | **{t.result}** |" for t in targets]
+    lines += [f"| {t.name} | {t.threshold} | {_cell(t.measured)} | **{t.result}** |" for t in targets]
+    lines += [
+        "",
+        f"A ratio is judged only on a quiet machine: **{BUSY}** means other processes kept more than half the "
+        "cores busy during a measured round of one of its rows, or its rows got shares of the machine's busy CPU "
+        "time more than 20% apart (the reason is in the figure); rerun on a quiet machine to judge it.",
+    ]
     return "\n".join(lines)
 
 
@@ -120,11 +127,19 @@ def hostile_table(runs: Sequence[HostileResult]) -> str:
     return "\n".join(lines)
 
 
+def _flags_text(flags: list[str] | None) -> str:
+    """` (flags avx2, avx512f, ...)`: the CPU's speed-deciding flags, or nothing when unknown."""
+    if flags is None:
+        return ""
+    return f" (flags: {', '.join(flags)})" if flags else " (none of AVX2, AVX-512, VNNI, bf16, AMX)"
+
+
 def render_markdown(report: BenchmarkReport) -> str:
     """The run's tables: rows, targets, load time, soak, notes."""
     options, machine = report.options, report.machine
     parts = [
-        f"Machine: {machine['cpu']}, {machine['cpu_count']} cores; threads {options['threads']}; "
+        f"Machine: {machine['cpu']}, {machine['cpu_count']} cores{_flags_text(machine.get('cpu_flags'))}; "
+        f"threads {options['threads']}; "
         f"load average {format_number(machine.get('loadavg_start'), 2)} at the start, "
         f"{format_number(machine.get('loadavg_end'), 2)} at the end; "
         f"onnxruntime {machine['versions'].get('onnxruntime')}, torch {machine['versions'].get('torch')}, "
@@ -137,7 +152,7 @@ def render_markdown(report: BenchmarkReport) -> str:
         "rounds that alternate between the rows of a group; a request is one batch.",
     ]
     if report.rows:
-        parts += ["### Throughput and latency", rows_table(report.rows)]
+        parts += ["### Throughput and latency", rows_table(report.rows), *_machine_load(report.rows)]
     heading = f"### Targets ({TARGET_MODEL}, {TARGET_SIZE}, batch {TARGET_BATCH}, {options['threads']} threads)"
     parts += [
         heading,
@@ -173,6 +188,39 @@ def render_markdown(report: BenchmarkReport) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def _machine_load(rows: Sequence[RowResult]) -> list[str]:
+    """Per group: the load average after each round, other processes' cores, the rows' CPU shares."""
+    groups: dict[tuple[str, str, int], list[RowResult]] = {}
+    for row in rows:
+        if row.rounds:
+            groups.setdefault((row.model, row.size, row.batch), []).append(row)
+    lines = []
+    for (model, size, batch), members in groups.items():
+        last = members[-1].rounds  # the last row of a round ends it
+        loads = ", ".join(format_number(r.get("loadavg"), 2) for r in last)
+        others = [r.others_cores for r in members if r.others_cores is not None]
+        shares = [r.cpu_share for r in members if r.cpu_share is not None]
+        lines.append(
+            f"- {model} {size} batch {batch}: load average after each round {loads}; other processes kept at most "
+            f"{format_number(max(others, default=None), 2)} cores busy during a row's round; the rows got "
+            + (_span(shares) if shares else "—")
+            + " of the machine's busy CPU time"
+        )
+    if not lines:
+        return []
+    return [
+        "Machine load while the rows were measured (CPU s: each row's own process tree; others' cores: the "
+        "most cores other processes kept busy during one of its rounds, from /proc/stat; the load average "
+        "counts the rows' own threads too):",
+        "\n".join(lines),
+    ]
+
+
+def _span(values: Sequence[float]) -> str:
+    low, high = f"{min(values):.0%}", f"{max(values):.0%}"
+    return low if low == high else f"{low} to {high}"
+
+
 def _env_text(pairs) -> str:
     return ", environment " + ", ".join(f"`{k}={v}`" for k, v in pairs) if pairs else ""
 
@@ -204,7 +252,7 @@ def soak_verdict(soaks: Sequence[SoakResult]) -> str:
 # The docs page
 
 
-# The page's prose, shipped with the package. In it, "{args} " stands for the arguments that
+# The page's prose, a file next to this module. In it, "{args} " stands for the arguments that
 # reproduce the run (with their trailing space; nothing when there are none) and the line
 # "{results}" for the run's tables (`render_markdown`, which ends with a newline).
 DOCS_TEMPLATE = "docs_template.md"
@@ -214,7 +262,7 @@ RESULTS_FIELD = "{results}\n"
 
 def docs_template() -> str:
     """The docs page's text around the run's tables (`DOCS_TEMPLATE`, next to this module)."""
-    return (resources.files(__package__) / DOCS_TEMPLATE).read_text(encoding="utf-8")
+    return (Path(__file__).parent / DOCS_TEMPLATE).read_text(encoding="utf-8")
 
 
 def render_docs(report: BenchmarkReport) -> str:
@@ -244,7 +292,16 @@ def report_metrics(report: BenchmarkReport) -> dict[str, float]:
     metrics: dict[str, float] = {}
     for r in report.rows:
         if r.ok:
-            for name in ("images_per_s", "p50_ms", "p95_ms", "peak_rss_mb", "vs_torch", "vs_onnxruntime", "vs_pyfunc"):
+            for name in (
+                "images_per_s",
+                "p50_ms",
+                "p95_ms",
+                "peak_rss_mb",
+                "vs_torch",
+                "vs_torch_strong",
+                "vs_onnxruntime",
+                "vs_pyfunc",
+            ):
                 if getattr(r, name) is not None:
                     metrics[metric_key(r.model, r.size, f"b{r.batch}", r.row, name)] = float(getattr(r, name))
     for load in report.loads:

@@ -15,9 +15,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from mlflow_clip.bench.images import read_pool, request_images
-from mlflow_clip.bench.measure import MeasuredRow, RssSampler, tree_cpu_seconds, tree_peak_rss_mb
-from mlflow_clip.bench.worker import child_env, die_with_parent, stop_tree
+from benchmarks.images import read_pool, request_images
+from benchmarks.measure import MeasuredRow, RssSampler, tree_cpu_seconds, tree_peak_rss_mb
+from benchmarks.worker import child_env, die_with_parent, stop_tree
 
 JSON_HEADERS = {"Content-Type": "application/json"}
 SERVER_START_SECONDS = 300

@@ -1,6 +1,6 @@
-"""The in-process rows, each set up in its own child: (a) torch, (b) onnxruntime, and the
-pyfunc rows ((c), (e), draft, settings). Each task loads, warms up and returns an
-`InProcessRow` whose rounds the parent asks for."""
+"""The in-process rows, each set up in its own child: (a) torch, (a+) the strongest torch,
+(b) onnxruntime, and the pyfunc rows ((c), (e), draft, settings). Each task loads, warms up and
+returns an `InProcessRow` whose rounds the parent asks for."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from mlflow_clip.bench.images import read_pool, request_images
-from mlflow_clip.bench.measure import InProcessRow
-from mlflow_clip.bench.models import flavor_conf
+from benchmarks.images import read_pool, request_images
+from benchmarks.measure import InProcessRow
+from benchmarks.models import flavor_conf
 
 
 def task_torch(spec: dict[str, Any]) -> InProcessRow:
@@ -39,6 +39,75 @@ def task_torch(spec: dict[str, Any]) -> InProcessRow:
             return zero_shot_probabilities(model.encode_image(torch.stack(images)), text, scale)
 
     return InProcessRow(call, spec, {"engine": torch_engine()})
+
+
+STRONG_TORCH_LABEL = "(a+) strongest torch: bf16 autocast, channels_last"
+# torch.compile is kept only when it is at least this much faster than eager on the same batch.
+COMPILE_MIN_GAIN = 0.03
+
+
+def task_torch_strong(spec: dict[str, Any]) -> InProcessRow:
+    """Row (a+): the strongest torch a CLIP user on this CPU would run: row (a)'s model, weights,
+    `preprocess` and head, with the weights and batches in `channels_last` and the image tower
+    under bf16 autocast, and `torch.compile` where it compiles and is faster on a warm batch
+    (`spec["torch_compile"]`). The label and note say exactly what ran."""
+    import torch
+    from PIL import Image
+
+    from mlflow_clip.export.checkpoints import load_clip
+
+    torch.set_num_threads(spec["threads"])
+    loaded = load_clip(spec["clip_spec"])
+    model, preprocess = loaded.model.eval().to(memory_format=torch.channels_last), loaded.preprocess
+    head = np.load(spec["head"])
+    text, scale = torch.from_numpy(head["text_features"]).float(), float(head["logit_scale"])
+    pool = read_pool(spec)
+
+    def pixels(index: int):
+        images = [preprocess(Image.open(io.BytesIO(data))) for data in request_images(pool, spec["batch"], index)]
+        return torch.stack(images).to(model.dtype).contiguous(memory_format=torch.channels_last)
+
+    visual, how = fastest_visual(model.visual, pixels(0), spec.get("torch_compile", True))
+
+    def call(index: int, _state: Any) -> np.ndarray:
+        batch = pixels(index)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            features = visual(batch)
+        return zero_shot_probabilities(features.float(), text, scale)
+
+    label = STRONG_TORCH_LABEL + (", torch.compile" if visual is not model.visual else "")
+    return InProcessRow(call, spec, {"engine": f"{torch_engine()}; {how}", "label": label})
+
+
+def fastest_visual(visual: Any, sample: Any, try_compile: bool, rounds: int = 3) -> tuple[Any, str]:
+    """`visual` or `torch.compile(visual)`, whichever ran `sample` faster under bf16 autocast
+    (the best of `rounds` alternating timings, after each has run once), and what was chosen, why."""
+    import torch
+
+    if not try_compile:
+        return visual, "eager (torch.compile not tried: --no-torch-compile)"
+
+    def seconds(fn: Any) -> float:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            began = time.perf_counter()
+            fn(sample)
+            return time.perf_counter() - began
+
+    began = time.perf_counter()
+    try:
+        compiled = torch.compile(visual)
+        seconds(compiled)  # compiles
+    except Exception as e:  # a backend that cannot build here (no compiler, an unsupported op)
+        return visual, f"eager (torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    compile_s = time.perf_counter() - began
+    seconds(visual)
+    eager_s, compiled_s = float("inf"), float("inf")
+    for _ in range(rounds):
+        eager_s, compiled_s = min(eager_s, seconds(visual)), min(compiled_s, seconds(compiled))
+    timings = f"{compiled_s * 1000:.0f} ms vs eager {eager_s * 1000:.0f} ms per batch; compiling took {compile_s:.0f} s"
+    if compiled_s < eager_s * (1 - COMPILE_MIN_GAIN):
+        return compiled, f"torch.compile (inductor): {timings}"
+    return visual, f"eager: torch.compile ran and was not faster ({timings})"
 
 
 def zero_shot_probabilities(image_features, text_features, logit_scale) -> np.ndarray:

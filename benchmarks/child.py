@@ -1,6 +1,6 @@
-"""Entry point of the benchmark's child processes (see `mlflow_clip.bench.worker`):
+"""Entry point of the benchmark's child processes (see `benchmarks.worker`):
 
-python -m mlflow_clip.bench.child TASK SPEC_JSON RESULT_JSON [REPLY_FD]
+python -m benchmarks.child TASK SPEC_JSON RESULT_JSON [REPLY_FD]
 """
 
 from __future__ import annotations
@@ -8,14 +8,14 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable
 
-from mlflow_clip.bench.hostile import task_hostile
-from mlflow_clip.bench.mlserver import MLServerRows
-from mlflow_clip.bench.models import task_build
-from mlflow_clip.bench.peers import task_peer_hf_model, task_peer_hf_pipeline, task_peer_open_clip, task_prepare_peers
-from mlflow_clip.bench.rows import task_onnxruntime, task_pyfunc, task_torch
-from mlflow_clip.bench.server import ServerRows
-from mlflow_clip.bench.soak import task_soak
-from mlflow_clip.bench.worker import child_main
+from benchmarks.hostile import task_hostile
+from benchmarks.mlserver import MLServerRows
+from benchmarks.models import task_build
+from benchmarks.peers import task_peer_hf_model, task_peer_hf_pipeline, task_peer_open_clip, task_prepare_peers
+from benchmarks.rows import task_onnxruntime, task_pyfunc, task_torch, task_torch_strong
+from benchmarks.server import ServerRows
+from benchmarks.soak import task_soak
+from benchmarks.worker import child_main
 
 # One-shot tasks: run, write the result, exit.
 _ONE_SHOT_TASKS: dict[str, Callable[[dict], dict]] = {
@@ -27,6 +27,7 @@ _ONE_SHOT_TASKS: dict[str, Callable[[dict], dict]] = {
 # Row tasks: set up and warm up, answer "ready", then run measured rounds until told to finish.
 _ROW_TASKS: dict[str, Callable[[dict], Any]] = {
     "torch": task_torch,
+    "torch-strong": task_torch_strong,
     "onnxruntime": task_onnxruntime,
     "pyfunc": task_pyfunc,
     "server": ServerRows,

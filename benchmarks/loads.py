@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from mlflow_clip.bench.models import model_slug, registry_uri
-from mlflow_clip.bench.options import BenchmarkOptions
-from mlflow_clip.bench.results import LoadResult
-from mlflow_clip.bench.worker import child_env
+from benchmarks.models import model_slug, registry_uri
+from benchmarks.options import BenchmarkOptions
+from benchmarks.results import LoadResult
+from benchmarks.worker import child_env
 
 # A registered model from scratch in a fresh interpreter, as a user would: the clock starts
 # before the interpreter does (the parent's time.time()), so imports count.

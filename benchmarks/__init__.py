@@ -2,15 +2,23 @@
 
 One run measures every row on the same JPEGs, with the same thread count, each row in a fresh
 process of its own (so its peak RSS is its own), and reports images/s, p50 and p95 latency per
-request, peak RSS and the ratios between rows:
+request, peak RSS and the ratios between rows. It is a development harness, not part of the
+installed package: run it from the root of a checkout (with the package installed, e.g.
+`pip install -e ".[dev]"`):
 
-    $ mlflow-clip benchmark --quick                                   # demo model, small images
-    $ mlflow-clip benchmark --models RN50 --sizes 1920x1080 --batches 8 --write-docs docs/benchmark.md
+    $ python -m benchmarks --quick                                    # demo model, small images
+    $ python -m benchmarks --models RN50 --sizes 1920x1080 --batches 8 --write-docs docs/benchmark.md
+
+(`mlflow-clip benchmark`, in the package, measures one given model on a user's machine:
+`mlflow_clip/benchmark.py`.)
 
 Rows, per model x image size x batch size:
 
 - `torch` (a): CLIP's own `preprocess` + the PyTorch model + the same baked zero-shot head,
   from the encoded JPEG bytes (decoded with PIL), `torch.set_num_threads(threads)`.
+- `torch-strong` (a+): the strongest torch a user on this CPU would run: (a) with the weights
+  and batches in `channels_last`, the image tower under bf16 autocast, and `torch.compile`
+  where it compiles and is faster (`--no-torch-compile` skips trying); its label says what ran.
 - `onnxruntime` (b): the exported graph on already-preprocessed float32 tensors, the same
   session settings as the pyfunc: the ceiling for our graph.
 - `pyfunc` (c): `mlflow.pyfunc.load_model(dir).predict(DataFrame({"image": [bytes, ...]}))`.
@@ -28,13 +36,18 @@ Rows, per model x image size x batch size:
   row (d) with the same 16 clients; MLServer runs in an environment of its own, built once with
   uv under the work dir.
 
+Every measured round of every row records the row's CPU seconds (its process tree), the
+machine's busy CPU seconds (`/proc/stat`) and the load average after it; a ratio target whose
+rows ran while other processes held more than half the cores, or whose rows got shares of the
+machine's CPU more than 20% apart, is reported as BUSY (not judged) instead of PASS or FAIL.
+
 `--soak` adds a sustained run of the server (mixed batch sizes, several clients) that samples
 the server's RSS, with onnxruntime's CPU memory arena off and on. `--hostile` runs good
 requests alone and then beside clients sending decompression bombs, oversized labels and 10 MB
 label sets, and compares the good requests' p95 (target: within 2x).
 
-The package needs only the serving install; torch and clip are imported by the child processes
-that build models or run row (a). Its modules, each importing only those listed before it:
+The harness itself needs only the serving install; torch and clip are imported by the child
+processes that build models or run row (a). Its modules, each importing only those listed before it:
 
 - `options`: `BenchmarkOptions` and the command line's parsing (`make_options`).
 - `results`: the result dataclasses and `BenchmarkReport` (to and from JSON).
@@ -52,13 +65,14 @@ that build models or run row (a). Its modules, each importing only those listed 
 - `loads`: load to first prediction, in fresh interpreters.
 - `plan`: which rows run for a model, size and batch, and their specs.
 - `report`: Markdown tables, the docs page (`docs_template.md`), MLflow logging.
-- `run`: `run_benchmark` and `run_from_cli` (what `mlflow-clip benchmark` does).
+- `run`: `run_benchmark` and `run_from_cli` (what `python -m benchmarks` does).
+- `cli`: the command line (`python -m benchmarks`, `__main__`).
 - `child`: the entry point of the child processes (imported by none of the above).
 """
 
-from mlflow_clip.bench.images import make_photo_jpeg, request_images
-from mlflow_clip.bench.models import pyfunc_config_keys
-from mlflow_clip.bench.options import (
+from benchmarks.images import make_photo_jpeg, request_images
+from benchmarks.models import pyfunc_config_keys
+from benchmarks.options import (
     BenchmarkError,
     BenchmarkOptions,
     ServerSettings,
@@ -66,7 +80,7 @@ from mlflow_clip.bench.options import (
     make_options,
     quick_options,
 )
-from mlflow_clip.bench.report import (
+from benchmarks.report import (
     load_report,
     log_report,
     render_docs,
@@ -74,7 +88,7 @@ from mlflow_clip.bench.report import (
     report_metrics,
     write_docs,
 )
-from mlflow_clip.bench.results import (
+from benchmarks.results import (
     BenchmarkReport,
     HostileResult,
     LoadResult,
@@ -82,8 +96,8 @@ from mlflow_clip.bench.results import (
     SoakResult,
     TargetResult,
 )
-from mlflow_clip.bench.run import compare_rows, run_benchmark, run_from_cli
-from mlflow_clip.bench.targets import TARGET_BATCH, TARGET_MODEL, TARGET_SIZE, decode_bound, evaluate_targets
+from benchmarks.run import compare_rows, run_benchmark, run_from_cli
+from benchmarks.targets import TARGET_BATCH, TARGET_MODEL, TARGET_SIZE, decode_bound, evaluate_targets
 
 __all__ = [
     "TARGET_BATCH",

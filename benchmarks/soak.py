@@ -12,13 +12,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from mlflow_clip.bench.images import ensure_images, read_pool
-from mlflow_clip.bench.measure import RssSampler, Timing, run_requests, summarize, tree_rss_mb
-from mlflow_clip.bench.models import model_slug
-from mlflow_clip.bench.options import BenchmarkOptions, size_name
-from mlflow_clip.bench.results import SoakResult, format_number
-from mlflow_clip.bench.server import ScoringServer, new_session, request_body, server_call
-from mlflow_clip.bench.worker import run_child
+from benchmarks.images import ensure_images, read_pool
+from benchmarks.measure import RssSampler, Timing, run_requests, summarize, tree_rss_mb
+from benchmarks.models import model_slug
+from benchmarks.options import BenchmarkOptions, size_name
+from benchmarks.results import SoakResult, format_number
+from benchmarks.server import ScoringServer, new_session, request_body, server_call
+from benchmarks.worker import run_child
 
 # --------------------------------------------------------------------------------------------
 # Child side

@@ -329,11 +329,19 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "versions": versions,
-        "resampling": native_status().describe(),
+        "resampling": _without_directories(native_status().describe()),
         "cpu_bf16": cpu_has_native_bf16(),
+        "cpu_flags": cpu_speed_flags(),
         "loadavg_start": loadavg(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
+
+
+def _without_directories(text: str) -> str:
+    """`text` with each absolute path cut to its file name: a report names no build directory."""
+    import re
+
+    return re.sub(r"(?<![\w.])/(?:[^/\s;:,)]+/)+([^/\s;:,)]+)", r"\1", text)
 
 
 def cpu_has_native_bf16() -> bool | None:
@@ -341,6 +349,17 @@ def cpu_has_native_bf16() -> bool | None:
     None where there is no /proc/cpuinfo. Without them OpenVINO emulates bf16, slowly."""
     flags = _cpuinfo("flags")
     return None if flags is None else bool(set(flags.split()) & {"avx512_bf16", "amx_bf16"})
+
+
+# The CPU flags that decide which kernels run: vector width, int8 dot products, bf16, AMX.
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_speed_flags() -> list[str] | None:
+    """Which of SPEED_FLAGS the CPU has (a report states them next to its figures); None where
+    there is no /proc/cpuinfo."""
+    flags = _cpuinfo("flags")
+    return None if flags is None else [flag for flag in SPEED_FLAGS if flag in set(flags.split())]
 
 
 def _cpu_model() -> str:
@@ -356,6 +375,17 @@ def _cpuinfo(key: str) -> str | None:
     except OSError:
         pass
     return None
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU seconds the whole machine has spent busy since boot, summed over its CPUs (user, nice,
+    system, irq, softirq and steal, from /proc/stat); None where there is no /proc/stat."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    except (OSError, IndexError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def loadavg() -> float | None:

@@ -11,8 +11,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from mlflow_clip.bench.options import BenchmarkOptions
-from mlflow_clip.bench.worker import run_child
+from benchmarks.options import BenchmarkOptions
+from benchmarks.worker import run_child
 
 # Full-size architectures get random weights and these classes; the demo model gets its own.
 BENCHMARK_CLASSES: tuple[str, ...] = (
@@ -116,7 +116,14 @@ def _build_one(work_dir: Path, model: str, clip_spec: str, precision: str) -> di
     # Only the fp32 model ships the text encoder: it feeds the per-request labels row.
     kwargs = {"text_encoder": True} if precision == "fp32" else {"precision": precision, "text_encoder": False}
     try:
-        built = build_classifier(classes_for(model), clip_spec, TEMPLATES, DEFAULT_OPSET, out / "export", **kwargs)
+        built = build_classifier(
+            classes_for(model),
+            model=clip_spec,
+            templates=TEMPLATES,
+            opset=DEFAULT_OPSET,
+            out_dir=out / "export",
+            **kwargs,
+        )
     except TypeError as e:
         return {"status": "skipped", "note": f"build_classifier does not build precision={precision!r} yet ({e})"}
     except Exception as e:

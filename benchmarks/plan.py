@@ -7,15 +7,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from mlflow_clip.bench.models import TEMPLATES, classes_for, flavor_conf, model_slug, pyfunc_config_keys
-from mlflow_clip.bench.options import BenchmarkOptions, ServerSettings, size_name
-from mlflow_clip.bench.peers import PEER_ROWS
-from mlflow_clip.bench.results import RowResult
+from benchmarks.models import TEMPLATES, classes_for, flavor_conf, model_slug, pyfunc_config_keys
+from benchmarks.options import BenchmarkOptions, ServerSettings, size_name
+from benchmarks.peers import PEER_ROWS
+from benchmarks.results import RowResult
+from benchmarks.rows import STRONG_TORCH_LABEL
 from mlflow_clip.serving import resample
 from mlflow_clip.serving.preprocess import native_status
 
 ROW_LABELS = {
     "torch": "(a) torch",
+    "torch-strong": STRONG_TORCH_LABEL,  # with ", torch.compile" when that ran
     "onnxruntime": "(b) onnxruntime",
     "pyfunc": "(c) pyfunc fp32",
     "pyfunc-draft": "pyfunc fp32 jpeg_draft",
@@ -87,6 +89,9 @@ def _baseline_rows(options, model, fp32, threads, exact, keys) -> list[tuple[str
     plan = []
     if "torch" in rows:
         plan.append(_row("torch", "torch", clip_spec=fp32["clip_spec"], head=fp32["head"], time_first=True))
+    if "torch-strong" in rows:
+        strong = {"clip_spec": fp32["clip_spec"], "head": fp32["head"], "torch_compile": options.torch_compile}
+        plan.append(_row("torch-strong", "torch-strong", **strong, time_first=True))
     if "onnxruntime" in rows:
         plan.append(_row("onnxruntime", "onnxruntime", model_dir=model_dir, model_config=threads))
     if "pyfunc" in rows:

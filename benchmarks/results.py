@@ -6,6 +6,12 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+# Rounds shorter than this are recorded, but too short (CPU time counts in 10 ms ticks) to say
+# how busy the machine was: they set neither `others_cores` nor `cpu_share`.
+MIN_LOAD_ROUND_SECONDS = 1.0
+# The ratio columns: `vs_<name>` divides a row's images/s by this row's (same model, size, batch).
+REFERENCE_ROWS = {"torch": "torch", "torch_strong": "torch-strong", "onnxruntime": "onnxruntime", "pyfunc": "pyfunc"}
+
 
 @dataclass
 class RowResult:
@@ -27,15 +33,50 @@ class RowResult:
     peak_rss_mb: float | None = None
     cores_busy: float | None = None
     vs_torch: float | None = None
+    vs_torch_strong: float | None = None  # against (a+), the strongest torch
     vs_onnxruntime: float | None = None
     vs_pyfunc: float | None = None
     max_prob_diff: float | None = None
     # Row (b) only: exact decode + preprocess of one image on one thread, in milliseconds.
     decode_ms: float | None = None
+    # The machine while the row's measured rounds ran (`RoundLoad`, one per round): the row's own
+    # CPU seconds (its process tree), other processes' cores, the load average after each round.
+    cpu_seconds: float | None = None
+    others_cores: float | None = None  # the most cores other processes kept busy in one round
+    cpu_share: float | None = None  # the row's CPU seconds / the machine's busy CPU seconds
+    rounds: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+
+@dataclass
+class RoundLoad:
+    """One measured round of one row's process, and what else the machine did meanwhile."""
+
+    wall_s: float
+    cpu_s: float  # the row's process tree
+    machine_s: float | None  # every process: /proc/stat's busy time over all CPUs
+    loadavg: float | None  # 1-minute load average after the round (it counts the row itself too)
+
+    @property
+    def others_cores(self) -> float | None:
+        """Cores other processes kept busy, on average, during the round."""
+        if self.machine_s is None or self.wall_s <= 0:
+            return None
+        return max(0.0, self.machine_s - self.cpu_s) / self.wall_s
+
+
+def note_rounds(row: RowResult, rounds: list[RoundLoad]) -> None:
+    """Fill a row's machine-load fields from its measured rounds (the load from those of at
+    least `MIN_LOAD_ROUND_SECONDS`)."""
+    row.rounds = [{**asdict(r), "others_cores": r.others_cores} for r in rounds]
+    row.cpu_seconds = sum(r.cpu_s for r in rounds)
+    long = [r for r in rounds if r.wall_s >= MIN_LOAD_ROUND_SECONDS and r.others_cores is not None]
+    row.others_cores = max((r.others_cores for r in long), default=None)
+    own, machine = sum(r.cpu_s for r in long), sum(r.machine_s for r in long)
+    row.cpu_share = min(1.0, own / machine) if own > 0 and machine > 0 else None
 
 
 @dataclass
@@ -138,7 +179,7 @@ class BenchmarkReport:
     targets: list[TargetResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
-    command: str = ""  # the `mlflow-clip benchmark` arguments that reproduce the run
+    command: str = ""  # the `python -m benchmarks` arguments that reproduce the run
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

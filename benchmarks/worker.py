@@ -1,5 +1,6 @@
 """Child processes: every row, build and soak runs in a fresh interpreter of its own (so its
-peak RSS is its own), started as `python -m mlflow_clip.bench.child TASK SPEC RESULT [FD]`.
+peak RSS is its own), started as `python -m benchmarks.child TASK SPEC RESULT [FD]` with the
+checkout on its `PYTHONPATH` (the harness is not installed: it runs from a checkout).
 
 The spec is a JSON file; the child writes its result as JSON. A one-shot task (`run_child`)
 runs and exits. A row task (`RowProcess`) sets up and warms up, writes "ready" to the reply
@@ -18,19 +19,34 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from mlflow_clip.bench.measure import process_tree, self_peak_rss_mb
+from benchmarks.measure import process_tree, self_peak_rss_mb
 
 # The module every child process runs (`python -m`): it maps task names to the tasks.
-CHILD_MODULE = "mlflow_clip.bench.child"
+CHILD_MODULE = "benchmarks.child"
+# The checkout that holds this harness (`benchmarks/` is a top-level folder, not installed).
+CHECKOUT = Path(__file__).resolve().parent.parent
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """A child's environment: no MLflow run or inference config inherited, this interpreter first on PATH."""
+    """A child's environment: no MLflow run or inference config inherited, this interpreter first
+    on PATH, and not the checkout on PYTHONPATH (a server runs the installed package and the
+    model's own code, as a user's would)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_RUN")}
     env.pop("MLFLOW_PYFUNC_INFERENCE_CONFIG", None)
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env["PYTHONUNBUFFERED"] = "1"
+    paths = [p for p in env.pop("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != CHECKOUT]
+    if paths:
+        env["PYTHONPATH"] = os.pathsep.join(paths)
     env.update(extra or {})
+    return env
+
+
+def harness_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of the harness's own children (`python -m benchmarks.child`): `child_env`
+    with the checkout first on PYTHONPATH, so that `benchmarks` imports from any working directory."""
+    env = child_env(extra)
+    env["PYTHONPATH"] = os.pathsep.join([str(CHECKOUT), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))])
     return env
 
 
@@ -77,7 +93,7 @@ def run_child(task: str, spec: dict[str, Any], work_dir: Path, name: str, timeou
             [sys.executable, "-m", CHILD_MODULE, task, str(spec_path), str(result_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=child_env(),
+            env=harness_env(),
             cwd=work_dir,
             preexec_fn=die_with_parent,
         )
@@ -129,7 +145,7 @@ class RowProcess:
                 stderr=subprocess.STDOUT,
                 text=True,
                 pass_fds=(write_fd,),
-                env=child_env(spec.get("env")),
+                env=harness_env(spec.get("env")),
                 cwd=work_dir,
                 preexec_fn=die_with_parent,
             )

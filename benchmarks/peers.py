@@ -23,9 +23,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mlflow_clip.bench.images import read_pool, request_images
-from mlflow_clip.bench.measure import InProcessRow
-from mlflow_clip.bench.rows import torch_engine, zero_shot_probabilities
+from benchmarks.images import read_pool, request_images
+from benchmarks.measure import InProcessRow
+from benchmarks.rows import torch_engine, zero_shot_probabilities
 
 PEER_ROWS = {
     "peer-open_clip": "peer: open_clip",
@@ -143,8 +143,8 @@ def task_peer_hf_pipeline(spec: dict[str, Any]) -> InProcessRow:
 
 def ensure_peers(options: Any, builds: dict, progress: Callable[[str], None]) -> dict:
     """{(model, "peers"): what `task_prepare_peers` wrote} for each model built in fp32."""
-    from mlflow_clip.bench.models import model_slug
-    from mlflow_clip.bench.worker import run_child
+    from benchmarks.models import model_slug
+    from benchmarks.worker import run_child
 
     peers = {}
     for model in options.models:

@@ -21,9 +21,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from mlflow_clip.bench.images import read_pool
-from mlflow_clip.bench.results import RowResult
-from mlflow_clip.bench.server import (
+from benchmarks.images import read_pool
+from benchmarks.results import RowResult
+from benchmarks.server import (
     JSON_HEADERS,
     SERVER_REQUEST_TIMEOUT_SECONDS,
     MeasuredServer,
@@ -31,12 +31,14 @@ from mlflow_clip.bench.server import (
     distinct_bodies,
     free_port,
 )
-from mlflow_clip.bench.worker import child_env
+from benchmarks.worker import child_env
 
 # With inference workers (`parallel_workers` > 0) MLServer needs an event loop that uvloop 0.22
 # and later no longer makes ("There is no current event loop"), hence the pin.
 MLSERVER_PACKAGES: tuple[str, ...] = ("mlserver", "mlserver-mlflow", "uvloop<0.22")
 MLSERVER_RUNTIME = "mlserver_mlflow.MLflowRuntime"
+# mlflow-clip's own runtime (mlflow_clip/mlserver.py): typed tensors, batching per parameter set.
+CLIP_RUNTIME = "mlflow_clip.mlserver.ClipRuntime"
 MODEL_NAME = "clip"
 ENV_MARKER = "mlflow-clip-env.json"
 INSTALL_TIMEOUT_SECONDS = 1800

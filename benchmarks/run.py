@@ -1,5 +1,5 @@
 """A benchmark run: build the models, run every group's rows (their measured rounds alternating),
-compare them, then the load times, the soak and the targets; and what `mlflow-clip benchmark` does."""
+compare them, then the load times, the soak and the targets; and what `python -m benchmarks` does."""
 
 from __future__ import annotations
 
@@ -11,22 +11,23 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from mlflow_clip.bench.hostile import run_hostile
-from mlflow_clip.bench.images import ensure_images
-from mlflow_clip.bench.loads import run_loads
-from mlflow_clip.bench.measure import loadavg, machine_info
-from mlflow_clip.bench.mlserver import MLServerUnavailable, note_mlserver_ratios
-from mlflow_clip.bench.models import ensure_models, pyfunc_config_keys
-from mlflow_clip.bench.options import BenchmarkOptions, command_line, size_name
-from mlflow_clip.bench.peers import PeerUnavailable, ensure_peers
-from mlflow_clip.bench.plan import Planned, plan_group
-from mlflow_clip.bench.report import load_report, log_report, render_markdown, write_docs
-from mlflow_clip.bench.results import BenchmarkReport, RowResult
-from mlflow_clip.bench.soak import run_soaks
-from mlflow_clip.bench.targets import evaluate_targets
-from mlflow_clip.bench.worker import RowProcess
+from benchmarks.hostile import run_hostile
+from benchmarks.images import ensure_images
+from benchmarks.loads import run_loads
+from benchmarks.measure import loadavg, machine_busy_seconds, machine_info, tree_cpu_seconds
+from benchmarks.mlserver import MLServerUnavailable, note_mlserver_ratios
+from benchmarks.models import ensure_models, pyfunc_config_keys
+from benchmarks.options import BenchmarkOptions, command_line, size_name
+from benchmarks.peers import PeerUnavailable, ensure_peers
+from benchmarks.plan import Planned, plan_group
+from benchmarks.report import load_report, log_report, render_markdown, write_docs
+from benchmarks.results import REFERENCE_ROWS, BenchmarkReport, RoundLoad, RowResult, note_rounds
+from benchmarks.soak import run_soaks
+from benchmarks.targets import evaluate_targets
+from benchmarks.worker import RowProcess
 
 _PROGRESS_PREFIX = "[benchmark]"
+
 FP16_NOTE = "CPU provider (no GPU here): fp16 weights, computed in float32 behind casts"
 
 
@@ -35,7 +36,7 @@ def _progress(message: str) -> None:
 
 
 def run_benchmark(options: BenchmarkOptions, progress: Callable[[str], None] = _progress) -> BenchmarkReport:
-    """Measure every requested row; see the package docstring (`mlflow_clip.bench`)."""
+    """Measure every requested row; see the package docstring (`benchmarks`)."""
     started = time.perf_counter()
     options.work_dir.mkdir(parents=True, exist_ok=True)
     report = BenchmarkReport(options=options.to_dict(), machine=machine_info(), command=command_line(options))
@@ -112,12 +113,15 @@ def _run_group(
             process.wait_ready()
             running.append((item, process))
         per_round = _round_budget(options)
+        loads: dict[str, list[RoundLoad]] = {item.name: [] for item, _ in running}
         for number in range(options.rounds):
             progress(f"{where}: round {number + 1} of {options.rounds}")
-            for _, process in running:
-                process.run_round(*per_round)
+            for item, process in running:
+                loads[item.name].append(_measured_round(process, per_round))
         for item, process in running:
             _fill_planned(item, process.finish(), state)
+            for row, _ in item.rows:
+                note_rounds(row, loads[item.name])
     except BaseException:
         for _, process in running:
             process.kill()
@@ -125,6 +129,17 @@ def _run_group(
     for row in rows:
         progress(f"{where} {row.label}: {describe_row(row)}")
     return rows
+
+
+def _measured_round(process: RowProcess, budget: tuple[int, float, int]) -> RoundLoad:
+    """One round of a row's process, with its tree's CPU seconds and the whole machine's."""
+    pid = process.proc.pid
+    own, machine, began = tree_cpu_seconds(pid), machine_busy_seconds(), time.perf_counter()
+    process.run_round(*budget)
+    wall = time.perf_counter() - began
+    machine_after = machine_busy_seconds()
+    busy = None if machine is None or machine_after is None else machine_after - machine
+    return RoundLoad(wall, tree_cpu_seconds(pid) - own, busy, loadavg())
 
 
 def _round_budget(options: BenchmarkOptions) -> tuple[int, float, int]:
@@ -167,6 +182,7 @@ def _fill_row(row: RowResult, result: dict[str, Any], state: _RunState, precisio
         row.note = f"{result['errors']} failed requests, e.g. {result['error_examples'][0]}"
     elif precision == "fp16":
         row.note = FP16_NOTE
+    row.label = result.get("label") or row.label  # a row that says what ran (e.g. torch.compile)
     first = result.get("first_prediction_s")
     first_note = f"first prediction {first:.1f} s after start" if first is not None else ""
     row.note = "; ".join(filter(None, [row.note, result.get("engine"), first_note]))
@@ -190,7 +206,7 @@ def compare_rows(rows: list[RowResult], probabilities: dict | None = None) -> No
     for row in rows:
         groups.setdefault((row.model, row.size, row.batch), {})[row.row] = row
     for key, group in groups.items():
-        references = {name: group.get(name) for name in ("torch", "onnxruntime", "pyfunc")}
+        references = {name: group.get(row) for name, row in REFERENCE_ROWS.items()}
         reference_p = probabilities.get((*key, "torch"))
         for row in group.values():
             if not row.ok or not row.images_per_s:
@@ -215,7 +231,7 @@ def run_from_cli(
     echo: Callable[[str], None] = print,
     from_json: str | None = None,
 ) -> BenchmarkReport:
-    """What `mlflow-clip benchmark` does: run (or read a saved run), print the tables, then
+    """What `python -m benchmarks` does: run (or read a saved run), print the tables, then
     write/log what was asked."""
     report = load_report(from_json) if from_json else run_benchmark(options)
     echo(render_markdown(report))

@@ -18,13 +18,13 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable
 
-from mlflow_clip.bench.bombs import BOMBS, encode, lossless_webp_bomb
-from mlflow_clip.bench.images import ensure_images, read_pool
-from mlflow_clip.bench.measure import RssSampler, run_requests, summarize, tree_rss_mb
-from mlflow_clip.bench.options import BenchmarkOptions, size_name
-from mlflow_clip.bench.results import HostileResult, format_number
-from mlflow_clip.bench.server import JSON_HEADERS, ScoringServer, new_session, request_body, server_call
-from mlflow_clip.bench.worker import run_child
+from benchmarks.bombs import BOMBS, encode, lossless_webp_bomb
+from benchmarks.images import ensure_images, read_pool
+from benchmarks.measure import RssSampler, run_requests, summarize, tree_rss_mb
+from benchmarks.options import BenchmarkOptions, size_name
+from benchmarks.results import HostileResult, format_number
+from benchmarks.server import JSON_HEADERS, ScoringServer, new_session, request_body, server_call
+from benchmarks.worker import run_child
 
 GOOD_BATCH = 4
 REFUSED = (400, 413)

@@ -13,6 +13,7 @@ from mlflow_clip.errors import MlflowClipError
 
 ROW_KINDS: tuple[str, ...] = (
     "torch",
+    "torch-strong",
     "onnxruntime",
     "pyfunc",
     "labels",
@@ -106,6 +107,9 @@ class BenchmarkOptions:
     mlserver_parallel_workers: int = 0
     work_dir: Path = DEFAULT_WORK_DIR
     rebuild: bool = False
+    # The strongest torch row tries torch.compile (inductor) and keeps it where it is faster;
+    # off, it runs eager (compiling RN50 takes minutes on 2 cores).
+    torch_compile: bool = True
     quick: bool = False
     child_timeout: float = 4 * 3600.0
 
@@ -215,7 +219,7 @@ def _split(text: str) -> list[str]:
 
 
 def command_line(options: BenchmarkOptions) -> str:
-    """The `mlflow-clip benchmark` arguments that select `options` (defaults left out)."""
+    """The `python -m benchmarks` arguments that select `options` (defaults left out)."""
     import shlex
 
     base = quick_options() if options.quick else BenchmarkOptions()
@@ -242,6 +246,8 @@ def command_line(options: BenchmarkOptions) -> str:
     for flag, (value, default, text) in listed.items():
         if value != default:
             args += [flag, text]
+    if not options.torch_compile:
+        args.append("--no-torch-compile")
     if options.soak:
         args.append("--soak")
         for flag, value, default, text in (
@@ -293,6 +299,7 @@ def make_options(
     hostile: bool = False,
     hostile_requests: int | None = None,
     hostile_flood: int | None = None,
+    torch_compile: bool = True,
 ) -> BenchmarkOptions:
     """Options from command-line text; anything not given keeps the full (or --quick) default.
 
@@ -321,6 +328,7 @@ def make_options(
         soak_arena=arena,
         hostile=hostile,
         rebuild=rebuild,
+        torch_compile=torch_compile,
         work_dir=Path(work_dir).expanduser() if work_dir else base.work_dir,
     )
 
