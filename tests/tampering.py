@@ -85,3 +85,78 @@ TAMPERING = {
     "a missing graph": remove_graph,
     "a replaced reference image": replace_reference_image,
 }
+
+
+# Code that must never run: each injection writes `marker` when (if) Python runs it.
+
+
+def _payload(marker: Path) -> str:
+    return f"\nopen({str(marker)!r}, 'w').write('the injected code ran')\n"
+
+
+def inject_code(model: Path, marker: Path) -> str:
+    path = model / "code" / package(model) / "classifier.py"
+    path.write_text(path.read_text() + _payload(marker))
+    return f"code/{package(model)}/classifier.py changed"
+
+
+def drop_unchecked_pyc(model: Path, marker: Path) -> str:
+    """An unchecked hash-based .pyc (PEP 552) of classifier.py plus the payload: Python would
+    run it in place of the (unchanged) source."""
+    import py_compile
+    import sys
+
+    source = model / "code" / package(model) / "classifier.py"
+    forged = source.with_name("forged.py")
+    forged.write_text(source.read_text() + _payload(marker))
+    name = f"__pycache__/classifier.{sys.implementation.cache_tag}.pyc"
+    py_compile.compile(
+        str(forged), cfile=str(source.parent / name), invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH
+    )
+    forged.unlink()
+    return f"code/{package(model)}/{name} added"
+
+
+def shadow_a_library(model: Path, marker: Path) -> str:
+    """A module at the top of code/, which MLflow puts first on sys.path: it would replace the
+    real onnxruntime for everything imported after it."""
+    (model / "code" / "onnxruntime.py").write_text(_payload(marker))
+    return "code/onnxruntime.py added"
+
+
+def recompute_manifest(model: Path) -> None:
+    """Rewrite the manifest inside MLmodel to match the directory as it now is: what an attacker
+    who can write the artifact store does after changing a file."""
+    from mlflow_clip.serving.manifest import build_manifest
+
+    mlmodel = read_mlmodel(model)
+    mlmodel["flavors"]["mlflow_clip"].pop("manifest")
+    mlmodel["flavors"]["mlflow_clip"]["manifest"] = build_manifest(model, mlmodel)
+    (model / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+
+
+def inject_code_and_recompute(model: Path, marker: Path) -> str:
+    inject_code(model, marker)
+    recompute_manifest(model)
+    return "the manifest in MLmodel differs from"
+
+
+def raise_max_pixels_and_recompute(model: Path, marker: Path) -> str:
+    mlmodel = read_mlmodel(model)
+    for limits in (mlmodel["flavors"]["mlflow_clip"]["limits"], mlmodel["flavors"]["python_function"]["config"]):
+        limits["max_pixels"] = limits["max_pixels"] * 100
+    (model / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    recompute_manifest(model)
+    return "the manifest in MLmodel differs from"
+
+
+# Each self-check catches these; the recomputed ones need the registry's pin.
+INJECTIONS = {
+    "a line added to a module": inject_code,
+    "an unchecked hash-based .pyc": drop_unchecked_pyc,
+    "a module that shadows a library": shadow_a_library,
+}
+PINNED_ONLY = {
+    "code edited, the manifest recomputed": inject_code_and_recompute,
+    "max_pixels x100, the manifest recomputed": raise_max_pixels_and_recompute,
+}

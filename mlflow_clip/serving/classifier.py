@@ -23,7 +23,8 @@ import pandas as pd
 
 from .contract import ClassifierConfig
 from .deadline import Deadline
-from .images import ImageInputError, OpenedImage, finish, open_cell
+from .decode import decode_pixels
+from .images import ImageInputError, OpenedImage, open_cell
 from .limits import InputLimits
 from .preprocess import Preprocessor
 from .rows import (
@@ -38,7 +39,7 @@ from .rows import (
     request_templates,
 )
 from .runtime import RuntimeSettings, open_session
-from .text import TextEncoder, softmax_scores
+from .text import TextEncoder, class_scores
 
 
 class ZeroShotClassifier:
@@ -111,7 +112,10 @@ class ZeroShotClassifier:
         probabilities = np.full((len(rows), len(names)), np.nan, dtype=np.float32)
         ok = ~np.isnan(embeddings).any(axis=1)
         if ok.any():
-            probabilities[ok] = softmax_scores(embeddings[ok], features, self.config.logit_scale)
+            config = self.config
+            probabilities[ok] = class_scores(
+                embeddings[ok], features, config.logit_scale, config.logit_bias, config.head
+            )
         return format_predictions(probabilities, errors, names, top_k, on_error)
 
     def embed_images(self, images: Any, on_error: str = "raise") -> pd.DataFrame:
@@ -242,13 +246,20 @@ class ZeroShotClassifier:
             return e
 
     def _check_request_pixels(self, opened: list[OpenedImage | ImageInputError]) -> None:
-        total = sum(item.pixels for item in opened if isinstance(item, OpenedImage))
+        images = [item for item in opened if isinstance(item, OpenedImage)]
+        total = sum(item.pixels for item in images)
         if total > self.limits.max_request_pixels:
-            images = sum(isinstance(item, OpenedImage) for item in opened)
             raise InvalidInputError(
-                f"Received {images} images with {total} pixels in all; expected at most "
+                f"Received {len(images)} images with {total} pixels in all; expected at most "
                 f"{self.limits.max_request_pixels} per request (max_request_pixels). Split the request, or "
                 "downscale the images before sending (CLIP keeps a few hundred pixels a side)."
+            )
+        cost = sum(item.decode_ms for item in images)
+        if cost > self.limits.max_request_decode_ms:
+            raise InvalidInputError(
+                f"Received {len(images)} images that would take about {cost} ms of CPU to decode in all; expected "
+                f"at most {self.limits.max_request_decode_ms} per request (max_request_decode_ms). Split the "
+                "request, or send smaller images (CLIP keeps a few hundred pixels a side) as 8-bit JPEGs."
             )
 
     def _load(self, item: OpenedImage | ImageInputError, deadline: Deadline) -> np.ndarray | ImageInputError:
@@ -256,7 +267,7 @@ class ZeroShotClassifier:
             return item
         deadline.check("decoding images")
         try:
-            return self.preprocessor(finish(item, self._draft_size, deadline))
+            return self.preprocessor(decode_pixels(item, self._draft_size, deadline))
         except ImageInputError as e:
             return e
 

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from .errors import ModelConfigError
+
 FLAVOR_NAME = "mlflow_clip"
 
 # Files of the model directory.
@@ -30,6 +32,12 @@ VOCAB_LICENSE_FILE_NAME = "CLIP_LICENSE"
 REFERENCE_FILE_NAME = "reference_predictions.json"
 CODE_DIR_NAME = "code"
 MLMODEL_FILE_NAME = "MLmodel"
+
+# The zero-shot heads: softmax over the classes (CLIP's, one label per image), or a sigmoid per
+# class (SigLIP's, each class judged on its own), both over logit_scale * cosine + logit_bias.
+SOFTMAX_HEAD = "softmax"
+SIGMOID_HEAD = "sigmoid"
+HEADS = (SOFTMAX_HEAD, SIGMOID_HEAD)
 
 # Names inside the graphs.
 EDGE_INPUT_NAME = "image-"
@@ -62,7 +70,11 @@ class FlavorKey:
     VERSION = "mlflow_clip_version"
     CLASSES = "classes"
     PRECISION = "precision"
+    # A model gated at several precisions: each one's graph, runtimes and parity (`variants.py`).
+    PRECISIONS = "precisions"
     CLIP_MODEL = "clip_model"
+    HEAD = "head"
+    TOKENIZER = "tokenizer"
 
 
 # Keys of ONNX metadata_props whose values are JSON.
@@ -73,6 +85,7 @@ _JSON_KEYS = (
     "std",
     "input_resolution",
     "logit_scale",
+    "logit_bias",
     "opset",
     "embedding_dim",
     "context_length",
@@ -105,11 +118,26 @@ class ClassifierConfig:
     context_length: int = 77
     # Whose tokenizer the ids follow (mlflow_clip.serving.tokenizer.SPECIAL_TOKEN_SPELLINGS): clip
     # (OpenAI's), open_clip (CLIP's, special tokens spelled <end_of_text>) or hf (Hugging Face's
-    # CLIPTokenizer: its own cleaning, padded with the end token).
+    # CLIPTokenizer: its own cleaning, padded with the end token); or, for other tokenizers, the
+    # library that serves the tokenizer file the model carries: tokenizers (tokenizer.json) or
+    # sentencepiece (a SentencePiece model), mlflow_clip.serving.text_tokenizers.
     tokenizer: str = "clip"
+    # The cleaning applied to a text before those tokenizers: "" (none), or open_clip's
+    # whitespace, lower or canonicalize (text_tokenizers.CLEANERS).
+    text_clean: str = ""
+    # How the text tower reads its output, which decides how serving may shorten the ids: argmax
+    # (CLIP's causal tower, read at the end token: trimmed after it), masked (padding masked out:
+    # trimmed after the last token that is not padding) or full (every position counts: the whole
+    # context is always run, as SigLIP's towers need).
+    text_pooling: str = "argmax"
+    # softmax or sigmoid (HEADS) over logit_scale * cosine + logit_bias; the bias is SigLIP's
+    # (0 for CLIP, and a constant shift that softmax ignores).
+    head: str = SOFTMAX_HEAD
+    logit_bias: float = 0.0
     interpolation: str = "bicubic"
     # shortest_side_then_center_crop (torchvision's crop offset, rounded half to even) or
-    # shortest_side_then_floor_center_crop (Hugging Face's, floored): serving.preprocess.RESIZE_MODES.
+    # shortest_side_then_floor_center_crop (Hugging Face's, floored), or squash (SigLIP's: both
+    # sides resized, nothing cropped): serving.preprocess.RESIZE_MODES.
     resize_mode: str = "shortest_side_then_center_crop"
     torch_version: str = ""
     clip_version: str = ""
@@ -136,7 +164,7 @@ class ClassifierConfig:
                 data[f.name] = json.loads(raw) if f.name in _JSON_KEYS else raw
         missing = [k for k in ("classes", "clip_model", "input_resolution", "mean", "std") if k not in data]
         if missing:
-            raise ValueError(
+            raise ModelConfigError(
                 f"The ONNX file lacks the metadata {missing} that mlflow-clip's exporter writes; "
                 "export it with `mlflow-clip export` (or `mlflow run .`)."
             )

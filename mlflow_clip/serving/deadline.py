@@ -18,15 +18,11 @@ import os
 import time
 from dataclasses import dataclass
 
-from .errors import MlflowClipError
+from .errors import DeadlineExceeded
 
 SERVER_TIMEOUT_ENV = "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"
 IMAGES_FIX = "Send fewer rows or smaller images per request"
 TEXT_FIX = "Send fewer labels, templates or texts per request (templates=photo is one prompt per label)"
-
-
-class DeadlineExceeded(MlflowClipError, TimeoutError):
-    """The request ran past its deadline; its work was stopped."""
 
 
 @dataclass(frozen=True)

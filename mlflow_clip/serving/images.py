@@ -161,14 +161,7 @@ def _bytes_from_text(text: bytes, limits: InputLimits) -> bytes:
 
 
 def _bytes_from_data_uri(uri: bytes, limits: InputLimits) -> bytes:
-    header, comma, payload = uri.partition(b",")
-    if not comma or len(header) > 256:
-        raise ImageInputError("malformed data URI", "use data:image/png;base64,<base64 bytes>")
-    media_type, *parameters = header[5:].decode("latin-1").split(";")
-    media_type = media_type.strip().lower()
-    if "base64" not in (p.strip().lower() for p in parameters):
-        raise ImageInputError("data URI is not base64-encoded", "use data:image/png;base64,<base64 bytes>")
-    _check_media_type(media_type)
+    payload = split_data_uri(uri.decode("latin-1")).encode("latin-1")
     decoded = _decode_base64(payload.strip(), limits)
     if decoded is None:
         raise ImageInputError(
@@ -177,6 +170,25 @@ def _bytes_from_data_uri(uri: bytes, limits: InputLimits) -> bytes:
         )
     _refuse_known_format(decoded)
     return decoded
+
+
+def split_data_uri(uri: str) -> str:
+    """The base64 payload of a ``data:`` URI, once its header is checked: base64-encoded, and a
+    media type that is an image (or none, or application/octet-stream). The same rule applies
+    wherever a data URI arrives (`mlflow-clip serve` unwraps them in dataframe bodies with it).
+
+        >>> split_data_uri("data:image/png;base64,iVBORw0K")
+        'iVBORw0K'
+    """
+    header, comma, payload = uri.strip().partition(",")
+    if not comma or len(header) > 256 or header[:5].lower() != "data:":
+        raise ImageInputError("malformed data URI", "use data:image/png;base64,<base64 bytes>")
+    media_type, *parameters = header[5:].split(";")
+    media_type = media_type.strip().lower()
+    if "base64" not in (p.strip().lower() for p in parameters):
+        raise ImageInputError("data URI is not base64-encoded", "use data:image/png;base64,<base64 bytes>")
+    _check_media_type(media_type)
+    return payload
 
 
 def _check_media_type(media_type: str) -> None:

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
+from .errors import SettingsError
+
 DEFAULT_MAX_BYTES = 32 * 1024 * 1024
 # 50 million pixels: a 48 MP phone photo (8000x6000) still decodes; anything larger is downscaled
 # by the client first, as CLIP keeps 224 pixels of its short side.
@@ -28,10 +30,14 @@ class InputLimits:
 
     Images: `max_bytes` bounds one encoded image (after base64 decoding) and `max_pixels` its
     width x height as its header declares it; `max_pixels_per_byte` refuses images over
-    `ratio_free_pixels` whose header promises more pixels per encoded byte than real images
-    have (decompression bombs); `max_request_pixels` bounds the pixels of all images of one
-    request. Rows: `max_rows`. Text: `max_text_chars` per label, template or text, and
-    `max_request_text_chars` for all of a request's texts, checked before tokenizing;
+    `ratio_free_pixels` whose header promises more pixels per byte of image data than real
+    images have (decompression bombs); `max_image_parts` bounds the segments, chunks, blocks,
+    strips or tiles of one file and `max_jpeg_scans` the scans of a progressive JPEG;
+    `max_decode_ms` bounds one image's estimated decoding CPU (pixels, scans, bytes per pixel
+    and format; see `cost.py`); `max_request_pixels` and `max_request_decode_ms` bound the
+    pixels and the estimated decoding CPU of all images of one request. Rows: `max_rows`.
+    Text: `max_text_chars` per label, template or text, and `max_request_text_chars` for all
+    of a request's texts (every copy counted), checked before tokenizing;
     `max_classes` and `max_templates` per request; `max_prompts` (classes x templates, or texts
     to embed) and `max_prompt_tokens` (their tokens) per request, which bound the text encoder.
     Time: `deadline_seconds` (0: the scoring server's request timeout when serving, none otherwise).
@@ -45,6 +51,10 @@ class InputLimits:
     max_pixels_per_byte: int = 1_000
     ratio_free_pixels: int = 4_000_000
     max_request_pixels: int = 150_000_000
+    max_image_parts: int = 65_536
+    max_jpeg_scans: int = 100
+    max_decode_ms: int = 2_000
+    max_request_decode_ms: int = 3_000
     max_text_chars: int = 1_000
     max_request_text_chars: int = 50_000
     max_prompts: int = 2_000
@@ -56,7 +66,7 @@ class InputLimits:
             value = getattr(self, f.name)
             smallest = 0 if f.name == "deadline_seconds" else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
-                raise ValueError(
+                raise SettingsError(
                     f"InputLimits.{f.name} must be a {'whole number' if smallest == 0 else 'positive int'}; "
                     f"received {value!r}. Fix: pass a number such as {f.default}."
                 )
@@ -73,7 +83,7 @@ class InputLimits:
         data = dict(data or {})
         unknown = sorted(set(data) - set(cls.names()))
         if unknown:
-            raise ValueError(f"Received unknown limits {unknown}; expected any of {sorted(cls.names())}.")
+            raise SettingsError(f"Received unknown limits {unknown}; expected any of {sorted(cls.names())}.")
         return cls(**data)
 
 

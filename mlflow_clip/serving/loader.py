@@ -23,76 +23,36 @@ import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.protos import databricks_pb2
 
+from . import VERIFY_ENV
 from .classifier import ZeroShotClassifier
-from .contract import FLAVOR_NAME, ONNX_FILE_NAME, ClassifierConfig, FlavorKey
+from .contract import CODE_DIR_NAME, FLAVOR_NAME, ONNX_FILE_NAME, ClassifierConfig, FlavorKey
 from .deadline import DeadlineExceeded
 from .errors import MlflowClipError, ModelFileError, shown
+from .fast_jpeg import fast_jpeg_status
+from .integrity import forget_code_dir
 from .limits import InputLimits
 from .manifest import check_manifest, read_mlmodel, recorded_manifest
 from .preprocess import native_status
 from .rows import InvalidInputError
 from .runtime import RuntimeSettings
+from .signature import OUTPUT_CHOICES, PARAM_DEFAULTS, TEXT_COLUMN
 from .text import TextEncoder
 from .v2 import called_by_mlserver, mlserver_error, v2_table
+from .variants import choose_variant
 
 _logger = logging.getLogger("mlflow_clip.serving.loader")
 
 VERIFY_SETTING = "verify"
-VERIFY_ENV = "MLFLOW_CLIP_VERIFY"
-PARAM_DEFAULTS: dict[str, Any] = {
-    "top_k": 0,
-    "on_error": "raise",
-    "output": "full",
-    "classes": [],
-    "templates": "",
-    "truncate": False,
-}
-# output="label" returns the labels alone (a Series), for tools that expect one prediction per row;
-# output="embedding" returns one normalized image embedding per row (column `embedding`).
-OUTPUT_CHOICES = ("full", "label", "embedding")
-TEXT_COLUMN = "text"
 
 
-def default_signature():
-    """Input: a binary `image` column (or a `text` column, for text embeddings); params `top_k`,
-    `on_error`, `output`, `classes` and `templates`; the output columns of classification."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
-    from mlflow.types.schema import Array
-
-    inputs = Schema(
-        [ColSpec(DataType.binary, "image", required=False), ColSpec(DataType.string, TEXT_COLUMN, required=False)]
-    )
-    outputs = Schema(
-        [
-            ColSpec(DataType.string, "label"),
-            ColSpec(DataType.double, "score"),
-            ColSpec(Array(DataType.double), "probabilities"),
-            ColSpec(DataType.string, "error", required=False),
-        ]
-    )
-    params = ParamSchema(
-        [
-            ParamSpec("top_k", DataType.long, PARAM_DEFAULTS["top_k"]),
-            ParamSpec("on_error", DataType.string, PARAM_DEFAULTS["on_error"]),
-            ParamSpec("output", DataType.string, PARAM_DEFAULTS["output"]),
-            # Labels chosen per request (empty: the baked classes), and their templates: a preset
-            # (none, photo, ensemble) or one template with {} (empty: the model's own templates).
-            ParamSpec("classes", DataType.string, PARAM_DEFAULTS["classes"], (-1,)),
-            ParamSpec("templates", DataType.string, PARAM_DEFAULTS["templates"]),
-            # Keep the first 77 tokens of labels and texts longer than CLIP's context, as CLIP does;
-            # by default they are refused (cutting them can silently change what they mean).
-            ParamSpec("truncate", DataType.boolean, PARAM_DEFAULTS["truncate"]),
-        ]
-    )
-    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
-
-
-def load_classifier(local_path: str | os.PathLike, model_config: Mapping[str, Any] | None = None) -> ZeroShotClassifier:
+def load_classifier(
+    local_path: str | os.PathLike, model_config: Mapping[str, Any] | None = None, pinned: str | None = None
+) -> ZeroShotClassifier:
     """The classifier of a model directory: verified against its manifest, then read back.
 
     `model_config` overrides runtime settings and limits (and `verify`), on top of the
-    `MLFLOW_CLIP_*` environment, on top of what MLmodel records.
+    `MLFLOW_CLIP_*` environment, on top of what MLmodel records. `pinned`: the manifest digest
+    the registered version records (its `manifest_sha256` tag), which the manifest must have.
     """
     root = Path(local_path)
     mlmodel = read_mlmodel(root)
@@ -101,31 +61,35 @@ def load_classifier(local_path: str | os.PathLike, model_config: Mapping[str, An
         raise _invalid(f"{root} is not an mlflow_clip model: its MLmodel has no {FLAVOR_NAME} flavor.")
     overrides = dict(model_config or {})
     saved = ((mlmodel.get("flavors") or {}).get("python_function") or {}).get("config") or {}
-    verify = _verify_setting(overrides.pop(VERIFY_SETTING, None), saved.get(VERIFY_SETTING))
+    verify = verify_setting(overrides.pop(VERIFY_SETTING, None), saved.get(VERIFY_SETTING))
     limit_overrides = {k: overrides.pop(k) for k in list(overrides) if k in InputLimits.names()}
-    _verify(root, mlmodel, conf, verify)
+    _verify(root, mlmodel, conf, verify, pinned)
+    variant = None
     try:
-        settings = RuntimeSettings.from_dict(conf.get(FlavorKey.RUNTIME)).with_overrides(overrides)
+        saved_settings = RuntimeSettings.from_dict(conf.get(FlavorKey.RUNTIME))
+        settings = saved_settings.with_overrides(overrides)
         limits = InputLimits.from_dict({**conf.get(FlavorKey.LIMITS, {}), **limit_overrides})
         config = ClassifierConfig.read(root)
+        if conf.get(FlavorKey.PRECISIONS):  # gated at several precisions: the fastest native here
+            variant = choose_variant(conf[FlavorKey.PRECISIONS], settings)
+            settings, config = variant.apply(settings, saved_settings, config)
     except (TypeError, ValueError) as e:
         raise _invalid(str(e)) from e
-    onnx_path = _model_file(root, conf.get(FlavorKey.ONNX_MODEL, ONNX_FILE_NAME))
+    onnx_path = _model_file(root, variant.onnx_model if variant else conf.get(FlavorKey.ONNX_MODEL, ONNX_FILE_NAME))
     text_encoder = None
     if conf.get(FlavorKey.TEXT_ENCODER):
-        text_encoder = TextEncoder(
+        text_encoder = TextEncoder.for_config(
             _model_file(root, conf[FlavorKey.TEXT_ENCODER]),
             _model_file(root, conf[FlavorKey.TOKENIZER_VOCAB]),
-            config.context_length,
+            config,
             settings,
-            tokenizer=config.tokenizer,
         )
     classifier = ZeroShotClassifier(onnx_path, config, settings, limits, text_encoder=text_encoder)
-    _log_loaded(root, conf, classifier)
+    _log_loaded(root, conf, classifier, variant.reason if variant else None)
     return classifier
 
 
-def _verify_setting(value: Any, saved: Any) -> bool:
+def verify_setting(value: Any = None, saved: Any = None) -> bool:
     """`model_config`'s verify, then MLFLOW_CLIP_VERIFY, then true. MLflow hands the loader its
     saved model_config merged with the caller's, so the saved value is not an override."""
     if value is None or value == saved:
@@ -137,11 +101,11 @@ def _verify_setting(value: Any, saved: Any) -> bool:
     return value
 
 
-def _verify(root: Path, mlmodel: Mapping[str, Any], conf: Mapping[str, Any], verify: bool) -> None:
+def _verify(root: Path, mlmodel: Mapping[str, Any], conf: Mapping[str, Any], verify: bool, pinned: str | None) -> None:
     if not verify:
         _logger.warning("mlflow-clip: loading %s without checking it against its manifest (verify is off).", root)
         return
-    if recorded_manifest(mlmodel) is None:
+    if recorded_manifest(mlmodel) is None and pinned is None:
         # Saved by mlflow-clip 0.1.0, before manifests: there is nothing to check against.
         _logger.info(
             "mlflow-clip: %s (saved by mlflow-clip %s) has no manifest to check.", root, conf.get(FlavorKey.VERSION)
@@ -149,11 +113,15 @@ def _verify(root: Path, mlmodel: Mapping[str, Any], conf: Mapping[str, Any], ver
         return
     started = time.perf_counter()
     try:
-        check_manifest(root, mlmodel)
+        check_manifest(root, mlmodel, pinned)
     except MlflowClipError as e:
+        forget_code_dir(root / CODE_DIR_NAME)  # where MLflow loads it, nothing more is imported from it
         raise _invalid(str(e), "INVALID_STATE") from None
     _logger.info(
-        "mlflow-clip: %s matches its manifest (checked in %.0f ms).", root, 1000 * (time.perf_counter() - started)
+        "mlflow-clip: %s matches its manifest%s (checked in %.0f ms).",
+        root,
+        " and the registered version's pin" if pinned else "",
+        1000 * (time.perf_counter() - started),
     )
 
 
@@ -166,16 +134,18 @@ def _model_file(root: Path, name: str) -> Path:
     return path
 
 
-def _log_loaded(root: Path, conf: Mapping[str, Any], classifier: ZeroShotClassifier) -> None:
+def _log_loaded(root: Path, conf: Mapping[str, Any], classifier: ZeroShotClassifier, chosen: str | None) -> None:
     _configure_logging()
     package = __name__.rpartition(".")[0]
     _logger.info(
-        "mlflow-clip: serving %s with %s (%s); runtime %s; image resize: %s",
+        "mlflow-clip: serving %s with %s (%s); %sruntime %s; image resize: %s; JPEG decode: %s",
         root,
         package,
         "the model's own code" if package != "mlflow_clip.serving" else "the installed mlflow_clip",
+        f"precision {chosen}; " if chosen else "",
         classifier.session.description,
         native_status().describe(),
+        fast_jpeg_status().describe(),
     )
 
 

@@ -10,8 +10,12 @@ environment files MLflow itself rewrites (`requirements.txt`, `conda.yaml`, `pyt
 MLflow's own bookkeeping files, none of which decide a prediction.
 
 Under `code/`, any file the manifest does not list is reported as added, since Python could
-import it; Python's own bytecode caches (`__pycache__`) are ignored at load and refused by
-promotion, which reads a fresh download where none can legitimately exist.
+import it. That includes `__pycache__`: a bytecode cache is accepted at load only when it is
+provably the compilation of its verified source (Python's own cache, written when a plain MLflow
+load imported the model's code; `bytecode.py` says how that is proven), and refused by promotion,
+which reads a fresh download where none can legitimately exist. Where the manifest is pinned
+(the registered version's `manifest_sha256` tag), `check_manifest` also compares the manifest's
+own digest with the pin: a directory rewritten whole, its manifest recomputed, is refused too.
 
     >>> problems = verify_manifest("path/to/model")  # doctest: +SKIP
     >>> describe_problems(problems)  # doctest: +SKIP
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from .bytecode import BYTECODE_DIR, bytecode_problem, source_of
 from .contract import CODE_DIR_NAME, FLAVOR_NAME, MLMODEL_FILE_NAME, FlavorKey, sha256_bytes, sha256_file
 from .errors import ModelIntegrityError
 
@@ -45,7 +50,6 @@ NOT_COVERED = frozenset(
         "environment_variables.txt",
     }
 )
-BYTECODE_DIR = "__pycache__"
 HASH_THREADS = min(4, os.cpu_count() or 1)
 
 
@@ -117,20 +121,29 @@ def recorded_manifest(mlmodel: Mapping[str, Any]) -> dict[str, Any] | None:
 
 
 def verify_manifest(
-    model_dir: str | Path, mlmodel: Mapping[str, Any] | None = None, allow_bytecode: bool = True
+    model_dir: str | Path,
+    mlmodel: Mapping[str, Any] | None = None,
+    allow_bytecode: bool = True,
+    code_only: bool = False,
 ) -> list[Problem]:
-    """Every difference between `model_dir` and the manifest in its MLmodel ([] when none)."""
+    """Every difference between `model_dir` and the manifest in its MLmodel ([] when none).
+
+    `allow_bytecode`: accept Python's own caches of verified modules (else every `.pyc` is an
+    added file). `code_only`: check `code/` alone (what must hold before any of it is imported).
+    """
     root = Path(model_dir)
     mlmodel = read_mlmodel(root) if mlmodel is None else mlmodel
     manifest = recorded_manifest(mlmodel)
     if manifest is None or manifest.get("algorithm") != ALGORITHM or not isinstance(manifest.get("files"), dict):
         return [Problem(MLMODEL_FILE_NAME, "has no manifest")]
     problems = []
-    if sha256_bytes(canonical_mlmodel(mlmodel)) != manifest.get("mlmodel"):
+    if not code_only and sha256_bytes(canonical_mlmodel(mlmodel)) != manifest.get("mlmodel"):
         problems.append(Problem(MLMODEL_FILE_NAME, "changed"))
     real_root = root.resolve()
     present = []
     for rel in sorted(manifest["files"]):
+        if code_only and not rel.startswith(f"{CODE_DIR_NAME}/"):
+            continue
         problem = _where_problem(root, real_root, rel)
         if problem is None:
             present.append(rel)
@@ -160,13 +173,37 @@ def _added_code(root: Path, files: Mapping[str, str], allow_bytecode: bool) -> l
         return []
     added = []
     for dirpath, dirnames, filenames in os.walk(code):
-        if allow_bytecode:
-            dirnames[:] = [d for d in dirnames if d != BYTECODE_DIR]
+        # a linked folder is not walked into, but Python would import from it
+        added += [
+            Problem(f"{Path(dirpath, d).relative_to(root).as_posix()}", "added")
+            for d in dirnames
+            if Path(dirpath, d).is_symlink()
+        ]
         for name in filenames:
-            rel = (Path(dirpath) / name).relative_to(root).as_posix()
-            if rel not in files:
+            path = Path(dirpath) / name
+            rel = path.relative_to(root).as_posix()
+            if rel in files:
+                continue
+            if Path(dirpath).name != BYTECODE_DIR or not allow_bytecode:
                 added.append(Problem(rel, "added"))
+            elif (reason := _bytecode_problem(root, path, files)) is not None:
+                added.append(Problem(rel, f"added ({reason})"))
     return sorted(added, key=lambda p: p.path)
+
+
+def _bytecode_problem(root: Path, path: Path, files: Mapping[str, str]) -> str | None:
+    """None for Python's own cache of a listed, unchanged module; else why it is refused."""
+    found = source_of(path)
+    if found is None:
+        return "not a cache this Python writes of a module"
+    source, optimize = found
+    rel = source.relative_to(root).as_posix()
+    if rel not in files or not source.is_file():
+        return f"a cache of {source.name}, which the manifest does not list"
+    data = source.read_bytes()
+    if sha256_bytes(data) != files[rel]:
+        return f"a cache of {source.name}, which changed"
+    return bytecode_problem(path, data, optimize)
 
 
 def describe_problems(problems: list[Problem], shown: int = 8) -> str:
@@ -175,13 +212,34 @@ def describe_problems(problems: list[Problem], shown: int = 8) -> str:
     return "; ".join(parts) + more
 
 
-def check_manifest(model_dir: str | Path, mlmodel: Mapping[str, Any] | None = None) -> None:
-    """Raise `ModelIntegrityError` naming every file that differs from the manifest."""
+def check_manifest(
+    model_dir: str | Path,
+    mlmodel: Mapping[str, Any] | None = None,
+    pinned: str | None = None,
+    pinned_by: str = "the registry's record of it (manifest_sha256 tag)",
+) -> None:
+    """Raise `ModelIntegrityError` naming every file that differs from the manifest, and the
+    manifest itself when its digest is not `pinned` (recorded by `pinned_by`)."""
+    mlmodel = read_mlmodel(model_dir) if mlmodel is None else mlmodel
     problems = verify_manifest(model_dir, mlmodel)
+    manifest = recorded_manifest(mlmodel)
+    if pinned is not None and (manifest is None or manifest_digest(manifest) != pinned):
+        pin = Problem(f"the manifest in {MLMODEL_FILE_NAME}", f"differs from {pinned_by} ({pinned[:16]}...)")
+        problems.insert(0, pin)
     if problems:
-        raise ModelIntegrityError(
-            f"The model at {model_dir} does not match the manifest written when it was saved: "
-            f"{describe_problems(problems)}. Load the version as it was registered (download it again), "
-            "or, if you edited it on purpose, load it with model_config={'verify': False} "
-            "(or MLFLOW_CLIP_VERIFY=0)."
-        )
+        raise ModelIntegrityError(integrity_message(model_dir, problems))
+
+
+def integrity_message(model_dir: str | Path, problems: list[Problem], opt_out: str = "") -> str:
+    """The error for a model directory that fails its check, with the fix that fits."""
+    caches = (
+        f", or delete the {BYTECODE_DIR} folders under {CODE_DIR_NAME}/"
+        if any(BYTECODE_DIR in p.path for p in problems)
+        else ""
+    )
+    opt_out = opt_out or "load it with model_config={'verify': False} (or MLFLOW_CLIP_VERIFY=0)"
+    return (
+        f"The model at {model_dir} does not match the manifest written when it was saved: "
+        f"{describe_problems(problems)}. Load the version as it was registered (download it again){caches}; "
+        f"if you edited it on purpose, {opt_out}."
+    )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import threading
+import queue
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +54,17 @@ def compile_config(settings: Any, precision: str) -> dict[str, Any]:
 
 
 class OpenVinoSession:
-    """One compiled OpenVINO model; `run` is safe to call from concurrent threads (each thread
-    gets its own infer request, and results are copied out of it)."""
+    """One compiled OpenVINO model; `run` is safe to call from concurrent threads.
+
+    The session owns as many infer requests as OpenVINO says the compiled model runs at once
+    (`OPTIMAL_NUMBER_OF_INFER_REQUESTS`: its stream count, 1 under the LATENCY hint), in a pool.
+    A call takes an idle request (waiting, without the GIL, while all are busy), runs it on the
+    caller's thread and puts it back: never more requests in flight than streams. Threads of
+    ours never get requests of their own: two requests of one stream specialising a dynamic
+    input shape at once, inside the CPU plugin's TBB arenas, is how concurrent `infer` calls
+    hung on 2 cores (docs/decisions/openvino.md). The input is shared with the request (no copy
+    under the GIL); the outputs are copied out before the request is handed back.
+    """
 
     runtime = "openvino"
 
@@ -69,7 +78,10 @@ class OpenVinoSession:
         self.input_name: str = self._compiled.inputs[0].any_name
         self.output_names: list[str] = [o.any_name for o in self._compiled.outputs]
         self._outputs = {name: self._compiled.output(name) for name in self.output_names}
-        self._local = threading.local()
+        self.streams = max(1, int(self._compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        self._idle: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(self.streams):
+            self._idle.put(self._compiled.create_infer_request())
         self.inference_precision: str = _type_name(str(self._compiled.get_property("INFERENCE_PRECISION_HINT")))
         self.providers: tuple[str, ...] = (f"OpenVINO {settings.openvino_device}",)
         self.description = (
@@ -86,11 +98,13 @@ class OpenVinoSession:
 
     def run(self, batch: np.ndarray, outputs: list[str] | None = None) -> list[np.ndarray]:
         """Run the graph once on `batch` (callers split their rows: `chunk_size`)."""
-        request = getattr(self._local, "request", None)
-        if request is None:
-            request = self._local.request = self._compiled.create_infer_request()
-        result = request.infer({0: np.ascontiguousarray(batch)}, share_outputs=False)
-        return [np.asarray(result[self._outputs[name]]) for name in (outputs or self.output_names)]
+        inputs = np.ascontiguousarray(batch, dtype=np.float32)
+        request = self._idle.get()
+        try:
+            result = request.infer({0: inputs}, share_inputs=True, share_outputs=False)
+            return [np.array(result[self._outputs[name]]) for name in (outputs or self.output_names)]
+        finally:
+            self._idle.put(request)
 
 
 def _type_name(value: str) -> str:

@@ -2,9 +2,11 @@
 
 Reproduces ``clip.clip._transform(n_px)`` exactly (max abs diff 0.0): torchvision
 ``Resize(n_px, BICUBIC)`` on a PIL image, ``CenterCrop(n_px)``, RGB, ``ToTensor()``,
-``Normalize(mean, std)``. The integer arithmetic of the resize size and the crop offsets is
-torchvision's; the float math is float32 in the same order, ``(x / 255 - mean) / std``, computed
-once per channel for the 256 possible byte values and applied as a lookup table.
+``Normalize(mean, std)``; and SigLIP's ``squash`` (both sides resized to ``n_px``, no crop:
+open_clip's ``Resize((n_px, n_px))``, Hugging Face's ``SiglipImageProcessor``). The integer
+arithmetic of the resize size and the crop offsets is torchvision's; the float math is float32 in
+the same order, ``(x / 255 - mean) / std``, computed once per channel for the 256 possible byte
+values and applied as a lookup table.
 
 When the native extension is built and has matched the installed Pillow bit for bit
 (``native_check``, run once per process), resize, crop and table run in one native pass over
@@ -29,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from . import resample as native_resample
+from .errors import ModelConfigError, SettingsError
 from .images import to_rgb
 
 if TYPE_CHECKING:
@@ -38,9 +41,12 @@ _logger = logging.getLogger("mlflow_clip.serving.preprocess")
 # The geometry: resize the short side, then crop the centre. CLIP's (torchvision's CenterCrop)
 # rounds the crop offset half to even; Hugging Face's CLIPImageProcessor floors it, which moves
 # the crop by one pixel when the resized side minus the crop is 3 mod 4 (a 303x224 image).
+# SigLIP's squash resizes both sides to the input size (the aspect ratio is not kept) and crops
+# nothing: the whole image is seen.
 CENTER_CROP = "shortest_side_then_center_crop"
 FLOOR_CENTER_CROP = "shortest_side_then_floor_center_crop"
-RESIZE_MODES = (CENTER_CROP, FLOOR_CENTER_CROP)
+SQUASH = "squash"
+RESIZE_MODES = (CENTER_CROP, FLOOR_CENTER_CROP, SQUASH)
 
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
@@ -61,12 +67,15 @@ RESAMPLE_FILTERS: dict[str, Image.Resampling] = {
 MAX_EXACT_RESIZED_PIXELS = 1 << 25
 
 
-def compute_resized_size(width: int, height: int, size: int) -> tuple[int, int]:
-    """(width, height) after torchvision's ``Resize(size)``: the short side becomes ``size``.
+def compute_resized_size(width: int, height: int, size: int, resize_mode: str = CENTER_CROP) -> tuple[int, int]:
+    """(width, height) after torchvision's ``Resize(size)``: the short side becomes ``size``;
+    with SQUASH, ``Resize((size, size))``.
 
-    >>> compute_resized_size(640, 480, 224)
-    (298, 224)
+    >>> compute_resized_size(640, 480, 224), compute_resized_size(640, 480, 224, SQUASH)
+    ((298, 224), (224, 224))
     """
+    if resize_mode == SQUASH:
+        return size, size
     short, long = (width, height) if width <= height else (height, width)
     new_short, new_long = size, int(size * long / short)
     return (new_short, new_long) if width <= height else (new_long, new_short)
@@ -74,7 +83,8 @@ def compute_resized_size(width: int, height: int, size: int) -> tuple[int, int]:
 
 def compute_crop_origin(width: int, height: int, size: int, resize_mode: str = CENTER_CROP) -> tuple[int, int]:
     """(left, top) of torchvision's ``CenterCrop(size)``: Python's round(), so halves go to even;
-    with FLOOR_CENTER_CROP, Hugging Face's ``(side - size) // 2``.
+    with FLOOR_CENTER_CROP, Hugging Face's ``(side - size) // 2``; with SQUASH the resized image is
+    the crop, at (0, 0).
 
     >>> compute_crop_origin(299, 224, 224), compute_crop_origin(301, 224, 224)
     ((38, 0), (38, 0))
@@ -83,6 +93,8 @@ def compute_crop_origin(width: int, height: int, size: int, resize_mode: str = C
     """
     if resize_mode == FLOOR_CENTER_CROP:
         return (width - size) // 2, (height - size) // 2
+    if resize_mode == SQUASH:
+        return 0, 0
     return int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
 
 
@@ -116,15 +128,15 @@ class Preprocessor:
         object.__setattr__(self, "mean", _three_floats("mean", self.mean))
         object.__setattr__(self, "std", _three_floats("std", self.std))
         if any(value == 0.0 for value in self.std):
-            raise ValueError(f"Preprocessor std must not contain 0; received {self.std}.")
+            raise SettingsError(f"Preprocessor std must not contain 0; received {self.std}.")
         if self.resample not in RESAMPLE_FILTERS:
-            raise ValueError(f"Received resample={self.resample!r}; expected one of {sorted(RESAMPLE_FILTERS)}.")
+            raise SettingsError(f"Received resample={self.resample!r}; expected one of {sorted(RESAMPLE_FILTERS)}.")
         if self.resize_mode not in RESIZE_MODES:
-            raise ValueError(f"Received resize_mode={self.resize_mode!r}; expected one of {list(RESIZE_MODES)}.")
+            raise SettingsError(f"Received resize_mode={self.resize_mode!r}; expected one of {list(RESIZE_MODES)}.")
         object.__setattr__(self, "_table", _normalization_table(self.mean, self.std))
 
-    def __call__(self, image: Image.Image) -> np.ndarray:
-        """One image as float32 ``[3, R, R]``."""
+    def __call__(self, image: Image.Image | np.ndarray) -> np.ndarray:
+        """One image as float32 ``[3, R, R]`` (a PIL image, or decoded uint8 pixels)."""
         size = self.input_resolution
         out = np.empty((3, size, size), dtype=np.float32)
         self._write(image, out)
@@ -143,7 +155,7 @@ class Preprocessor:
         if image.mode not in ("RGB", "L"):
             image = to_rgb(image)
         size = self.input_resolution
-        new_width, new_height = compute_resized_size(image.width, image.height, size)
+        new_width, new_height = compute_resized_size(image.width, image.height, size, self.resize_mode)
         left, top = compute_crop_origin(new_width, new_height, size, self.resize_mode)
         if new_width * new_height > MAX_EXACT_RESIZED_PIXELS:
             return self._resize_crop_region(image, new_width, new_height, left, top)
@@ -173,24 +185,28 @@ class Preprocessor:
         box = (0.0, top * scale - first, float(size), min(last, (top + size) * scale) - first)
         return rows.resize((size, size), resample, box=box)
 
-    def _write(self, image: Image.Image, out: np.ndarray) -> None:
+    def _write(self, image: Image.Image | np.ndarray, out: np.ndarray) -> None:
         if self.native is not False and (self.native or native_status().available):
             if self.write_native(image, out):
                 return
+        if isinstance(image, np.ndarray):  # decoded pixels, upright ([H, W, 3] RGB or [H, W] gray)
+            image = Image.fromarray(image)
         pixels = np.asarray(self.resize_and_crop(image))
         for channel in range(3):
             plane = pixels if pixels.ndim == 2 else pixels[:, :, channel]
             np.take(self._table[channel], plane, out=out[channel], mode="clip")
 
-    def write_native(self, image: Image.Image, out: np.ndarray) -> bool:
+    def write_native(self, image: Image.Image | np.ndarray, out: np.ndarray) -> bool:
         """Resize, crop and normalize in one native pass into ``out``; False if this image
-        needs Pillow (or the extension is not installed)."""
+        needs Pillow (or the extension is not installed). ``image`` may also be decoded uint8
+        pixels, ``[H, W, 3]`` RGB or ``[H, W]`` gray, C-contiguous."""
         if not native_resample.built() or self.resample not in native_resample.NATIVE_FILTERS:
             return False
-        if image.mode not in ("RGB", "L"):
+        if not isinstance(image, np.ndarray) and image.mode not in ("RGB", "L"):
             image = to_rgb(image)
+        height, width = image.shape[:2] if isinstance(image, np.ndarray) else (image.height, image.width)
         size = self.input_resolution
-        new_size = compute_resized_size(image.width, image.height, size)
+        new_size = compute_resized_size(width, height, size, self.resize_mode)
         if new_size[0] * new_size[1] > MAX_EXACT_RESIZED_PIXELS:
             return False
         origin = compute_crop_origin(*new_size, size, self.resize_mode)
@@ -202,7 +218,7 @@ class Preprocessor:
         """The preprocessing a model's contract records: size, mean, std, interpolation and
         resize mode. An interpolation or resize mode this module cannot reproduce is refused."""
         if config.resize_mode not in RESIZE_MODES:
-            raise ValueError(
+            raise ModelConfigError(
                 f"Received resize_mode={config.resize_mode!r} in the model's configuration; expected one of "
                 f"{list(RESIZE_MODES)}. Load it with the mlflow-clip release that exported it."
             )
@@ -226,19 +242,23 @@ class NativeStatus:
         return ("native" if self.available else "Pillow") + f" ({self.reason})"
 
 
-# (width, height, size): downscales wide, tall (both pass orders) and square, upscales, sizes
-# that keep one side, and a crop of a single pixel.
+# (width, height, size, resize mode): downscales wide, tall (both pass orders) and square,
+# upscales, sizes that keep one side, a crop of a single pixel, and squashes that shrink one side
+# while growing the other.
 _CHECK_SHAPES = (
-    (97, 61, 24),
-    (61, 97, 24),
-    (23, 200, 16),
-    (200, 23, 16),
-    (40, 40, 40),
-    (40, 40, 17),
-    (9, 7, 20),
-    (3, 50, 11),
-    (16, 30, 16),
-    (5, 5, 1),
+    (97, 61, 24, CENTER_CROP),
+    (61, 97, 24, CENTER_CROP),
+    (23, 200, 16, CENTER_CROP),
+    (200, 23, 16, CENTER_CROP),
+    (40, 40, 40, CENTER_CROP),
+    (40, 40, 17, CENTER_CROP),
+    (9, 7, 20, CENTER_CROP),
+    (3, 50, 11, CENTER_CROP),
+    (16, 30, 16, CENTER_CROP),
+    (5, 5, 1, CENTER_CROP),
+    (97, 61, 24, SQUASH),
+    (9, 60, 20, SQUASH),
+    (60, 9, 20, SQUASH),
 )
 
 
@@ -251,20 +271,13 @@ def native_status() -> NativeStatus:
         return NativeStatus(False, reason + "; Pillow resizes")
     rng = np.random.default_rng(20240607)
     try:
-        for index, (width, height, size) in enumerate(_CHECK_SHAPES):
+        for index, (width, height, size, resize_mode) in enumerate(_CHECK_SHAPES):
             for resample in native_resample.NATIVE_FILTERS:
                 mode = "L" if index % 3 == 2 else "RGB"
-                shape = (height, width) if mode == "L" else (height, width, 3)
-                pixels = rng.integers(0, 256, shape, dtype=np.uint8)
-                pixels[rng.random(shape) < 0.3] = 255  # hard edges reach the clipping
-                image = Image.fromarray(pixels, mode)
-                expected = Preprocessor(size, resample=resample, native=False)(image)
-                got = np.empty_like(expected)
-                Preprocessor(size, resample=resample, native=True).write_native(image, got)
-                if not np.array_equal(expected, got):
+                if not _native_matches(rng, Image.new(mode, (width, height)), size, resample, resize_mode):
                     reason = (
                         f"differs from Pillow {Image.__version__} on a {width}x{height} {mode} "
-                        f"image ({resample}, {size} px); Pillow resizes"
+                        f"image ({resample}, {size} px, {resize_mode}); Pillow resizes"
                     )
                     _logger.warning("mlflow-clip native resampling %s", reason)
                     return NativeStatus(False, reason)
@@ -277,6 +290,18 @@ def native_status() -> NativeStatus:
     )
 
 
+def _native_matches(rng: np.random.Generator, blank: Image.Image, size: int, resample: str, resize_mode: str) -> bool:
+    """Random pixels of `blank`'s mode and size, through both paths."""
+    shape = (blank.height, blank.width) if blank.mode == "L" else (blank.height, blank.width, 3)
+    pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+    pixels[rng.random(shape) < 0.3] = 255  # hard edges reach the clipping
+    image = Image.fromarray(pixels, blank.mode)
+    expected = Preprocessor(size, resample=resample, resize_mode=resize_mode, native=False)(image)
+    got = np.empty_like(expected)
+    Preprocessor(size, resample=resample, resize_mode=resize_mode, native=True).write_native(image, got)
+    return bool(np.array_equal(expected, got))
+
+
 def _normalization_table(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """[3, 256] float32: (byte / 255 - mean) / std, each step in float32 like ToTensor + Normalize."""
     scaled = np.arange(256, dtype=np.float32) / np.float32(255)
@@ -287,14 +312,14 @@ def _normalization_table(mean: Sequence[float], std: Sequence[float]) -> np.ndar
 
 def _check_resolution(value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"Received input_resolution={value!r}; expected a positive int such as 224.")
+        raise SettingsError(f"Received input_resolution={value!r}; expected a positive int such as 224.")
 
 
 def _three_floats(name: str, values: Sequence[float]) -> tuple[float, float, float]:
     try:
         floats = tuple(float(v) for v in values)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"Received {name}={values!r}; expected three numbers (R, G, B).") from e
+        raise SettingsError(f"Received {name}={values!r}; expected three numbers (R, G, B).") from e
     if len(floats) != 3:
-        raise ValueError(f"Received {name}={values!r}; expected three numbers (R, G, B).")
+        raise SettingsError(f"Received {name}={values!r}; expected three numbers (R, G, B).")
     return floats  # type: ignore[return-value]

@@ -10,12 +10,10 @@ Pure Python, so both the exporter and the serving side (per-request labels) can 
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 from typing import Sequence
 
-from .errors import MlflowClipError, shown
+from .errors import PromptError, shown
 
 # The 80 prompt templates CLIP's authors used for zero-shot ImageNet.
 IMAGENET_TEMPLATES: tuple[str, ...] = (
@@ -116,19 +114,16 @@ _DETERMINERS = frozenset("a an the my one many this that these those some your h
 _INDEFINITE_BEFORE_PLACEHOLDER = re.compile(r"\b(a|an)\s+$", re.IGNORECASE)
 
 
-class PromptError(MlflowClipError, ValueError):
-    """Bad class names or templates; the message says which one and how to fix it."""
-
-
-def parse_classes(spec: str | Sequence[str]) -> list[str]:
-    """Parse `a,b,c`, `@file` (one class per line, UTF-8) or a list of names.
+def parse_classes(spec: str | Sequence[str], source: str = "") -> list[str]:
+    """Parse `a,b,c` or a list of names (`mlflow_clip.prompt_files` reads `@file` into a list);
+    `source` names where the list came from in errors.
 
     Raises PromptError for empty, blank or duplicate names.
     """
     if isinstance(spec, str):
-        names, source = _split_class_spec(spec)
+        names, source = _split_class_spec(spec), source or "the classes parameter"
     else:
-        names, source = list(spec), "the class list"
+        names, source = list(spec), source or "the class list"
     if not names:
         raise PromptError(f"No class names in {source}; expected at least one, e.g. 'a cat,a dog'.")
     cleaned = [str(name).strip() for name in names]
@@ -136,19 +131,8 @@ def parse_classes(spec: str | Sequence[str]) -> list[str]:
     return cleaned
 
 
-def _split_class_spec(spec: str) -> tuple[list[str], str]:
-    if spec.startswith("@"):
-        text, path = _read_text(spec[1:], "class")
-        lines = text.splitlines()
-        # A trailing newline or blank lines around the list are not class names.
-        while lines and not lines[-1].strip():
-            lines.pop()
-        while lines and not lines[0].strip():
-            lines.pop(0)
-        return lines, f"file {path}"
-    if not spec.strip():
-        return [], "the classes parameter"
-    return spec.split(","), "the classes parameter"
+def _split_class_spec(spec: str) -> list[str]:
+    return spec.split(",") if spec.strip() else []
 
 
 def _check_class_names(names: list[str], source: str) -> None:
@@ -174,24 +158,18 @@ def _check_class_names(names: list[str], source: str) -> None:
         seen[key] = index
 
 
-def resolve_templates(spec: str | Sequence[str]) -> list[str]:
-    """Return the templates for `none`, `photo`, `ensemble`, `@file` or an explicit list."""
+def resolve_templates(spec: str | Sequence[str], source: str = "") -> list[str]:
+    """Return the templates for `none`, `photo`, `ensemble` or an explicit list (`@file` is read
+    into a list by `mlflow_clip.prompt_files`); `source` names where the list came from in errors."""
     if isinstance(spec, str):
         key = spec.strip()
         if key in TEMPLATE_PRESETS:
             return list(TEMPLATE_PRESETS[key])
-        if key.startswith("@"):
-            text, path = _read_text(key[1:], "template")
-            lines = text.splitlines()
-            templates = [t.strip() for t in lines if t.strip() and not t.lstrip().startswith("#")]
-            source = f"file {path}"
-        else:
-            raise PromptError(
-                f"Received templates={shown(spec)}; expected one of {sorted(TEMPLATE_PRESETS)} "
-                "or @path to a file with one template containing {} per line."
-            )
-    else:
-        templates, source = [str(t) for t in spec], "the template list"
+        raise PromptError(
+            f"Received templates={shown(spec)}; expected one of {sorted(TEMPLATE_PRESETS)} "
+            "or a list of templates containing {} (or, when exporting, @path to a file of them)."
+        )
+    templates, source = [str(t) for t in spec], source or "the template list"
     if not templates:
         raise PromptError(f"No templates in {source}; expected at least one line containing {{}}.")
     for index, template in enumerate(templates):
@@ -246,33 +224,3 @@ def _has_determiner(prefix: str) -> bool:
 
 def _match_case(word: str, like: str) -> str:
     return word.capitalize() if like[:1].isupper() else word.lower()
-
-
-def locate(text: str) -> tuple[Path, list[Path]]:
-    """The file an `@path` names, and the directories searched for it. A relative path is looked
-    up in the caller's directory first: `mlflow run` starts the job in the project's directory,
-    and keeps the caller's in `$PWD`; then in the current directory."""
-    path = Path(text).expanduser()
-    if path.is_absolute():
-        return path, [path.parent]
-    searched = [Path.cwd()]
-    caller = os.environ.get("PWD")
-    if caller and Path(caller).is_dir() and Path(caller).resolve() != Path.cwd().resolve():
-        searched.insert(0, Path(caller))
-    for folder in searched:
-        if (folder / path).is_file():
-            return folder / path, searched
-    return searched[-1] / path, searched
-
-
-def _read_text(spec: str, what: str) -> tuple[str, Path]:
-    path, searched = locate(spec)
-    try:
-        return path.read_text(encoding="utf-8"), path
-    except (FileNotFoundError, IsADirectoryError) as e:
-        where = " and ".join(str(folder) for folder in searched)
-        raise PromptError(f"The {what} file {spec} was not found (looked in {where}); check the path after '@'.") from e
-    except UnicodeDecodeError as e:
-        raise PromptError(
-            f"The {what} file {path} is not valid UTF-8 ({e.reason} at byte {e.start}); save it as UTF-8."
-        ) from e

@@ -665,5 +665,12 @@ PyInit__mlflow_clip_resample(void) {
         Py_DECREF(m);
         return NULL;
     }
+#ifdef MLFLOW_CLIP_SOURCE_SHA256
+    /* The SHA-256 of this file, passed by the build: which source a binary was built from. */
+    if (m && PyModule_AddStringConstant(m, "SOURCE_SHA256", MLFLOW_CLIP_SOURCE_SHA256) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+#endif
     return m;
 }

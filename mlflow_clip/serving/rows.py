@@ -12,7 +12,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .errors import MlflowClipError, shown
+from .errors import InvalidInputError, shown
 from .limits import InputLimits
 from .prompts import TEMPLATE_PRESETS, PromptError, parse_classes, resolve_templates
 
@@ -20,21 +20,9 @@ IMAGE_COLUMN = "image"
 ON_ERROR_CHOICES = ("raise", "null")
 
 
-class InvalidInputError(MlflowClipError, ValueError):
-    """A request the model cannot score; `rows` lists (row index, reason) pairs."""
-
-    def __init__(self, message: str, rows: Sequence[tuple[int, str]] = ()):
-        super().__init__(message)
-        self.rows = list(rows)
-
-
 def request_classes(value: Any, limits: InputLimits = InputLimits()) -> list[str]:
     """Labels sent with a request: a list of names, or one comma-separated string."""
     if isinstance(value, str):
-        if value.lstrip().startswith("@"):
-            raise InvalidInputError(
-                f"Received classes={shown(value)}; a request cannot read files. Send the names as a list."
-            )
         value = value.split(",")
     if isinstance(value, np.ndarray):
         value = value.tolist()
@@ -59,11 +47,6 @@ def request_templates(value: Any, limits: InputLimits = InputLimits()) -> list[s
     """Templates sent with a request: a preset name, one template with {}, or a list of them."""
     if isinstance(value, str):
         key = value.strip()
-        if key.startswith("@"):
-            raise InvalidInputError(
-                f"Received templates={shown(value)}; a request cannot read files. Send a preset "
-                f"({', '.join(sorted(TEMPLATE_PRESETS))}) or a template containing {{}}."
-            )
         value = list(TEMPLATE_PRESETS[key]) if key in TEMPLATE_PRESETS else [value]
     if isinstance(value, np.ndarray):
         value = value.tolist()

@@ -28,20 +28,25 @@ from typing import Sequence
 
 import numpy as np
 
+from .contract import SIGMOID_HEAD, SOFTMAX_HEAD
 from .deadline import NO_DEADLINE, TEXT_FIX, Deadline
-from .errors import ModelFileError
+from .errors import ModelFileError, SettingsError
 from .limits import DEFAULT_LIMITS, InputLimits
 from .prompts import texts_for_class
 from .rows import InvalidInputError
 from .runtime import OrtSession, RuntimeSettings
-from .tokenizer import ClipTokenizer
+from .text_tokenizers import TextTokenizer, load_tokenizer
 
 # Texts per text-encoder run; texts are sorted by length first so each run is trimmed tightly.
 TEXT_RUN_BATCH = 64
-TOKENIZE_SLICE = 1024  # prompts tokenized between two deadline checks
+TOKENIZE_SLICE = 64  # distinct texts tokenized between two deadline checks (under 0.3 s at their longest)
 _logger = logging.getLogger("mlflow_clip.serving.text")
 DEFAULT_CACHE_SIZE = 64
 DEFAULT_CACHE_BYTES = 64 * 1024 * 1024
+# How far the ids of a batch are run, per the contract's text_pooling: after the last end token
+# (CLIP's causal tower, read there), after the last token that is not padding (towers that mask
+# padding out), or the whole context (towers in which every position counts, SigLIP's).
+TEXT_POOLINGS = ("argmax", "masked", "full")
 
 
 class TextEncoder:
@@ -60,24 +65,49 @@ class TextEncoder:
         cache_size: int = DEFAULT_CACHE_SIZE,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         tokenizer: str = "clip",
+        text_clean: str = "",
+        text_pooling: str = "argmax",
     ):
+        if text_pooling not in TEXT_POOLINGS:
+            raise SettingsError(f"Received text_pooling={text_pooling!r}; expected one of {list(TEXT_POOLINGS)}.")
         self.onnx_path = Path(onnx_path)
         self.tokenizer_name = tokenizer
+        self.text_clean = text_clean
+        self.text_pooling = text_pooling
         self.vocab_path = Path(vocab_path)
         self.context_length = int(context_length)
         self.settings = settings
         self.cache = FeatureCache(int(cache_size), int(cache_bytes))
         self.runs = 0  # text-encoder graph runs so far (a cached label set adds none)
         self._session: OrtSession | None = None
-        self._tokenizer = None
+        self._tokenizer: TextTokenizer | None = None
         self._lock = threading.Lock()
+
+    @classmethod
+    def for_config(
+        cls, onnx_path: str | Path, vocab_path: str | Path, config, settings: RuntimeSettings = RuntimeSettings()
+    ) -> TextEncoder:
+        """The text encoder a model's contract (`ClassifierConfig`) describes."""
+        return cls(
+            onnx_path,
+            vocab_path,
+            config.context_length,
+            settings,
+            tokenizer=config.tokenizer,
+            text_clean=config.text_clean,
+            text_pooling=config.text_pooling,
+        )
 
     def _ready(self):
         with self._lock:
             if self._session is None:
                 try:
-                    self._tokenizer = ClipTokenizer.from_file(self.vocab_path, self.tokenizer_name)
+                    self._tokenizer = load_tokenizer(
+                        self.vocab_path, self.tokenizer_name, self.text_clean, self.context_length
+                    )
                     self._session = OrtSession(self.onnx_path, self.settings)
+                except ImportError as e:  # a tokenizer library the model's requirements list, not installed
+                    raise ModelFileError(str(e)) from None
                 except Exception as e:  # noqa: BLE001 - a damaged file, whatever the library says
                     _logger.error("mlflow-clip: cannot load the text encoder %s: %s", self.onnx_path, e)
                     raise ModelFileError(
@@ -103,24 +133,30 @@ class TextEncoder:
         """Normalized float32 embeddings [N, D], one per text, in order, within `limits`.
         `describe(i)` names text `i` in errors (default: "Text i")."""
         texts = list(texts)
-        _check_budget(len(texts), sum(map(len, {t for t in texts if isinstance(t, str)})), limits)
+        _check_budget(len(texts), sum(len(t) for t in texts if isinstance(t, str)), limits)  # every copy counts
         session, tokenizer = self._ready()
         ids, lengths = self._tokenize(tokenizer, texts, deadline)
         self._check_tokens(lengths, limits, truncate, describe or (lambda i: f"Text {i}"))
         return self._run(session, ids, deadline)
 
-    def _tokenize(self, tokenizer: ClipTokenizer, texts: list[str], deadline: Deadline) -> tuple[np.ndarray, list]:
-        """`tokenizer.tokenize` in slices, checking the deadline between them (tokenizing is
-        pure Python: about 50 us a prompt here, seconds for tens of thousands)."""
+    def _tokenize(self, tokenizer: TextTokenizer, texts: list[str], deadline: Deadline) -> tuple[np.ndarray, list]:
+        """`tokenizer.tokenize` of each distinct text once, in slices with a deadline check between
+        them (tokenizing is pure Python: up to about 5 ms for a text of 2,000 characters)."""
+        for index, text in enumerate(texts):
+            if not isinstance(text, str):
+                tokenizer.tokenize([text], self.context_length, index)  # raises, naming it
+        distinct = list(dict.fromkeys(texts))
         parts, lengths = [], []
-        for start in range(0, len(texts), TOKENIZE_SLICE):
-            deadline.check(f"tokenizing prompts {start} to {len(texts) - 1}", TEXT_FIX)
-            ids, slice_lengths = tokenizer.tokenize(texts[start : start + TOKENIZE_SLICE], self.context_length, start)
+        for start in range(0, len(distinct), TOKENIZE_SLICE):
+            deadline.check(f"tokenizing prompts {start} to {len(distinct) - 1}", TEXT_FIX)
+            ids, slice_lengths = tokenizer.tokenize(distinct[start : start + TOKENIZE_SLICE], self.context_length)
             parts.append(ids)
             lengths.extend(slice_lengths)
         if not parts:
             return tokenizer.tokenize([], self.context_length)
-        return np.concatenate(parts), lengths
+        row = {text: i for i, text in enumerate(distinct)}
+        order = np.fromiter((row[text] for text in texts), dtype=np.int64, count=len(texts))
+        return np.concatenate(parts)[order], [lengths[i] for i in order]
 
     def _check_tokens(self, lengths: list[int], limits: InputLimits, truncate: bool, describe) -> None:
         if not truncate:
@@ -142,7 +178,7 @@ class TextEncoder:
             )
 
     def _run(self, session: OrtSession, ids: np.ndarray, deadline: Deadline) -> np.ndarray:
-        ends = ids.argmax(axis=1)  # end-of-text is the highest id: its position ends the prompt
+        ends = self._ends(ids)
         order = np.argsort(ends, kind="stable")
         parts = []
         for start in range(0, len(order), TEXT_RUN_BATCH):
@@ -158,6 +194,15 @@ class TextEncoder:
         out = np.empty((len(ids), parts[0].shape[1]), dtype=np.float32)
         out[order] = np.concatenate(parts)
         return out
+
+    def _ends(self, ids: np.ndarray) -> np.ndarray:
+        """The last position of each row that the text tower must see (see TEXT_POOLINGS)."""
+        if self.text_pooling == "full":
+            return np.full(len(ids), ids.shape[1] - 1, dtype=np.int64)
+        if self.text_pooling == "masked":
+            kept = ids != self._tokenizer.pad_token_id
+            return np.where(kept.any(axis=1), ids.shape[1] - 1 - kept[:, ::-1].argmax(axis=1), 0)
+        return ids.argmax(axis=1)  # end-of-text is the highest id: its position ends the prompt
 
     def class_features(
         self,
@@ -250,3 +295,19 @@ def softmax_scores(embeddings: np.ndarray, class_features: np.ndarray, logit_sca
     np.exp(logits, out=logits)
     logits /= logits.sum(axis=1, keepdims=True)
     return logits
+
+
+def class_scores(
+    embeddings: np.ndarray,
+    class_features: np.ndarray,
+    logit_scale: float,
+    logit_bias: float = 0.0,
+    head: str = SOFTMAX_HEAD,
+) -> np.ndarray:
+    """The baked graph's head in numpy, float32: `softmax_scores`, or SigLIP's sigmoid of
+    logit_scale * cosine similarity + logit_bias, each class on its own."""
+    if head != SIGMOID_HEAD:
+        return softmax_scores(embeddings, class_features, logit_scale)
+    logits = np.float32(logit_scale) * (embeddings.astype(np.float32) @ class_features.T) + np.float32(logit_bias)
+    tail = np.exp(-np.abs(logits))  # never overflows: the stable form of 1 / (1 + exp(-x))
+    return np.where(logits >= 0, 1.0 / (1.0 + tail), tail / (1.0 + tail)).astype(np.float32)

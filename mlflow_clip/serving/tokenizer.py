@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import heapq
 import html
 import threading
 import unicodedata
@@ -35,7 +36,7 @@ import numpy as np
 import regex
 
 from .contract import VOCAB_FILE_NAME
-from .errors import MlflowClipError
+from .errors import MissingFileError, ModelConfigError, SettingsError, TextInputError
 
 # SHA-256 of CLIP's vocabulary file, byte for byte as the `clip` package ships it.
 VOCAB_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
@@ -61,7 +62,6 @@ BPE_CACHE_SIZE = 65_536
 BPE_CACHE_CHARS = 1_000_000
 BPE_CACHE_WORD_CHARS = 64
 _WORD_END = "</w>"
-_NOT_A_MERGE = float("inf")
 _WHITESPACE = regex.compile(r"\s+")
 _WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 _PRETOKEN = regex.compile(r"<\|startoftext\|>|<\|endoftext\|>|" + _WORDS, regex.IGNORECASE)
@@ -74,10 +74,6 @@ _HF_PRETOKEN = regex.compile(r"<\|startoftext\|>|<\|endoftext\|>|" + _WORDS)
 _GPT2_PRETOKEN = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
 
 
-class TextInputError(MlflowClipError, ValueError):
-    """A text that cannot be tokenized; the message names its index and the fix."""
-
-
 class ClipTokenizer:
     """CLIP's byte-pair-encoding tokenizer, loaded from an explicit vocabulary file.
 
@@ -88,7 +84,7 @@ class ClipTokenizer:
 
     def __init__(self, vocab_path: str | Path, special_tokens: str = "clip") -> None:
         if special_tokens not in SPECIAL_TOKEN_SPELLINGS:
-            raise ValueError(
+            raise SettingsError(
                 f"Received tokenizer={special_tokens!r}; expected one of {sorted(SPECIAL_TOKEN_SPELLINGS)}."
             )
         self.vocab_path = Path(vocab_path)
@@ -150,9 +146,9 @@ class ClipTokenizer:
                 f"Received {type(texts).__name__}; expected a str or a list of str. Fix: send text, decoded."
             )
         if isinstance(context_length, bool) or not isinstance(context_length, (int, np.integer)):
-            raise TypeError(f"context_length must be an int; received {context_length!r}.")
+            raise SettingsError(f"context_length must be an int; received {context_length!r}.")
         if context_length < 1:
-            raise ValueError(f"context_length must be at least 1; received {context_length}.")
+            raise SettingsError(f"context_length must be at least 1; received {context_length}.")
         ids, lengths = self.tokenize(texts, context_length)
         if not truncate:
             too_long = [i for i, n in enumerate(lengths) if n > context_length]
@@ -169,35 +165,47 @@ class ClipTokenizer:
     ) -> tuple[np.ndarray, list[int]]:
         """(ids truncated as CLIP truncates them, each text's own length with its start and end
         tokens, or `context_length + 1` for any text longer than the context). Errors name a
-        text by its position plus `first_index` (for a slice of a longer list)."""
+        text by its position plus `first_index` (for a slice of a longer list). Each distinct
+        text is encoded once, and each distinct word too (words too long for the shared cache
+        are kept for this call only)."""
         rows, lengths = [], []
+        encoded: dict[str, list[int]] = {}
+        long_words: dict[str, tuple[int, ...]] = {}
         for index, text in enumerate(texts, first_index):
-            if not isinstance(text, str):
-                raise TextInputError(
-                    f"Text {index} is a {type(text).__name__}, not a str. Fix: send every text as a string."
-                )
-            if self.special_tokens == HF_TOKENIZER and _SURROGATE.search(text):
-                raise TextInputError(
-                    f"Text {index} contains a lone surrogate code point, which Hugging Face's tokenizer refuses. "
-                    "Fix: send valid Unicode (decode UTF-8 with errors='replace')."
-                )
-            ids = [self.sot_token_id, *self.encode(text, max_tokens=context_length - 1), self.eot_token_id]
+            self._check_text(index, text)
+            ids = encoded.get(text)
+            if ids is None:
+                ids = [self.sot_token_id, *self.encode(text, context_length - 1, long_words), self.eot_token_id]
+                encoded[text] = ids
             lengths.append(min(len(ids), context_length + 1))
-            if len(ids) > context_length:
-                ids = ids[:context_length]
-                ids[-1] = self.eot_token_id
             rows.append(ids)
         result = np.full((len(rows), context_length), self.pad_token_id, dtype=np.int64)
         for i, ids in enumerate(rows):
+            if len(ids) > context_length:
+                ids = [*ids[: context_length - 1], self.eot_token_id]
             result[i, : len(ids)] = ids
         return result, lengths
 
-    def encode(self, text: str, max_tokens: int | None = None) -> list[int]:
+    def _check_text(self, index: int, text: object) -> None:
+        if not isinstance(text, str):
+            raise TextInputError(
+                f"Text {index} is a {type(text).__name__}, not a str. Fix: send every text as a string."
+            )
+        if self.special_tokens == HF_TOKENIZER and _SURROGATE.search(text):
+            raise TextInputError(
+                f"Text {index} contains a lone surrogate code point, which Hugging Face's tokenizer refuses. "
+                "Fix: send valid Unicode (decode UTF-8 with errors='replace')."
+            )
+
+    def encode(
+        self, text: str, max_tokens: int | None = None, long_words: dict[str, tuple[int, ...]] | None = None
+    ) -> list[int]:
         """The ids of one text, without the start and end tokens. With `max_tokens`, encoding stops
-        once more than that many ids are known: the rest could only be cut off."""
+        once more than that many ids are known: the rest could only be cut off. `long_words`
+        keeps the ids of words too long for the shared cache (for the texts of one request)."""
         ids: list[int] = []
         for word in self._words(text):
-            ids.extend(self._word_ids(word))
+            ids.extend(self._word_ids(word, long_words))
             if max_tokens is not None and len(ids) > max_tokens:
                 break
         return ids
@@ -213,7 +221,12 @@ class ClipTokenizer:
             for piece in _HF_PRETOKEN.findall(hf_clean_text(segment)):
                 yield from _GPT2_PRETOKEN.findall(piece)
 
-    def _word_ids(self, word: str) -> tuple[int, ...]:
+    def _word_ids(self, word: str, long_words: dict[str, tuple[int, ...]] | None = None) -> tuple[int, ...]:
+        if long_words is not None and len(word) > self._cache.word_chars:
+            cached = long_words.get(word)
+            if cached is None:
+                cached = long_words[word] = self._encode_word(word)
+            return cached
         cached = self._cache.get(word)
         if cached is None:
             cached = self._encode_word(word)
@@ -227,14 +240,31 @@ class ClipTokenizer:
         return tuple(self._ids[part] for part in self._merge(symbols))
 
     def _merge(self, symbols: str) -> tuple[str, ...]:
-        ranks = self._ranks
-        parts = (*symbols[:-1], symbols[-1] + _WORD_END)
-        while len(parts) > 1:
-            pair = min(zip(parts, parts[1:]), key=lambda p: ranks.get(p, _NOT_A_MERGE))
-            if pair not in ranks:
-                break
-            parts = _apply_merge(parts, *pair)
-        return parts
+        """CLIP's byte-pair merging in O(n log n): CLIP merges the lowest-ranked adjacent pair
+        everywhere, left to right, then looks again, which is quadratic in the word's length (a
+        1,000-letter word took 49 ms). Here a heap of (rank, position) over a linked list pops the
+        same merges in the same order: every pair a merge creates contains the merged token, so
+        it ranks after it, and equal ranks (the same pair) pop left to right."""
+        parts: list[str | None] = [*symbols[:-1], symbols[-1] + _WORD_END]
+        ranks, count = self._ranks, len(parts)
+        following, preceding = [*range(1, count), -1], [*range(-1, count - 1)]
+        heap = [(rank, i) for i, pair in enumerate(zip(parts, parts[1:])) if (rank := ranks.get(pair)) is not None]
+        heapq.heapify(heap)
+        while heap:
+            rank, left = heapq.heappop(heap)
+            right = following[left]
+            if parts[left] is None or right < 0 or ranks.get((parts[left], parts[right])) != rank:
+                continue  # this pair was changed by an earlier merge
+            parts[left], parts[right] = parts[left] + parts[right], None
+            following[left] = after = following[right]
+            if after >= 0:
+                preceding[after] = left
+            before = preceding[left]
+            if before >= 0 and (new := ranks.get((parts[before], parts[left]))) is not None:
+                heapq.heappush(heap, (new, before))
+            if after >= 0 and (new := ranks.get((parts[left], parts[after]))) is not None:
+                heapq.heappush(heap, (new, left))
+        return tuple(part for part in parts if part is not None)
 
 
 @functools.cache
@@ -265,19 +295,6 @@ def hf_clean_text(text: str) -> str:
     return "".join(c.lower() for c in text)
 
 
-def _apply_merge(parts: tuple[str, ...], first: str, second: str) -> tuple[str, ...]:
-    merged: list[str] = []
-    i, last = 0, len(parts) - 1
-    while i <= last:
-        if i < last and parts[i] == first and parts[i + 1] == second:
-            merged.append(first + second)
-            i += 2
-        else:
-            merged.append(parts[i])
-            i += 1
-    return tuple(merged)
-
-
 @functools.lru_cache(maxsize=1)
 def _byte_to_symbol() -> dict[int, str]:
     """GPT-2's reversible map from UTF-8 bytes to printable characters, as CLIP uses it."""
@@ -291,7 +308,7 @@ def _byte_to_symbol() -> dict[int, str]:
 
 def _read_merges(path: Path) -> list[tuple[str, str]]:
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"No CLIP vocabulary file at {path}. Fix: pass the path of a copy of {VOCAB_FILE_NAME} "
             "(the exporter puts one in each model directory; mlflow_clip/assets has the original)."
         )
@@ -299,10 +316,12 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
         with gzip.open(path) as f:
             lines = f.read().decode("utf-8").split("\n")
     except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not a gzipped UTF-8 {VOCAB_FILE_NAME}: {e}. Fix: copy the file again.") from e
+        raise ModelConfigError(
+            f"{path} is not a gzipped UTF-8 {VOCAB_FILE_NAME}: {e}. Fix: copy the file again."
+        ) from e
     merges = [tuple(line.split()) for line in lines[1 : _NUM_MERGES + 1]]
     if len(merges) < _NUM_MERGES or any(len(merge) != 2 for merge in merges):
-        raise ValueError(
+        raise ModelConfigError(
             f"{path} does not hold CLIP's {_NUM_MERGES} byte-pair merges (one pair per line after a "
             f"header line). Fix: use {VOCAB_FILE_NAME} from the clip package, SHA-256 {VOCAB_SHA256}."
         )

@@ -1,11 +1,15 @@
-"""The V2 inference protocol, as MLServer (the runtime of KServe and Seldon) speaks it.
+"""The table `mlserver_mlflow.MLflowRuntime` can encode: MLServer's MLflow runtime, served as before.
 
-MLServer's MLflow runtime (`mlserver_mlflow.MLflowRuntime`) calls the pyfunc's `predict` and
-encodes what it returns with its pandas codec, which cannot encode a null in a text or list
-column (it calls `numpy.isnan` on every cell of a column that has one), nor a bare Series. So for
-that caller alone the output table takes a form V2 tensors can carry; every other caller
-(`mlflow models serve`, MLServer's own `/invocations`, Spark, in-process `predict`) gets the
-table unchanged, real nulls included:
+MLServer serves mlflow-clip models best through the project's own runtime,
+`mlflow_clip.mlserver.ClipRuntime`, which reads the unchanged table and answers typed tensors.
+Models set up with MLServer's MLflow runtime (`mlserver_mlflow.MLflowRuntime`) keep working as
+they did: that runtime calls the pyfunc's `predict` and encodes what it returns with its pandas
+codec, which cannot encode a null in a text or list column (it calls `numpy.isnan` on every cell
+of a column that has one), nor a bare Series, and it gives the model no way to know it is the
+caller. So the pyfunc recognizes that one caller by its frame on the stack (`called_by_mlserver`)
+and, for it alone, returns the table in a form V2 tensors can carry; every other caller
+(`mlflow models serve`, MLServer's own `/invocations`, Spark, in-process `predict`, ClipRuntime)
+gets the table unchanged, real nulls included:
 
 - `output="label"` gives a one-column table `label` instead of a Series;
 - a null text (`label`, `error`) becomes "" and a null list (`probabilities`, `top_labels`,

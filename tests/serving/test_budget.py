@@ -2,7 +2,7 @@
 a request's pixels summed before anything decodes, text refused before it is tokenized, prompts
 bounded before the text encoder runs, a deadline that stops the work, caches bounded in bytes.
 
-The bombs are made by `tests/bombs.py`, as an attacker would send them."""
+The bombs are made by `benchmarks/bombs.py`, as an attacker would send them."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from helpers import encode, solid
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from mlflow_clip.bench.bombs import BOMBS, lossless_webp_bomb
+from benchmarks.bombs import BOMBS, lossless_webp_bomb
 from mlflow_clip.serving.decode import DecodeBudget
 from mlflow_clip.serving.images import ImageInputError, decode_image
 from mlflow_clip.serving.limits import InputLimits
@@ -136,10 +136,10 @@ def test_texts_that_are_not_text_are_row_errors(demo):
 
 def test_a_request_past_its_deadline_stops(demo_model_dir):
     """With a 1 s deadline, a request of several seconds of decoding (600 decodes of 1080p, with
-    the pixel budget lifted so it is allowed) stops within about one chunk."""
-    from mlflow_clip.bench.images import make_photo_jpeg
+    the pixel and decoding budgets lifted so it is allowed) stops within about one chunk."""
+    from mlflow_clip.demo_data import make_photo_jpeg
 
-    config = {"deadline_seconds": 1, "chunk_size": 4, "max_request_pixels": 10**10}
+    config = {"deadline_seconds": 1, "chunk_size": 4, "max_request_pixels": 10**10, "max_request_decode_ms": 10**9}
     model = mlflow.pyfunc.load_model(str(demo_model_dir), model_config=config)
     photos = [make_photo_jpeg(1920, 1080, seed=i) for i in range(8)] * 75
     started = time.monotonic()
@@ -183,3 +183,17 @@ def test_caches_are_bounded_in_bytes():
         words.put(f"word{i:03d}", (i,))
     words.put("x" * 1000, (1,))  # never cached: longer than any real word
     assert words.held <= 100 and words.get("x" * 1000) is None
+
+
+def test_a_request_over_its_decoding_budget_decodes_nothing(demo):
+    """Three 50 MP progressive JPEGs of 30 scans, each under max_decode_ms and together under
+    max_request_pixels: about 6 CPU seconds of decoding, refused up front."""
+    from costly_images import FULL_SIDE, jpeg_progressive_scans
+
+    image = jpeg_progressive_scans(FULL_SIDE, 30)
+    started = time.process_time()
+    with pytest.raises(
+        MlflowException, match=r"3 images that would take about \d+ ms of CPU to decode in all; expected"
+    ):
+        demo.predict(pd.DataFrame({"image": [image] * 3}))
+    assert time.process_time() - started < FAST

@@ -57,7 +57,7 @@ def test_requirements_are_serving_only(colour_model_dir):
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     assert not any(line.startswith("-") for line in lines)  # plain requirements, as MLflow's tools expect
     pins = dict(line.lower().split("==") for line in lines)
-    assert set(pins) == {"mlflow-skinny", "onnxruntime", "numpy", "pandas", "pillow", "ftfy", "regex"}
+    assert set(pins) == {"mlflow-skinny", "onnxruntime", "numpy", "pandas", "pillow", "simplejpeg", "ftfy", "regex"}
     assert pins == {name: importlib.metadata.version(name) for name in pins}
     assert pins["mlflow-skinny"] == mlflow.__version__
     conda = yaml.safe_load((colour_model_dir / "conda.yaml").read_text())
@@ -78,6 +78,24 @@ def test_loading_here_warns_of_no_requirement_mismatch(colour_onnx, colour_model
         assert "mismatches" not in caplog.text
         mlflow.pyfunc.load_model(str(tmp_path / "elsewhere"))
     assert f"mlflow-skinny (current: {mlflow.__version__}, required: mlflow-skinny==3.0.0)" in caplog.text
+
+
+def test_save_model_checks_its_environment_arguments_first_and_records_its_size(
+    colour_onnx, colour_model_dir, tmp_path
+):
+    """As MLflow's own flavors: `conda_env` with `pip_requirements` is refused before anything is
+    written (MLflow would silently drop the requirements), and MLmodel records the model's size."""
+    import yaml
+
+    target = tmp_path / "both"
+    with pytest.raises(ValueError, match="Only one of `conda_env`"):
+        mlflow_clip.save_model(colour_onnx, target, conda_env={"dependencies": []}, pip_requirements=["numpy"])
+    assert not target.exists()
+    saved = tmp_path / "saved"
+    mlflow_clip.save_model(colour_onnx, saved)
+    mlmodel = yaml.safe_load((saved / "MLmodel").read_text())
+    files = sum(f.stat().st_size for f in saved.rglob("*") if f.is_file() and f.name != "MLmodel")
+    assert files <= mlmodel["model_size_bytes"] <= files + 200_000  # the directory, before MLmodel was written
 
 
 def test_the_serving_install_covers_what_models_declare():
@@ -234,8 +252,8 @@ def test_providers_are_filtered_and_logged(colour_onnx, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="mlflow_clip"):
         classifier = mlflow_clip.load_model(str(path))
     assert classifier.session.providers == ("CPUExecutionProvider",)
-    assert "NoSuchExecutionProvider" in caplog.text and "not available" in caplog.text
-    assert "execution providers ('CPUExecutionProvider',)" in caplog.text
+    assert "asks for NoSuchExecutionProvider first, but runs on CPUExecutionProvider" in caplog.text
+    assert "model.onnx runs on CPUExecutionProvider (execution providers ('CPUExecutionProvider',))" in caplog.text
 
 
 def test_unknown_runtime_override_is_a_clear_error(colour_model_dir):

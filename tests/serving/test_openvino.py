@@ -80,7 +80,7 @@ def test_unknown_runtime_is_a_clear_error(colour_model_dir):
     from mlflow.exceptions import MlflowException
 
     with pytest.raises(
-        MlflowException, match=r"Received runtime='tensorrt'; expected one of \['onnxruntime', 'openvino'\]"
+        MlflowException, match=r"Received runtime='tensorrt'; expected one of \['onnxruntime', 'openvino', 'auto'\]"
     ):
         mlflow_clip.load_model(str(colour_model_dir), model_config={"runtime": "tensorrt"})
 

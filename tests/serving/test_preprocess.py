@@ -23,6 +23,7 @@ from mlflow_clip.serving.images import to_rgb  # noqa: E402
 from mlflow_clip.serving.preprocess import (  # noqa: E402
     CLIP_MEAN,
     CLIP_STD,
+    SQUASH,
     Preprocessor,
     compute_crop_origin,
     compute_resized_size,
@@ -222,6 +223,37 @@ def test_preprocessor_is_a_frozen_hashable_value():
 def test_bad_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Preprocessor(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# SigLIP's squash: both sides resized to the input size, nothing cropped
+
+
+@functools.lru_cache(maxsize=None)
+def squash_transform(resolution: int):
+    """open_clip's eval transform for resize_mode="squash" (SigLIP's mean and std of 0.5)."""
+    from torchvision import transforms
+
+    return transforms.Compose(
+        [
+            transforms.Resize((resolution, resolution), interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.ToTensor(),
+            transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+        ]
+    )
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "pillow"])
+@pytest.mark.parametrize("resolution", (224, 256, 384))
+def test_squash_matches_torchvisions_square_resize_exactly(resolution, native):
+    squash = Preprocessor(resolution, (0.5,) * 3, (0.5,) * 3, resize_mode=SQUASH, native=native)
+    for size in SIZES:
+        for channels in (3, 1):
+            image = Image.fromarray(noise(*size, channels=channels))
+            expected = squash_transform(resolution)(image.convert("RGB")).numpy()
+            assert np.abs(squash(image) - expected).max() == 0.0, (size, channels)
+    assert compute_resized_size(640, 480, resolution, SQUASH) == (resolution, resolution)
+    assert compute_crop_origin(resolution, resolution, resolution, SQUASH) == (0, 0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from helpers import ROOT
 from PIL import Image
 
-from mlflow_clip.bench import make_photo_jpeg
+from mlflow_clip.demo_data import make_photo_jpeg
 from mlflow_clip.serving import _mlflow_clip_resample as extension  # setup.py builds it; see test_built
 from mlflow_clip.serving import resample
 from mlflow_clip.serving.images import decode_image
@@ -271,27 +272,81 @@ def test_an_axis_that_keeps_its_size_is_copied_as_pillow_skips_it(filter_name):
         np.testing.assert_array_equal(out, expected)
 
 
-def test_a_model_compiles_its_native_resize_where_its_binary_does_not_fit(colour_model_dir, tmp_path):
-    """On another Python or platform the binary a model carries is not imported; the model then
-    compiles the source it carries (once, into a cache) and says so in its log."""
-    import shutil
+@pytest.fixture()
+def model_without_binary(colour_onnx, tmp_path, monkeypatch) -> Path:
+    """A model saved where no binary was built (it carries the C source only)."""
+    import mlflow_clip.flavor
 
+    files = mlflow_clip.flavor.serving_package_files
+    monkeypatch.setattr(mlflow_clip.flavor, "serving_package_files", lambda: [f for f in files() if f.suffix != ".so"])
+    mlflow_clip.flavor.save_model(colour_onnx, tmp_path / "model")
+    assert not list((tmp_path / "model").glob("code/*/_mlflow_clip_resample*"))
+    return tmp_path / "model"
+
+
+_BLOCK_LIBRARY = """
+import importlib.abc, sys
+class _Block(importlib.abc.MetaPathFinder):  # an environment built from the model alone
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "mlflow_clip":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, _Block())
+"""
+
+
+def _resize_path(model: Path, env: dict, prelude: str = "") -> str:
+    """What the model's own code says resizes images (as its loader logs it), in a new process."""
+    (package,) = [p.name for p in (model / "code").iterdir()]
+    code = prelude + (
+        f"import importlib, sys; sys.path.insert(0, {str(model / 'code')!r}); "
+        f"print(importlib.import_module({package!r} + '.preprocess').native_status().describe())"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=model.parent, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip()
+
+
+def test_a_model_without_a_fitting_binary_uses_the_installed_build_then_a_private_compile(
+    model_without_binary, tmp_path
+):
+    """Where the binary a model carries does not import (another Python or platform, or none was
+    built), the installed mlflow-clip's binary serves if it was built from the same source; else
+    the source is compiled once into a private cache, whose binary is checked before each load."""
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("no C compiler")
-    model = Path(shutil.copytree(colour_model_dir, tmp_path / "model"))
-    for binary in model.glob("code/*/_mlflow_clip_resample*"):
-        binary.unlink()  # as if saved on another platform
-    code = f"import mlflow; mlflow.pyfunc.load_model({str(model)!r})"
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "MLFLOW_CLIP_VERIFY": "0"}
-    for attempt in ("compiles", "reuses the cache"):
-        done = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr[-2000:]
-        assert "image resize: native (compiled here from the model's source" in done.stderr, (
-            attempt,
-            done.stderr[-2000:],
-        )
-    assert len(list((tmp_path / "cache" / "mlflow-clip" / "native").glob("*/_mlflow_clip_resample*"))) == 1
-    off = subprocess.run(
-        [sys.executable, "-c", code], env={**env, resample.ENV_VAR: "0"}, cwd=tmp_path, capture_output=True, text=True
-    )
-    assert "image resize: Pillow (MLFLOW_CLIP_NATIVE_RESAMPLE turns it off" in off.stderr, off.stderr[-2000:]
+    cache = tmp_path / "cache" / "mlflow-clip" / "native"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    assert _resize_path(model_without_binary, env).startswith("native (the installed mlflow-clip's build of the same")
+    assert not cache.exists()  # nothing compiled
+    for attempt in ("compiles", "reuses its binary"):
+        said = _resize_path(model_without_binary, env, _BLOCK_LIBRARY)
+        assert said.startswith("native (compiled here from the model's source, in a private cache"), (attempt, said)
+        (binary,) = cache.glob("_mlflow_clip_resample-*.so")
+        if attempt == "compiles":
+            first = binary.stat().st_mtime_ns
+    assert binary.stat().st_mtime_ns == first and oct(cache.stat().st_mode & 0o777) == "0o700"
+    binary.write_bytes(binary.read_bytes() + b"\0")  # not the binary whose SHA-256 was recorded: compiled again
+    assert _resize_path(model_without_binary, env, _BLOCK_LIBRARY).startswith("native (compiled here")
+    assert binary.stat().st_mtime_ns != first and resample._recorded_binary(binary) == binary
+    off = _resize_path(model_without_binary, {**env, resample.ENV_VAR: "0"})
+    assert off.startswith("Pillow (MLFLOW_CLIP_NATIVE_RESAMPLE turns it off")
+
+
+def test_the_private_cache_is_closed_to_others_or_not_used(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    (tmp_path / "mlflow-clip").mkdir(mode=0o755)  # as earlier releases left it
+    folder = resample.private_cache_dir()
+    assert folder == tmp_path / "mlflow-clip" / "native"
+    assert {oct(p.stat().st_mode & 0o777) for p in (folder, folder.parent)} == {"0o700"}
+    if os.geteuid() == 0:  # a folder someone else owns is never used
+        os.chown(folder, 65534, 65534)
+        with pytest.raises(resample._Unavailable, match="is not a folder of this user's"):
+            resample.private_cache_dir()
+    os.rmdir(folder)
+    folder.symlink_to(tmp_path)
+    with pytest.raises(resample._Unavailable, match="is not a folder of this user's"):
+        resample.private_cache_dir()
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", "/")
+    with pytest.raises(resample._Unavailable, match="no private cache folder"):
+        resample.private_cache_dir()

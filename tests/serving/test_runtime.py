@@ -134,3 +134,45 @@ def test_shards_give_the_same_rows_and_errors_as_one_run(demo_model_dir):
         assert frame["label"].tolist() == outputs[1]["label"].tolist()
         np.testing.assert_allclose(np.array(frame["probabilities"].dropna().tolist()), reference, atol=1e-6)
     assert one.predict(images)["label"].tolist() == outputs[2]["label"].dropna().tolist()
+
+
+def test_every_setting_has_its_environment_variable():
+    """Each field is overridable as MLFLOW_CLIP_<FIELD>, read by its type."""
+    import dataclasses
+
+    from mlflow_clip.serving.runtime import env_overrides
+
+    texts = {"bool": ("yes", True), "int": ("7", 7), "str": ("openvino", "openvino")}
+    for f in dataclasses.fields(RuntimeSettings):
+        text, value = texts.get(str(f.type), ("A, B", ("A", "B")))
+        assert env_overrides({f"MLFLOW_CLIP_{f.name.upper()}": text}) == {f.name: value}, f.name
+    assert env_overrides({"MLFLOW_CLIP_JPEG_DRAFT": "  "}) == {}  # empty: not set
+
+
+def test_one_truthiness_rule_for_the_environment_and_model_config(monkeypatch):
+    from mlflow_clip.errors import SettingsError
+    from mlflow_clip.serving.runtime import parse_setting
+
+    for word in ("1", "true", "YES", "on"):
+        assert parse_setting("allow_spinning", word) is True
+    for word in ("0", "false", "No", "off"):
+        assert parse_setting("jpeg_draft", word) is False
+    with pytest.raises(SettingsError, match="expected one of"):
+        parse_setting("jpeg_draft", "maybe")
+    monkeypatch.setenv("MLFLOW_CLIP_ENABLE_CPU_MEM_ARENA", "on")
+    settings = RuntimeSettings().with_overrides({"jpeg_draft": "yes", "allow_spinning": "off"})
+    assert (settings.enable_cpu_mem_arena, settings.jpeg_draft, settings.allow_spinning) == (True, True, False)
+
+
+def test_a_0_1_mlmodel_with_removed_settings_loads_with_a_warning_naming_each(caplog):
+    from mlflow_clip.serving.manifest import read_mlmodel
+    from tests.helpers import ROOT
+
+    saved = read_mlmodel(ROOT / "tests" / "fixtures" / "demo-model-0.1.0")["flavors"]["mlflow_clip"]["runtime"]
+    assert {"extra", "inter_op_num_threads", "graph_optimization_level"} <= set(saved)
+    with caplog.at_level("WARNING", logger="mlflow_clip.serving.runtime"):
+        settings = RuntimeSettings.from_dict(saved)
+    assert settings.chunk_size == saved["chunk_size"]
+    for key in ("extra", "inter_op_num_threads", "graph_optimization_level"):
+        assert any(repr(key) in r.getMessage() and "no longer does anything" in r.getMessage() for r in caplog.records)
+    assert "extra" not in settings.to_dict()

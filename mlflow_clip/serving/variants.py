@@ -1,0 +1,157 @@
+"""Which precision a model gated at several serves here: the fastest one native on this CPU.
+
+A model exported with ``-P precision=auto`` (or a list such as ``fp32,bf16``) carries a graph
+per precision (bf16 runs the fp32 graph, compiled by OpenVINO at a bf16 hint; int8 has its own)
+and the parity each one passed on each runtime that may serve it, in MLmodel's ``precisions``.
+At load, `choose_variant` serves the fastest precision that is gated, native on this CPU and
+whose runtime is installed, and says which and why (the load log). Fastest first, as measured
+(docs/decisions/precision-choice.md): int8, bf16, fp32. Native means:
+
+- int8: VNNI (``avx512_vnni`` or ``avx_vnni``) or AMX (``amx_int8``), the instructions its
+  kernels are built on; elsewhere int8 runs, slower, and is not chosen on its own;
+- bf16: ``avx512_bf16`` or AMX (``amx_bf16``); elsewhere OpenVINO emulates it at a fraction of
+  fp32's speed; and OpenVINO installed (the only runtime here that computes in bf16);
+- fp32: everywhere.
+
+Each precision lists its runtimes in the order measured fastest for its tower (int8: OpenVINO
+first for static QDQ graphs, onnxruntime first for dynamic ones; each gated at export).
+
+Pinning: ``precision`` (``model_config={"precision": "bf16"}`` or ``MLFLOW_CLIP_PRECISION``)
+serves that precision if the model was gated for it, native or not; ``runtime`` keeps the choice
+to the precisions gated on that runtime. Nothing serves at a precision it was not gated for.
+
+    >>> choose_variant(table, settings, saved).reason  # doctest: +SKIP
+    'int8 on openvino: the fastest of the gated fp32, bf16, int8 native on this CPU (avx512_vnni)'
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, replace
+from typing import Any, Mapping
+
+from .contract import ClassifierConfig
+from .errors import SettingsError
+from .openvino_runtime import OPENVINO_INSTALL_HINT, openvino_available
+from .runtime import AUTO, OPENVINO, RuntimeSettings, RuntimeUnavailableError
+
+_logger = logging.getLogger("mlflow_clip.serving.variants")
+
+# Fastest first (docs/decisions/precision-choice.md has the figures).
+SPEED_ORDER: tuple[str, ...] = ("int8", "bf16", "fp32")
+# The CPU flags (as /proc/cpuinfo spells them) that make a precision native; fp32 needs none.
+NATIVE_FLAGS: dict[str, tuple[str, ...]] = {
+    "int8": ("avx512_vnni", "avx_vnni", "amx_int8"),
+    "bf16": ("avx512_bf16", "amx_bf16"),
+}
+
+
+class VariantKey:
+    """The keys of one precision's entry in MLmodel's ``precisions``."""
+
+    ONNX_MODEL = "onnx_model"
+    ONNX_SHA256 = "onnx_sha256"
+    METHOD = "precision_method"
+    RUNTIMES = "runtimes"
+    JPEG_DRAFT = "jpeg_draft"
+    PARITY = "parity"
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags as Linux lists them; empty where /proc/cpuinfo is not there."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            line = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return frozenset()
+    return frozenset(line.partition(":")[2].split())
+
+
+def native_flags(precision: str, flags: frozenset[str]) -> list[str]:
+    """The flags of `flags` that make `precision` native (["-"] for fp32, which needs none)."""
+    needed = NATIVE_FLAGS.get(precision)
+    return ["-"] if needed is None else [flag for flag in needed if flag in flags]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """The precision chosen, the graph and runtime that serve it, and why (for the load log)."""
+
+    precision: str
+    onnx_model: str
+    runtime: str
+    method: str
+    jpeg_draft: bool
+    reason: str
+
+    def apply(
+        self, settings: RuntimeSettings, saved: RuntimeSettings, config: ClassifierConfig
+    ) -> tuple[RuntimeSettings, ClassifierConfig]:
+        """`settings` and `config` serving this variant; a `jpeg_draft` set at load is kept."""
+        draft = settings.jpeg_draft if settings.jpeg_draft != saved.jpeg_draft else self.jpeg_draft
+        settings = replace(settings, runtime=self.runtime, precision=self.precision, jpeg_draft=draft)
+        return settings, replace(config, precision=self.precision, precision_method=self.method)
+
+
+def choose_variant(
+    table: Mapping[str, Mapping[str, Any]],
+    settings: RuntimeSettings,
+    flags: frozenset[str] | None = None,
+    openvino: bool | None = None,
+) -> Variant:
+    """The variant of `table` (MLmodel's ``precisions``) to serve under `settings` (see the
+    module docstring). Raises `SettingsError` (a ValueError) for a pinned precision the model was not gated for, and
+    `RuntimeUnavailableError` when a pinned one needs a runtime not installed here."""
+    flags = cpu_flags() if flags is None else flags
+    openvino = openvino_available() if openvino is None else openvino
+    gated = [p for p in SPEED_ORDER if p in table] + [p for p in table if p not in SPEED_ORDER]
+    if settings.precision and settings.precision not in table:
+        raise SettingsError(
+            f"Received precision={settings.precision!r}; this model was gated for {', '.join(gated)} only. "
+            "Pin one of those, or leave precision out to serve the fastest one native here."
+        )
+    pinned_runtime = None if settings.runtime == AUTO else settings.runtime
+    skipped: list[str] = []
+    for precision in [settings.precision] if settings.precision else gated:
+        entry = table[precision]
+        runtimes = [r for r in entry[VariantKey.RUNTIMES] if pinned_runtime in (None, r)]
+        usable = [r for r in runtimes if r != OPENVINO or openvino]
+        native = native_flags(precision, flags)
+        if not usable:
+            why = _no_runtime(precision, entry, runtimes, pinned_runtime)
+            if settings.precision:
+                raise RuntimeUnavailableError(f"This model is pinned to {why}.")
+            skipped.append(why)
+        elif not native and not settings.precision:
+            skipped.append(f"{precision} (not native here: no {' or '.join(NATIVE_FLAGS[precision])})")
+        else:
+            return _variant(precision, entry, usable[0], native, gated, settings, skipped)
+    raise RuntimeUnavailableError(
+        f"No precision this model was gated for can be served here: {'; '.join(skipped)}. "
+        f"{OPENVINO_INSTALL_HINT}, or pin runtime and precision to a pair the model was gated for."
+    )
+
+
+def _no_runtime(precision: str, entry: Mapping[str, Any], runtimes: list[str], pinned: str | None) -> str:
+    if not runtimes:
+        return f"{precision} (gated on {', '.join(entry[VariantKey.RUNTIMES])}, not on runtime={pinned})"
+    return f"{precision} (needs OpenVINO, not installed here: {OPENVINO_INSTALL_HINT})"
+
+
+def _variant(precision, entry, runtime, native, gated, settings, skipped) -> Variant:
+    if settings.precision:
+        why = f"pinned (precision={precision})" + ("" if native else "; not native on this CPU, expect it slow")
+    else:
+        why = f"the fastest of the gated {', '.join(gated)} native on this CPU ({', '.join(native)})"
+    if skipped:
+        why += "; passed over: " + "; ".join(skipped)
+    return Variant(
+        precision=precision,
+        onnx_model=entry[VariantKey.ONNX_MODEL],
+        runtime=runtime,
+        method=entry.get(VariantKey.METHOD, ""),
+        jpeg_draft=bool(entry.get(VariantKey.JPEG_DRAFT, False)),
+        reason=f"{precision} on {runtime}: {why}",
+    )

@@ -1,0 +1,98 @@
+"""mlflow_clip.serving.variants: the fastest gated precision native on the CPU, pinnable, never
+one that was not gated. The CPU's flags and OpenVINO's presence are passed in, so each kind of
+machine is tested here whatever this one is."""
+
+from __future__ import annotations
+
+import pytest
+
+from mlflow_clip.serving.runtime import AUTO, RuntimeSettings, RuntimeUnavailableError
+from mlflow_clip.serving.variants import choose_variant, cpu_flags
+
+TABLE = {
+    "fp32": {"onnx_model": "model.onnx", "runtimes": ["onnxruntime", "openvino"], "jpeg_draft": False},
+    "bf16": {
+        "onnx_model": "model.onnx",
+        "runtimes": ["openvino"],
+        "jpeg_draft": True,
+        "precision_method": "openvino-bf16-hint",
+    },
+    "int8": {
+        "onnx_model": "model-int8.onnx",
+        "runtimes": ["openvino", "onnxruntime"],
+        "jpeg_draft": True,
+        "precision_method": "int8-static-qdq",
+    },
+}
+ZEN4 = frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"})  # this project's machines
+SAPPHIRE_RAPIDS = frozenset({"avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile"})
+SKYLAKE = frozenset({"avx2", "avx512f"})  # AVX-512, no VNNI, no bf16
+AUTO_SETTINGS = RuntimeSettings(runtime=AUTO)
+
+
+def test_the_fastest_native_precision_is_served_and_the_log_says_why():
+    variant = choose_variant(TABLE, AUTO_SETTINGS, ZEN4, openvino=True)
+    assert (variant.precision, variant.runtime, variant.onnx_model) == ("int8", "openvino", "model-int8.onnx")
+    assert variant.reason.startswith("int8 on openvino: the fastest of the gated int8, bf16, fp32 native on this CPU")
+    assert "avx512_vnni" in variant.reason
+    assert choose_variant(TABLE, AUTO_SETTINGS, SAPPHIRE_RAPIDS, openvino=True).precision == "int8"
+
+
+def test_bf16_only_where_it_is_native_and_openvino_is_installed():
+    table = {k: TABLE[k] for k in ("fp32", "bf16")}
+    assert choose_variant(table, AUTO_SETTINGS, ZEN4, openvino=True).precision == "bf16"
+    on_skylake = choose_variant(table, AUTO_SETTINGS, SKYLAKE, openvino=True)
+    assert on_skylake.precision == "fp32" and on_skylake.runtime == "onnxruntime"
+    assert "bf16 (not native here: no avx512_bf16 or amx_bf16)" in on_skylake.reason
+    without_openvino = choose_variant(table, AUTO_SETTINGS, ZEN4, openvino=False)
+    assert without_openvino.precision == "fp32" and "needs OpenVINO" in without_openvino.reason
+
+
+def test_int8_falls_back_to_its_other_gated_runtime_without_openvino():
+    variant = choose_variant(TABLE, AUTO_SETTINGS, ZEN4, openvino=False)
+    assert (variant.precision, variant.runtime) == ("int8", "onnxruntime")
+
+
+def test_a_pinned_precision_is_served_even_where_not_native():
+    variant = choose_variant(TABLE, RuntimeSettings(runtime=AUTO, precision="bf16"), SKYLAKE, openvino=True)
+    assert variant.precision == "bf16" and "pinned (precision=bf16); not native on this CPU" in variant.reason
+    fp32 = choose_variant(TABLE, RuntimeSettings(runtime=AUTO, precision="fp32"), ZEN4, openvino=True)
+    assert (fp32.precision, fp32.runtime, fp32.jpeg_draft) == ("fp32", "onnxruntime", False)
+
+
+def test_nothing_serves_at_a_precision_it_was_not_gated_for():
+    table = {k: TABLE[k] for k in ("fp32", "bf16")}
+    with pytest.raises(ValueError, match=r"precision='int8'; this model was gated for bf16, fp32 only"):
+        choose_variant(table, RuntimeSettings(runtime=AUTO, precision="int8"), ZEN4, openvino=True)
+    with pytest.raises(RuntimeUnavailableError, match="pinned to bf16 .needs OpenVINO"):
+        choose_variant(table, RuntimeSettings(runtime=AUTO, precision="bf16"), ZEN4, openvino=False)
+
+
+def test_a_pinned_runtime_keeps_the_choice_to_what_was_gated_on_it():
+    variant = choose_variant(TABLE, RuntimeSettings(runtime="onnxruntime"), ZEN4, openvino=True)
+    assert (variant.precision, variant.runtime) == ("int8", "onnxruntime")
+    with pytest.raises(RuntimeUnavailableError, match="gated on openvino, not on runtime=onnxruntime"):
+        choose_variant(TABLE, RuntimeSettings(runtime="onnxruntime", precision="bf16"), ZEN4, openvino=True)
+
+
+def test_apply_keeps_a_jpeg_draft_set_at_load():
+    saved = RuntimeSettings(runtime=AUTO)
+    variant = choose_variant(TABLE, AUTO_SETTINGS, ZEN4, openvino=True)
+    from mlflow_clip.serving.contract import ClassifierConfig
+
+    config = ClassifierConfig(
+        classes=["a"], clip_model="x", input_resolution=224, mean=[0] * 3, std=[1] * 3, logit_scale=1
+    )
+    settings, served = variant.apply(saved, saved, config)
+    assert settings.jpeg_draft and settings.runtime == "openvino" and served.precision == "int8"
+    assert served.precision_method == "int8-static-qdq"
+    settings, _ = variant.apply(RuntimeSettings(runtime=AUTO, jpeg_draft=True), RuntimeSettings(runtime=AUTO), config)
+    assert settings.jpeg_draft
+    pinned_off = RuntimeSettings(runtime=AUTO, jpeg_draft=False)
+    settings, _ = variant.apply(pinned_off, RuntimeSettings(runtime=AUTO, jpeg_draft=True), config)
+    assert not settings.jpeg_draft
+
+
+def test_this_machines_flags_are_read():
+    flags = cpu_flags()
+    assert isinstance(flags, frozenset) and ("fpu" in flags or not flags)
