@@ -16,20 +16,15 @@ from typing import Callable
 
 import torch
 
-from mlflow_clip.errors import MlflowClipError
+from mlflow_clip.errors import CheckpointError
 from mlflow_clip.export.compat import import_clip, quiet_jit_load
+from mlflow_clip.export.preflight import DEMO_MODEL_NAME, default_cache_dir
 from mlflow_clip.package_data import demo_weights_path
 from mlflow_clip.serving.preprocess import CENTER_CROP, CLIP_MEAN, CLIP_STD
 
 _logger = logging.getLogger(__name__)
 
-DEMO_MODEL_NAME = "demo"
 DOWNLOAD_TIMEOUT_SECONDS = 15.0
-CACHE_ENV = "MLFLOW_CLIP_CACHE_DIR"
-
-
-class CheckpointError(MlflowClipError, ValueError):
-    """The CLIP model could not be found or loaded; the message says how to fix it."""
 
 
 @dataclass
@@ -50,14 +45,21 @@ class LoadedClip:
     # The source's own PyTorch model, when `model` is a conversion of it (Hugging Face): parity
     # compares the export against this (`visual`, `encode_text`, `context_length`), not `model`.
     reference: torch.nn.Module | None = None
+    # SigLIP's logit bias (None: CLIP's head has none).
+    logit_bias: float | None = None
+    # Sources whose text side is not CLIP's: the module exported as the text encoder (ids ->
+    # L2-normalized embeddings; None: CLIP's text transformer, graph.TextTower), how serving may
+    # shorten its ids (serving.text.TEXT_POOLINGS), the cleaning before the served tokenizer, the
+    # served tokenizer's files (details["tokenizer"] names the library) and its context length.
+    text_encoder: torch.nn.Module | None = None
+    text_pooling: str = "argmax"
+    text_clean: str = ""
+    tokenizer_files: tuple[Path, ...] = ()
+    context_length: int | None = None
 
     @property
     def reference_model(self) -> torch.nn.Module:
         return self.model if self.reference is None else self.reference
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "clip")
 
 
 def load_clip(spec: str, download_root: str | os.PathLike | None = None) -> LoadedClip:

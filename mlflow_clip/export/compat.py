@@ -31,6 +31,9 @@ def quiet_onnx_export() -> Iterator[None]:
       sizes to prove the batch axis stays dynamic.
     - The legacy-exporter `DeprecationWarning`s: the TorchScript exporter is chosen on purpose
       (it supports the original guide's opset 12; the dynamo exporter needs 18).
+    - Advanced indexing lowered to Gather and friends, which would misread negative indices:
+      Hugging Face text towers index with masks and position ranges (never negative), and the
+      text parity gate runs the graph on real ids.
     """
     import torch
 
@@ -40,6 +43,9 @@ def quiet_onnx_export() -> Iterator[None]:
             "ignore", message=".*legacy TorchScript-based ONNX export.*", category=DeprecationWarning
         )
         warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
+        warnings.filterwarnings(
+            "ignore", message="Exporting aten::index operator of advanced indexing", category=UserWarning
+        )
         yield
 
 

@@ -2,7 +2,8 @@
 text encoder.
 
 Classifier: image [N,3,R,R] -> visual encoder -> L2 normalize -> logit_scale * cosine similarity
-with the normalized class text features -> softmax -> probabilities [N,C]. The served graph also
+with the normalized class text features (+ logit_bias, SigLIP's) -> softmax (CLIP's head) or a
+sigmoid per class (SigLIP's) -> scores [N,C]. The served graph also
 returns the normalized image embedding [N,D] as a second output; the edge file is the same graph
 with only the probabilities (`write_edge_file`), so the visual weights are stored once per file.
 
@@ -25,11 +26,14 @@ import onnx
 import torch
 from torch import nn
 
+from mlflow_clip.errors import GraphError, SpecError
 from mlflow_clip.export.compat import import_clip, quiet_onnx_export
 from mlflow_clip.export.spec import DEFAULT_OPSET, check_opset
 from mlflow_clip.serving.contract import (
     EDGE_INPUT_NAME,
     EMBEDDING_OUTPUT,
+    SIGMOID_HEAD,
+    SOFTMAX_HEAD,
     TEXT_INPUT,
     TEXT_OUTPUT,
     ClassifierConfig,
@@ -47,13 +51,30 @@ SDPA_OPSET = 14
 
 
 class ZeroShotHead(nn.Module):
-    """CLIP's image tower followed by the zero-shot head; `forward` gives probabilities."""
+    """CLIP's image tower followed by the zero-shot head; `forward` gives the scores: softmax
+    probabilities (`head="softmax"`) or one sigmoid per class (`head="sigmoid"`, SigLIP's), over
+    `logit_scale * cosine + logit_bias` (no bias term at all when `logit_bias` is None, as for CLIP)."""
 
-    def __init__(self, visual: nn.Module, text_features: torch.Tensor, logit_scale: float):
+    def __init__(
+        self,
+        visual: nn.Module,
+        text_features: torch.Tensor,
+        logit_scale: float,
+        logit_bias: float | None = None,
+        head: str = SOFTMAX_HEAD,
+    ):
         super().__init__()
+        if head not in (SOFTMAX_HEAD, SIGMOID_HEAD):
+            raise SpecError(f"Received head={head!r}; expected {SOFTMAX_HEAD!r} or {SIGMOID_HEAD!r}.")
         self.visual = visual
+        self.head = head
         self.register_buffer("text_features", text_features.float().t().contiguous())  # [D, C]
         self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
+        self.logit_bias: torch.Tensor | None
+        if logit_bias is None:
+            self.logit_bias = None
+        else:
+            self.register_buffer("logit_bias", torch.tensor(float(logit_bias)))
 
     def embed(self, image: torch.Tensor) -> torch.Tensor:
         """The L2-normalized image embedding [N, D]."""
@@ -61,14 +82,19 @@ class ZeroShotHead(nn.Module):
         return features / features.norm(dim=-1, keepdim=True)
 
     def scores(self, embedding: torch.Tensor) -> torch.Tensor:
-        """Logits [N, C]: the logit scale times the cosine similarity to each class."""
-        return self.logit_scale * embedding @ self.text_features
+        """Logits [N, C]: the logit scale times the cosine similarity to each class (plus the bias)."""
+        logits = self.logit_scale * embedding @ self.text_features
+        return logits if self.logit_bias is None else logits + self.logit_bias
 
     def logits(self, image: torch.Tensor) -> torch.Tensor:
         return self.scores(self.embed(image))
 
+    def activate(self, logits: torch.Tensor) -> torch.Tensor:
+        """The head's scores from its logits: softmax over the classes, or a sigmoid each."""
+        return logits.sigmoid() if self.head == SIGMOID_HEAD else logits.softmax(dim=-1)
+
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.logits(image).softmax(dim=-1)
+        return self.activate(self.logits(image))
 
 
 class _WithEmbedding(nn.Module):
@@ -80,7 +106,7 @@ class _WithEmbedding(nn.Module):
 
     def forward(self, image: torch.Tensor):
         embedding = self.head.embed(image)
-        return self.head.scores(embedding).softmax(dim=-1), embedding
+        return self.head.activate(self.head.scores(embedding)), embedding
 
 
 class TextTower(nn.Module):
@@ -173,6 +199,22 @@ def export_text_encoder(model: nn.Module, path: str | Path, opset: int = DEFAULT
     return _export(encoder, (dummy,), path, [TEXT_INPUT], [TEXT_OUTPUT], axes, opset)
 
 
+def export_text_module(
+    module: nn.Module,
+    path: str | Path,
+    example_ids: torch.Tensor,
+    opset: int = DEFAULT_OPSET,
+    full_context: bool = False,
+) -> Path:
+    """A source's own text encoder (`module`: int64 ids [N, L] -> L2-normalized embeddings) as
+    ONNX, traced on `example_ids` (real tokenizer output, padding included, so that the tower's
+    padding path is the one traced), with a dynamic batch axis and, unless `full_context` (towers
+    in which every position counts), a dynamic length axis."""
+    check_opset(opset)
+    axes = {TEXT_INPUT: {0: "batch"} if full_context else {0: "batch", 1: "length"}, TEXT_OUTPUT: {0: "batch"}}
+    return _export(module.eval(), (example_ids,), path, [TEXT_INPUT], [TEXT_OUTPUT], axes, opset)
+
+
 def _export(module: nn.Module, args, path, input_names, output_names, dynamic_axes, opset: int) -> Path:
     if opset < SDPA_OPSET:
         module = with_explicit_attention(module)
@@ -207,7 +249,7 @@ def write_edge_file(served_path: str | Path, edge_path: str | Path) -> Path:
 def save_single_file(model: onnx.ModelProto, path: str | Path) -> None:
     """Save with the weights inside the .onnx file (no external-data side file)."""
     if model.ByteSize() >= _TWO_GIB:
-        raise ValueError("The graph is 2 GB or larger; protobuf cannot hold it in one file.")
+        raise SpecError("The graph is 2 GB or larger; protobuf cannot hold it in one file.")
     onnx.save_model(model, str(path), save_as_external_data=False)
 
 
@@ -236,9 +278,9 @@ def apply_conventions(path: str | Path, config: ClassifierConfig) -> ClassifierC
     graph = model.graph
     output_name = edge_output_name(config.classes)
     if rename_input_image(graph, graph.input[0].name) is False:
-        raise RuntimeError("sclblonnx could not rename the graph input")
+        raise GraphError("sclblonnx could not rename the graph input")
     if rename_class_probabilities_output(graph, graph.output[0].name, config.classes) is False:
-        raise RuntimeError("sclblonnx could not rename the graph output")
+        raise GraphError("sclblonnx could not rename the graph output")
     graph.doc_string = edge_doc_string(config.mean, config.std)
     config = ClassifierConfig.from_dict({**config.to_dict(), "input_name": EDGE_INPUT_NAME, "output_name": output_name})
     del model.metadata_props[:]
@@ -253,8 +295,11 @@ def edge_doc_string(mean: Sequence[float], std: Sequence[float]) -> str:
     return json.dumps({"means": [round(255 * m, 2) for m in mean], "vars": [round(255 * s, 2) for s in std]})
 
 
-def check_dynamic_batch(path: str | Path, resolution: int, batch_sizes: Sequence[int] = (1, 3)) -> None:
-    """Run the graph at batch 1 and an odd batch size; each must give [N, C] rows summing to 1."""
+def check_dynamic_batch(
+    path: str | Path, resolution: int, batch_sizes: Sequence[int] = (1, 3), head: str = SOFTMAX_HEAD
+) -> None:
+    """Run the graph at batch 1 and an odd batch size; each must give [N, C] rows of scores in
+    [0, 1] (summing to 1 for the softmax head)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -263,8 +308,10 @@ def check_dynamic_batch(path: str | Path, resolution: int, batch_sizes: Sequence
     for batch in batch_sizes:
         x = rng.standard_normal((batch, 3, resolution, resolution), dtype=np.float32)
         out = session.run(None, {name: x})[0]
-        if out.shape[0] != batch or not np.allclose(out.sum(axis=1), 1.0, atol=1e-4):
-            raise RuntimeError(f"The exported graph gave shape {out.shape} for batch {batch}; expected ({batch}, C).")
+        sums_ok = head != SOFTMAX_HEAD or np.allclose(out.sum(axis=1), 1.0, atol=1e-4)
+        scores_ok = sums_ok and bool(np.all((out >= 0) & (out <= 1)))
+        if out.shape[0] != batch or not scores_ok:
+            raise GraphError(f"The exported graph gave shape {out.shape} for batch {batch}; expected ({batch}, C).")
 
 
 def with_explicit_attention(module: nn.Module) -> nn.Module:

@@ -23,7 +23,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from mlflow_clip import flavor
-from mlflow_clip.export.checkpoints import DEMO_MODEL_NAME, LoadedClip
+from mlflow_clip.export.checkpoints import LoadedClip
 from mlflow_clip.export.compat import import_clip
 from mlflow_clip.export.graph import (
     ZeroShotHead,
@@ -31,11 +31,11 @@ from mlflow_clip.export.graph import (
     check_dynamic_batch,
     encode_text_features,
     export_onnx,
-    export_text_encoder,
     simplify_onnx,
     write_edge_file,
 )
 from mlflow_clip.export.loaders import load_source
+from mlflow_clip.export.options import with_export_options
 from mlflow_clip.export.parity import (
     ParityError,
     ParityReport,
@@ -47,13 +47,15 @@ from mlflow_clip.export.parity import (
     plot_parity,
 )
 from mlflow_clip.export.precision import PrecisionInfo, apply_precision, fp16_emulation
-from mlflow_clip.export.spec import (
-    DEFAULT_OPSET,
-    DEFAULT_REGISTERED_MODEL_NAME,
-    ExportSpec,
-    check_precision,
-    default_jpeg_draft,
+from mlflow_clip.export.spec import ExportSpec, default_jpeg_draft
+from mlflow_clip.export.tags import version_tags, weights_source
+from mlflow_clip.export.text_encoder import (
+    check_source_prompt_lengths,
+    choose_head,
+    export_source_text_encoder,
+    served_vocab_path,
 )
+from mlflow_clip.export.variants import GatedVariants, gate_variants
 from mlflow_clip.registry import card
 from mlflow_clip.serving.contract import (
     EMBEDDING_OUTPUT,
@@ -63,7 +65,7 @@ from mlflow_clip.serving.contract import (
     sha256_file,
 )
 from mlflow_clip.serving.preprocess import Preprocessor
-from mlflow_clip.serving.prompts import describe_templates, resolve_templates
+from mlflow_clip.serving.prompts import describe_templates
 from mlflow_clip.serving.runtime import RuntimeSettings
 from mlflow_clip.tracking import active_or_new_run, log_new_params
 
@@ -123,56 +125,53 @@ def _step(message: str) -> None:
     _logger.debug(message)
 
 
-def build_classifier(
-    classes: Sequence[str],
-    model: str = "RN50",
-    templates: str | Sequence[str] = "ensemble",
-    opset: int = DEFAULT_OPSET,
-    out_dir: str | Path | None = None,
-    text_encoder: bool = True,
-    precision: str = "fp32",
-    images: str | Path | None = None,
-    checkpoint: str | None = None,
-) -> BuiltClassifier:
+@with_export_options("classes", after=("out_dir",))
+def build_classifier(classes: str | Sequence[str], *, out_dir: str | Path | None = None, **options) -> BuiltClassifier:
     """Load CLIP, bake the class text features, export, simplify, convert to `precision`
     (fp32, fp16, int8 or bf16; int8 calibrates on `images`, default the package's samples) and apply
     the conventions; with `text_encoder`, also export CLIP's text encoder for per-request labels.
-    `model` is any spec `mlflow_clip.export.sources` accepts (`checkpoint` for open_clip)."""
-    check_precision(precision)
-    template_texts = resolve_templates(templates)
+    Takes the export's options (`mlflow_clip.export.options`), checked as `ExportSpec.create`
+    checks them; registering options are ignored here. Writes into `out_dir` (default: a new
+    temporary folder)."""
+    return build_from_spec(ExportSpec.create(classes, **options), out_dir)
+
+
+def build_from_spec(spec: ExportSpec, out_dir: str | Path | None = None) -> BuiltClassifier:
+    """`build_classifier` for a checked `ExportSpec`."""
+    classes, model, templates, opset = list(spec.classes), spec.model, spec.templates, spec.opset
+    template_texts, images, precision = list(spec.template_texts), spec.images, spec.precisions[0]
     started = time.perf_counter()
+    out_dir = Path(out_dir or tempfile.mkdtemp(prefix="mlflow-clip-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
     _step(f"loading CLIP {model}")
-    loaded = load_source(model, checkpoint)
+    loaded = load_source(model, spec.checkpoint or None, spec.tokenizer or None, work_dir=out_dir / "tokenizer")
+    head = choose_head(spec.head or None, loaded)
+    if not spec.truncate and loaded.tokenizer_files:
+        check_source_prompt_lengths(loaded, classes, template_texts)
     _step(f"encoding {len(classes)} classes x {len(template_texts)} templates")
     text_features = encode_text_features(loaded.model, classes, template_texts, loaded.tokenize)
     logit_scale = float(loaded.model.logit_scale.detach().exp())
-    head = ZeroShotHead(loaded.model.visual, text_features, logit_scale).eval()
-    out_dir = Path(out_dir or tempfile.mkdtemp(prefix="mlflow-clip-"))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    zero_shot = ZeroShotHead(loaded.model.visual, text_features, logit_scale, loaded.logit_bias, head).eval()
     onnx_path = out_dir / ONNX_FILE_NAME
     _step(f"exporting to ONNX (opset {opset})")
-    export_onnx(head, onnx_path, loaded.input_resolution, opset, embedding=True)
+    export_onnx(zero_shot, onnx_path, loaded.input_resolution, opset, embedding=True)
     _step("simplifying with onnxsim")
     simplified, note = simplify_onnx(onnx_path)
     if not simplified:
         _logger.warning("Keeping the unsimplified graph: %s", note)
     precision_info, emulation_path = _convert_precision(onnx_path, precision, loaded, images)
-    config = _config_for(loaded, classes, templates, template_texts, logit_scale, opset)
+    config = _config_for(loaded, classes, templates, template_texts, zero_shot, opset)
     config = replace(config, precision=precision, precision_method=precision_info.method)
     config = apply_conventions(onnx_path, config)
-    check_dynamic_batch(onnx_path, loaded.input_resolution)
+    check_dynamic_batch(onnx_path, loaded.input_resolution, head=config.head)
     edge_path = write_edge_file(onnx_path, out_dir / EDGE_FILE_NAME)
-    text_path = None
-    if text_encoder:
-        _step("exporting the text encoder")
-        text_path = export_text_encoder(loaded.model, out_dir / TEXT_ENCODER_FILE_NAME, opset)
-        text_simplified, text_note = simplify_onnx(text_path)
-        if not text_simplified:
-            _logger.warning("Keeping the unsimplified text encoder: %s", text_note)
+    text_path = (
+        export_source_text_encoder(loaded, out_dir / TEXT_ENCODER_FILE_NAME, opset) if spec.text_encoder else None
+    )
     return BuiltClassifier(
         onnx_path=onnx_path,
         config=config,
-        head=head,
+        head=zero_shot,
         loaded=loaded,
         export_seconds=time.perf_counter() - started,
         simplified=simplified,
@@ -180,18 +179,19 @@ def build_classifier(
         edge_path=edge_path,
         text_encoder_path=text_path,
         precision=precision_info,
-        reference_head=_reference_head(loaded, classes, template_texts, logit_scale),
+        reference_head=_reference_head(loaded, classes, template_texts, zero_shot),
         fp16_emulation_path=emulation_path,
     )
 
 
-def _reference_head(loaded: LoadedClip, classes, template_texts, logit_scale: float) -> ZeroShotHead | None:
+def _reference_head(loaded: LoadedClip, classes, template_texts, head: ZeroShotHead) -> ZeroShotHead | None:
     """The source's own model as a head (its own text features), when the export converted it."""
     if loaded.reference is None:
         return None
     reference = loaded.reference_model
     features = encode_text_features(reference, classes, template_texts, loaded.tokenize)
-    return ZeroShotHead(reference.visual, features, logit_scale).eval()
+    bias = None if head.logit_bias is None else float(head.logit_bias)
+    return ZeroShotHead(reference.visual, features, float(head.logit_scale), bias, head.head).eval()
 
 
 def _convert_precision(
@@ -218,7 +218,7 @@ def _convert_precision(
     return info, emulation_path
 
 
-def _config_for(loaded, classes, templates, template_texts, logit_scale, opset) -> ClassifierConfig:
+def _config_for(loaded, classes, templates, template_texts, head: ZeroShotHead, opset) -> ClassifierConfig:
     clip = import_clip()
     import onnx
 
@@ -226,15 +226,19 @@ def _config_for(loaded, classes, templates, template_texts, logit_scale, opset) 
         classes=list(classes),
         clip_model=loaded.name,
         embedding_output=EMBEDDING_OUTPUT,
-        embedding_dim=int(loaded.model.text_projection.shape[1]),
-        context_length=int(loaded.model.context_length),
+        embedding_dim=int(head.text_features.shape[0]),
+        context_length=int(loaded.context_length or loaded.model.context_length),
         input_resolution=loaded.input_resolution,
         mean=list(loaded.mean),
         std=list(loaded.std),
         interpolation=loaded.interpolation,
         resize_mode=loaded.resize_mode,
         tokenizer=loaded.details.get("tokenizer", "clip"),
-        logit_scale=logit_scale,
+        text_clean=loaded.text_clean,
+        text_pooling=loaded.text_pooling,
+        head=head.head,
+        logit_bias=0.0 if head.logit_bias is None else float(head.logit_bias),
+        logit_scale=float(head.logit_scale),
         templates=describe_templates(templates),
         template_texts=list(template_texts),
         opset=opset,
@@ -273,7 +277,6 @@ def check_parity(
         reference, built.onnx_path, samples, built.loaded.preprocess, preprocessor, precision=precision, runtime=runtime
     )
     if built.text_encoder_path is not None:
-        from mlflow_clip.package_data import default_vocab_path
         from mlflow_clip.serving.prompts import texts_for_class
 
         texts = [text for name in built.config.classes for text in texts_for_class(name, built.config.template_texts)]
@@ -281,9 +284,10 @@ def check_parity(
             built.loaded.reference_model,
             built.text_encoder_path,
             texts,
-            default_vocab_path(),
+            served_vocab_path(built.loaded, built.config.tokenizer),
             built.loaded.tokenize,
             built.config.tokenizer,
+            built.config,
         )
     failures = check_gates(report, thresholds)
     if runtime == "openvino" and precision != "bf16":  # onnxruntime serves it where OpenVINO is absent
@@ -308,47 +312,24 @@ def check_parity(
     return report, failures
 
 
+@with_export_options("classes", after=("thresholds",))
 def export_and_register(
-    classes: str | Sequence[str],
-    model: str = "RN50",
-    templates: str | Sequence[str] = "ensemble",
-    registered_model_name: str | None = DEFAULT_REGISTERED_MODEL_NAME,
-    opset: int = DEFAULT_OPSET,
-    images: str | Path | None = None,
-    max_prob_diff: float | None = None,
-    alias: str | None = None,
-    thresholds: ParityThresholds | None = None,
-    text_encoder: bool = True,
-    precision: str = "fp32",
-    truncate: bool = False,
-    checkpoint: str | None = None,
+    classes: str | Sequence[str], *, thresholds: ParityThresholds | None = None, **options
 ) -> ExportResult:
     """The whole job in one MLflow run: export, parity gates, log, register, tag, alias.
 
-    `precision` is fp32, fp16 (for GPU providers), int8 (for CPUs) or bf16 (OpenVINO on CPUs
-    with bf16 instructions; needs `pip install "mlflow-clip[openvino]"`); the parity gates default
-    to `ParityThresholds.for_precision(precision)`, `max_prob_diff` overriding its gate.
-    If a parity gate fails the run fails with the gate's figures and nothing is registered.
-    A class whose prompts exceed CLIP's context is refused unless `truncate`. Every argument is
-    checked (`ExportSpec.create`) before anything is loaded; `model` may also be
-    `open_clip:<architecture>` with `checkpoint` a local weights file (docs/sources.md).
+    Takes the export's options (`mlflow_clip.export.options`, docs/export.md): `precision` is
+    fp32, fp16 (for GPU providers), int8 (for CPUs) or bf16 (OpenVINO on CPUs with bf16
+    instructions; needs `pip install "mlflow-clip[openvino]"`); the parity gates default to
+    `ParityThresholds.for_precision(precision)`, `max_prob_diff` overriding its gate, `thresholds`
+    replacing them all. If a parity gate fails the run fails with the gate's figures and nothing
+    is registered. A class whose prompts exceed CLIP's context is refused unless `truncate`.
+    Every argument is checked (`ExportSpec.create`) before anything is loaded; `model` may also be
+    `open_clip:<architecture>` with `checkpoint` a local weights file (and, for SigLIP and the
+    multilingual towers, `tokenizer` a local tokenizer folder), or `hf:<folder>` (docs/sources.md);
+    `head` is softmax or sigmoid (default: the source's own).
     """
-    spec = ExportSpec.create(
-        classes,
-        model=model,
-        templates=templates,
-        registered_model_name=registered_model_name,
-        opset=opset,
-        images=images,
-        max_prob_diff=max_prob_diff,
-        alias=alias,
-        thresholds=thresholds,
-        text_encoder=text_encoder,
-        precision=precision,
-        truncate=truncate,
-        checkpoint=checkpoint,
-    )
-    return run_export(spec)
+    return run_export(ExportSpec.create(classes, thresholds=thresholds, **options))
 
 
 def run_export(spec: ExportSpec) -> ExportResult:
@@ -356,20 +337,14 @@ def run_export(spec: ExportSpec) -> ExportResult:
     with active_or_new_run() as run:
         log_new_params(run.info.run_id, spec.run_params())
         with tempfile.TemporaryDirectory(prefix="mlflow-clip-") as tmp:
-            built = build_classifier(
-                list(spec.classes),
-                spec.model,
-                spec.templates,
-                spec.opset,
-                tmp,
-                text_encoder=spec.text_encoder,
-                precision=spec.precision,
-                images=spec.images,
-                checkpoint=spec.checkpoint or None,
-            )
+            built = build_from_spec(spec, tmp)
             log_new_params(run.info.run_id, {**built.precision.params(), **built.loaded.details})
             report, failures = check_parity(built, spec.images, spec.thresholds)
             metrics = _export_metrics(built, report)
+            variants = gate_variants(built, spec.precisions, report, spec.images) if len(spec.precisions) > 1 else None
+            if variants is not None:  # gated at several precisions, served at the fastest native one
+                metrics.update(variants.metrics)
+                failures += variants.failures
             mlflow.log_metrics(metrics)
             _log_reports(Path(tmp), built, report, failures)
             if failures:
@@ -377,7 +352,7 @@ def run_export(spec: ExportSpec) -> ExportResult:
                 raise ParityError("Parity gate failed, nothing was registered: " + "; ".join(failures) + ".")
             mlflow.set_tag("parity_status", "passed")
             mlflow.log_artifact(str(built.edge_path), EDGE_ARTIFACT_DIR)
-            return _log_and_register(run.info.run_id, built, report, metrics, spec)
+            return _log_and_register(run.info.run_id, built, report, metrics, spec, variants)
 
 
 def _export_metrics(built: BuiltClassifier, report: ParityReport) -> dict[str, float]:
@@ -409,7 +384,7 @@ def _log_reports(tmp: Path, built: BuiltClassifier, report: ParityReport, failur
         mlflow.log_artifact(str(tmp / name))
 
 
-def _log_and_register(run_id, built, report, metrics, spec: ExportSpec) -> ExportResult:
+def _log_and_register(run_id, built, report, metrics, spec: ExportSpec, variants: GatedVariants | None) -> ExportResult:
     registered_model_name, alias = spec.registered_model_name, spec.alias
     _step("logging the model" + (f" and registering it as {registered_model_name!r}" if registered_model_name else ""))
     example = pd.DataFrame({"image": [_example_image_bytes()]})
@@ -421,14 +396,24 @@ def _log_and_register(run_id, built, report, metrics, spec: ExportSpec) -> Expor
         input_example=example,
         metadata={"parity": report.metrics(), "onnx_sha256": sha},
         text_encoder=built.text_encoder_path,
-        runtime=built.runtime_settings(),
+        tokenizer_files=list(built.loaded.tokenizer_files) or None,
+        runtime=variants.runtime_settings(built.runtime_settings()) if variants else built.runtime_settings(),
+        extra_files=variants.files if variants else None,
+        precisions=variants.table if variants else None,
         # The tags travel with the registration itself, so no version exists without them.
-        tags=_version_tags(built.config, built.text_encoder_path is not None, built.loaded.details),
+        tags={
+            **version_tags(built.config, built.text_encoder_path is not None, built.loaded.details),
+            **(variants.tags if variants else {}),
+        },
     )
     version = None
-    if registered_model_name:
+    line = card.summary(built.config.to_dict(), metrics, asdict(spec.thresholds))
+    if not registered_model_name:
+        _describe_run(run_id, f"{line}.\n\nLogged as `{info.model_uri}` (not registered).")
+    else:
         version = str(info.registered_model_version)
         _write_card(registered_model_name, version, built, metrics, spec, run_id)
+        _describe_run(run_id, card.run_description(registered_model_name, version, line))
         if alias:
             MlflowClient().set_registered_model_alias(registered_model_name, alias, version)
         _step(f"registered {registered_model_name} version {version}" + (f" with alias @{alias}" if alias else ""))
@@ -448,33 +433,16 @@ def _write_card(name: str, version: str, built: BuiltClassifier, metrics: dict, 
         asdict(spec.thresholds),
         sizes,
         run_id,
-        _weights_source(spec.model, built.loaded.details),
+        weights_source(spec.model, built.loaded.details),
     )
     card.describe_new_version(MlflowClient(), name, version, text)
 
 
-def _weights_source(model: str, details: dict[str, str]) -> str:
-    if details.get("source") == "open_clip":
-        return f"local open_clip checkpoint `{Path(details['checkpoint']).name}` ({details['activation']})"
-    if details.get("source") == "hf":
-        return f"local Hugging Face CLIPModel folder `{Path(details['folder']).name}` ({details['activation']})"
-    if model == DEMO_MODEL_NAME:
-        return "the demo weights shipped with mlflow-clip, trained on drawn shapes"
-    if model in import_clip().available_models():
-        return "OpenAI's published checkpoint"
-    return f"local checkpoint `{Path(model).name}`"
-
-
-def _version_tags(config: ClassifierConfig, has_text_encoder: bool, details: dict[str, str]) -> dict[str, str]:
-    return {
-        **{key: details[key] for key in ("source", "architecture", "activation") if details.get(key)},
-        "clip_model": config.clip_model,
-        "templates": config.templates,
-        "num_classes": str(len(config.classes)),
-        "parity_status": "passed",
-        "precision": config.precision,
-        "text_encoder": "true" if has_text_encoder else "false",
-    }
+def _describe_run(run_id: str, text: str) -> None:
+    """The run's description in the MLflow UI, unless it has one already (a user's own)."""
+    client = MlflowClient()
+    if card.RUN_DESCRIPTION_TAG not in client.get_run(run_id).data.tags:
+        client.set_tag(run_id, card.RUN_DESCRIPTION_TAG, text)
 
 
 def _example_image_bytes() -> bytes:

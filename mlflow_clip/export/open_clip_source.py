@@ -23,7 +23,7 @@ from torch import nn
 
 from mlflow_clip.export.checkpoints import TRAINED_LOGIT_SCALE, CheckpointError, LoadedClip
 from mlflow_clip.export.sources import QUICKGELU_SUFFIX, ModelSource, SourceError, import_source_library
-from mlflow_clip.serving.preprocess import RESAMPLE_FILTERS
+from mlflow_clip.serving.preprocess import CENTER_CROP, RESAMPLE_FILTERS, SQUASH
 
 _logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def load_open_clip(source: ModelSource) -> LoadedClip:
     if activation != source.activation:
         raise CheckpointError(f"open_clip built {activation} where {source.activation} was asked for.")
     cfg = PreprocessCfg(**model.visual.preprocess_cfg)
-    resolution, interpolation = check_preprocess_cfg(source, cfg)
+    resolution, interpolation, _ = check_preprocess_cfg(source, cfg)
     tokenizer = open_clip.get_tokenizer(source.architecture)
     if type(tokenizer).__name__ != "SimpleTokenizer" or tokenizer.clean_fn.__name__ != "_clean_lower":
         raise SourceError(f"open_clip {source.architecture} does not use CLIP's tokenizer ({tokenizer!r}).")
@@ -120,23 +120,30 @@ def built_activation(model: nn.Module) -> str:
     return "QuickGELU" if "QuickGELU" in names else "GELU"
 
 
-def check_preprocess_cfg(source: ModelSource, cfg: Any) -> tuple[int, str]:
-    """(resolution, interpolation) of open_clip's eval transform, when the torch-free
-    preprocessing reproduces it: resize the short side, crop the centre, square, RGB."""
+# open_clip's resize modes the torch-free preprocessing reproduces, and their names in the contract.
+_RESIZE_MODES = {"shortest": CENTER_CROP, "squash": SQUASH}
+
+
+def check_preprocess_cfg(source: ModelSource, cfg: Any) -> tuple[int, str, str]:
+    """(resolution, interpolation, resize mode) of open_clip's eval transform, when the torch-free
+    preprocessing reproduces it: resize the short side and crop the centre (shortest), or resize
+    both sides (squash, SigLIP's), to a square, RGB."""
     size = cfg.size if isinstance(cfg.size, int) else tuple(cfg.size)
     if not isinstance(size, int) and len(set(size)) != 1:
         reason = f"its input is not square ({size})"
-    elif cfg.resize_mode != "shortest":
+    elif cfg.resize_mode not in _RESIZE_MODES:
         reason = f"it resizes with resize_mode={cfg.resize_mode!r}"
     elif _INTERPOLATIONS.get(cfg.interpolation) not in RESAMPLE_FILTERS:
         reason = f"it resizes with interpolation={cfg.interpolation!r}"
     elif cfg.mode != "RGB" or len(cfg.mean) != 3 or len(cfg.std) != 3:
         reason = f"its input is {cfg.mode} with {len(cfg.mean)} channels"
     else:
-        return (size if isinstance(size, int) else size[0]), _INTERPOLATIONS[cfg.interpolation]
+        resolution = size if isinstance(size, int) else size[0]
+        return resolution, _INTERPOLATIONS[cfg.interpolation], _RESIZE_MODES[cfg.resize_mode]
     raise SourceError(
         f"open_clip {source.architecture}'s preprocessing is not supported: {reason}; the torch-free "
-        "preprocessing reproduces resize_mode='shortest' + centre crop of a square input (bicubic or bilinear)."
+        "preprocessing reproduces resize_mode='shortest' (+ centre crop) and 'squash' to a square input "
+        "(bicubic or bilinear)."
     )
 
 

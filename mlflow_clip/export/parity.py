@@ -22,13 +22,14 @@ import onnx
 import torch
 from PIL import Image
 
-from mlflow_clip.errors import MlflowClipError
+from mlflow_clip.errors import ParityError
 from mlflow_clip.export.spec import PRECISION_THRESHOLDS, ParityThresholds  # noqa: F401 - re-exported
 from mlflow_clip.package_data import (
     IMAGE_SUFFIXES,
     default_images_dir,
     sample_image_paths,
 )
+from mlflow_clip.serving.contract import ClassifierConfig
 from mlflow_clip.serving.images import decode_image
 from mlflow_clip.serving.openvino_runtime import OPENVINO_INSTALL_HINT, OpenVinoSession, openvino_available
 from mlflow_clip.serving.preprocess import Preprocessor
@@ -83,10 +84,6 @@ class TextParity:
     token_mismatches: int
 
 
-class ParityError(MlflowClipError, RuntimeError):
-    """A parity gate failed; nothing was registered."""
-
-
 def load_sample_images(
     folder: str | Path | None = None, draft_size: int | None = None
 ) -> list[tuple[str, Image.Image]]:
@@ -124,7 +121,7 @@ def measure_parity(
     pixel_diff = float(np.abs(reference_pixels.numpy() - ours).max())
 
     torch_logits = head.logits(reference_pixels).float()
-    torch_probs = torch_logits.softmax(dim=-1).numpy()
+    torch_probs = head.activate(torch_logits).numpy()
     torch_logits = torch_logits.numpy()
     sizes = sorted({*batch_sizes, len(images)})
     session, outputs = session_with_logits(onnx_path, precision, runtime)
@@ -162,8 +159,17 @@ TEXT_PROBES = (
     "tabs\tand   runs of   spaces\n",
     "it's what they're doing, we've seen, I'm sure you'll, he'd",
     "a very long description " * 20,
-    # special tokens written in a text, in OpenAI's and open_clip's spellings
+    # special tokens written in a text, in OpenAI's and open_clip's spellings, and SentencePiece's
     "a <|endoftext|> b <end_of_text> c <|startoftext|> <start_of_text>",
+    "a </s> b <pad> c <unk> <s> <eos>",
+    # other scripts: per-request labels may come in any language the tokenizer covers
+    "\u0444\u043e\u0442\u043e \u043a\u043e\u0448\u043a\u0438",
+    "\u03c6\u03c9\u03c4\u03bf\u03b3\u03c1\u03b1\u03c6\u03af\u03b1 \u0393\u0391\u03a4\u0391\u03a3",
+    "\u0635\u0648\u0631\u0629 \u0642\u0637\u0629",
+    "\u05ea\u05de\u05d5\u05e0\u05d4 \u05e9\u05dc \u05d7\u05ea\u05d5\u05dc",
+    "\u0924\u0938\u094d\u0935\u0940\u0930 \u092c\u093f\u0932\u094d\u0932\u0940",
+    "\u0e23\u0e39\u0e1b\u0e20\u0e32\u0e1e\u0e41\u0e21\u0e27",
+    "\u4e00\u53ea\u732b\u7684\u7167\u7247",
 )
 MAX_PARITY_TEXTS = 96
 
@@ -176,12 +182,14 @@ def measure_text_parity(
     vocab_path: str | Path,
     tokenize: Callable | None = None,
     tokenizer: str = "clip",
+    config: ClassifierConfig | None = None,
 ) -> TextParity:
-    """The serving path (`mlflow_clip.serving.text.TextEncoder`: our tokenizer, ids trimmed after the
-    last end-of-text token, the ONNX graph) against the source's tokenizer (`tokenize(texts,
-    context_length)`, default `clip.tokenize`; `tokenizer` is the served tokenizer's spelling of
-    special tokens) + PyTorch `encode_text`, on at most
-    MAX_PARITY_TEXTS texts spread evenly over `texts`, plus TEXT_PROBES."""
+    """The serving path (`mlflow_clip.serving.text.TextEncoder`: our tokenizer, ids trimmed as the
+    text tower allows, the ONNX graph) against the source's tokenizer (`tokenize(texts,
+    context_length)`, default `clip.tokenize`) + PyTorch `encode_text`, on at most
+    MAX_PARITY_TEXTS texts spread evenly over `texts`, plus TEXT_PROBES. The served tokenizer is
+    `config`'s (its tokenizer, cleaning, pooling and context length) or, without a config, CLIP's
+    byte-pair encoding with `tokenizer`'s spelling of special tokens."""
     from mlflow_clip.export.graph import clip_tokenize
     from mlflow_clip.serving.text import TextEncoder
 
@@ -190,8 +198,12 @@ def measure_text_parity(
         step = len(texts) / MAX_PARITY_TEXTS
         texts = [texts[int(i * step)] for i in range(MAX_PARITY_TEXTS)]
     texts = [*texts, *TEXT_PROBES]
-    context = int(model.context_length)
-    encoder = TextEncoder(text_encoder_path, vocab_path, context, tokenizer=tokenizer)
+    if config is None:
+        context = int(model.context_length)
+        encoder = TextEncoder(text_encoder_path, vocab_path, context, tokenizer=tokenizer)
+    else:
+        context = int(config.context_length)
+        encoder = TextEncoder.for_config(text_encoder_path, vocab_path, config)
     reference_ids = (tokenize or clip_tokenize)(texts, context)
     mismatches = int((reference_ids.numpy() != encoder.tokenize(texts)).any(axis=1).sum())
     reference = model.encode_text(reference_ids).float()
@@ -200,8 +212,8 @@ def measure_text_parity(
 
 
 def session_with_logits(onnx_path: str | Path, precision: str = "fp32", runtime: str = "onnxruntime"):
-    """A session on the shipped graph that also returns the logits feeding its final Softmax
-    (exposed as an extra output on an in-memory copy), and the output names to fetch. bf16
+    """A session on the shipped graph that also returns the logits feeding its final Softmax or
+    Sigmoid (exposed as an extra output on an in-memory copy), and the output names to fetch. bf16
     graphs, and any graph with `runtime="openvino"`, run on OpenVINO (the serving runtime's
     session, at bf16 for bf16), others on onnxruntime."""
     import onnxruntime as ort
@@ -211,7 +223,7 @@ def session_with_logits(onnx_path: str | Path, precision: str = "fp32", runtime:
     producer = next(node for node in model.graph.node if output in node.output)
     outputs = [output]
     embedding = [o.name for o in model.graph.output[1:] if o.name == "embedding"]
-    if producer.op_type == "Softmax":
+    if producer.op_type in ("Softmax", "Sigmoid"):
         logits_name = producer.input[0]
         model.graph.output.append(onnx.helper.make_empty_tensor_value_info(logits_name))
         outputs.append(logits_name)

@@ -40,7 +40,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from mlflow_clip.errors import MlflowClipError
+from mlflow_clip.errors import PrecisionError
 from mlflow_clip.export.graph import save_single_file
 from mlflow_clip.export.spec import PRECISION_PROVIDERS, PRECISION_RUNTIMES, check_precision
 from mlflow_clip.serving.openvino_runtime import openvino_available
@@ -59,10 +59,6 @@ _SHAPE_OPS = ("Shape", "Size", "Constant", "ConstantOfShape", "Range")
 
 
 BF16_METHOD = "openvino-bf16-hint"
-
-
-class PrecisionError(MlflowClipError, ValueError):
-    """The precision transform cannot be applied; the message says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -285,14 +281,17 @@ class _quiet_quantizer:
 
 def head_nodes(model: onnx.ModelProto) -> list[str]:
     """Names of the zero-shot head's nodes: the product with the baked text features (the
-    MatMul behind the first output's Softmax), what follows it, and the normalization chain of
-    the image embedding that feeds it (walking back to the last MatMul/Gemm/Conv)."""
+    MatMul behind the first output's Softmax or Sigmoid, and SigLIP's logit bias), what follows
+    it, and the normalization chain of the image embedding that feeds it (walking back to the
+    last MatMul/Gemm/Conv)."""
     graph = model.graph
     producers = {out: node for node in graph.node for out in node.output}
     initializers = {init.name for init in graph.initializer}
     node = producers.get(graph.output[0].name)
-    while node is not None and node.op_type in ("Identity", "Softmax"):
-        node = producers.get(node.input[0])
+    while node is not None and (
+        node.op_type in ("Identity", "Softmax", "Sigmoid") or _adds_a_constant(node, initializers)
+    ):
+        node = producers.get(next(i for i in node.input if i not in initializers))
     if node is None or node.op_type not in ("MatMul", "Gemm") or not any(i in initializers for i in node.input):
         _logger.warning("No zero-shot head found behind the first output; quantizing the whole graph.")
         return []
@@ -306,6 +305,10 @@ def head_nodes(model: onnx.ModelProto) -> list[str]:
         stack.extend(i for i in upstream.input if i in producers)
     head |= _downstream(graph, node)
     return [n.name for n in graph.node if n.name in head]
+
+
+def _adds_a_constant(node: onnx.NodeProto, initializers: set[str]) -> bool:
+    return node.op_type == "Add" and len(node.input) == 2 and sum(i in initializers for i in node.input) == 1
 
 
 def _downstream(graph: onnx.GraphProto, start: onnx.NodeProto) -> set[str]:

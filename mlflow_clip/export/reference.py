@@ -22,7 +22,7 @@ import torch
 from mlflow_clip.export.checkpoints import LoadedClip
 from mlflow_clip.export.graph import ZeroShotHead, encode_text_features
 from mlflow_clip.export.loaders import load_source
-from mlflow_clip.serving.contract import ClassifierConfig
+from mlflow_clip.serving.contract import SOFTMAX_HEAD, ClassifierConfig
 from mlflow_clip.serving.images import ImageInputError, decode_image
 from mlflow_clip.serving.rows import InvalidInputError, coerce_rows, describe_bad_rows, format_predictions
 
@@ -36,13 +36,15 @@ class ReferenceClassifier:
     comparison measures preprocessing and runtime, not two decoding policies.
     """
 
-    def __init__(self, loaded: LoadedClip, classes: Sequence[str], template_texts: Sequence[str]):
+    def __init__(
+        self, loaded: LoadedClip, classes: Sequence[str], template_texts: Sequence[str], head: str = SOFTMAX_HEAD
+    ):
         self.loaded = loaded
         self._classes = list(classes)
         model = loaded.reference_model  # the source's own model (Hugging Face's, not its conversion)
         text_features = encode_text_features(model, self._classes, list(template_texts), loaded.tokenize)
         logit_scale = float(model.logit_scale.detach().exp())
-        self.head = ZeroShotHead(model.visual, text_features, logit_scale).eval()
+        self.head = ZeroShotHead(model.visual, text_features, logit_scale, loaded.logit_bias, head).eval()
 
     @property
     def classes(self) -> list[str]:
@@ -79,4 +81,4 @@ def build_reference_classifier(spec: str, config: ClassifierConfig) -> Reference
             loaded.name,
             config.clip_model,
         )
-    return ReferenceClassifier(loaded, config.classes, config.template_texts)
+    return ReferenceClassifier(loaded, config.classes, config.template_texts, config.head)

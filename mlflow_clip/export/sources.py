@@ -1,10 +1,11 @@
 """Where a model's weights come from, checked before torch loads: `ModelSource`.
 
 Torch-free. `-P model=` takes OpenAI's CLIP names, `demo` or a local OpenAI checkpoint (the
-`openai` source, unchanged), or `open_clip:<architecture>` with `-P checkpoint=<local file>`: any
-architecture in open_clip's model configs whose text side is CLIP's (byte-pair tokenizer, causal
-text transformer read at the end-of-text token), so that the torch-free tokenizer serves it; or
-`hf:<folder>`, a Hugging Face `CLIPModel` folder (`export/hf_folder.py`).
+`openai` source, unchanged); `open_clip:<architecture>` with `-P checkpoint=<local file>`, or
+`open_clip:local-dir:<folder>`: open_clip's CLIP architectures, SigLIP and SigLIP 2, and its
+multilingual Hugging Face text towers, those two with `-P tokenizer=<local folder>`
+(`export/open_clip_configs.py`); or `hf:<folder>`, a Hugging Face `CLIPModel` or `SiglipModel`
+folder (`export/hf_folder.py`).
 
     >>> source = parse_model_source("open_clip:ViT-B-32", "/models/open_clip_pytorch_model.bin")  # doctest: +SKIP
     >>> source.kind, source.architecture, source.activation  # doctest: +SKIP
@@ -20,15 +21,24 @@ refused here: `-P model=<path>` loads them with OpenAI's code.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from mlflow_clip.errors import MlflowClipError
+from mlflow_clip.errors import SourceError
 from mlflow_clip.export.hf_folder import HfFolderError, check_hf_folder
+from mlflow_clip.export.open_clip_configs import (
+    CLIP_TEXT,
+    LOCAL_DIR,
+    ConfigError,
+    OpenClipConfig,
+    check_tokenizer_folder,
+    config_family,
+    open_clip_architectures,
+    open_clip_config_dir,
+    read_local_config,
+)
 
 OPENAI_SOURCE = "openai"
 OPEN_CLIP_SOURCE = "open_clip"
@@ -38,39 +48,11 @@ QUICKGELU_SUFFIX = "-quickgelu"
 # open_clip's text towers are exported with batch-first attention, which the explicit attention
 # written for opsets before 14 (graph.with_explicit_attention) does not cover.
 MIN_SOURCE_OPSET = 14
-# Text settings that change what CLIP's text tower computes, with the value the export supports.
-_TEXT_DEFAULTS: dict[str, Any] = {
-    "hf_model_name": None,
-    "hf_tokenizer_name": None,
-    "tokenizer_kwargs": None,
-    "vocab_size": 49408,
-    "ls_init_value": None,
-    "embed_cls": False,
-    "pad_id": 0,
-    "no_causal_mask": False,
-    "final_ln_after_pool": False,
-    "pool_type": "argmax",
-    "proj_bias": False,
-    "proj_type": "linear",
-    "block_type": None,
-    "qk_norm": False,
-    "scaled_cosine_attn": False,
-    "scale_heads": False,
-    "scale_attn_inner": False,
-    "scale_attn": False,
-    "scale_fc": False,
-    "act_kwargs": None,
-    "norm_kwargs": None,
-}
-
-
-class SourceError(MlflowClipError, ValueError):
-    """A model spec, checkpoint or architecture is invalid; the message says what is accepted."""
 
 
 @dataclass(frozen=True)
 class ModelSource:
-    """A checked `-P model=` / `-P checkpoint=` pair."""
+    """A checked `-P model=` / `-P checkpoint=` / `-P tokenizer=` triple."""
 
     kind: str  # openai, open_clip or hf
     model: str  # the spec as given
@@ -78,7 +60,9 @@ class ModelSource:
     checkpoint: str = ""  # open_clip: the local weights file
     activation: str = ""  # GELU or QuickGELU
     force_quick_gelu: bool = False
-    folder: str = ""  # hf: the CLIPModel folder
+    folder: str = ""  # hf: the CLIPModel or SiglipModel folder; open_clip: a local-dir folder
+    family: str = CLIP_TEXT  # open_clip: its text family (open_clip_configs); hf: clip or siglip
+    tokenizer_folder: str = ""  # the tokenizer's files (and a Hugging Face text tower's config)
 
     @property
     def name(self) -> str:
@@ -96,14 +80,26 @@ class ModelSource:
             "checkpoint": self.checkpoint,
             "activation": self.activation,
         }
-        return {**params, "folder": self.folder} if self.folder else params
+        if self.folder:
+            params["folder"] = self.folder
+        if self.tokenizer_folder:
+            params["tokenizer_folder"] = self.tokenizer_folder
+        return params
 
 
-def parse_model_source(model: str, checkpoint: str | None = None) -> ModelSource:
-    """Check `model` (and `checkpoint`) without importing torch; raises `SourceError`."""
-    checkpoint = str(checkpoint or "")
+def parse_model_source(model: str, checkpoint: str | None = None, tokenizer: str | None = None) -> ModelSource:
+    """Check `model` (and `checkpoint`, `tokenizer`) without importing torch; raises `SourceError`."""
+    checkpoint, tokenizer = str(checkpoint or ""), str(tokenizer or "")
     if model.startswith(SOURCE_PREFIXES[OPEN_CLIP_SOURCE]):
-        return _open_clip_source(model, model[len(SOURCE_PREFIXES[OPEN_CLIP_SOURCE]) :], checkpoint)
+        try:
+            return _open_clip_source(model, model[len(SOURCE_PREFIXES[OPEN_CLIP_SOURCE]) :], checkpoint, tokenizer)
+        except ConfigError as e:
+            raise SourceError(str(e)) from None
+    if tokenizer:
+        raise SourceError(
+            f"Received tokenizer={tokenizer!r} with model={model!r}; tokenizer goes with open_clip models whose "
+            "tokenizer is a Hugging Face one (SigLIP, xlm-roberta-*, ...). Leave it out."
+        )
     if model.startswith(SOURCE_PREFIXES[HF_SOURCE]):
         if checkpoint:
             raise SourceError(
@@ -111,10 +107,12 @@ def parse_model_source(model: str, checkpoint: str | None = None) -> ModelSource
                 "weights. Leave checkpoint out."
             )
         try:
-            folder, architecture, activation = check_hf_folder(model, model[len(SOURCE_PREFIXES[HF_SOURCE]) :])
+            folder, architecture, activation, family = check_hf_folder(model, model[len(SOURCE_PREFIXES[HF_SOURCE]) :])
         except HfFolderError as e:
             raise SourceError(str(e)) from None
-        return ModelSource(HF_SOURCE, model, architecture=architecture, folder=folder, activation=activation)
+        return ModelSource(
+            HF_SOURCE, model, architecture=architecture, folder=folder, activation=activation, family=family
+        )
     if ":" in model.split("/")[0] and not Path(model).expanduser().exists():
         raise SourceError(
             f"Received model={model!r}; expected an OpenAI CLIP name, 'demo', a local checkpoint path, or "
@@ -144,20 +142,11 @@ def check_source_opset(source: ModelSource, opset: int) -> None:
         )
 
 
-def open_clip_config_dir() -> Path | None:
-    """open_clip's model_configs folder, found without importing open_clip (which imports torch)."""
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0]) / "model_configs"
-
-
-def open_clip_architectures() -> list[str]:
-    folder = open_clip_config_dir()
-    return sorted(p.stem for p in folder.glob("*.json")) if folder else []
-
-
-def _open_clip_source(model: str, architecture: str, checkpoint: str) -> ModelSource:
+def _open_clip_source(model: str, architecture: str, checkpoint: str, tokenizer: str) -> ModelSource:
+    if architecture.startswith(LOCAL_DIR):
+        config = read_local_config(model, architecture[len(LOCAL_DIR) :])
+        weights = checkpoint or _local_weights(model, Path(config.local_dir))
+        return _checked_source(model, config, weights, tokenizer, force=False)
     folder = open_clip_config_dir()
     if folder is None:
         raise SourceError(
@@ -172,43 +161,43 @@ def _open_clip_source(model: str, architecture: str, checkpoint: str) -> ModelSo
         raise SourceError(
             f"Received model={model!r}; {architecture!r} is not one of open_clip's "
             f"{len(open_clip_architectures())} architectures (e.g. ViT-B-32, ViT-B-32-quickgelu, RN50, "
-            "ViT-L-14), optionally with -quickgelu appended."
+            "ViT-L-14, ViT-B-16-SigLIP, xlm-roberta-base-ViT-B-32), optionally with -quickgelu appended, "
+            "or local-dir:<folder>."
         )
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    _check_open_clip_config(model, architecture, config)
+    model_cfg = json.loads(config_path.read_text(encoding="utf-8"))
+    config = OpenClipConfig(architecture, model_cfg, config_family(model, architecture, model_cfg))
+    return _checked_source(model, config, checkpoint, tokenizer, force)
+
+
+def _checked_source(model: str, config: OpenClipConfig, checkpoint: str, tokenizer: str, force: bool) -> ModelSource:
+    if force and config.family != CLIP_TEXT:
+        raise SourceError(
+            f"Received model={model!r}; -quickgelu forces QuickGELU into CLIP's towers, and {config.architecture!r} "
+            "has other towers (its activations are its config's). Leave -quickgelu out."
+        )
+    tokenizer_folder = check_tokenizer_folder(model, config.family, tokenizer, config.local_dir)
     return ModelSource(
         OPEN_CLIP_SOURCE,
         model,
-        architecture=architecture,
+        architecture=config.architecture,
         checkpoint=_check_checkpoint_file(model, checkpoint),
-        activation="QuickGELU" if force or config.get("quick_gelu") else "GELU",
+        activation="QuickGELU" if force or config.model_cfg.get("quick_gelu") else "GELU",
         force_quick_gelu=force,
+        folder=config.local_dir,
+        family=config.family,
+        tokenizer_folder=tokenizer_folder,
     )
 
 
-def _check_open_clip_config(model: str, architecture: str, config: dict) -> None:
-    """Refuse what the torch-free tokenizer, the text-tower export or the softmax head cannot serve."""
-    text = config.get("text_cfg", {})
-    reason = ""
-    if text.get("hf_tokenizer_name") or "siglip" in architecture.lower():
-        reason = "its tokenizer is not CLIP's byte-pair encoding (a Hugging Face or SigLIP tokenizer)"
-    elif text.get("hf_model_name"):
-        reason = f"its text tower is the Hugging Face model {text['hf_model_name']!r}, not CLIP's"
-    elif config.get("multimodal_cfg"):
-        reason = "it is a CoCa model (a captioning decoder on top of CLIP)"
-    elif config.get("custom_text"):
-        reason = "it builds a custom text tower (CustomTextCLIP), not CLIP's"
-    elif config.get("init_logit_bias") is not None:
-        reason = "it is trained with a sigmoid loss and a logit bias, not CLIP's softmax head"
-    else:
-        changed = [k for k, default in _TEXT_DEFAULTS.items() if text.get(k, default) not in (default, {})]
-        if changed:
-            reason = f"its text tower sets {', '.join(sorted(changed))}, which the text-encoder export does not follow"
-    if reason:
-        raise SourceError(
-            f"Received model={model!r}; open_clip architecture {architecture!r} is not supported: {reason}. "
-            "Supported: architectures with CLIP's text tower and tokenizer (ViT-*, RN*, convnext_*, ...)."
-        )
+def _local_weights(model: str, folder: Path) -> str:
+    """The weights file open_clip's local-dir: schema would load from `folder`."""
+    for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin"):
+        if (folder / name).is_file():
+            return str(folder / name)
+    raise SourceError(
+        f"Received model={model!r}; the folder has no open_clip_model.safetensors or open_clip_pytorch_model.bin. "
+        "Put the weights there, or pass -P checkpoint=<file>."
+    )
 
 
 def _check_checkpoint_file(model: str, checkpoint: str) -> str:

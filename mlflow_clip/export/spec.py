@@ -16,15 +16,30 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mlflow_clip.errors import MlflowClipError
-from mlflow_clip.export.sources import check_source_opset, parse_model_source
-from mlflow_clip.serving.prompts import parse_classes, resolve_templates
+from mlflow_clip.export.open_clip_configs import CLIP_TEXT
+from mlflow_clip.export.options import (
+    DEFAULT_OPSET,
+    DEFAULT_REGISTERED_MODEL_NAME,
+    EXPORT_OPTIONS,
+    PRECISIONS,
+    SpecError,
+    check_option_names,
+    option,
+    with_export_options,
+)
+from mlflow_clip.export.preflight import check_openai_weights, check_runtime
+from mlflow_clip.export.sources import OPENAI_SOURCE, ModelSource, check_source_opset, parse_model_source
+from mlflow_clip.prompt_files import parse_classes, resolve_templates
+from mlflow_clip.serving.contract import HEADS, SIGMOID_HEAD
 
-DEFAULT_REGISTERED_MODEL_NAME = "clip-zero-shot"
-DEFAULT_OPSET = 17
 MIN_OPSET = 12
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "bf16")
+# precision=auto, or a comma-separated list of these: one export gated at each, served at the
+# fastest native where it lands (mlflow_clip.export.variants; fp16 is for GPUs and exports alone).
+AUTO_PRECISION = "auto"
+MULTI_PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "int8")
 # Execution providers written into the model for each precision; onnxruntime builds without
-# CUDA fall back to the CPU provider with a warning (mlflow_clip.serving.runtime.select_providers).
+# CUDA fall back to the CPU provider with one warning (mlflow_clip.serving.runtime.log_providers); their
+# requirements name onnxruntime-gpu (mlflow_clip.flavor.uses_gpu).
 PRECISION_PROVIDERS: dict[str, tuple[str, ...]] = {
     "fp32": ("CPUExecutionProvider",),
     "fp16": ("CUDAExecutionProvider", "CPUExecutionProvider"),
@@ -71,10 +86,6 @@ PRECISION_THRESHOLDS: dict[str, dict[str, float]] = {
 }
 
 
-class SpecError(MlflowClipError, ValueError):
-    """An export argument is invalid; the message names it and what it accepts."""
-
-
 @dataclass(frozen=True)
 class ParityThresholds:
     max_prob_diff: float = 1e-4
@@ -97,6 +108,29 @@ class ParityThresholds:
         return cls(**values)
 
 
+def parse_precisions(precision: str) -> tuple[str, ...]:
+    """The precisions an export gates, the one its `model.onnx` is saved at first: one name,
+    `auto` (fp32, int8, and bf16 where OpenVINO is installed to gate it), or a list.
+
+    >>> parse_precisions("int8"), parse_precisions("bf16, fp32")
+    (('int8',), ('fp32', 'bf16'))
+    """
+    if precision.strip() == AUTO_PRECISION:
+        from mlflow_clip.serving.openvino_runtime import openvino_available
+
+        return tuple(p for p in MULTI_PRECISIONS if p != "bf16" or openvino_available())
+    names = [name.strip() for name in precision.split(",") if name.strip()]
+    if len(names) == 1:
+        return (check_precision(names[0]),)
+    bad = [name for name in names if name not in MULTI_PRECISIONS]
+    if bad or not names or len(set(names)) != len(names):
+        raise SpecError(
+            f"Received precision={precision!r}; expected one of {', '.join(PRECISIONS)}, {AUTO_PRECISION}, or a list "
+            f"of distinct {', '.join(MULTI_PRECISIONS)} such as fp32,bf16 (fp16 is for GPUs: export it on its own)."
+        )
+    return tuple(p for p in MULTI_PRECISIONS if p in names)
+
+
 def check_precision(precision: str, error: type[MlflowClipError] = SpecError) -> str:
     if precision not in PRECISIONS:
         raise error(f"Received precision={precision!r}; expected one of {', '.join(PRECISIONS)}.")
@@ -111,16 +145,17 @@ def check_opset(opset: Any) -> int:
     return opset
 
 
-def check_prompt_lengths(classes, templates, context_length: int = 77, truncate: bool = False) -> None:
+def check_prompt_lengths(classes, templates, context_length: int = 77, truncate: bool = False, tokenizer=None) -> None:
     """Refuse a class whose prompts exceed CLIP's context (CLIP would cut them, changing what they
-    mean) unless `truncate`; checked with the torch-free tokenizer, before anything loads."""
+    mean) unless `truncate`; checked with the torch-free tokenizer (CLIP's, or the source's served
+    `tokenizer`), before anything loads."""
     if truncate:
         return
     from mlflow_clip.package_data import default_vocab_path
     from mlflow_clip.serving.prompts import texts_for_class
     from mlflow_clip.serving.tokenizer import ClipTokenizer
 
-    tokenizer = ClipTokenizer.from_file(default_vocab_path())
+    tokenizer = tokenizer or ClipTokenizer.from_file(default_vocab_path())
     for index, name in enumerate(classes):
         _, lengths = tokenizer.tokenize(texts_for_class(name, templates), context_length)
         too_long = [t for t, n in enumerate(lengths) if n > context_length]
@@ -132,68 +167,93 @@ def check_prompt_lengths(classes, templates, context_length: int = 77, truncate:
             )
 
 
+def check_head(head: str | None, source: ModelSource) -> None:
+    """softmax or sigmoid ("" or None: the source's own); sigmoid only where the source has a
+    logit bias to go with it (checked again on the loaded model)."""
+    if head and head not in HEADS:
+        raise SpecError(f"Received head={head!r}; expected one of {', '.join(HEADS)} (default: the source's own).")
+    if head == SIGMOID_HEAD and source.family == CLIP_TEXT:
+        raise SpecError(
+            f"Received head=sigmoid with model={source.model!r}, a CLIP model trained with a softmax over its "
+            "classes (no logit bias): its sigmoid scores would mean nothing. Leave head out (softmax)."
+        )
+
+
 @dataclass(frozen=True)
 class ExportSpec:
-    """The export's choices, checked: classes parsed, templates resolved, gates chosen."""
+    """The export's choices, checked: classes parsed, templates resolved, gates chosen. Build it
+    with `create`; the defaults are the options' own (`mlflow_clip.export.options`)."""
 
     classes: tuple[str, ...]
-    model: str = "RN50"
-    templates: str | tuple[str, ...] = "ensemble"
+    model: str = option("model").default
+    templates: str | tuple[str, ...] = option("templates").default
     template_texts: tuple[str, ...] = field(default=(), compare=False)
     registered_model_name: str | None = DEFAULT_REGISTERED_MODEL_NAME
     opset: int = DEFAULT_OPSET
     images: str | None = None
     thresholds: ParityThresholds = ParityThresholds()
     alias: str | None = None
-    text_encoder: bool = True
-    precision: str = "fp32"
-    truncate: bool = False
+    text_encoder: bool = option("text_encoder").default
+    precision: str = option("precision").default
+    truncate: bool = option("truncate").default
     # open_clip:<architecture> only: the local weights file (mlflow_clip.export.sources).
     checkpoint: str = ""
+    # open_clip models with a Hugging Face tokenizer: the local tokenizer folder.
+    tokenizer: str = ""
+    # softmax or sigmoid; "" the source's own (sigmoid for SigLIP).
+    head: str = ""
 
     @classmethod
+    @with_export_options("cls", "classes", after=("thresholds",))
     def create(
-        cls,
-        classes: str | Sequence[str],
-        model: str = "RN50",
-        templates: str | Sequence[str] = "ensemble",
-        registered_model_name: str | None = DEFAULT_REGISTERED_MODEL_NAME,
-        opset: int = DEFAULT_OPSET,
-        images: str | Path | None = None,
-        max_prob_diff: float | None = None,
-        alias: str | None = None,
-        thresholds: ParityThresholds | None = None,
-        text_encoder: bool = True,
-        precision: str = "fp32",
-        truncate: bool = False,
-        checkpoint: str | Path | None = None,
+        cls, classes: str | Sequence[str], *, thresholds: ParityThresholds | None = None, **options: Any
     ) -> ExportSpec:
-        """Check every argument; raises an `MlflowClipError` naming the first bad one."""
-        check_precision(precision)
-        source = parse_model_source(model, checkpoint)
-        check_source_opset(source, check_opset(opset))
+        """Check every argument (`mlflow_clip.export.options` lists them; typed, or as the command
+        line's text) before anything loads; raises an `MlflowClipError` naming the first bad one."""
+        check_option_names(options)
+        given = {o.name: o.parse(options.get(o.name, o.default)) for o in EXPORT_OPTIONS if not o.required}
+        precisions = parse_precisions(given["precision"])
+        precision = ",".join(precisions) if len(precisions) > 1 else precisions[0]
+        source = parse_model_source(given["model"], given["checkpoint"], given["tokenizer"])
+        opset = check_opset(given["opset"])
+        check_source_opset(source, opset)
+        check_head(given["head"], source)
         names = tuple(parse_classes(classes))
+        templates = given["templates"]
         texts = tuple(resolve_templates(templates))
-        check_prompt_lengths(names, texts, truncate=truncate)
-        if images is not None and not Path(images).is_dir():
+        if source.family == CLIP_TEXT:  # CLIP's tokenizer, known before loading; others once loaded
+            check_prompt_lengths(names, texts, truncate=given["truncate"])
+        images = given["images"]
+        if images and not Path(images).is_dir():
             raise SpecError(
                 f"Received images={str(images)!r}; expected a folder of images (looked in {Path(images).resolve()})."
             )
+        model = check_openai_weights(given["model"]) if source.kind == OPENAI_SOURCE else given["model"]
+        for name in precisions:
+            check_runtime(name)
         return cls(
             classes=names,
             model=model,
             templates=templates if isinstance(templates, str) else tuple(templates),
             template_texts=texts,
-            registered_model_name=registered_model_name or None,
-            opset=check_opset(opset),
+            registered_model_name=given["registered_model_name"] or None,
+            opset=opset,
             images=str(images) if images else None,
-            thresholds=thresholds or ParityThresholds.for_precision(precision, max_prob_diff=max_prob_diff),
-            alias=alias or None,
-            text_encoder=bool(text_encoder),
+            thresholds=thresholds
+            or ParityThresholds.for_precision(precisions[0], max_prob_diff=given["max_prob_diff"]),
+            alias=given["alias"] or None,
+            text_encoder=given["text_encoder"],
             precision=precision,
-            truncate=bool(truncate),
+            truncate=given["truncate"],
             checkpoint=source.checkpoint,
+            tokenizer=source.tokenizer_folder,
+            head=given["head"] or "",
         )
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        """Every precision this export gates; the first is its `model.onnx`'s (`parse_precisions`)."""
+        return parse_precisions(self.precision)
 
     def run_params(self) -> dict[str, Any]:
         """The MLflow run parameters that record this export."""
@@ -216,6 +276,8 @@ class ExportSpec:
             "max_text_embedding_diff": t.max_text_embedding_diff,
             "precision": self.precision,
             "truncate": self.truncate,
-            "source": parse_model_source(self.model, self.checkpoint).kind,
+            "source": parse_model_source(self.model, self.checkpoint, self.tokenizer).kind,
             "checkpoint": self.checkpoint,
+            "tokenizer_folder": self.tokenizer,
+            "head": self.head or "source's own",
         }

@@ -62,7 +62,8 @@ def test_hf_spec_is_parsed_with_its_folder_and_architecture(small_folder):
     "breakage, words",
     [
         (lambda f: (f / "config.json").unlink(), "no config.json"),
-        (lambda f: _rewrite_json(f / "config.json", lambda c: c.update(model_type="siglip")), "SigLIP"),
+        # a CLIPModel folder relabelled SigLIP: its processor crops, where SigLIP's resizes the whole image
+        (lambda f: _rewrite_json(f / "config.json", lambda c: c.update(model_type="siglip")), "crops"),
         (lambda f: (f / "model.safetensors").unlink(), "model.safetensors"),
         (lambda f: (f / "tokenizer.json").unlink(), "no tokenizer"),
         (lambda f: (f / "processor_config.json").unlink(), "no image processor settings"),
@@ -104,7 +105,7 @@ def test_missing_folder_and_a_checkpoint_given_are_refused(tmp_path, small_folde
 
 
 def test_a_bad_folder_is_refused_before_torch_is_imported(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "siglip"}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "siglip2"}))
     script = BLOCK_TORCH + textwrap.dedent(
         f"""
         from mlflow_clip.export.spec import ExportSpec
@@ -120,7 +121,7 @@ def test_a_bad_folder_is_refused_before_torch_is_imported(tmp_path):
     path.write_text(script)
     result = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, env=subprocess_env())
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "REFUSED" in result.stdout and "SigLIP" in result.stdout
+    assert "REFUSED" in result.stdout and "NaFlex" in result.stdout
 
 
 # Hugging Face's pixels and ids, reproduced torch-free.
@@ -293,7 +294,7 @@ def test_gelu_towers_are_converted_with_gelu(tmp_path):
 
     vision, text = {**SMALL_VISION, "hidden_act": "gelu"}, {**SMALL_TEXT, "hidden_act": "gelu"}
     folder = _save_folder(tmp_path / "gelu", seed=2, vision=vision, text=text)
-    built = build_classifier(CLASSES, f"hf:{folder}", "photo", out_dir=tmp_path / "out")
+    built = build_classifier(CLASSES, model=f"hf:{folder}", templates="photo", out_dir=tmp_path / "out")
     report, failures = check_parity(built, None, ParityThresholds(max_prob_diff=1e-5))
     assert failures == [] and built.loaded.details["activation"] == "GELU"
     assert report.max_abs_embedding_diff <= 1e-5

@@ -1,0 +1,145 @@
+"""precision=auto: one export gated at fp32, bf16 and int8, served at the fastest native precision.
+
+Tolerances: each precision's own parity gates (`ParityThresholds.for_precision`); a pinned fp32
+serves the fp32 graph's exact outputs (1e-6 against a plain fp32 export of the same weights).
+The demo model's int8 method is dynamic (a ViT), served on onnxruntime first.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+from helpers import demo_image_bytes, has_module, requires_export
+
+pytestmark = [
+    requires_export,
+    pytest.mark.slow,
+    pytest.mark.skipif(not has_module("openvino"), reason='needs ".[openvino]"'),
+]
+
+
+def _export(name: str, precision: str, **kwargs):
+    from mlflow_clip.demo_data import DEMO_CLASSES
+    from mlflow_clip.export.job import export_and_register
+
+    return export_and_register(
+        list(DEMO_CLASSES), model="demo", templates="none", registered_model_name=name, precision=precision, **kwargs
+    )
+
+
+@pytest.fixture(scope="module")
+def auto_export(module_store):
+    return _export("clip-auto", "auto")
+
+
+def _images(count: int) -> list[bytes]:
+    from mlflow_clip.demo_data import DEMO_CLASSES
+
+    pairs = [(DEMO_CLASSES[i % len(DEMO_CLASSES)], "JPEG" if i % 2 else "PNG") for i in range(count)]
+    return [data for data, _ in demo_image_bytes(pairs)]
+
+
+def _probabilities(model, images) -> np.ndarray:
+    return np.stack(model.predict(pd.DataFrame({"image": images}))["probabilities"].to_numpy())
+
+
+def test_each_precision_is_gated_recorded_and_tagged(auto_export):
+    from mlflow.models import Model
+    from mlflow.tracking import MlflowClient
+
+    from mlflow_clip.export.spec import ParityThresholds
+
+    flavor = Model.load(auto_export.model_uri).flavors["mlflow_clip"]
+    table = flavor["precisions"]
+    assert set(table) == {"fp32", "bf16", "int8"} and flavor["precision"] == "fp32"
+    assert flavor["runtime"]["runtime"] == "auto"
+    assert table["bf16"]["onnx_model"] == "model.onnx" and table["bf16"]["runtimes"] == ["openvino"]
+    assert table["int8"]["onnx_model"] == "model-int8.onnx" and table["int8"]["precision_method"] == "int8-dynamic"
+    assert table["int8"]["runtimes"] == ["onnxruntime", "openvino"]  # dynamic int8: onnxruntime first
+    assert "model-int8.onnx" in flavor["manifest"]["files"]
+    metrics = MlflowClient().get_run(auto_export.run_id).data.metrics
+    for precision, entry in table.items():
+        gates = ParityThresholds.for_precision(precision)
+        for runtime in entry["runtimes"]:
+            figures = entry["parity"][runtime]
+            assert figures["max_abs_prob_diff"] == metrics[f"parity_{precision}_{runtime}_max_abs_prob_diff"]
+            assert figures["max_abs_prob_diff"] <= gates.max_prob_diff
+            assert figures["top1_agreement"] >= gates.min_top1_agreement
+    assert 1e-5 < metrics["parity_bf16_openvino_max_abs_prob_diff"]  # bf16's rounding is real
+    tags = MlflowClient().get_model_version("clip-auto", auto_export.model_version).tags
+    assert tags["precisions"] == "fp32,bf16,int8" and tags["precision"] == "fp32"
+    assert tags["parity_int8"].startswith("onnxruntime: max prob diff ") and "(gates 1e-01, 0.9)" in tags["parity_int8"]
+    from mlflow.artifacts import download_artifacts
+
+    requirements = (download_artifacts(auto_export.model_uri) + "/requirements.txt").replace("//", "/")
+    with open(requirements) as f:
+        assert any(line.startswith("openvino==") for line in f.read().splitlines())
+
+
+def test_it_serves_the_fastest_native_precision_and_says_why(auto_export, caplog):
+    import mlflow
+
+    from mlflow_clip.serving.variants import cpu_flags, native_flags
+
+    expected = next(p for p in ("int8", "bf16", "fp32") if native_flags(p, cpu_flags()))
+    with caplog.at_level(logging.INFO, logger="mlflow_clip"):
+        model = mlflow.pyfunc.load_model(f"models:/clip-auto/{auto_export.model_version}")
+    assert model.get_raw_model().config.precision == expected
+    line = next(r.getMessage() for r in caplog.records if "precision " in r.getMessage())
+    assert f"precision {expected} on " in line and "native on this CPU" in line
+    labels = model.predict(pd.DataFrame({"image": _images(6)}))["label"]
+    assert len(labels) == 6
+
+
+def test_pinned_precisions_serve_what_was_gated_and_nothing_else(auto_export):
+    import mlflow
+
+    import mlflow_clip
+
+    uri = f"models:/clip-auto/{auto_export.model_version}"
+    images = _images(8)
+    fp32 = mlflow.pyfunc.load_model(uri, model_config={"precision": "fp32"})
+    assert fp32.get_raw_model().session.runtime == "onnxruntime"
+    native = mlflow_clip.load_model(uri, model_config={"precision": "fp32"})  # the installed library's loader
+    assert native.config.precision == "fp32" and native.session.runtime == "onnxruntime"
+    np.testing.assert_allclose(
+        _probabilities(fp32, images), np.stack(native.predict(images)["probabilities"].to_numpy()), atol=1e-6
+    )
+    bf16 = mlflow.pyfunc.load_model(uri, model_config={"precision": "bf16"})
+    assert bf16.get_raw_model().session.description.endswith("(inference precision bf16)")
+    np.testing.assert_allclose(_probabilities(bf16, images), _probabilities(fp32, images), atol=1e-2)
+    int8_on_openvino = mlflow.pyfunc.load_model(uri, model_config={"precision": "int8", "runtime": "openvino"})
+    assert int8_on_openvino.get_raw_model().session.runtime == "openvino"
+    with pytest.raises(Exception, match="precision='fp16'; this model was gated for int8, bf16, fp32 only"):
+        mlflow.pyfunc.load_model(uri, model_config={"precision": "fp16"})
+
+
+def test_promotion_probe_compares_the_precision_it_served(auto_export):
+    from mlflow.artifacts import download_artifacts
+
+    from mlflow_clip.references import compare_with_reference, read_reference, run_probe
+
+    path = download_artifacts(auto_export.model_uri)
+    reference = read_reference(path)
+    assert set(reference["variants"]) == {"bf16", "int8"}  # fp32, the model.onnx's, is the reference itself
+    probe = run_probe(path, reference)
+    assert probe["precision"] in ("int8", "bf16", "fp32")
+    assert compare_with_reference(reference, probe, 1e-4) == []
+
+
+def test_a_list_gates_only_those_and_a_failing_gate_registers_nothing(module_store, monkeypatch):
+    from mlflow.models import Model
+    from mlflow.tracking import MlflowClient
+
+    from mlflow_clip.export import spec
+    from mlflow_clip.export.parity import ParityError
+
+    pair = _export("clip-fp32-bf16", "fp32,bf16", text_encoder=False)
+    assert set(Model.load(pair.model_uri).flavors["mlflow_clip"]["precisions"]) == {"fp32", "bf16"}
+    monkeypatch.setitem(spec.PRECISION_THRESHOLDS, "int8", {**spec.PRECISION_THRESHOLDS["int8"], "max_prob_diff": 1e-7})
+    with pytest.raises(ParityError, match="parity_int8_onnxruntime_max_abs_prob_diff = .* exceeds max_prob_diff"):
+        _export("clip-int8-too-tight", "fp32,int8", text_encoder=False)
+    assert not MlflowClient().search_model_versions("name='clip-int8-too-tight'")
