@@ -9,19 +9,30 @@ descriptions in 5,000 characters: the card lists at most `MAX_LISTED_CLASSES` cl
 appended lines would overflow, the oldest lines are folded into one that points at
 `mlflow-clip history`, which keeps every record.
 
+The card opens with a one-line summary (MLflow's versions table shows the start of the
+description as plain text), which is also the export run's description, with a link to the
+version. Its commands are the README's first serve and query, in lines short enough for the
+MLflow UI's description box.
+
     >>> card = version_card("clip-zero-shot", "3", {"clip_model": "RN50", "classes": ["a cat", "a dog"]})
     >>> card.splitlines()[0]
-    '### CLIP zero-shot classifier: RN50, 2 classes'
+    'RN50, 2 classes, fp32: a CLIP zero-shot classifier exported by mlflow-clip'
 """
 
 from __future__ import annotations
 
+import urllib.parse
 from typing import Any, Mapping
 
 from mlflow import MlflowClient
 
+from mlflow_clip.gateway import DEFAULT_PORT
+
 MAX_DESCRIPTION_CHARS = 5000  # MLflow's column for model and version descriptions
 MAX_LISTED_CLASSES = 40
+DEMO_MODEL = "demo"
+SERVE_PORT = DEFAULT_PORT  # the README's first `mlflow models serve`, and mlflow-clip serve's
+RUN_DESCRIPTION_TAG = "mlflow.note.content"  # what the MLflow UI shows as a run's description
 HISTORY_HEADING = "#### Aliases"
 _FOLDED = "- (earlier entries folded: `mlflow-clip history --model-name {name} --alias ALIAS` lists every one)"
 # Parity figures: metric name (without `parity_`), label, the ParityThresholds field gating it, format
@@ -55,7 +66,7 @@ def version_card(
         else ""
     )
     lines = [
-        f"### CLIP zero-shot classifier: {config.get('clip_model', '?')}, {len(classes)} classes",
+        summary(config, parity, thresholds),
         "",
         f"- **CLIP model**: `{config.get('clip_model', '?')}`" + (f" ({source})" if source else ""),
         f"- **Precision**: {config.get('precision', 'fp32')}"
@@ -70,7 +81,7 @@ def version_card(
     if run_id:
         lines.append(f"- **Export run**: `{run_id}`")
     lines += _parity_table(parity or {}, thresholds or {})
-    lines += _usage(name, version)
+    lines += _usage(name, version, config)
     return _fit("\n".join(lines))
 
 
@@ -87,16 +98,56 @@ def _parity_table(parity: Mapping[str, float], thresholds: Mapping[str, float]) 
     return ["", "#### Parity against PyTorch", "", "| figure | measured | gate |", "|---|---:|---:|", *rows]
 
 
-def _usage(name: str, version: str) -> list[str]:
-    uri = f"models:/{name}/{version}"
+def summary(
+    config: Mapping[str, Any], parity: Mapping[str, float] | None = None, thresholds: Mapping[str, float] | None = None
+) -> str:
+    """One line: model, classes, precision and the parity result, e.g. `RN50, 4 classes, int8: a
+    CLIP zero-shot classifier exported by mlflow-clip; matches PyTorch (largest probability
+    difference 3.2e-03, gate 1e-01)`."""
+    model, precision, count = (
+        config.get("clip_model", "?"),
+        config.get("precision", "fp32"),
+        len(config.get("classes", [])),
+    )
+    line = f"{model}, {count} classes, {precision}: a CLIP zero-shot classifier exported by mlflow-clip"
+    measured = (parity or {}).get("parity_max_abs_prob_diff", (parity or {}).get("max_abs_prob_diff"))
+    if measured is None:
+        return line
+    gate = (thresholds or {}).get("max_prob_diff")
+    return (
+        line
+        + f"; matches PyTorch (largest probability difference {measured:.1e}"
+        + (f", gate {gate:.0e})" if gate is not None else ")")
+    )
+
+
+def run_description(name: str, version: str, line: str) -> str:
+    """The export run's description: the card's summary, and a link to the version's page."""
+    page = f"#/models/{urllib.parse.quote(name, safe='')}/versions/{version}"
+    return (
+        f"{line}.\n\nRegistered as [{name} version {version}]({page}), whose card has the figures and how to serve it."
+    )
+
+
+def _usage(name: str, version: str, config: Mapping[str, Any]) -> list[str]:
+    """The README's first serve and query, each line short enough for the UI's description box."""
+    url = f"http://127.0.0.1:{SERVE_PORT}"
+    if config.get("clip_model") == DEMO_MODEL:
+        make = ["python examples/make_demo_images.py demo-images"]
+        image = '"demo-images/a red circle/0001.png"'
+    else:
+        make, image = [], "photo.jpg  # any image of yours"
     return [
         "",
         "#### Serve and query",
         "",
         "```bash",
-        f"mlflow-clip serve -m {uri} -p 5001",
-        "python -c \"from mlflow_clip.client import predict_files; print(predict_files('http://127.0.0.1:5001', "
-        "['photo.jpg']))\"",
+        f"mlflow models serve -m models:/{name}/{version} \\",
+        f"  --env-manager local -p {SERVE_PORT} &",
+        f"until curl -sf {url}/ping; do sleep 1; done",
+        *make,
+        f"python examples/query_server.py {url} \\",
+        f"  {image}",
         "```",
     ]
 

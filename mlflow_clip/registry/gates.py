@@ -10,20 +10,30 @@ metrics within thresholds. loads and predicts: only when the files are intact, t
 loaded as serving loads it (its own code, a fresh process without torch) must give the
 predictions recorded at export on its reference images. accuracy (optional): the candidate's
 recorded accuracy against the current holder's.
+
+Each gate's `seconds` is what it added to the promotion. The version is downloaded once, and
+every gate reads that copy. The fresh serving process starts ahead (`promote_in_run` starts it
+once the version is known to exist, `check_gates` at the latest with the download): its
+interpreter and imports, most of its cost, load while the run opens and the files are checked,
+and it is given the model only once they passed (`ServingProbe`).
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlflow.tracking import MlflowClient
 
 from mlflow_clip.serving.contract import FLAVOR_NAME, MANIFEST_SHA256_TAG
+
+if TYPE_CHECKING:
+    from mlflow_clip.references import ServingProbe
 
 ACCURACY_TAG = "eval_accuracy"
 # The served reference predictions may differ from the recorded ones by at least this much
@@ -37,6 +47,7 @@ class GateResult:
     passed: bool
     detail: str
     figures: dict[str, Any] = field(default_factory=dict)
+    seconds: float | None = None  # what the gate added to the promotion's time
 
 
 @dataclass(frozen=True)
@@ -53,24 +64,50 @@ def version_exists_gate(model_name: str, version: str, reference: str) -> GateRe
     return GateResult("version exists", True, f"{reference} is version {version} of {model_name}", {"version": version})
 
 
-def check_gates(client: MlflowClient, model_name: str, version: str, thresholds: GateThresholds) -> list[GateResult]:
-    """The gates on the version itself (checksum, parity, loads and predicts), each with its figures.
+def check_gates(
+    client: MlflowClient, model_name: str, version: str, thresholds: GateThresholds, probe: ServingProbe | None = None
+) -> list[GateResult]:
+    """The gates on the version itself (checksum, parity, loads and predicts), each with its
+    figures and its time. `probe`: a serving process started ahead (its caller closes it);
+    without one, one is started here.
 
     The version is downloaded afresh; its files are checked against the manifest first, and only
     a version whose files are intact is loaded (its own code then runs, in a separate process).
     The accuracy gate compares with the current holder, so it runs under the alias's lock
     (`accuracy_gate`).
     """
+    from mlflow_clip.references import ServingProbe
+
     mv = client.get_model_version(model_name, version)
-    with tempfile.TemporaryDirectory(prefix="mlflow-clip-promote-") as tmp:
-        local = _download(mv, tmp)
-        checksum = _checksum_gate(mv, local, thresholds)
-        parity = _parity_gate(client, mv, thresholds)
-        if checksum.passed:
-            predict = _predict_gate(local, parity.figures.get("max_prob_diff"), checksum.figures.get("manifest_sha256"))
-        else:
-            predict = GateResult("loads and predicts", False, "not run: the version's files failed the checksum gate")
-        return [checksum, parity, predict]
+    own = probe is None and not _probed(mv.tags.get(MANIFEST_SHA256_TAG))
+    probe = ServingProbe() if own else probe
+    try:
+        with tempfile.TemporaryDirectory(prefix="mlflow-clip-promote-") as tmp:
+            started = time.monotonic()
+            local = _download(mv, tmp)
+            downloaded = time.monotonic()
+            checksum = _checksum_gate(mv, local, thresholds)
+            checksum.figures["download_seconds"] = downloaded - started
+            checksum.seconds = time.monotonic() - started
+            parity = _timed(_parity_gate, client, mv, thresholds)
+            if checksum.passed:
+                digest = checksum.figures.get("manifest_sha256")
+                predict = _timed(_predict_gate, local, parity.figures.get("max_prob_diff"), digest, probe)
+            else:
+                predict = GateResult(
+                    "loads and predicts", False, "not run: the version's files failed the checksum gate", seconds=0.0
+                )
+            return [checksum, parity, predict]
+    finally:
+        if own:
+            probe.close()
+
+
+def _timed(gate, *args) -> GateResult:
+    started = time.monotonic()
+    result = gate(*args)
+    result.seconds = time.monotonic() - started
+    return result
 
 
 def _download(mv, tmp: str) -> Path:
@@ -207,9 +244,22 @@ def _parity_gate(client: MlflowClient, mv, thresholds: GateThresholds) -> GateRe
 _PROBES: dict[tuple[str, float], dict] = {}
 
 
-def _predict_gate(local: Path, max_prob_diff: float | None, manifest_sha256: str | None = None) -> GateResult:
+def needs_probe(client: MlflowClient, model_name: str, version: str) -> bool:
+    """Whether 'loads and predicts' would start a serving process for this version (it has not
+    been served in this process yet), so a caller can start one ahead."""
+    return not _probed(client.get_model_version(model_name, version).tags.get(MANIFEST_SHA256_TAG))
+
+
+def _probed(manifest_sha256: str | None) -> bool:
+    return manifest_sha256 is not None and any(key[0] == manifest_sha256 for key in _PROBES)
+
+
+def _predict_gate(
+    local: Path, max_prob_diff: float | None, manifest_sha256: str | None = None, probe: ServingProbe | None = None
+) -> GateResult:
     """Load the version as serving will (its own code and settings, a fresh process without
-    torch) and compare its predictions on its reference images with those recorded at export."""
+    torch, `probe` when one was started ahead) and compare its predictions on its reference
+    images with those recorded at export."""
     from mlflow_clip.references import (
         ProbeError,
         compare_with_reference,
@@ -225,23 +275,25 @@ def _predict_gate(local: Path, max_prob_diff: float | None, manifest_sha256: str
     key = (manifest_sha256 or "", tolerance)
     cached = manifest_sha256 is not None and key in _PROBES
     try:
-        probe = _PROBES[key] if cached else run_probe(local, reference)
+        served = _PROBES[key] if cached else probe.run(local, reference) if probe else run_probe(local, reference)
     except ProbeError as e:
         return GateResult("loads and predicts", False, f"the version does not load and predict: {e}")
     if manifest_sha256 is not None:
-        _PROBES[key] = probe
-    problems = compare_with_reference(reference, probe, tolerance)
+        _PROBES[key] = served
+    problems = compare_with_reference(reference, served, tolerance)
     figures = {
         "images": len(reference["images"]),
-        "max_score_diff": max_score_difference(reference, probe),
+        "max_score_diff": max_score_difference(reference, served),
         "tolerance": tolerance,
         "per_request": "per_request" in reference,
+        "fresh_process": not cached,
     }
+    if not cached:
+        figures.update({f"{k}_seconds": v for k, v in (served.get("seconds") or {}).items() if v is not None})
     if problems:
         return GateResult("loads and predicts", False, "; ".join(problems[:5]), figures)
     kinds = "baked classes and per-request labels" if "per_request" in reference else "baked classes"
     where = "as served earlier in this process (the same manifest)" if cached else "served in a fresh process"
-    figures["fresh_process"] = not cached
     return GateResult(
         "loads and predicts",
         True,

@@ -29,7 +29,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from mlflow_clip.errors import MlflowClipError
+from mlflow_clip.errors import LockError
 
 _logger = logging.getLogger(__name__)
 
@@ -39,10 +39,6 @@ LEASE_SECONDS = 20.0
 POLL_SECONDS = 0.2
 WAIT_SECONDS = 300.0
 MAX_HOLD_SECONDS = 600.0
-
-
-class LockError(MlflowClipError, RuntimeError):
-    """The lock could not be taken in time, or was lost; nothing was written under it."""
 
 
 class TicketStore(Protocol):

@@ -7,7 +7,7 @@ A promotion checks the names first, then the gates that concern the version alon
 its files match the manifest; its export's parity; it loads and predicts as serving will). Then,
 under the alias's lock (`lock.py`): it completes any move a crash interrupted, reads the current
 holder, runs the accuracy gate against it, records its intent, moves the alias, and records the
-outcome (`history.py`). A refused promotion is recorded too. Nothing it writes depends on clocks
+outcome (`records.py`). A refused promotion is recorded too. Nothing it writes depends on clocks
 agreeing between hosts, and a promotion killed at any moment delays the next one by at most one
 lock lease (20 s).
 """
@@ -16,30 +16,27 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 
-from mlflow_clip.errors import MlflowClipError
+from mlflow_clip.errors import PromotionError
 from mlflow_clip.registry import card, records
 from mlflow_clip.registry.gates import GateResult, GateThresholds, accuracy_gate, check_gates, version_exists_gate
 from mlflow_clip.registry.lock import LEASE_SECONDS, AliasLock, RegisteredModelTickets
-from mlflow_clip.registry.names import check_alias, check_model_name, parse_version
+from mlflow_clip.registry.names import VersionRef, check_alias, check_model_name, check_names, parse_version
+
+if TYPE_CHECKING:
+    from mlflow_clip.references import ServingProbe
 
 _logger = logging.getLogger(__name__)
 
 DEFAULT_ALIAS = "production"
 VERSION_TAG_CHARS = 4000
-
-
-class PromotionError(MlflowClipError, RuntimeError):
-    """A gate failed or the request was invalid; the alias did not move. `.result`, when set,
-    carries the gates that ran."""
-
-    def __init__(self, message: str, result: PromotionResult | None = None):
-        super().__init__(message)
-        self.result = result
 
 
 @dataclass
@@ -53,6 +50,7 @@ class PromotionResult:
     message: str
     seq: int | None = None  # the history record of this event
     reclaimed_locks: int = 0  # dead contenders' tickets this call removed
+    seconds: dict[str, float] = field(default_factory=dict)  # gates, copy, lock (waiting), move, total
 
 
 @dataclass(frozen=True)
@@ -69,10 +67,50 @@ def resolve_version(client: MlflowClient, model_name: str, version: str) -> str:
             return str(client.get_model_version(model_name, ref.number).version)
         return str(client.get_model_version_by_alias(model_name, ref.alias).version)
     except MlflowException as e:
+        missing = _missing(client, model_name, ref, e)
+        if missing is None:
+            raise
+        raise PromotionError(f"Promotion refused: {missing}.") from None
+
+
+def _missing(client: MlflowClient, model_name: str, ref: VersionRef, error: MlflowException) -> str | None:
+    """What is missing, in a few words, with what there is instead (None: nothing is)."""
+    model = registered_model(client, model_name)
+    if ref.alias is not None:
+        if ref.alias in model.aliases:
+            return None
+        aliases = ", ".join(f"@{a}" for a in sorted(model.aliases)[:5]) or "none"
+        return f"registered model {model_name!r} has no alias @{ref.alias} (its aliases: {aliases})"
+    if error.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+        return None
+    latest = client.search_model_versions(f"name='{model_name}'", max_results=1, order_by=["version_number DESC"])
+    there = f"its latest is version {latest[0].version}" if latest else "it has no versions"
+    return f"registered model {model_name!r} has no version {ref.number} ({there})"
+
+
+def registered_model(client: MlflowClient, model_name: str):
+    """The registered model, or PromotionError naming the one that does not exist."""
+    try:
+        return client.get_registered_model(model_name)
+    except MlflowException as e:
+        if e.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            raise
         raise PromotionError(
-            f"Promotion refused: gate 'version exists' failed: registered model {model_name!r} has no "
-            f"{'version' if ref.number else 'alias'} {ref} ({e.message.splitlines()[0][:200]})."
+            f"There is no registered model {model_name!r}; export one with `mlflow-clip export "
+            f"--registered-model-name ...`, or check the name (and MLFLOW_TRACKING_URI)."
         ) from None
+
+
+def check_promotion(
+    client: MlflowClient, model_name: str, version: str, alias: str, copy_to: str | None = None
+) -> GateResult:
+    """What a promotion checks before it writes anything: the names, then that the version
+    exists. The 'version exists' gate, its figures naming the version resolved."""
+    check_names(model_name, alias, copy_to)
+    started = time.monotonic()
+    gate = version_exists_gate(model_name, resolve_version(client, model_name, version), version)
+    gate.seconds = time.monotonic() - started
+    return gate
 
 
 def current_holder(client: MlflowClient, model_name: str, alias: str) -> str | None:
@@ -91,29 +129,49 @@ def promote(
     client: MlflowClient | None = None,
     run_id: str = "",
     lock: LockSettings = LockSettings(),
+    probe: ServingProbe | None = None,
 ) -> PromotionResult:
     """Gate `model_name` version `version` (a number, or an alias naming one) and point `alias` at it.
 
     With `copy_to`, the version is first copied into that registered model (e.g. from
     `clip-zero-shot-staging` to `clip-zero-shot`) and the alias is set there. Raises
-    PromotionError naming the failed gate and its figures; the alias then stays put.
+    PromotionError naming the failed gate and its figures; the alias then stays put. Each
+    gate's time is in its `seconds`, each phase's in the result's `seconds`. `probe`, a
+    `ServingProbe` started ahead, saves the 'loads and predicts' gate its interpreter's start.
     """
-    check_model_name(model_name)
-    check_alias(alias)
-    target_name = check_model_name(copy_to, "--copy-to model name") if copy_to else model_name
+    started = time.monotonic()
     client = client or MlflowClient()
-    source = resolve_version(client, model_name, version)
+    exists = check_promotion(client, model_name, version, alias, copy_to)
+    source = exists.figures["version"]
     if not copy_to and current_holder(client, model_name, alias) == source:
-        return _no_op(model_name, alias, source, [])
-    gates = [version_exists_gate(model_name, source, version), *check_gates(client, model_name, source, thresholds)]
-    if all(g.passed for g in gates) and copy_to:
-        target = _copy(client, model_name, source, copy_to)
-    else:
-        target = source
-    with AliasLock(RegisteredModelTickets(client, target_name), alias, lease=lock.lease, timeout=lock.timeout) as held:
-        result = _move_under_lock(client, target_name, alias, target, source, gates, thresholds, run_id, held)
-        result.reclaimed_locks = len(held.reclaimed)
+        return _no_op(model_name, alias, source, [], {"total": time.monotonic() - started})
+    gates = [exists, *check_gates(client, model_name, source, thresholds, probe)]
+    seconds = {"gates": time.monotonic() - started}
+    target = _copy(client, model_name, source, copy_to) if all(g.passed for g in gates) and copy_to else source
+    if copy_to:
+        seconds["copy"] = time.monotonic() - started - seconds["gates"]
+    target_name = copy_to or model_name
+    waited = time.monotonic()
+    try:
+        with AliasLock(
+            RegisteredModelTickets(client, target_name), alias, lease=lock.lease, timeout=lock.timeout
+        ) as held:
+            seconds["lock"] = time.monotonic() - waited
+            result = _move_under_lock(client, target_name, alias, target, source, gates, thresholds, run_id, held)
+            result.reclaimed_locks = len(held.reclaimed)
+    except PromotionError as e:
+        if e.result is not None:
+            e.result.seconds = _phases(seconds, started, waited)
+        raise
+    result.seconds = _phases(seconds, started, waited)
     return result
+
+
+def _phases(seconds: dict[str, float], started: float, waited: float) -> dict[str, float]:
+    """gates, copy (with copy_to), lock (waiting for it), move (under it: history, accuracy gate,
+    alias, tags), total."""
+    now = time.monotonic()
+    return {**seconds, "move": now - waited - seconds.get("lock", 0.0), "total": now - started}
 
 
 def _move_under_lock(client, name, alias, target, source, gates, thresholds, run_id, held) -> PromotionResult:
@@ -122,7 +180,10 @@ def _move_under_lock(client, name, alias, target, source, gates, thresholds, run
     if holder == target:
         return _no_op(name, alias, target, gates)
     if thresholds.max_accuracy_drop is not None:
-        gates = [*gates, accuracy_gate(client, name, target, holder, thresholds)]
+        started = time.monotonic()
+        accuracy = accuracy_gate(client, name, target, holder, thresholds)
+        accuracy.seconds = time.monotonic() - started
+        gates = [*gates, accuracy]
     failed = [g for g in gates if not g.passed]
     base = dict(
         seq=records.next_seq(events),
@@ -165,13 +226,15 @@ def _note(client, name: str, version: str, alias: str, verb: str, event: dict, o
         _logger.warning("Could not add to the description of %s version %s: %s", name, version, e.message[:200])
 
 
-def _no_op(name: str, alias: str, version: str, gates: list[GateResult]) -> PromotionResult:
+def _no_op(
+    name: str, alias: str, version: str, gates: list[GateResult], seconds: dict[str, float] | None = None
+) -> PromotionResult:
     message = (
         f"{name} version {version} already holds @{alias}; nothing to do (no gate was run)."
         if not gates
         else (f"{name} version {version} already holds @{alias}; nothing to do.")
     )
-    return PromotionResult(name, alias, version, version, gates, False, message)
+    return PromotionResult(name, alias, version, version, gates, False, message, seconds=seconds or {})
 
 
 def _copy(client: MlflowClient, model_name: str, version: str, destination: str) -> str:
@@ -207,50 +270,58 @@ def rollback(
     lock: LockSettings = LockSettings(),
 ) -> PromotionResult:
     """Move `alias` back to the version that held it before the last promotion in effect."""
+    started = time.monotonic()
     check_model_name(model_name)
     check_alias(alias)
     client = client or MlflowClient()
+    registered_model(client, model_name)
+    waited = time.monotonic()
     with AliasLock(RegisteredModelTickets(client, model_name), alias, lease=lock.lease, timeout=lock.timeout) as held:
-        holder = current_holder(client, model_name, alias)
-        events = records.reconcile(client, model_name, alias, holder)
-        stack = records.promotion_stack(events)
-        if not stack:
-            raise PromotionError(
-                f"No promotion of {model_name} @{alias} to roll back (its history has none in effect)."
-            )
-        top = stack[-1]
-        if top.version != holder:
-            raise PromotionError(
-                f"@{alias} is on version {holder or 'no version'}, but the last promotion recorded by "
-                "mlflow-clip set it to "
-                f"{top.version}: it was moved outside mlflow-clip. Promote the version you want explicitly."
-            )
-        previous = top.previous
-        held.check_held()
-        event = records.append(
-            client,
-            model_name,
-            records.Event(
-                seq=records.next_seq(events),
-                event=records.ROLLBACK,
-                alias=alias,
-                version=previous,
-                previous=holder,
-                by=records.who(),
-                at=records.now(),
-                subject=previous or holder,
-                run_id=run_id,
-            ),
+        locked = time.monotonic()
+        result = _roll_back_under_lock(client, model_name, alias, run_id, held)
+    now = time.monotonic()
+    result.seconds = {"lock": locked - waited, "move": now - locked, "total": now - started}
+    return result
+
+
+def _roll_back_under_lock(client, model_name: str, alias: str, run_id: str, held) -> PromotionResult:
+    holder = current_holder(client, model_name, alias)
+    events = records.reconcile(client, model_name, alias, holder)
+    stack = records.promotion_stack(events)
+    if not stack:
+        raise PromotionError(f"No promotion of {model_name} @{alias} to roll back (its history has none in effect).")
+    top = stack[-1]
+    if top.version != holder:
+        raise PromotionError(
+            f"@{alias} is on version {holder or 'none'}, but the last promotion recorded by mlflow-clip set it to "
+            f"{top.version}: it was moved outside mlflow-clip. Promote the version you want explicitly."
         )
-        if previous:
-            client.set_registered_model_alias(model_name, alias, previous)
-        else:
-            client.delete_registered_model_alias(model_name, alias)
-        records.complete(client, model_name, event, records.DONE)
-        fields = {"at": event.at, "by": event.by, "run_id": run_id}
-        if previous:
-            _note(client, model_name, previous, alias, "rolled back to this version", fields, f"from {holder}")
-        _note(client, model_name, holder, alias, "rolled back from this version", fields, f"to {previous or 'none'}")
+    previous = top.previous
+    held.check_held()
+    event = records.append(
+        client,
+        model_name,
+        records.Event(
+            seq=records.next_seq(events),
+            event=records.ROLLBACK,
+            alias=alias,
+            version=previous,
+            previous=holder,
+            by=records.who(),
+            at=records.now(),
+            subject=previous or holder,
+            run_id=run_id,
+        ),
+    )
+    if previous:
+        client.set_registered_model_alias(model_name, alias, previous)
+    else:
+        client.delete_registered_model_alias(model_name, alias)
+    records.complete(client, model_name, event, records.DONE)
+    fields = {"at": event.at, "by": event.by, "run_id": run_id}
+    if previous:
+        _note(client, model_name, previous, alias, "rolled back to this version", fields, f"from {holder}")
+    _note(client, model_name, holder, alias, "rolled back from this version", fields, f"to {previous or 'none'}")
     message = f"{model_name} @{alias}: version {holder} -> {previous or 'none (alias removed)'}"
     return PromotionResult(model_name, alias, previous or "", holder, [], True, message, event.seq)
 
@@ -258,12 +329,15 @@ def rollback(
 def history(model_name: str, alias: str = DEFAULT_ALIAS, client: MlflowClient | None = None) -> list[records.Event]:
     """The alias's history, oldest first: every promotion, rollback and refused promotion, each
     with its state (`done`, `abandoned`; a move interrupted by a crash is resolved by reading
-    where the alias is). Reading writes nothing."""
+    where the alias is). Reading writes nothing, and takes two requests: the registered model
+    (its aliases and any 0.1.0 history) and a search of its versions (the records)."""
     check_model_name(model_name)
     check_alias(alias)
     client = client or MlflowClient()
+    model = registered_model(client, model_name)
     events = records.read_events(client, model_name, alias)
-    legacy = records.legacy_events(client, model_name, alias)
+    legacy = records.legacy_events(model.tags, alias)
     if legacy and not any(e.migrated for e in events):
         events = legacy + [e for e in events if e.seq > len(legacy)]
-    return records.resolve(events, current_holder(client, model_name, alias))
+    holder = model.aliases.get(alias)
+    return records.resolve(events, str(holder) if holder is not None else None)

@@ -33,7 +33,7 @@ from typing import Any
 
 from mlflow.exceptions import MlflowException
 
-from mlflow_clip.errors import MlflowClipError
+from mlflow_clip.errors import HistoryError
 
 HISTORY_TAG_PREFIX = "mlflow_clip.history."
 LEGACY_HISTORY_TAG = "mlflow_clip.alias_history.{alias}"
@@ -44,10 +44,6 @@ _SEARCH_PAGE = 1000
 
 PROMOTE, ROLLBACK, REFUSED = "promote", "rollback", "refused"
 DONE, ABANDONED, PENDING = "done", "abandoned", "pending"
-
-
-class HistoryError(MlflowClipError, RuntimeError):
-    """The history cannot be read or extended consistently."""
 
 
 @dataclass(frozen=True)
@@ -268,9 +264,10 @@ def _legacy_items(raw: str) -> list[dict[str, Any]]:
     return [item for item in items if isinstance(item, dict)] if isinstance(items, list) else []
 
 
-def legacy_events(client, model_name: str, alias: str) -> list[Event]:
-    """The 0.1.0 history as events, without migrating it (for read-only callers)."""
-    raw = client.get_registered_model(model_name).tags.get(LEGACY_HISTORY_TAG.format(alias=alias))
+def legacy_events(model_tags: dict[str, str], alias: str) -> list[Event]:
+    """The 0.1.0 history (from the registered model's tags) as events, without migrating it
+    (for read-only callers)."""
+    raw = model_tags.get(LEGACY_HISTORY_TAG.format(alias=alias))
     if raw is None:
         return []
     return [
@@ -287,4 +284,36 @@ def legacy_events(client, model_name: str, alias: str) -> list[Event]:
             state=DONE,
         )
         for i, it in enumerate(_legacy_items(raw), start=1)
+    ]
+
+
+# -- showing ------------------------------------------------------------------------------------
+
+HISTORY_COLUMNS = ["seq", "time (UTC)", "event", "from", "to", "outcome", "by", "note"]
+
+
+def history_table(events: list[Event]) -> list[str]:
+    """The events as the lines of a table with a header, columns aligned (`none`: no version)."""
+    rows = [HISTORY_COLUMNS]
+    for e in events:
+        failed = [name for name, passed in e.gates.items() if not passed]
+        refused = e.event == REFUSED
+        rows.append(
+            [
+                str(e.seq),
+                e.at[:19].replace("T", " "),
+                PROMOTE if refused else e.event,
+                e.previous or "none",
+                e.version or "none",
+                "refused" if refused else e.state,
+                e.by,
+                "failed: " + ", ".join(failed) if refused and failed else "",
+            ]
+        )
+    if not any(row[-1] for row in rows[1:]):
+        rows = [row[:-1] for row in rows]  # no notes: no note column
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(cell.rjust(w) if i == 0 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
+        for row in rows
     ]

@@ -76,13 +76,80 @@ def test_names_are_checked_before_any_gate(client, monkeypatch):
     from mlflow_clip.registry import RegistryNameError, promote
 
     monkeypatch.setattr(promotion, "check_gates", lambda *a: pytest.fail("a gate ran"))
-    for bad in ("pro duction", "it's", "v.1", "", "latest", "v3", "x" * 201):
+    for bad in ("pro duction", "it's", "v.1", "", "latest", "v3", "x" * 201, "production\n"):
         with pytest.raises(RegistryNameError):
             promote(NAME, "1", bad)
     with pytest.raises(RegistryNameError, match="control character"):
         promote("clip\nzero-shot", "1", "production")
+    with pytest.raises(RegistryNameError, match="starts with whitespace"):
+        promote(NAME, "1", "production", copy_to=" " + NAME)
     with pytest.raises(RegistryNameError, match="empty version"):
         promote(NAME, " ", "production")
+
+
+def _runs(client) -> list:
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["promote", "--version", "1", "--alias", "production\n"], r"Received the alias 'production\\n'"),
+        (["promote", "--version", "1", "--alias", "a" * 201], "alias of 201 characters; expected at most 200"),
+        (["promote", "--version", "1", "--copy-to", " " + NAME], "starts with whitespace"),
+        (["promote", "--version", "1", "--copy-to", "m" * 257], "257 characters; expected at most 256"),
+        (["promote", "--version", "1", "--model-name", NAME + " "], "ends with whitespace"),
+        (["promote", "--version", "1", "--experiment-name", "e" * 257], "experiment name of 257 characters"),
+        (["promote", "--version", "2147483648"], "expected a version number from 1 to 2147483647"),
+        (["promote", "--version", "999"], rf"refused: registered model '{NAME}' has no version 999 \(its latest"),
+        (["promote", "--version", "@nope"], "has no alias @nope"),
+        (["promote", "--version", "1", "--model-name", "nope"], "There is no registered model 'nope'"),
+        (["rollback", "--alias", "a" * 201], "alias of 201 characters"),
+        (["rollback", "--model-name", "nope"], "There is no registered model 'nope'"),
+        (["history", "--model-name", "nope"], "There is no registered model 'nope'"),
+    ],
+)  # fmt: skip
+def test_a_refused_request_is_one_line_exit_code_2_and_no_run(store, client, args, message):
+    """Refused before a run is opened, a gate runs or anything is written: one line (said once),
+    exit code 2, and no run, FAILED or otherwise, in any experiment."""
+    import re
+
+    from click.testing import CliRunner
+
+    from mlflow_clip.cli import cli
+
+    runs, tags = len(_runs(client)), client.get_registered_model(NAME).tags
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: ") and len(result.output.strip().splitlines()) == 1, result.output
+    assert re.search(message, result.output) and "Traceback" not in result.output, result.output
+    assert "not found" not in result.output  # MLflow's own words are not repeated after ours
+    assert len(_runs(client)) == runs and client.get_registered_model(NAME).tags == tags
+    assert not [m for m in client.search_registered_models() if m.name.strip() != m.name or len(m.name) > 256]
+
+
+def test_the_cli_prints_each_gates_time_and_history_prints_a_table(store, client, alias):
+    import re
+
+    from click.testing import CliRunner
+
+    from mlflow_clip.cli import cli
+
+    promoted = CliRunner().invoke(cli, ["promote", "--version", store["v1"], "--alias", alias])
+    assert promoted.exit_code == 0, promoted.output
+    for gate in ("version exists", "checksum", "parity", "loads and predicts"):
+        assert re.search(rf"^gate {gate}: passed in \d+\.\d\d s: ", promoted.output, re.M), promoted.output
+    assert re.search(
+        rf"@{alias}: version none -> {store['v1']} \(\d+\.\d s: gates .* s, lock .* s, move .* s\)", promoted.output
+    )
+    assert CliRunner().invoke(cli, ["rollback", "--alias", alias]).exit_code == 0
+    shown = CliRunner().invoke(cli, ["history", "--alias", alias])
+    lines = shown.output.splitlines()
+    assert lines[0].split() == ["seq", "time", "(UTC)", "event", "from", "to", "outcome", "by"], shown.output
+    assert lines[1].split()[:7] == ["1", *lines[1].split()[1:3], "promote", "none", store["v1"], "done"]
+    assert lines[2].split()[3:7] == ["rollback", store["v1"], "none", "done"]
+    assert len({line.index("event") if i == 0 else line.index(line.split()[3]) for i, line in enumerate(lines)}) == 1
+    assert "-" not in [cell for line in lines for cell in line.split()]  # one spelling of no version: none
 
 
 def test_the_longest_alias_accepted_promotes_and_rolls_back(store, client):
@@ -116,6 +183,11 @@ def test_a_promotion_run_records_what_was_asked_what_moved_and_each_gate(store, 
     assert data.params["history_seq"] == str(result.seq)
     assert {f"gate_{g.name.replace(' ', '_')}_passed" for g in result.gates} <= set(data.metrics)
     assert all(data.metrics[f"gate_{g.name.replace(' ', '_')}_passed"] == 1.0 for g in result.gates)
+    for gate in result.gates:  # each gate's time, as printed, is a metric too
+        assert gate.seconds is not None and gate.seconds >= 0
+        assert data.metrics[f"gate_{gate.name.replace(' ', '_')}_seconds"] == pytest.approx(gate.seconds)
+    assert data.metrics["promotion_total_seconds"] >= data.metrics["promotion_gates_seconds"] > 0
+    assert {"promotion_lock_seconds", "promotion_move_seconds"} <= set(data.metrics)
     description = data.tags["mlflow.note.content"]
     assert f"version {store['v2']}" in description and "| gate | result | detail |" in description
 

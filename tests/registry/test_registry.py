@@ -76,7 +76,9 @@ def tracking_server(request, module_tmp):
             "1",
         ],
         tmp / "server.log",
-        subprocess_env(),
+        # MLflow 3.17's server also starts its job runner: 8 more processes, about 2 GB and 14 CPU
+        # seconds at start-up, for jobs (scorers, periodic tasks) a registry never runs
+        subprocess_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
         cwd=tmp,
     )
     url = f"http://127.0.0.1:{port}"
@@ -283,6 +285,68 @@ def test_promote_across_registered_models_copies_the_version(tracking_server, tw
     assert copied.tags["onnx_sha256"] == staging.onnx_sha256 and copied.tags["promoted_alias"] == "release"
     assert str(client.get_model_version_by_alias(NAME, "release").version) == result.version
     assert client.get_registered_model(f"{NAME}-staging").aliases == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Names at each limit, on each backend (PostgreSQL refuses what does not fit its columns)
+
+# Characters of three bytes in UTF-8: the columns count characters, not bytes.
+LONGEST_NAME = ("模型-" * 100)[:256]
+LONGEST_ALIAS = "产" * 200
+
+
+def _cli(*args: str):
+    from click.testing import CliRunner
+
+    from mlflow_clip.cli import cli
+
+    return CliRunner().invoke(cli, list(args))
+
+
+def _all_runs(client) -> list:
+    return client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=50000)
+
+
+def test_names_at_each_limit_go_through_and_one_past_is_refused_before_anything(tracking_server, two_versions):
+    """A 256-character model name (made with --copy-to, as an operator would) and a 200-character
+    alias: promoted twice, rolled back, promoted directly and listed through the CLI, each a
+    FINISHED run whose name fits. One character more, or a version past the INTEGER column, is
+    one line and exit code 2 before any run is opened or model created."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    v1, v2 = two_versions
+    before = len(_all_runs(client))
+    for version in (v1, v2):
+        done = _cli("promote", "--version", version, "--alias", LONGEST_ALIAS, "--copy-to", LONGEST_NAME)
+        assert done.exit_code == 0, done.output
+    back = _cli("rollback", "--model-name", LONGEST_NAME, "--alias", LONGEST_ALIAS)
+    assert back.exit_code == 0 and f"\n{LONGEST_NAME} @{LONGEST_ALIAS}: version 2 -> 1 (" in back.output, back.output
+    again = _cli("promote", "--model-name", LONGEST_NAME, "--version", "2", "--alias", LONGEST_ALIAS)
+    assert again.exit_code == 0 and ": version 1 -> 2 (" in again.output, again.output
+    listed = _cli("history", "--model-name", LONGEST_NAME, "--alias", LONGEST_ALIAS)
+    assert listed.exit_code == 0 and len(listed.output.splitlines()) == 5, listed.output  # a header, 4 rows
+    runs = _all_runs(client)
+    assert len(runs) == before + 4 and all(r.info.status == "FINISHED" for r in runs[:4])  # newest first
+    runs = runs[:4]
+    assert all(len(r.info.run_name) <= 250 and r.data.params["alias"] == LONGEST_ALIAS for r in runs)
+    assert [len(r.info.run_name) for r in runs[:2]] == [250, 250]  # the two on the 256-character model, shortened
+    assert str(client.get_model_version_by_alias(LONGEST_NAME, LONGEST_ALIAS).version) == "2"
+
+    models = {m.name for m in client.search_registered_models()}
+    for args in (
+        ["promote", "--version", v1, "--alias", "x", "--copy-to", LONGEST_NAME + "x"],
+        ["promote", "--version", v1, "--alias", LONGEST_ALIAS + "x"],
+        ["rollback", "--model-name", LONGEST_NAME, "--alias", LONGEST_ALIAS + "x"],
+        ["history", "--model-name", LONGEST_NAME + "x"],
+        ["promote", "--version", v1, "--experiment-name", "e" * 257],
+        ["promote", "--version", "2147483648"],
+    ):
+        refused = _cli(*args)
+        assert refused.exit_code == 2 and len(refused.output.splitlines()) == 1, (args, refused.output)
+    missing = _cli("promote", "--version", "2147483647")  # the largest the column holds: looked up, not there
+    assert missing.exit_code == 2 and "has no version 2147483647" in missing.output, missing.output
+    assert len(_all_runs(client)) == before + 4 and {m.name for m in client.search_registered_models()} == models
 
 
 # ---------------------------------------------------------------------------------------------
