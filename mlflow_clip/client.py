@@ -15,6 +15,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from mlflow_clip.errors import UsageError
+
 REQUEST_FORMS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 
 
@@ -44,7 +46,7 @@ def request_body(
     elif form == "inputs":
         body = {"inputs": {"image": rows}}
     else:
-        raise ValueError(f"Received form={form!r}; expected one of {list(REQUEST_FORMS)}.")
+        raise UsageError(f"Received form={form!r}; expected one of {list(REQUEST_FORMS)}.")
     if params:
         body["params"] = dict(params)
     return body

@@ -1,7 +1,9 @@
-"""Synthetic images for the embedded demo CLIP model: 3 colours x 3 shapes = 9 classes.
+"""Synthetic images: the embedded demo CLIP model's (3 colours x 3 shapes = 9 classes), and
+photo-like JPEGs that cost what camera photos cost to decode (`make_photo_jpeg`, which
+`mlflow-clip benchmark` and the benchmark harness score).
 
 Only numpy, Pillow and the standard library, so the serving side, the examples and the
-torch-free tests can import it. Every image shows one coloured shape on a light plain,
+torch-free tests can import it. Every demo image shows one coloured shape on a light plain,
 noisy or gradient background. Images may have any size; the shape always lies inside the
 central square of side min(width, height) with a margin, so CLIP's resize + centre crop
 never cuts it.
@@ -17,15 +19,19 @@ never cuts it.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Sequence, Union
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
+
+from mlflow_clip.errors import UsageError
 
 COLOURS: tuple[str, ...] = ("red", "green", "blue")
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 DEMO_CLASSES: tuple[str, ...] = tuple(f"a {c} {s}" for c in COLOURS for s in SHAPES)
+PHOTO_JPEG_QUALITY = 90
 
 Size = tuple[int, int]
 RngLike = Union[np.random.Generator, int, None]
@@ -64,12 +70,12 @@ def draw_image(
     plain or gradient one (compresses well), `True` a noisy one.
     """
     if colour not in _BASE_RGB:
-        raise ValueError(f"Unknown colour {colour!r}; expected one of {COLOURS}.")
+        raise UsageError(f"Unknown colour {colour!r}; expected one of {COLOURS}.")
     if shape not in SHAPES:
-        raise ValueError(f"Unknown shape {shape!r}; expected one of {SHAPES}.")
+        raise UsageError(f"Unknown shape {shape!r}; expected one of {SHAPES}.")
     width, height = int(size[0]), int(size[1])
     if width < 8 or height < 8:
-        raise ValueError(f"Image size {size} is too small; both sides must be at least 8 pixels.")
+        raise UsageError(f"Image size {size} is too small; both sides must be at least 8 pixels.")
     gen = _rng(rng)
     image = Image.fromarray(_background(width, height, gen, noise), "RGB")
     fill = tuple(
@@ -147,18 +153,67 @@ def draw_samples(n: int, seed: int, sizes: Size | Sequence[Size] | None = (64, 6
 
 
 def write_image_folder(
-    root: str | Path, n_per_class: int, seed: int, size: Size | None = (64, 64), fmt: str = "png"
+    root: str | Path,
+    n_per_class: int,
+    seed: int,
+    size: Size | None = (64, 64),
+    fmt: str = "png",
+    classes: Sequence[str] | None = None,
 ) -> Path:
     """Write `root/<class name>/0001.<fmt>`, ... (n_per_class per class) and return root.
 
     `size=None` draws varied sizes; `fmt` is a Pillow-known extension (png, jpg, webp, bmp).
+    `classes` keeps some of the demo classes only: their images are the ones the same seed
+    draws for all nine.
     """
+    unknown = sorted(set(classes or ()) - set(DEMO_CLASSES))
+    if unknown:
+        raise UsageError(f"Received classes {unknown}; expected some of the demo classes {list(DEMO_CLASSES)}.")
     root = Path(root)
     counts = dict.fromkeys(DEMO_CLASSES, 0)
     for image, label in draw_samples(n_per_class * len(DEMO_CLASSES), seed, size):
         name = DEMO_CLASSES[label]
+        if classes and name not in classes:
+            continue
         counts[name] += 1
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
         image.save(folder / f"{counts[name]:04d}.{fmt.lower().lstrip('.')}")
     return root
+
+
+def make_photo_jpeg(width: int, height: int, seed: int, quality: int = PHOTO_JPEG_QUALITY) -> bytes:
+    """A photo-like JPEG: smooth colour gradients, blurred shapes, texture and sensor noise.
+
+    About 2 bits per pixel at quality 90, like a camera photo; the same seed gives the same bytes.
+    """
+    rng = np.random.default_rng(seed)
+    grid = rng.integers(20, 236, (int(rng.integers(3, 7)), int(rng.integers(4, 8)), 3), dtype=np.uint8)
+    image = Image.fromarray(grid).resize((width, height), Image.BICUBIC)
+    _draw_shapes(ImageDraw.Draw(image), rng, width, height)
+    image = image.filter(ImageFilter.GaussianBlur(radius=max(0.8, min(width, height) / 900)))
+    pixels = np.asarray(image, dtype=np.float32)
+    coarse = rng.standard_normal((max(2, height // 6), max(2, width // 6)), dtype=np.float32)
+    texture = np.asarray(Image.fromarray(coarse, mode="F").resize((width, height), Image.BILINEAR))
+    pixels += 10.0 * texture[:, :, None]
+    pixels += 4.0 * rng.standard_normal((height, width, 1), dtype=np.float32)
+    pixels += 1.5 * rng.standard_normal((height, width, 3), dtype=np.float32)
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def _draw_shapes(draw, rng: np.random.Generator, width: int, height: int) -> None:
+    scale = min(width, height)
+    for _ in range(int(rng.integers(12, 30))):
+        x, y = rng.uniform(-0.1, 1.0) * width, rng.uniform(-0.1, 1.0) * height
+        w, h = rng.uniform(0.03, 0.4) * scale, rng.uniform(0.03, 0.4) * scale
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        kind = int(rng.integers(3))
+        if kind == 0:
+            draw.ellipse((x, y, x + w, y + h), fill=colour)
+        elif kind == 1:
+            draw.rectangle((x, y, x + w, y + h), fill=colour)
+        else:
+            points = [(x + rng.uniform(0, w), y + rng.uniform(0, h)) for _ in range(int(rng.integers(3, 7)))]
+            draw.polygon(points, fill=colour)

@@ -27,15 +27,13 @@ import shutil
 import sysconfig
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import yaml
 from mlflow import pyfunc
 from mlflow.models import Model, ModelSignature
-from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.models.utils import _save_example
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-from mlflow.tracking.artifact_utils import _download_artifact_from_uri
 from mlflow.utils.environment import (
     _CONDA_ENV_FILE_NAME,
     _CONSTRAINTS_FILE_NAME,
@@ -45,31 +43,40 @@ from mlflow.utils.environment import (
     _process_conda_env,
     _process_pip_requirements,
     _PythonEnv,
+    _validate_env_arguments,
 )
-from mlflow.utils.file_utils import write_to
+from mlflow.utils.file_utils import get_total_file_size, write_to
 from mlflow.utils.model_utils import _validate_and_copy_code_paths, _validate_and_prepare_target_save_path
 from mlflow.utils.requirements_utils import _get_pinned_requirement
 from mlflow.version import VERSION as MLFLOW_VERSION
 
+from mlflow_clip.download import download_model
+from mlflow_clip.model_io import (
+    as_limits,
+    as_settings,
+    checked_precisions,
+    copy_text_encoder,
+    flavor_conf,
+    overridable_settings,
+    refuse_external_data,
+    save_with_manifest,
+)
 from mlflow_clip.serving.classifier import ZeroShotClassifier
 from mlflow_clip.serving.contract import (
-    CONFIG_FILE_NAME,
     FLAVOR_NAME,
     MANIFEST_SHA256_TAG,
     ONNX_FILE_NAME,
     ONNX_SHA256_TAG,
-    TEXT_ENCODER_FILE_NAME,
-    VOCAB_FILE_NAME,
-    VOCAB_LICENSE_FILE_NAME,
     ClassifierConfig,
     FlavorKey,
     sha256_bytes,
-    sha256_file,
 )
 from mlflow_clip.serving.limits import InputLimits
-from mlflow_clip.serving.loader import VERIFY_SETTING, ModelError, _load_pyfunc, default_signature, load_classifier
-from mlflow_clip.serving.manifest import build_manifest, manifest_digest, read_mlmodel
+from mlflow_clip.serving.loader import ModelError, _load_pyfunc, load_classifier
+from mlflow_clip.serving.manifest import manifest_digest, read_mlmodel
 from mlflow_clip.serving.runtime import RuntimeSettings
+from mlflow_clip.serving.signature import default_signature
+from mlflow_clip.serving.text_tokenizers import SENTENCEPIECE, TOKENIZERS
 
 _logger = logging.getLogger(__name__)
 
@@ -77,20 +84,57 @@ SERVING_PACKAGE_PREFIX = "mlflow_clip_serving_"
 # mlflow-skinny is MLflow without its data-science and tracking-server stack (pyarrow, scipy,
 # scikit-learn, SQLAlchemy, Flask): enough to serve, with the scoring server's fastapi and uvicorn.
 # It does not bring pandas or numpy, which mlflow.pyfunc and the serving code import.
-SERVING_REQUIREMENTS = ("mlflow-skinny", "onnxruntime", "numpy", "pandas", "pillow", "ftfy", "regex")
+# simplejpeg decodes baseline JPEGs to Pillow's exact pixels in about half the time (checked at
+# load; without it, Pillow decodes them: docs/decisions/jpeg-decoder.md).
+SERVING_REQUIREMENTS = ("mlflow-skinny", "onnxruntime", "numpy", "pandas", "pillow", "simplejpeg", "ftfy", "regex")
 # The optional runtime (`pip install "mlflow-clip[openvino]"`), required by models that run on it.
 OPENVINO_REQUIREMENTS = ("openvino",)
+# The library serving a tokenizer other than CLIP's, required by the models that carry one
+# (mlflow_clip.serving.text_tokenizers; CLIP's own tokenizer needs only ftfy and regex).
+TOKENIZER_REQUIREMENTS = {TOKENIZERS: ("tokenizers",), SENTENCEPIECE: ("sentencepiece",)}
+# Models that run on a GPU require the GPU build of onnxruntime instead of the CPU one (both
+# install the module `onnxruntime`, so an environment has one or the other).
+GPU_RUNTIME_PACKAGE = "onnxruntime-gpu"
+GPU_RUNTIME_FLOOR = "onnxruntime-gpu>=1.20"  # the onnxruntime release setup.py requires
+GPU_PRECISIONS = ("fp16",)
+GPU_PROVIDER_PREFIXES = ("CUDA", "Tensorrt")
 
 __all__ = ["get_default_pip_requirements", "save_model", "log_model", "load_model", "_load_pyfunc"]
 
 
-def get_default_pip_requirements(runtime: str = "onnxruntime") -> list[str]:
+def get_default_pip_requirements(
+    runtime: str = "onnxruntime", tokenizer: str = "clip", providers: Sequence[str] = (), precision: str = "fp32"
+) -> list[str]:
     """The serving requirements, pinned to the installed versions: mlflow-skinny, onnxruntime,
-    numpy, pandas, Pillow, and the tokenizer's ftfy and regex; never torch, never full mlflow.
+    numpy, pandas, Pillow, simplejpeg, and the tokenizer's ftfy and regex; never torch, never full mlflow.
     The native resize needs none: the model carries it. A model whose runtime is `openvino`
-    (bf16 models) also requires openvino."""
+    (bf16 models) also requires openvino; one whose tokenizer is not CLIP's, the library that
+    serves it (`tokenizers` or `sentencepiece`). An fp16 model, or one that asks for CUDA or
+    TensorRT (`providers`), requires `onnxruntime-gpu` instead of `onnxruntime` (`uses_gpu`)."""
     names = SERVING_REQUIREMENTS + (OPENVINO_REQUIREMENTS if runtime == "openvino" else ())
+    names += TOKENIZER_REQUIREMENTS.get(tokenizer, ())
+    if uses_gpu(providers, precision):
+        return [_gpu_runtime_requirement() if name == "onnxruntime" else _pinned_requirement(name) for name in names]
     return [_pinned_requirement(name) for name in names]
+
+
+def uses_gpu(providers: Sequence[str] = (), precision: str = "fp32") -> bool:
+    """True for an fp16 model (a GPU precision: on a CPU it runs slower than fp32) and for a model
+    that asks for a CUDA or TensorRT execution provider, which only `onnxruntime-gpu` has."""
+    return precision in GPU_PRECISIONS or any(p.startswith(GPU_PROVIDER_PREFIXES) for p in providers)
+
+
+def _gpu_runtime_requirement() -> str:
+    """`onnxruntime-gpu`, pinned when it is installed here; otherwise from the release this
+    package's serving install requires: the GPU build's releases trail the CPU build's (the
+    index had onnxruntime 1.32.0 and onnxruntime-gpu 1.31.1), so the CPU version is no pin for it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"{GPU_RUNTIME_PACKAGE}=={version(GPU_RUNTIME_PACKAGE)}"
+    except PackageNotFoundError:
+        _logger.info("%s is not installed here to pin: the model requires %s", GPU_RUNTIME_PACKAGE, GPU_RUNTIME_FLOOR)
+        return GPU_RUNTIME_FLOOR
 
 
 def _pinned_requirement(name: str) -> str:
@@ -98,7 +142,13 @@ def _pinned_requirement(name: str) -> str:
         # The running MLflow's own version, which full mlflow pins its mlflow-skinny to; a source
         # install of MLflow has no mlflow-skinny distribution to read it from.
         return _get_pinned_requirement(name, version=MLFLOW_VERSION)
-    return _get_pinned_requirement(name)
+    try:
+        return _get_pinned_requirement(name)
+    except ImportError:  # ModuleNotFoundError, and importlib's PackageNotFoundError (an ImportError too)
+        # A model saved for another environment (an OpenVINO runtime, say, saved where OpenVINO is
+        # not installed): its requirement cannot be pinned to a version found here.
+        _logger.warning("%s is not installed here: the model requires it unpinned.", name)
+        return name
 
 
 def get_default_conda_env() -> dict:
@@ -120,20 +170,37 @@ def save_model(
     limits: InputLimits | dict | None = None,
     extra_files: dict[str, str | os.PathLike] | None = None,
     text_encoder: str | os.PathLike | None = None,
+    tokenizer_files: Sequence[str | os.PathLike] | None = None,
+    precisions: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> None:
-    """Save an ONNX classifier written by mlflow-clip's exporter as an MLflow model.
+    """Save an ONNX classifier written by mlflow-clip's exporter as an MLflow model, as MLflow's
+    own flavors do: the environment arguments are checked first, then the files are copied, the
+    MLmodel is written with its manifest, then the environment files.
 
-    `onnx_model` is the path of the `.onnx` file; its metadata (classes, normalization, input
-    size) becomes the flavor configuration. `runtime` sets providers and thread counts,
-    `limits` the per-request input limits; both can be overridden at load time.
-    `text_encoder` is the exporter's text-encoder ONNX file: with it (and the tokenizer's
-    vocabulary, copied alongside) the model also takes per-request labels and text input.
+    Args:
+        onnx_model: the `.onnx` file the exporter wrote; its metadata (classes, normalization,
+            input size) becomes the flavor configuration.
+        path: the model directory to create (it must not exist, or be empty).
+        conda_env, code_paths, mlflow_model, signature, input_example, pip_requirements,
+            extra_pip_requirements, metadata: as in MLflow's built-in flavors; `signature`
+            defaults to every input and output the model takes and returns.
+        runtime: `RuntimeSettings` (or its dict): providers and thread counts, overridable at load.
+        limits: `InputLimits` (or its dict): the per-request input limits, overridable at load.
+        extra_files: `{name: path}` of further files copied into the model (and its manifest).
+        text_encoder: the exporter's text-encoder ONNX file: with it (and the tokenizer's
+            vocabulary, copied alongside) the model also takes per-request labels and text input.
+        tokenizer_files: the exporter's tokenizer files for a tokenizer other than CLIP's (the
+            contract's `tokenizer`: `tokenizer.json`, or `sentencepiece.json` with its `spiece.model`).
+        precisions: the exporter's table of the precisions the model was gated at, each one's
+            graph (`model.onnx` or a file of `extra_files`), runtimes and parity
+            (`mlflow_clip.export.variants`): the model then serves the fastest one native where it loads.
     """
+    _validate_env_arguments(conda_env, pip_requirements, extra_pip_requirements)
     from mlflow_clip import references
 
     path = Path(path)
     config = ClassifierConfig.from_onnx(onnx_model)
-    settings, input_limits = _as_settings(runtime), _as_limits(limits)
+    settings, input_limits = as_settings(runtime), as_limits(limits)
     for graph in (onnx_model, text_encoder):
         if graph is not None:
             refuse_external_data(graph)
@@ -141,11 +208,12 @@ def save_model(
     package, code_dir_subpath = _copy_code(path, code_paths)
     shutil.copyfile(onnx_model, path / ONNX_FILE_NAME)
     if text_encoder is not None:
-        _copy_text_encoder(Path(text_encoder), path)
+        copy_text_encoder(Path(text_encoder), path, config, tokenizer_files)
     config.write(path)
     for name, source in (extra_files or {}).items():
         shutil.copyfile(source, path / name)
-    reference = references.write_reference(path, config, settings, text_encoder is not None)
+    precisions = checked_precisions(path, precisions)
+    reference = references.write_reference(path, config, settings, text_encoder is not None, precisions)
 
     mlflow_model = mlflow_model or Model()
     mlflow_model.signature = signature if signature is not None else default_signature()
@@ -161,110 +229,124 @@ def save_model(
         code=code_dir_subpath,
         # The settings an operator may override at load time (`model_config=` or the
         # MLFLOW_PYFUNC_INFERENCE_CONFIG environment variable of `mlflow models serve`).
-        model_config=_overridable(settings, input_limits),
+        model_config=overridable_settings(settings, input_limits),
     )
-    conf = _flavor_conf(config, settings, input_limits, path, text_encoder is not None)
+    conf = flavor_conf(config, settings, input_limits, path, text_encoder is not None)
     conf.update({FlavorKey.CODE: code_dir_subpath, FlavorKey.SERVING_PACKAGE: package, FlavorKey.REFERENCE: reference})
+    if precisions:
+        conf[FlavorKey.PRECISIONS] = precisions
     mlflow_model.add_flavor(FLAVOR_NAME, **conf)
-    _write_environment(path, conda_env, pip_requirements, extra_pip_requirements, settings)
-    _save_with_manifest(mlflow_model, path)
+    needs_openvino = any("openvino" in entry["runtimes"] for entry in (precisions or {}).values())
+    requirements_runtime = "openvino" if needs_openvino else settings.runtime
+    _write_environment(
+        path, conda_env, pip_requirements, extra_pip_requirements, requirements_runtime, settings, config
+    )
+    if size := get_total_file_size(str(path)):
+        mlflow_model.model_size_bytes = size
+    save_with_manifest(mlflow_model, path)
 
 
-def _save_with_manifest(mlflow_model: Model, path: Path) -> None:
-    """Write MLmodel, then the manifest of the whole directory into it."""
-    mlmodel_path = path / MLMODEL_FILE_NAME
-    mlflow_model.save(str(mlmodel_path))
-    manifest = build_manifest(path, read_mlmodel(path))
-    mlflow_model.flavors[FLAVOR_NAME][FlavorKey.MANIFEST] = manifest
-    mlflow_model.save(str(mlmodel_path))
+def log_model(
+    onnx_model: str | os.PathLike,
+    artifact_path: str | None = None,
+    conda_env: dict | str | None = None,
+    code_paths: Sequence[str] | None = None,
+    registered_model_name: str | None = None,
+    signature: ModelSignature | None = None,
+    input_example: Any = None,
+    await_registration_for: int = 300,
+    pip_requirements: Sequence[str] | str | None = None,
+    extra_pip_requirements: Sequence[str] | str | None = None,
+    metadata: dict[str, Any] | None = None,
+    runtime: RuntimeSettings | dict | None = None,
+    limits: InputLimits | dict | None = None,
+    extra_files: dict[str, str | os.PathLike] | None = None,
+    text_encoder: str | os.PathLike | None = None,
+    tokenizer_files: Sequence[str | os.PathLike] | None = None,
+    precisions: Mapping[str, Mapping[str, Any]] | None = None,
+    name: str | None = None,
+    params: dict[str, Any] | None = None,
+    tags: dict[str, Any] | None = None,
+    model_type: str | None = None,
+    step: int = 0,
+    model_id: str | None = None,
+    **kwargs: Any,
+):
+    """Log an mlflow-clip ONNX classifier as an MLflow model (and register it if asked).
 
+    The arguments are those of MLflow 3's built-in flavors (`name`; `artifact_path`, deprecated
+    by MLflow; `params`, `tags`, `model_type`, `step`, `model_id` for the logged model) plus
+    `save_model`'s. A registered version carries the model's integrity tags (`onnx_sha256`,
+    `manifest_sha256`) from its creation, which promotion and mlflow-clip's loads check; so
+    does the logged model.
+    Returns MLflow's `ModelInfo`; `.registered_model_version` is set when registered.
+    """
+    import mlflow
 
-def refuse_external_data(onnx_path: str | os.PathLike) -> None:
-    """Refuse a graph whose weights live outside its own file: a model directory must be
-    self-contained, and a reference outside it could read any file of the serving machine."""
-    import onnx
-    from onnx.external_data_helper import uses_external_data
+    import mlflow_clip.flavor
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    external = [t.name for t in _all_tensors(model) if uses_external_data(t)]
-    if external:
-        raise ModelError(
-            f"Received {Path(onnx_path).name} whose tensors {external[:3]} keep their data in side files; "
-            "expected a self-contained graph. Save it with onnx.save_model(model, path, save_as_external_data=False).",
-            error_code=INVALID_PARAMETER_VALUE,
+    info = Model.log(
+        artifact_path=artifact_path,
+        name=name if name is not None or artifact_path is not None else "model",
+        flavor=mlflow_clip.flavor,
+        onnx_model=onnx_model,
+        conda_env=conda_env,
+        code_paths=code_paths,
+        signature=signature,
+        input_example=input_example,
+        pip_requirements=pip_requirements,
+        extra_pip_requirements=extra_pip_requirements,
+        metadata=metadata,
+        runtime=runtime,
+        limits=limits,
+        extra_files=extra_files,
+        text_encoder=text_encoder,
+        tokenizer_files=tokenizer_files,
+        precisions=precisions,
+        params=params,
+        tags=tags,
+        model_type=model_type,
+        step=step,
+        model_id=model_id,
+        **kwargs,
+    )
+    conf = info.flavors[FLAVOR_NAME]
+    integrity = {
+        ONNX_SHA256_TAG: conf[FlavorKey.ONNX_SHA256],
+        MANIFEST_SHA256_TAG: manifest_digest(conf[FlavorKey.MANIFEST]),
+    }
+    if getattr(info, "model_id", None):  # MLflow 3's logged model pins its manifest too (models:/m-<id>)
+        mlflow.MlflowClient().set_logged_model_tags(info.model_id, integrity)
+    if registered_model_name is not None:
+        version = mlflow.register_model(
+            info.model_uri,
+            registered_model_name,
+            await_registration_for=await_registration_for,
+            tags={**{k: str(v) for k, v in (tags or {}).items()}, **integrity},
         )
+        info.registered_model_version = version.version
+    return info
 
 
-def _all_tensors(model):
-    from onnx.external_data_helper import _get_all_tensors
+def load_model(model_uri: str, dst_path: str | None = None, model_config: dict | None = None) -> ZeroShotClassifier:
+    """Load the native classifier (`.classes`, `.predict(images)`) from any MLflow model URI.
 
-    return _get_all_tensors(model)
-
-
-def _overridable(settings: RuntimeSettings, limits: InputLimits) -> dict[str, Any]:
-    runtime = {k: v for k, v in settings.to_dict().items() if k != "extra"}
-    return {**runtime, **limits.to_dict(), VERIFY_SETTING: True}
-
-
-def _as_settings(runtime: RuntimeSettings | dict | None) -> RuntimeSettings:
-    if isinstance(runtime, RuntimeSettings):
-        return runtime
-    try:
-        return RuntimeSettings.from_dict(runtime)
-    except (TypeError, ValueError) as e:
-        raise ModelError(str(e), error_code=INVALID_PARAMETER_VALUE) from e
+    It runs the installed library on the model's files, never the model's own code, after
+    checking them against the model's manifest, and, for a registered version (`models:/name/3`,
+    `models:/name@alias`, resolved once) or a logged model, the manifest against the digest the
+    registry recorded when it was created (`model_config={"verify": False}` skips both). A URI
+    that names nothing raises `mlflow_clip.download.ModelNotFoundError`.
+    """
+    model = download_model(model_uri, dst_path)
+    return load_classifier(model.path, model_config, model.pinned)
 
 
-def _as_limits(limits: InputLimits | dict | None) -> InputLimits:
-    if isinstance(limits, InputLimits):
-        return limits
-    try:
-        return InputLimits.from_dict(limits)
-    except (TypeError, ValueError) as e:
-        raise ModelError(str(e), error_code=INVALID_PARAMETER_VALUE) from e
-
-
-def _copy_text_encoder(source: Path, path: Path) -> None:
-    from mlflow_clip.package_data import default_vocab_license_path, default_vocab_path
-
-    shutil.copyfile(source, path / TEXT_ENCODER_FILE_NAME)
-    shutil.copyfile(default_vocab_path(), path / VOCAB_FILE_NAME)
-    shutil.copyfile(default_vocab_license_path(), path / VOCAB_LICENSE_FILE_NAME)
-
-
-def _text_conf(path: Path) -> dict[str, Any]:
-    return {
-        FlavorKey.TEXT_ENCODER: TEXT_ENCODER_FILE_NAME,
-        FlavorKey.TEXT_ENCODER_SHA256: sha256_file(path / TEXT_ENCODER_FILE_NAME),
-        FlavorKey.TOKENIZER_VOCAB: VOCAB_FILE_NAME,
-        FlavorKey.TOKENIZER_VOCAB_SHA256: sha256_file(path / VOCAB_FILE_NAME),
-    }
-
-
-def _flavor_conf(config, settings, limits, path, has_text_encoder: bool) -> dict[str, Any]:
-    from mlflow_clip.version import __version__
-
-    return {
-        **(_text_conf(path) if has_text_encoder else {}),
-        "embedding_output": config.embedding_output,
-        "context_length": config.context_length,
-        FlavorKey.VERSION: __version__,
-        FlavorKey.ONNX_MODEL: ONNX_FILE_NAME,
-        FlavorKey.ONNX_SHA256: sha256_file(path / ONNX_FILE_NAME),
-        FlavorKey.CONFIG: CONFIG_FILE_NAME,
-        FlavorKey.CLASSES: list(config.classes),
-        "templates": config.templates,
-        FlavorKey.CLIP_MODEL: config.clip_model,
-        "input_resolution": config.input_resolution,
-        "mean": list(config.mean),
-        "std": list(config.std),
-        "logit_scale": config.logit_scale,
-        "opset": config.opset,
-        FlavorKey.PRECISION: config.precision,
-        FlavorKey.PROVIDERS: list(settings.providers),
-        FlavorKey.RUNTIME: settings.to_dict(),
-        FlavorKey.LIMITS: limits.to_dict(),
-    }
+def flavor_configuration(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """The `mlflow_clip` flavor configuration of a local model directory."""
+    conf = (read_mlmodel(model_dir).get("flavors") or {}).get(FLAVOR_NAME)
+    if not isinstance(conf, dict):
+        raise ModelError(f"{model_dir} is not an mlflow_clip model.", error_code=INVALID_PARAMETER_VALUE)
+    return conf
 
 
 def serving_package_dir() -> Path:
@@ -302,9 +384,15 @@ def _copy_code(path: Path, code_paths: Sequence[str] | None) -> tuple[str, str]:
         return package, _validate_and_copy_code_paths([str(staged), *(code_paths or [])], str(path))
 
 
-def _write_environment(path: Path, conda_env, pip_requirements, extra_pip_requirements, settings) -> None:
+def _write_environment(
+    path: Path, conda_env, pip_requirements, extra_pip_requirements, runtime: str, settings: RuntimeSettings, config
+) -> None:
     if conda_env is None:
-        default_reqs = None if pip_requirements is not None else get_default_pip_requirements(settings.runtime)
+        default_reqs = (
+            None
+            if pip_requirements is not None
+            else get_default_pip_requirements(runtime, config.tokenizer, settings.providers, config.precision)
+        )
         conda_env, pip_reqs, constraints = _process_pip_requirements(
             default_reqs, pip_requirements, extra_pip_requirements
         )
@@ -316,93 +404,3 @@ def _write_environment(path: Path, conda_env, pip_requirements, extra_pip_requir
         write_to(str(path / _CONSTRAINTS_FILE_NAME), "\n".join(constraints))
     write_to(str(path / _REQUIREMENTS_FILE_NAME), "\n".join(pip_reqs))
     _PythonEnv.current().to_yaml(str(path / _PYTHON_ENV_FILE_NAME))
-
-
-def log_model(
-    onnx_model: str | os.PathLike,
-    artifact_path: str | None = None,
-    conda_env: dict | str | None = None,
-    code_paths: Sequence[str] | None = None,
-    registered_model_name: str | None = None,
-    signature: ModelSignature | None = None,
-    input_example: Any = None,
-    await_registration_for: int = 300,
-    pip_requirements: Sequence[str] | str | None = None,
-    extra_pip_requirements: Sequence[str] | str | None = None,
-    metadata: dict[str, Any] | None = None,
-    runtime: RuntimeSettings | dict | None = None,
-    limits: InputLimits | dict | None = None,
-    extra_files: dict[str, str | os.PathLike] | None = None,
-    text_encoder: str | os.PathLike | None = None,
-    name: str | None = None,
-    params: dict[str, Any] | None = None,
-    tags: dict[str, Any] | None = None,
-    model_type: str | None = None,
-    step: int = 0,
-    model_id: str | None = None,
-    **kwargs: Any,
-):
-    """Log an mlflow-clip ONNX classifier as an MLflow model (and register it if asked).
-
-    The arguments are those of MLflow 3's built-in flavors (`name`; `artifact_path`, deprecated
-    by MLflow; `params`, `tags`, `model_type`, `step`, `model_id` for the logged model) plus
-    `save_model`'s. A registered version carries the model's integrity tags (`onnx_sha256`,
-    `manifest_sha256`) from its creation, which promotion checks.
-    Returns MLflow's `ModelInfo`; `.registered_model_version` is set when registered.
-    """
-    import mlflow
-
-    import mlflow_clip.flavor
-
-    info = Model.log(
-        artifact_path=artifact_path,
-        name=name if name is not None or artifact_path is not None else "model",
-        flavor=mlflow_clip.flavor,
-        onnx_model=onnx_model,
-        conda_env=conda_env,
-        code_paths=code_paths,
-        signature=signature,
-        input_example=input_example,
-        pip_requirements=pip_requirements,
-        extra_pip_requirements=extra_pip_requirements,
-        metadata=metadata,
-        runtime=runtime,
-        limits=limits,
-        extra_files=extra_files,
-        text_encoder=text_encoder,
-        params=params,
-        tags=tags,
-        model_type=model_type,
-        step=step,
-        model_id=model_id,
-        **kwargs,
-    )
-    if registered_model_name is not None:
-        conf = info.flavors[FLAVOR_NAME]
-        integrity = {
-            ONNX_SHA256_TAG: conf[FlavorKey.ONNX_SHA256],
-            MANIFEST_SHA256_TAG: manifest_digest(conf[FlavorKey.MANIFEST]),
-        }
-        version = mlflow.register_model(
-            info.model_uri,
-            registered_model_name,
-            await_registration_for=await_registration_for,
-            tags={**{k: str(v) for k, v in (tags or {}).items()}, **integrity},
-        )
-        info.registered_model_version = version.version
-    return info
-
-
-def load_model(model_uri: str, dst_path: str | None = None, model_config: dict | None = None) -> ZeroShotClassifier:
-    """Load the native classifier (`.classes`, `.predict(images)`) from any MLflow model URI,
-    checked against the model's manifest first (`model_config={"verify": False}` skips that)."""
-    local_path = _download_artifact_from_uri(artifact_uri=model_uri, output_path=dst_path)
-    return load_classifier(local_path, model_config)
-
-
-def flavor_configuration(model_dir: str | os.PathLike) -> dict[str, Any]:
-    """The `mlflow_clip` flavor configuration of a local model directory."""
-    conf = (read_mlmodel(model_dir).get("flavors") or {}).get(FLAVOR_NAME)
-    if not isinstance(conf, dict):
-        raise ModelError(f"{model_dir} is not an mlflow_clip model.", error_code=INVALID_PARAMETER_VALUE)
-    return conf

@@ -16,6 +16,20 @@ from helpers import build_colour_onnx, encode, has_module, solid, using_store
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
+# The serving tier (`python -m pytest -m serving`, with `pip install ".[test]"` and no torch): the
+# tests of what every model carries, of the public API and of the layout. Tests in them that need
+# the export, OpenVINO or Spark skip where those are not installed.
+SERVING_TIER = ("serving/", "test_public_api.py", "test_layout.py", "test_options.py", "registry/test_card.py")
+TESTS = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        where = Path(str(item.fspath)).resolve().relative_to(TESTS).as_posix()
+        if where.startswith(SERVING_TIER):
+            item.add_marker(pytest.mark.serving)
+
+
 def pytest_report_header(config):
     import tempfile
 
@@ -37,6 +51,26 @@ def module_tmp(tmp_path_factory):
     yield mktemp
     for path in made:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def project_wheel(tmp_path_factory) -> Path:
+    """A wheel built from this tree once for the session: what users install (the regular way)."""
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    out = tmp_path_factory.mktemp("wheel")
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (path,) = out.glob("mlflow_clip-*.whl")
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -119,6 +119,27 @@ def demo_image_bytes(classes_and_formats, seed: int = 123, size=(150, 110)):
     return out
 
 
+def require_env_manager(env_manager: str, model_dir: Path) -> None:
+    """Skip, saying why, where MLflow cannot build `env_manager`'s environment for the model here:
+    uv not installed, or (virtualenv) no pyenv with the model's Python."""
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    if env_manager == "uv":
+        if shutil.which("uv", path=str(Path(sys.executable).parent)) is None and shutil.which("uv") is None:
+            pytest.skip("uv is not installed (pip install uv; it is in the test extra)")
+    elif shutil.which("pyenv") is None:
+        pytest.skip("the virtualenv env manager needs pyenv")
+    else:
+        python = yaml.safe_load((Path(model_dir) / "python_env.yaml").read_text())["python"]
+        versions = subprocess.run(["pyenv", "versions", "--bare"], capture_output=True, text=True).stdout.split()
+        if python not in versions:
+            pytest.skip(f"pyenv has no Python {python} (installing it needs the internet)")
+
+
 def start_server(argv: list[str], log_path: Path, env: dict[str, str], cwd: Path | None = None):
     """Start a server process whose output goes to a file (a pipe nobody reads would fill up
     and block it)."""

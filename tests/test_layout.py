@@ -1,6 +1,7 @@
 """The layout keeps its promises: no import cycles, no reaching into another module's privates,
-modules and functions a person can read, the torch-free worlds free of torch, and a README that
-names every part of the package."""
+modules and functions a person can read (in the package and in the benchmark harness beside it),
+the torch-free worlds free of torch, and a layout table (docs/development.md) that names every
+part of the package."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from pathlib import Path
 from helpers import ROOT
 
 PACKAGE = ROOT / "mlflow_clip"
+# The comparative benchmark: a top-level folder of the checkout, not installed, held to the same rules.
+HARNESS = ROOT / "benchmarks"
+FIRST_PARTY = ("mlflow_clip", "benchmarks")
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 60  # the body, after the signature and docstring
 # MLflow calls a flavor's loader `_load_pyfunc`; the native resize is the extension `_mlflow_clip_resample`.
@@ -20,7 +24,7 @@ TORCH_FREE = ("mlflow_clip.serving", "mlflow_clip.registry", "mlflow_clip.evalua
 
 def _modules() -> dict[str, Path]:
     out = {}
-    for path in PACKAGE.rglob("*.py"):
+    for path in [*PACKAGE.rglob("*.py"), *HARNESS.rglob("*.py")]:
         parts = list(path.relative_to(ROOT).with_suffix("").parts)
         if parts[-1] == "__init__":
             parts = parts[:-1]
@@ -54,7 +58,7 @@ def _edges() -> dict[str, set[str]]:
     for name, path in MODULES.items():
         targets = set()
         for module, names in _imports(name, path):
-            if not module.startswith("mlflow_clip"):
+            if not module.startswith(FIRST_PARTY):
                 continue
             for target in [f"{module}.{n}" if f"{module}.{n}" in MODULES else module for n in names] or [module]:
                 while target not in MODULES and "." in target:
@@ -89,7 +93,7 @@ def test_no_module_reaches_into_another_modules_privates():
     offenders = []
     for name, path in MODULES.items():
         for module, names in _imports(name, path):
-            if module.startswith("mlflow_clip") and module != name:
+            if module.startswith(FIRST_PARTY) and module != name:
                 offenders += [
                     f"{name} imports {module}.{n}"
                     for n in names
@@ -127,9 +131,9 @@ def test_the_torch_free_worlds_import_no_torch_at_module_level():
     assert offenders == []
 
 
-def test_the_readme_layout_table_names_every_part_of_the_package():
-    readme = (ROOT / "README.md").read_text()
-    table = readme[readme.index("## Layout") :]
+def test_the_layout_table_names_every_part_of_the_package():
+    page = (ROOT / "docs" / "development.md").read_text()
+    table = page[page.index("## Layout") :]
     table = table[: table.index("\n## ", 4)] if "\n## " in table[4:] else table
     parts = sorted(
         {
@@ -144,7 +148,7 @@ def test_the_readme_layout_table_names_every_part_of_the_package():
     for folder in (p for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()):
         row = next(line for line in table.splitlines() if f"`mlflow_clip/{folder.name}/`" in line)
         unnamed = [m.name for m in sorted(folder.glob("*.py")) if m.name != "__init__.py" and f"`{m.name}`" not in row]
-        assert unnamed == [], f"the README's row for mlflow_clip/{folder.name}/ does not name {unnamed}"
+        assert unnamed == [], f"docs/development.md's row for mlflow_clip/{folder.name}/ does not name {unnamed}"
 
 
 def test_ruff_finds_nothing():
@@ -158,3 +162,15 @@ def test_ruff_finds_nothing():
     for command in ([ruff, "check", "."], [ruff, "format", "--check", "."]):
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-1000:]
+
+
+def test_the_package_does_not_import_the_benchmark_harness():
+    """`benchmarks/` is not installed: nothing in the package may import it."""
+    offenders = [
+        f"{name} imports {module}"
+        for name, path in MODULES.items()
+        if name.startswith("mlflow_clip")
+        for module, _ in _imports(name, path)
+        if module.split(".")[0] == "benchmarks"
+    ]
+    assert offenders == []

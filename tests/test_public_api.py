@@ -7,7 +7,7 @@ from __future__ import annotations
 import inspect
 
 import yaml
-from helpers import ROOT
+from helpers import ROOT, requires_export
 
 import mlflow_clip
 
@@ -28,6 +28,8 @@ SIGNATURES = {
         "limits",
         "extra_files",
         "text_encoder",
+        "tokenizer_files",
+        "precisions",
     ],
     # MLflow 3's built-in flavors' arguments, in their order, then the flavor's own.
     "log_model": [
@@ -46,6 +48,8 @@ SIGNATURES = {
         "limits",
         "extra_files",
         "text_encoder",
+        "tokenizer_files",
+        "precisions",
         "name",
         "params",
         "tags",
@@ -56,6 +60,27 @@ SIGNATURES = {
     ],
     "load_model": ["model_uri", "dst_path", "model_config"],
 }
+# The export's options (mlflow_clip/export/options.py), keyword-only after the classes.
+EXPORT_OPTIONS = [
+    "model",
+    "checkpoint",
+    "tokenizer",
+    "head",
+    "templates",
+    "registered_model_name",
+    "opset",
+    "images",
+    "max_prob_diff",
+    "alias",
+    "text_encoder",
+    "precision",
+    "truncate",
+]
+EXPORT_SIGNATURES = {
+    "export_and_register": ["classes", *EXPORT_OPTIONS, "thresholds"],
+    "build_classifier": ["classes", *EXPORT_OPTIONS, "out_dir"],
+    "ExportSpec.create": ["classes", *EXPORT_OPTIONS, "thresholds"],
+}
 CLI_OPTIONS = {
     "export": {
         "--alias",
@@ -63,6 +88,7 @@ CLI_OPTIONS = {
         "--classes",
         "--experiment-name",
         "--experiment_name",
+        "--head",
         "--images",
         "--max-prob-diff",
         "--max_prob_diff",
@@ -74,6 +100,7 @@ CLI_OPTIONS = {
         "--templates",
         "--text-encoder",
         "--text_encoder",
+        "--tokenizer",
         "--truncate",
     },
     "promote": {
@@ -110,36 +137,30 @@ CLI_OPTIONS = {
         "--max-body-mb",
     },
     "evaluate": {"--data", "--experiment-name", "--experiment_name", "--model-uri", "--model_uri", "--reference"},
+    "predict": {
+        "source",  # the argument: a folder, a CSV of paths or a Parquet table
+        "--model-uri",
+        "-m",
+        "--output",
+        "-o",
+        "--mode",
+        "--top-k",
+        "--classes",
+        "--templates",
+        "--batch-size",
+        "--column",
+        "--overwrite",
+    },
     "benchmark": {
-        "--batches",
-        "--from-json",
-        "--hostile",
-        "--hostile-flood",
-        "--hostile-requests",
-        "--json",
-        "--log-to-mlflow",
-        "--mlflow",
-        "--models",
-        "--precisions",
-        "--quick",
-        "--rebuild",
-        "--requests",
-        "--rounds",
-        "--rows",
-        "--seconds",
-        "--server-configs",
-        "--server-env",
-        "--server-form",
-        "--sizes",
-        "--soak",
-        "--soak-arena",
-        "--soak-models",
-        "--soak-requests",
-        "--soak-size",
+        "--model-uri",
+        "-m",
+        "--images",
+        "--size",
+        "--batch",
         "--threads",
-        "--warmup",
-        "--work-dir",
-        "--write-docs",
+        "--seconds",
+        "--runtimes",
+        "--json",
     },
 }
 ENTRY_POINTS = {
@@ -147,6 +168,7 @@ ENTRY_POINTS = {
         "alias",
         "checkpoint",
         "classes",
+        "head",
         "images",
         "model",
         "opset",
@@ -154,6 +176,7 @@ ENTRY_POINTS = {
         "registered_model_name",
         "templates",
         "text_encoder",
+        "tokenizer",
         "truncate",
     },
     "promote": {
@@ -180,6 +203,22 @@ def test_package_exports():
 def test_flavor_signatures():
     for name, parameters in SIGNATURES.items():
         assert list(inspect.signature(getattr(mlflow_clip, name)).parameters) == parameters, name
+
+
+@requires_export
+def test_export_signatures():
+    """The export's functions take the options of the one table, keyword-only, in its order."""
+    import mlflow_clip.export
+    from mlflow_clip.export.options import EXPORT_OPTIONS as TABLE
+    from mlflow_clip.export.spec import ExportSpec
+
+    assert set(mlflow_clip.export.__all__) == {"build_classifier", "export_and_register"}
+    assert [o.name for o in TABLE if not o.required] == EXPORT_OPTIONS
+    assert list(inspect.signature(ExportSpec.create).parameters) == EXPORT_SIGNATURES["ExportSpec.create"]
+    for name in ("export_and_register", "build_classifier"):
+        parameters = inspect.signature(getattr(mlflow_clip.export, name)).parameters
+        assert list(parameters) == EXPORT_SIGNATURES[name], name
+        assert all(parameters[p].kind == inspect.Parameter.KEYWORD_ONLY for p in EXPORT_SIGNATURES[name][1:]), name
 
 
 def test_legacy_loader_module_still_exists():

@@ -1,15 +1,20 @@
-"""MLflow's built-in classifier evaluator, able to read an mlflow-clip model's predictions.
+"""MLflow's built-in `classifier` evaluator, able to read an mlflow-clip model's predictions.
 
-`mlflow.models.evaluate(model_uri, data, model_type="classifier", targets="label")` runs MLflow's
-`ClassifierEvaluator`, which expects a model to return one column of labels; an mlflow-clip
-model returns `label`, `score`, `probabilities` and `error`, and the evaluator crashed on it.
-This subclass, registered under the built-in's own name (`classifier`, through the
-`mlflow.model_evaluator` entry point group), differs from MLflow's only for models with the
-`mlflow_clip` flavor: it takes the label column (or the one `predictions=` names) and the
-probabilities (reordered to the sorted label list MLflow's metrics use), so MLflow computes its
-usual metrics, curves and confusion matrix. Every other model goes through MLflow's own code
-unchanged. If MLflow's evaluator cannot be imported, the entry point fails to load and MLflow
-keeps its own.
+`mlflow.models.evaluate(model_uri, data, model_type="classifier", targets="label")` runs every
+evaluator registered for classifiers, MLflow's own `ClassifierEvaluator` included, which calls
+`model.predict(input_df)` and reads what comes back as one column of labels; an mlflow-clip
+model returns `label`, `score`, `probabilities` and `error`, and that evaluator crashed on it.
+MLflow 3.17 offers no other way in (docs/evaluation.md says why: its `can_evaluate` never sees
+the model, its classifier ignores `predictions=` and the signature, and a differently named
+evaluator cannot make MLflow skip its own). So this subclass is registered under the built-in's
+own name (`classifier`, through the `mlflow.model_evaluator` entry point group) and overrides one
+method, `_generate_model_predictions`, reached through `mlflow_internals.py`: for models with
+the `mlflow_clip` flavor it takes the label column (or the one `predictions=` names) and the
+probabilities (reordered to the sorted label list MLflow's metrics use); for every other model
+it calls MLflow's own method, so MLflow computes everything as it would (tests compare the
+metrics and artifacts with MLflow's own on a scikit-learn classifier and on pyfuncs returning
+labels and probabilities). If MLflow's evaluator changes what this overrides, importing this
+module fails, the entry point does not load, and MLflow keeps its own.
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
-from mlflow.models.evaluation.evaluators.classifier import ClassifierEvaluator as MlflowClassifierEvaluator
 
+from mlflow_clip.mlflow_internals import MlflowClassifierEvaluator, check_classifier_hook
 from mlflow_clip.serving.contract import FLAVOR_NAME
+
+check_classifier_hook()
 
 LABEL_COLUMN = "label"
 PROBABILITIES_COLUMN = "probabilities"

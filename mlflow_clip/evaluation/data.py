@@ -15,18 +15,13 @@ from typing import Any, Callable, Sequence
 
 import pandas as pd
 
-from mlflow_clip.errors import MlflowClipError
+from mlflow_clip.errors import EvaluationError
 from mlflow_clip.package_data import IMAGE_SUFFIXES
 from mlflow_clip.serving.prompts import strip_article
 
 _logger = logging.getLogger(__name__)
 
 _MAX_LISTED = 40
-
-
-class EvaluationError(MlflowClipError, ValueError):
-    """The evaluation cannot start (bad data folder, CSV, labels or reference); the message says
-    what was received and how to fix it."""
 
 
 @dataclass(frozen=True)

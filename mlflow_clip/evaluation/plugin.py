@@ -146,7 +146,8 @@ def _artifacts(uris: dict[str, str], evaluation) -> dict[str, Any]:
 def register_evaluator() -> None:
     """Register the plugin in this process (what the entry point does once the package is
     installed); idempotent."""
-    from mlflow.models.evaluation.evaluator_registry import _model_evaluation_registry
+    from mlflow_clip.mlflow_internals import evaluator_registry
 
-    if not _model_evaluation_registry.is_registered(EVALUATOR_NAME):
-        _model_evaluation_registry.register(EVALUATOR_NAME, ClipZeroShotEvaluator)
+    registry = evaluator_registry()
+    if not registry.is_registered(EVALUATOR_NAME):
+        registry.register(EVALUATOR_NAME, ClipZeroShotEvaluator)

@@ -89,7 +89,14 @@ def _resolve_version(model_uri: str) -> tuple[str, str] | None:
         return None
     name, version, alias = parsed
     if version is None:
-        version = MlflowClient().get_model_version_by_alias(name, alias).version
+        from mlflow.exceptions import MlflowException
+
+        from mlflow_clip.download import ModelNotFoundError
+
+        try:
+            version = MlflowClient().get_model_version_by_alias(name, alias).version
+        except MlflowException as e:
+            raise ModelNotFoundError(model_uri, e.message) from None
     return name, str(version)
 
 

@@ -16,7 +16,17 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from helpers import encode, free_port, requires_export, solid, start_server, stop_process, subprocess_env, wait_for_http
+from helpers import (
+    encode,
+    free_port,
+    require_env_manager,
+    requires_export,
+    solid,
+    start_server,
+    stop_process,
+    subprocess_env,
+    wait_for_http,
+)
 
 requests = pytest.importorskip("requests")
 
@@ -33,18 +43,6 @@ def _serving_package(model_dir: Path) -> str:
 
 def _model_python(model_dir: Path) -> str:
     return yaml.safe_load((model_dir / "python_env.yaml").read_text())["python"]
-
-
-def _require_env_manager(env_manager: str, model_dir: Path) -> None:
-    if env_manager == "uv":
-        if shutil.which("uv", path=str(Path(sys.executable).parent)) is None and shutil.which("uv") is None:
-            pytest.skip("uv is not installed (pip install uv; it is in the test extra)")
-    elif shutil.which("pyenv") is None:
-        pytest.skip("the virtualenv env manager needs pyenv")
-    else:
-        versions = subprocess.run(["pyenv", "versions", "--bare"], capture_output=True, text=True).stdout.split()
-        if _model_python(model_dir) not in versions:
-            pytest.skip(f"pyenv has no Python {_model_python(model_dir)} (installing it needs the internet)")
 
 
 @contextlib.contextmanager
@@ -108,7 +106,7 @@ def _assert_serves_the_samples(url: str, model_dir: Path) -> None:
 
 
 def test_serve_with_an_environment_built_by_uv(colour_model_dir, tmp_path):
-    _require_env_manager("uv", colour_model_dir)
+    require_env_manager("uv", colour_model_dir)
     with _serve_from_model_env(colour_model_dir, "uv", tmp_path) as (url, log_path):
         body = {"inputs": {"image": [base64.b64encode(encode(solid("blue"))).decode()]}}
         response = requests.post(f"{url}/invocations", json=body, timeout=60)
@@ -118,7 +116,8 @@ def test_serve_with_an_environment_built_by_uv(colour_model_dir, tmp_path):
     assert not list(_built_env_site_packages(tmp_path).glob("mlflow_clip*")), "mlflow-clip leaked in"
     assert f"serving {colour_model_dir} with {_serving_package(colour_model_dir)} (the model's own code)" in log
     assert (
-        "image resize: native (built: " in log and str(colour_model_dir) in log.split("image resize: native")[1][:400]
+        "image resize: native (carried by the model: " in log
+        and str(colour_model_dir) in log.split("image resize: native")[1][:400]
     )
 
 
@@ -127,7 +126,7 @@ def test_serve_with_an_environment_built_by_uv(colour_model_dir, tmp_path):
 def test_an_environment_built_from_the_model_is_skinny_and_serves(demo_model_dir, tmp_path, env_manager):
     """The model declares mlflow-skinny: the environment MLflow builds from it has neither full
     mlflow nor its data-science stack, and serves the demo CLIP's true labels on real images."""
-    _require_env_manager(env_manager, demo_model_dir)
+    require_env_manager(env_manager, demo_model_dir)
     with _serve_from_model_env(demo_model_dir, env_manager, tmp_path) as (url, _):
         _assert_serves_the_samples(url, demo_model_dir)
     installed = _distributions(_built_env_site_packages(tmp_path))
@@ -171,7 +170,7 @@ def test_the_generated_dockerfiles_install_steps_serve(demo_model_dir, tmp_path)
     Python (no docker daemon needed): MLflow's image installs full mlflow itself, then the
     model's requirements (mlflow-skinny at the same version) on top; the result serves the
     demo CLIP's true labels, started as the image's entrypoint starts it."""
-    _require_env_manager("uv", demo_model_dir)
+    require_env_manager("uv", demo_model_dir)
     dockerfile = _generate_dockerfile(demo_model_dir, tmp_path / "docker")
     (install_mlflow,) = (line for line in dockerfile.splitlines() if line.startswith("RUN pip install mlflow"))
     (install_model,) = (line for line in dockerfile.splitlines() if "_install_pyfunc_deps" in line)

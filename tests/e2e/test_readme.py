@@ -1,4 +1,6 @@
-"""The README's commands stay honest: CI runs its test command, and its quickstart really runs."""
+"""The README's commands stay honest: CI runs its test command, its quickstart really runs, and
+every bash and python block of the README and of the docs pages that continue its story works
+when pasted."""
 
 from __future__ import annotations
 
@@ -16,6 +18,17 @@ import pytest
 from helpers import ROOT, requires_export, subprocess_env
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
+BLOCK = re.compile(r"```(bash|python)\n(.*?)```", flags=re.S)
+# Pages whose blocks run after the README's, in this order, in the same shell and checkout: they
+# continue its story (its ./mlflow.db, its versions, its val/ images).
+RUN_PAGES = ("docs/limits.md", "docs/batch.md", "docs/performance.md", "docs/evaluation.md", "docs/sources.md")
+# Pages with blocks this test does not paste, and why.
+NOT_RUN = {
+    "docs/mlserver.md": "MLServer runs in an environment of its own; tests/e2e/test_mlserver.py runs its steps",
+    "docs/benchmark.md": "the benchmark's own commands, minutes to hours each; tests/bench runs its quick mode",
+    "docs/gpu.md": "its blocks need a GPU to show anything; tests/serving/test_gpu.py checks the requirements, "
+    "the log and the provider options on a CPU",
+}
 
 
 def readme_commands() -> list[str]:
@@ -24,28 +37,52 @@ def readme_commands() -> list[str]:
     return [block.strip() for block in blocks[:2]]
 
 
-# What a checkout holds that the README's blocks use (`mlflow run .` runs the installed package).
+# What a checkout holds that the blocks use (`mlflow run .` runs the installed package).
 CHECKOUT_FILES = ("MLproject", "conda.yaml", "README.md", "examples")
 README_PORT = 5001  # the port the README's serve blocks use
 INSTALL_PREFIX = re.compile(r"^python3 -m venv .*?&& pip install [^&]*&& ")
 
 
-def readme_blocks() -> list[tuple[str, str]]:
-    """Every fenced bash and python block of the README, in order, as (language, text)."""
-    return [(lang, text.strip()) for lang, text in re.findall(r"```(bash|python)\n(.*?)```", README, flags=re.S)]
+def page_blocks(page: str) -> list[tuple[str, str]]:
+    """Every fenced bash and python block of `page` (relative to the checkout), as (language, text)."""
+    text = (ROOT / page).read_text(encoding="utf-8")
+    return [(lang, block.strip()) for lang, block in BLOCK.findall(text)]
+
+
+def readme_blocks() -> list[tuple[str, str, str]]:
+    """The README's blocks, then those of RUN_PAGES, in order, as (page, language, text)."""
+    return [(page, lang, text) for page in ("README.md", *RUN_PAGES) for lang, text in page_blocks(page)]
 
 
 def readme_script() -> str:
-    """The README as one shell session: the quickstart without its install (done by CI), then
-    every later block as written (python ones fed to `python -`), leaving out only the test
-    command, which is this suite."""
-    blocks = readme_blocks()
-    (_, quickstart), _tests, *rest = blocks
+    """The README and RUN_PAGES as one shell session: the quickstart without its install (done by
+    CI), then every later block as written (python ones fed to `python -`), leaving out only the
+    test command, which is this suite."""
+    (first_page, _, quickstart), _tests, *rest = readme_blocks()
     lines = ["set -euo pipefail"]
-    for number, (lang, text) in enumerate([("bash", INSTALL_PREFIX.sub("", quickstart)), *rest], start=1):
-        lines.append(f"echo '=== README block {number}' >&2")
+    for number, (page, lang, text) in enumerate([(first_page, "bash", INSTALL_PREFIX.sub("", quickstart)), *rest], 1):
+        lines.append(f"echo '=== block {number} ({page})' >&2")
         lines.append(text if lang == "bash" else f"python - <<'README_PYTHON'\n{text}\nREADME_PYTHON")
     return "\n".join(lines) + "\n"
+
+
+def test_every_page_with_blocks_is_run_or_says_why_not():
+    pages = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").rglob("*.md") if BLOCK.search(p.read_text()))
+    assert [p for p in pages if p not in RUN_PAGES and p not in NOT_RUN] == []
+    assert all(page_blocks(page) for page in (*RUN_PAGES, *NOT_RUN)), "a listed page has no blocks left"
+
+
+def test_the_readme_links_every_docs_page():
+    pages = sorted(p.relative_to(ROOT / "docs").as_posix() for p in (ROOT / "docs").glob("*.md"))
+    linked = set(re.findall(r"\]\(docs/([^)#]+\.md)", README))
+    assert [p for p in pages if p not in linked and p not in GENERATED_PAGES] == []
+    assert [p for p in linked if not (ROOT / "docs" / p).exists()] == []
+    for page, via in GENERATED_PAGES.items():
+        assert f"]({page}" in (ROOT / "docs" / via).read_text(), f"docs/{via} does not link {page}"
+
+
+# Pages the README reaches through another page (generated, or detail behind a topic page).
+GENERATED_PAGES = {"benchmark.md": "performance.md", "draft_mode.md": "performance.md", "parity_table.md": "export.md"}
 
 
 def test_readme_opens_with_the_two_commands():
@@ -84,8 +121,8 @@ def test_uv_and_virtualenv_runs_of_the_project_build_the_same_packages():
     pip = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
     python_env = _PythonEnv.from_conda_yaml(project.env_config_path)
     assert python_env.python == "3.11" and python_env.dependencies == pip
-    readme = " ".join(README.split())
-    assert "mlflow run . --env-manager uv -P model=demo" in readme
+    page = " ".join((ROOT / "docs" / "export.md").read_text().split())
+    assert "mlflow run . --env-manager uv -P model=demo" in page
 
 
 @pytest.mark.slow
@@ -135,8 +172,8 @@ def test_cli_reports_bad_classes_without_a_traceback(tmp_path):
 
 def test_the_readme_script_keeps_every_block():
     script = readme_script()
-    assert "pip install" not in script.split("=== README block 2")[0]  # the install is left out
-    for _lang, text in readme_blocks()[2:]:
+    assert "pip install" not in script.split("=== block 2")[0]  # the install is left out
+    for _page, _lang, text in readme_blocks()[2:]:
         assert text in script, text[:80]
     assert "until curl -sf http://127.0.0.1:5001/ping" in script  # a serve block waits for its server
 
@@ -144,9 +181,9 @@ def test_the_readme_script_keeps_every_block():
 @pytest.mark.slow
 @requires_export
 def test_every_readme_block_works_when_pasted(tmp_path):
-    """Pastes the README into one shell, in a checkout with its default tracking store
-    (./mlflow.db): quickstart, serving, Python, promotion, rollback, evaluation. Any block
-    that fails stops the run with its number."""
+    """Pastes the README, then the pages that continue it, into one shell, in a checkout with its
+    default tracking store (./mlflow.db): quickstart, serving, Python, promotion, rollback,
+    evaluation, other sources. Any block that fails stops the run with its number and page."""
     import socket
 
     with socket.socket() as probe:
@@ -178,9 +215,31 @@ def test_every_readme_block_works_when_pasted(tmp_path):
             os.killpg(process.pid, signal.SIGKILL)  # a server a failed block left running
     assert process.returncode == 0, output[-6000:]
     blocks = len(readme_blocks()) - 1
-    assert f"=== README block {blocks}" in output
+    assert f"=== block {blocks} (" in output
     assert '"label": "a red circle"' in output  # the quickstart's server, asked about a red circle
     assert '"label": "a green square"' in output  # production, after the promotion
-    # the history the README prints: two promotions, then the rollback from version 2 to 1
-    assert re.search(r"promote\s+- -> 1 ", output) and re.search(r"promote\s+1 -> 2 ", output), output[-3000:]
-    assert re.search(r"rollback\s+2 -> 1 ", output), output[-3000:]
+    # docs/limits.md: an image as the body, then a form of two files, through mlflow-clip serve
+    assert '{"predictions": [{"label": "a red circle"}]}' in output, output[-3000:]
+    assert re.search(r'"top_labels": \["a green square", "[a-z ]+"\]', output), output[-3000:]
+    assert re.search(r"36 rows \['path', 'embedding', 'error'\] \d+ floats each", output), output[-3000:]
+    # the history the README prints, under its header: two promotions, then the rollback from version 2 to 1
+    assert re.search(r"seq\s+time \(UTC\)\s+event\s+from\s+to\s+outcome\s+by", output), output[-3000:]
+    assert re.search(r"promote\s+none\s+1\s+done ", output), output[-3000:]
+    assert re.search(r"promote\s+1\s+2\s+done ", output), output[-3000:]
+    assert re.search(r"rollback\s+2\s+1\s+done ", output), output[-3000:]
+    # the promotion was gated on accuracy: two recorded accuracies, on the same images, compared
+    gate = r"gate accuracy: passed in \d+\.\d\d s: accuracy \d\.\d{4} \(version 2\) vs \d\.\d{4} \(version 1,"
+    assert re.search(gate, output), output[-3000:]
+
+
+def test_the_promotion_story_records_both_accuracies_before_the_gated_promotion():
+    """The accuracy gate compares the challenger with the holder: both are evaluated (on the
+    same images) before the promotion that passes max_accuracy_drop."""
+    story = next(text for _page, _lang, text in readme_blocks() if "-P version=challenger -P alias=production" in text)
+    lines = story.splitlines()
+    evaluated = [i for i, line in enumerate(lines) if "-e evaluate" in line]
+    promoted = next(i for i, line in enumerate(lines) if "-P version=challenger" in line)
+    data = {re.search(r"-P data=(\S+)", lines[i]).group(1) for i in evaluated}
+    models = {re.search(r"model_uri=(\S+)", lines[i]).group(1) for i in evaluated}
+    assert models == {"models:/clip-zero-shot@production", "models:/clip-zero-shot@challenger"} and len(data) == 1
+    assert max(evaluated) < promoted and "-P max_accuracy_drop=" in lines[promoted]

@@ -96,7 +96,12 @@ def score_folder(
     spark, module_demo_model_uri: str, folder: Path, params: dict | None = None, partitions: int | None = None
 ):
     """The UDF's struct as it comes: path, label, score, probabilities, error; one row per file."""
-    udf = mlflow.pyfunc.spark_udf(spark, module_demo_model_uri, env_manager="local", params=params)
+    from mlflow_clip.spark import udf_result_type
+
+    result_type = udf_result_type(module_demo_model_uri, params)
+    udf = mlflow.pyfunc.spark_udf(
+        spark, module_demo_model_uri, env_manager="local", params=params, result_type=result_type
+    )
     return to_frame(
         read_files(spark, folder, partitions).select("path", udf("content").alias("p")).select("path", "p.*")
     )
@@ -116,14 +121,33 @@ def predict_in_process(module_demo_model_uri: str, paths: list[Path]) -> pd.Data
     return model.predict(frame, params={"on_error": "null"}).set_index(pd.Index(paths, name="path"))
 
 
-def test_udf_result_is_a_struct_of_the_output_schema(spark, module_demo_model_uri, image_folder):
-    """spark_udf builds its return type from the signature's outputs only: params that add
-    columns (top_k: top_labels, top_scores) do not change it, and the extra columns are dropped."""
-    udf = mlflow.pyfunc.spark_udf(spark, module_demo_model_uri, env_manager="local", params={"top_k": 2})
-    schema = read_files(spark, image_folder).select(udf("content").alias("p")).schema
-    assert schema["p"].dataType.simpleString() == (
-        "struct<label:string,score:double,probabilities:array<double>,error:string>"
+def test_the_result_type_follows_the_output_mode(spark, module_demo_model_uri, image_folder):
+    """spark_udf's own default is a struct of every output the signature declares, which no one
+    request returns; `udf_result_type` gives the columns of the request's mode, typed as declared."""
+    from mlflow_clip.spark import udf_result_type
+
+    files = read_files(spark, image_folder)
+    plain = mlflow.pyfunc.spark_udf(spark, module_demo_model_uri, env_manager="local")
+    assert files.select(plain("content").alias("p")).schema["p"].dataType.fieldNames() == [
+        "label",
+        "score",
+        "probabilities",
+        "top_labels",
+        "top_scores",
+        "embedding",
+        "error",
+    ]
+    params = {"top_k": 2}
+    result_type = udf_result_type(module_demo_model_uri, params)
+    udf = mlflow.pyfunc.spark_udf(
+        spark, module_demo_model_uri, env_manager="local", params=params, result_type=result_type
     )
+    scored = files.limit(3).select(udf("content").alias("p")).select("p.*")
+    assert scored.schema.simpleString() == (
+        "struct<label:string,score:float,probabilities:array<float>,top_labels:array<string>,"
+        "top_scores:array<float>,error:string>"
+    )
+    assert [len(row["top_labels"]) for row in scored.collect()] == [2, 2, 2]
 
 
 def test_spark_udf_matches_in_process_predict_and_truth(spark, module_demo_model_uri, image_folder):
@@ -195,3 +219,50 @@ def test_a_batch_over_the_request_pixel_budget_still_scores(spark, module_demo_m
     assert 10 * 5100 * 5100 > DEFAULT_LIMITS.max_request_pixels
     scored = score_folder_null_on_error(spark, module_demo_model_uri, tmp_path)
     assert len(scored) == 10 and scored["error"].isna().all() and scored["score"].notna().all()
+
+
+@pytest.mark.parametrize("env_manager", ["local", "uv", "virtualenv"])
+def test_a_folder_is_embedded_in_every_env_manager(spark, module_demo_model_uri, mixed_folder, env_manager):
+    """The helper sends base64 text where spark_udf talks JSON to a scoring server in the model's
+    own environment (uv, virtualenv): the same embeddings as in process, and bad files still get
+    a null embedding and their error."""
+    from helpers import require_env_manager
+
+    from mlflow_clip.spark import score_image_files
+
+    local = mlflow.artifacts.download_artifacts(module_demo_model_uri)
+    if env_manager != "local":
+        require_env_manager(env_manager, Path(local))
+    params = {"output": "embedding"}
+    embedded = score_image_files(spark, module_demo_model_uri, str(mixed_folder), params, env_manager=env_manager)
+    scored = to_frame(embedded)
+    assert list(scored.columns) == ["embedding", "error"]
+    good = sorted(mixed_folder.rglob("*.png"))
+    bad = [mixed_folder / TRUNCATED, mixed_folder / TEXT_AS_JPEG]
+    assert sorted(scored.index) == sorted(good + bad)
+    model = mlflow.pyfunc.load_model(module_demo_model_uri)
+    expected = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in good]}), params={"output": "embedding"})
+    np.testing.assert_allclose(np.stack(scored.loc[good, "embedding"]), np.stack(expected["embedding"]), atol=1e-6)
+    assert scored.loc[good, "error"].isna().all()
+    assert scored.loc[bad, "embedding"].isna().all() and "not an image" in scored.loc[bad[1], "error"]
+
+
+@pytest.mark.parametrize("env_manager", ["local", "uv"])
+def test_the_model_runs_once_per_row_whatever_the_query_does_with_its_result(
+    spark, module_demo_model_uri, image_folder, env_manager
+):
+    """A filter on the result (`error is null`) must not be pushed below the helper's repartition
+    and run the model a second time (spark_udf's UDF is marked nondeterministic through
+    mlflow_internals.evaluated_once), in one task per core."""
+    from helpers import require_env_manager
+
+    from mlflow_clip.spark import score_image_files
+
+    if env_manager != "local":
+        require_env_manager(env_manager, Path(mlflow.artifacts.download_artifacts(module_demo_model_uri)))
+    scored = score_image_files(
+        spark, module_demo_model_uri, str(image_folder), {"output": "embedding"}, env_manager=env_manager
+    )
+    plan = scored.filter("error is null")._jdf.queryExecution().executedPlan().toString()
+    assert plan.count("ArrowEvalPython") == 1, plan
+    assert f"RoundRobinPartitioning({spark.sparkContext.defaultParallelism})" in plan, plan

@@ -540,35 +540,3 @@ def test_the_ordinary_evaluate_call_gives_mlflows_classifier_metrics(colour_mode
     assert metrics["accuracy_top1"] == pytest.approx(metrics["accuracy_score"])  # the project's evaluator ran too
     assert {"f1_score", "precision_score", "recall_score", "log_loss", "roc_auc"} <= set(metrics)
     assert np.isfinite(metrics["log_loss"])
-
-
-def test_other_models_evaluate_exactly_as_mlflow_does(tracking_uri):
-    """The classifier evaluator registered by this package is MLflow's own for any model
-    without the mlflow_clip flavor: same metrics as MLflow's class run directly (registered
-    here under a name of its own, since "classifier" now resolves to this package's)."""
-    from mlflow.models.evaluation.evaluator_registry import _model_evaluation_registry
-    from mlflow.models.evaluation.evaluators.classifier import ClassifierEvaluator
-    from sklearn.linear_model import LogisticRegression
-
-    rng = np.random.default_rng(0)
-    features = pd.DataFrame(rng.normal(size=(60, 3)), columns=["a", "b", "c"])
-    target = (features["a"] + 0.3 * rng.normal(size=60) > 0).astype(int)
-    with mlflow.start_run():
-        info = mlflow.sklearn.log_model(LogisticRegression().fit(features, target), name="model")
-        data = features.assign(y=target)
-        ours = mlflow.models.evaluate(info.model_uri, data, model_type="classifier", targets="y")
-        _model_evaluation_registry.register("mlflow-own-classifier", ClassifierEvaluator)
-        try:
-            theirs = mlflow.models.evaluate(
-                info.model_uri, data, model_type="classifier", targets="y", evaluators=["mlflow-own-classifier"]
-            )
-        finally:
-            del _model_evaluation_registry._registry["mlflow-own-classifier"]
-        static = mlflow.models.evaluate(
-            data=data.assign(p=target), predictions="p", model_type="classifier", targets="y"
-        )
-    assert _model_evaluation_registry._registry["classifier"] is not ClassifierEvaluator
-    assert issubclass(_model_evaluation_registry._registry["classifier"], ClassifierEvaluator)
-    shared = {k: v for k, v in theirs.metrics.items() if isinstance(v, float)}
-    assert shared and all(ours.metrics[k] == pytest.approx(v) for k, v in shared.items())
-    assert static.metrics["accuracy_score"] == 1.0  # a static predictions column: the clip evaluator stays out
