@@ -2,9 +2,13 @@
 
 `pip install .` is the serving install (onnxruntime, no torch);
 `pip install ".[export]"` adds what exporting needs; `".[openvino]"` the optional OpenVINO
-runtime (needed by bf16 models); `".[test]"` the test tools.
+runtime (needed by bf16 models); `".[sentencepiece]"` the tokenizer of models exported from
+Hugging Face SigLIP folders that hold only a SentencePiece model; `".[sources]"` open_clip,
+transformers and timm; `".[test]"` the test tools (the serving tier); `".[dev]"` all of it, as
+CI installs it.
 """
 
+import hashlib
 from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
@@ -29,10 +33,16 @@ SERVING_REQUIRES = [
     # The serving code builds its outputs as DataFrames; mlflow-skinny does not bring pandas.
     "pandas",
     "pillow>=12.1.1",
+    # Baseline JPEGs decoded to Pillow's exact pixels in about half the time, checked against
+    # Pillow at load (mlflow_clip/serving/fast_jpeg.py, docs/decisions/jpeg-decoder.md).
+    "simplejpeg>=1.8",
     "click>=8",
-    # The text tokenizer (mlflow_clip/tokenizer.py) cleans and splits text exactly as CLIP does.
+    # The text tokenizer (mlflow_clip/serving/tokenizer.py) cleans and splits text exactly as CLIP does.
     "ftfy",
     "regex",
+    # The tokenizers of SigLIP, SigLIP 2 and the multilingual towers (serving/text_tokenizers.py):
+    # Hugging Face's Rust library, the one their sources run on (docs/decisions/tokenizer-library.md).
+    "tokenizers>=0.20",
 ]
 EXPORT_REQUIRES = [
     "torch>=2.3",
@@ -51,36 +61,46 @@ EXPORT_REQUIRES = [
 # `openvino` package, not onnxruntime-openvino, which overwrites onnxruntime's own files with an
 # older build (docs/decisions/openvino.md). It installs next to the serving stack unchanged.
 OPENVINO_REQUIRES = ["openvino>=2024.0"]
+# Hugging Face's own SiglipTokenizer (SigLIP folders with only spiece.model) runs in Python on a
+# SentencePiece model: the models exported from such folders are served with sentencepiece.
+SENTENCEPIECE_REQUIRES = ["sentencepiece>=0.2"]
 # Other sources of CLIP weights for the export (`-P model=open_clip:<architecture>` and
 # `-P model=hf:<folder>`, docs/sources.md): open_clip builds the architecture from its own configs,
-# transformers loads a CLIPModel folder, and each is the parity reference for its models.
-# Export-side only: a served model needs none of it (its tokenizer and preprocessing are
-# mlflow-clip's own), so it stays out of the serving install and out of `export`. transformers 5:
+# transformers loads a CLIPModel or SiglipModel folder, and each is the parity reference for its
+# models. Export-side only: a served model needs none of it (its tokenizer files and preprocessing
+# are in the model), so it stays out of the serving install and out of `export`. transformers 5:
 # the served `hf` tokenizer reproduces its tokenizers-backed CLIPTokenizer, and parity uses its
-# CLIPImageProcessorPil.
-SOURCES_REQUIRES = ["open_clip_torch>=3", "transformers>=5,<6"]
-TEST_REQUIRES = [
-    "pytest>=8",
-    "pytest-timeout>=2.3",
-    "requests>=2.31",
+# CLIPImageProcessorPil. timm builds SigLIP's image towers; sentencepiece reads SentencePiece-only
+# tokenizer folders.
+SOURCES_REQUIRES = ["open_clip_torch>=3", "transformers>=5,<6", "timm>=1", *SENTENCEPIECE_REQUIRES]
+# The test tools: with the serving install alone they run the serving tier (`pytest -m serving`).
+TEST_REQUIRES = ["pytest>=8", "pytest-timeout>=2.3", "requests>=2.31", "ruff>=0.6"]
+# Everything the whole suite exercises (CI's install, `pip install -e ".[dev]"`): the export, the
+# optional runtime and sources, Spark, PostgreSQL's driver, and uv for environments built from a
+# model alone (`mlflow models serve --env-manager uv`).
+DEV_REQUIRES = [
+    *EXPORT_REQUIRES,
+    *OPENVINO_REQUIRES,
+    *SOURCES_REQUIRES,
+    *TEST_REQUIRES,
     "pyspark>=3.5",
     "psycopg[binary]>=3.1",
-    # `mlflow models serve --env-manager uv`: environments built from a model alone.
     "uv>=0.4",
-    "ruff>=0.6",
-    # The OpenVINO runtime's tests (tests/serving/test_openvino.py, tests/export/test_bf16.py).
-    *OPENVINO_REQUIRES,
-    # The open_clip and Hugging Face sources' tests (tests/export/test_sources.py, test_hf_source.py).
-    *SOURCES_REQUIRES,
 ]
 
 # CLIP's resize + crop + normalize in one native pass, bit-exact with Pillow (checked against the
 # installed Pillow before use, mlflow_clip/serving/preprocess.py). Optional: without a C compiler
 # the install still succeeds and Pillow does the same work more slowly. It lives inside the
 # serving package, so every model carries it (with its C source) in its own copy of that package.
+RESAMPLE_SOURCE = "mlflow_clip/serving/resample.c"
 RESAMPLE_EXTENSION = Extension(
     "mlflow_clip.serving._mlflow_clip_resample",
-    sources=["mlflow_clip/serving/resample.c"],
+    sources=[RESAMPLE_SOURCE],
+    # The binary records the SHA-256 of its source: a model built elsewhere, carrying the same
+    # source, is then served by this binary instead of being compiled at load time.
+    define_macros=[
+        ("MLFLOW_CLIP_SOURCE_SHA256", '"%s"' % hashlib.sha256((ROOT / RESAMPLE_SOURCE).read_bytes()).hexdigest())
+    ],
     # No fused multiply-add: the filter weights must round exactly as Pillow's do.
     extra_compile_args=["-O3", "-ffp-contract=off"],
     optional=True,
@@ -104,16 +124,16 @@ setup(
         ],
         # The native resize's source travels with the serving package into every model.
         "mlflow_clip.serving": ["resample.c"],
-        # The benchmark's docs page: its prose, around the tables of a run.
-        "mlflow_clip.bench": ["docs_template.md"],
     },
     include_package_data=True,
     install_requires=SERVING_REQUIRES,
     extras_require={
         "export": EXPORT_REQUIRES,
         "openvino": OPENVINO_REQUIRES,
+        "sentencepiece": SENTENCEPIECE_REQUIRES,
         "sources": SOURCES_REQUIRES,
         "test": TEST_REQUIRES,
+        "dev": DEV_REQUIRES,
     },
     entry_points={
         "console_scripts": ["mlflow-clip=mlflow_clip.cli:cli"],
