@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 import urllib.error
+from pathlib import Path
 
 from mlflow_clip.client import predict_files
 
@@ -31,15 +32,47 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
+    problem = next((_unreadable(path) for path in args.paths if _unreadable(path)), "")
+    if problem:
+        return _fail(problem)
     params = {"top_k": args.top_k, "on_error": args.on_error}
     try:
         predictions = predict_files(args.url, args.paths, params)
     except urllib.error.HTTPError as e:  # MLflow answers bad requests with a JSON error
-        print(f"HTTP {e.code}: {e.read().decode('utf-8', 'replace')}", file=sys.stderr)
-        return 1
+        return _fail(f"HTTP {e.code} {_server_message(e.read())}")
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+        reason = getattr(e, "reason", e)
+        return _fail(
+            f"no answer from {args.url} ({reason}). Is the server running? It takes 10 to 20 s to start: "
+            f"curl -sf {args.url.rstrip('/')}/ping says when it is up."
+        )
     for path, prediction in zip(args.paths, predictions):
         print(json.dumps({"path": path, **prediction}))
     return 0
+
+
+def _unreadable(path: str) -> str:
+    if not Path(path).is_file():
+        return f"no image file at {path}" + (" (it is a folder)" if Path(path).is_dir() else "")
+    try:
+        Path(path).open("rb").close()
+    except OSError as e:
+        return f"cannot read {path} ({e.strerror})"
+    return ""
+
+
+def _server_message(body: bytes) -> str:
+    """`ERROR_CODE: message` from MLflow's JSON error, on one line."""
+    try:
+        error = json.loads(body)
+        return f"{error.get('error_code', '')}: {' '.join(str(error.get('message', '')).split())}"
+    except ValueError:
+        return " ".join(body.decode("utf-8", "replace").split())[:500]
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

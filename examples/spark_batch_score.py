@@ -24,9 +24,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("output", help="output directory: Parquet, or CSV if it ends in .csv")
     parser.add_argument("--master", default="local[*]", help="Spark master (default: local[*])")
     args = parser.parse_args(argv)
+    if not os.path.isdir(args.images):
+        raise SystemExit(f"error: no folder of images at {args.images}")
 
     # Spark starts its Python workers with `python3` from PATH unless told otherwise.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    from mlflow.exceptions import MlflowException
     from pyspark.sql import SparkSession
     from pyspark.sql import functions as F
 
@@ -51,6 +54,8 @@ def main(argv: list[str] | None = None) -> None:
             written = spark.read.parquet(args.output)
         failures = written.filter(F.col("label").isNull()).count()
         print(f"Scored {written.count()} files ({failures} unreadable) into {args.output}")
+    except MlflowException as e:  # no such model, or one that fails its checks: one line, not a trace
+        raise SystemExit(f"error: {e.message}") from None
     finally:
         spark.stop()
 

@@ -24,7 +24,7 @@ CLASSES = ("a person", "a car", "a dog", "a cat", "a tree", "a house")
 
 
 def _photos(size, count):
-    from mlflow_clip.bench import make_photo_jpeg
+    from mlflow_clip.demo_data import make_photo_jpeg
 
     return [make_photo_jpeg(*size, seed=1000 + i) for i in range(count)]
 
@@ -61,12 +61,12 @@ def _build(model, out_dir):
     from mlflow_clip.export.job import build_classifier
 
     if model == "demo":
-        return build_classifier(DEMO_CLASSES, "demo", "ensemble", out_dir=out_dir / "demo", text_encoder=False)
+        return build_classifier(DEMO_CLASSES, model="demo", out_dir=out_dir / "demo", text_encoder=False)
     checkpoint = out_dir / f"{model.replace('/', '-')}.pt"
     if not checkpoint.exists():
         save_random_checkpoint(model, checkpoint)
     return build_classifier(
-        list(CLASSES), str(checkpoint), "photo", out_dir=out_dir / checkpoint.stem, text_encoder=False
+        list(CLASSES), model=str(checkpoint), templates="photo", out_dir=out_dir / checkpoint.stem, text_encoder=False
     )
 
 

@@ -65,7 +65,7 @@ def main() -> None:
     from helpers import build_colour_onnx
 
     import mlflow_clip
-    from mlflow_clip.bench import make_photo_jpeg
+    from mlflow_clip.demo_data import make_photo_jpeg
 
     work = Path(tempfile.mkdtemp(prefix="mlflow-clip-env-timing-"))
     model = work / "model"

@@ -5,7 +5,7 @@ dict, exports it through the same `model=<path>` code path as a real checkpoint,
 Markdown table: max image-embedding error, max probability error, export seconds, ONNX MB.
 
     python scripts/parity_table.py                      # all 9 architectures
-    python scripts/parity_table.py --arch RN50 ViT-B/32 --out docs/parity.md
+    python scripts/parity_table.py --arch RN50 ViT-B/32 --out docs/parity_table.md
 """
 
 from __future__ import annotations
