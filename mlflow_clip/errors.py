@@ -17,6 +17,7 @@ re-exported here. Each error keeps its built-in base too, so `except ValueError`
     ├── InvalidInputError (ValueError)         a request the model cannot score (rows named)
     ├── ImageInputError (ValueError)           one image input that cannot be used
     ├── TooManyParts (ValueError)              an image with more parts than allowed (internal)
+    ├── FastDecodeRefused (ValueError)         simplejpeg will not decode a JPEG; Pillow does (internal)
     ├── DeadlineExceeded (TimeoutError)        the request ran past its deadline
     ├── InternalError (RuntimeError)           a broken invariant: a bug to report, not bad input
     ├── ModelError (MlflowException)           a model that cannot be saved or loaded as asked
@@ -40,7 +41,13 @@ re-exported here. Each error keeps its built-in base too, so `except ValueError`
     ├── ProbeError (RuntimeError)              a version did not load or predict in a fresh process
     ├── PortInUseError (OSError)               the port asked for is taken
     ├── BenchmarkInputError (ValueError)       bad `mlflow-clip benchmark` input
+    ├── PredictError (ValueError)              input, output or options `mlflow-clip predict` cannot use
+    ├── RequestError (ValueError)              a V2 (MLServer) request the model cannot take as sent
     └── UsageError (ValueError)                a library function called with a value it does not accept
+
+The four `MlflowException`s (`ModelError`, `ModelNotFoundError`, `ServingError`,
+`ClientInputError`) are imported from MLflow's side on first use, so that importing this module
+(as the CLI does to check a name before anything slow) does not import MLflow.
 
     >>> from mlflow_clip.errors import MlflowClipError
     >>> try:
@@ -51,10 +58,11 @@ re-exported here. Each error keeps its built-in base too, so `except ValueError`
 
 from __future__ import annotations
 
-from mlflow.protos import databricks_pb2
+from typing import TYPE_CHECKING, Any
 
 from mlflow_clip.serving.errors import (
     DeadlineExceeded,
+    FastDecodeRefused,
     ImageInputError,
     InternalError,
     InvalidInputError,
@@ -69,7 +77,6 @@ from mlflow_clip.serving.errors import (
     TextInputError,
     TooManyParts,
 )
-from mlflow_clip.serving.loader import ClientInputError, ModelError, ServingError
 
 
 class GraphError(MlflowClipError, RuntimeError):
@@ -147,19 +154,31 @@ class PortInUseError(MlflowClipError, OSError):
     """The port asked for (or every default one) is taken; the message says which."""
 
 
-class ModelNotFoundError(ModelError):
-    """No model at the URI: no such registered model, version, alias, run or path."""
-
-    def __init__(self, model_uri: str, reason: str):
-        super().__init__(
-            f"No model at {model_uri}: {reason}. Check the name and the version or alias (the MLflow UI lists "
-            "them), and that MLFLOW_TRACKING_URI points at the right server.",
-            error_code=databricks_pb2.RESOURCE_DOES_NOT_EXIST,
-        )
-
-
 class BenchmarkInputError(MlflowClipError, ValueError):
     """Bad `mlflow-clip benchmark` input; the message names the value and the fix."""
+
+
+class PredictError(MlflowClipError, ValueError):
+    """Input, output or options `mlflow-clip predict` cannot use; the message names the fix."""
+
+
+class RequestError(MlflowClipError, ValueError):
+    """A V2 request the model cannot take as sent (HTTP 400): the message names the fix."""
+
+
+if TYPE_CHECKING:
+    from mlflow_clip.serving.loader import ClientInputError, ModelError, ModelNotFoundError, ServingError
+
+# The MLflowExceptions, defined with the MLflow loader: imported when first asked for.
+_FROM_LOADER = ("ClientInputError", "ModelError", "ModelNotFoundError", "ServingError")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_LOADER:
+        from mlflow_clip.serving import loader
+
+        return getattr(loader, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
@@ -169,6 +188,7 @@ __all__ = [
     "ConfigError",
     "DeadlineExceeded",
     "EvaluationError",
+    "FastDecodeRefused",
     "GraphError",
     "HfFolderError",
     "HistoryError",
@@ -185,11 +205,13 @@ __all__ = [
     "ModelNotFoundError",
     "ParityError",
     "PortInUseError",
+    "PredictError",
     "PrecisionError",
     "ProbeError",
     "PromotionError",
     "PromptError",
     "RegistryNameError",
+    "RequestError",
     "RuntimeUnavailableError",
     "ServingError",
     "SettingsError",

@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator
 
 import pandas as pd
 
-from mlflow_clip.errors import MlflowClipError
+from mlflow_clip.errors import PredictError
 
 MODES = ("full", "label", "embedding")
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
@@ -46,10 +46,6 @@ STATE_FILE = "state.json"
 BATCH_MODEL_CONFIG = {"max_request_pixels": 10**15}
 
 __all__ = ["PredictError", "PredictResult", "PredictOptions", "predict_images"]
-
-
-class PredictError(MlflowClipError, ValueError):
-    """Input, output or options `mlflow-clip predict` cannot use; the message names the fix."""
 
 
 @dataclass(frozen=True)

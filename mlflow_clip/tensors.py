@@ -23,17 +23,13 @@ import numpy as np
 import pandas as pd
 
 from mlflow_clip.batching import BatchItem
-from mlflow_clip.errors import InternalError, MlflowClipError
+from mlflow_clip.errors import InternalError, RequestError
 from mlflow_clip.serving.signature import IMAGE_COLUMN, OUTPUTS, PARAM_DEFAULTS, TEXT_COLUMN
 
 DATATYPES = {"string": "BYTES", "float": "FP32"}
 MAX_SHOWN_CHARS = 40
 
 __all__ = ["RequestError", "answer_tensors", "metadata_tensors", "model_params", "read_request"]
-
-
-class RequestError(MlflowClipError, ValueError):
-    """A V2 request the model cannot take as sent (HTTP 400): the message names the fix."""
 
 
 def model_params(parameters: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -16,11 +16,13 @@ error also keeps its built-in base, so code that catches `ValueError` keeps work
     ├── InvalidInputError (ValueError)       a request the model cannot score (rows named)
     ├── ImageInputError (ValueError)         one image input that cannot be used
     ├── TooManyParts (ValueError)            an image file with more parts than allowed (internal)
+    ├── FastDecodeRefused (ValueError)       simplejpeg will not decode a JPEG; Pillow does (internal)
     ├── DeadlineExceeded (TimeoutError)      the request ran past its deadline
     └── InternalError (RuntimeError)         a broken invariant: a bug to report, not bad input
 
-`ModelError`, `ServingError` and `ClientInputError` are `MlflowException`s too, so they live
-with the MLflow loader (`loader.py`), the one serving module that imports MLflow.
+`ModelError` (and its `ModelNotFoundError`), `ServingError` and `ClientInputError` are
+`MlflowException`s too, so they live with the MLflow loader (`loader.py`), the one serving module
+that imports MLflow.
 
     >>> issubclass(ModelIntegrityError, MlflowClipError) and issubclass(ModelIntegrityError, RuntimeError)
     True
@@ -55,6 +57,11 @@ class SettingsError(MlflowClipError, ValueError):
 class ModelConfigError(MlflowClipError, ValueError):
     """A model's own files or configuration are not what its exporter writes (metadata missing, a
     tokenizer file that disagrees with the config); the message says how to get a good copy."""
+
+
+class FastDecodeRefused(MlflowClipError, ValueError):
+    """simplejpeg would not decode this JPEG as Pillow does; the decoder falls back to Pillow
+    (internal: never reaches a caller)."""
 
 
 class InternalError(MlflowClipError, RuntimeError):

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from .errors import FastDecodeRefused
+
 _logger = logging.getLogger("mlflow_clip.serving.fast_jpeg")
 
 ENV_VAR = "MLFLOW_CLIP_FAST_JPEG"
@@ -70,10 +72,6 @@ try:  # optional: serving works without it, with Pillow decoding every JPEG
     import simplejpeg as _simplejpeg
 except ImportError:  # not installed here
     _simplejpeg = None
-
-
-class FastDecodeRefused(ValueError):
-    """simplejpeg would not decode this image; Pillow gets it."""
 
 
 def enabled() -> bool:

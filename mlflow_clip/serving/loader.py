@@ -167,6 +167,17 @@ class ModelError(MlflowException, MlflowClipError):
     for the CLI and for callers catching `MlflowClipError`."""
 
 
+class ModelNotFoundError(ModelError):
+    """No model at the URI: no such registered model, version, alias, run or path."""
+
+    def __init__(self, model_uri: str, reason: str):
+        super().__init__(
+            f"No model at {model_uri}: {reason}. Check the name and the version or alias (the MLflow UI lists "
+            "them), and that MLFLOW_TRACKING_URI points at the right server.",
+            error_code=databricks_pb2.RESOURCE_DOES_NOT_EXIST,
+        )
+
+
 def _invalid(message: str, code: str = "INVALID_PARAMETER_VALUE") -> ModelError:
     return ModelError(message, error_code=getattr(databricks_pb2, code))
 

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from mlflow_clip.serving.errors import SettingsError
 from mlflow_clip.serving.images import decode_image
 from mlflow_clip.serving.preprocess import Preprocessor
 from mlflow_clip.serving.runtime import RuntimeSettings
@@ -142,10 +143,13 @@ def test_every_setting_has_its_environment_variable():
 
     from mlflow_clip.serving.runtime import env_overrides
 
-    texts = {"bool": ("yes", True), "int": ("7", 7), "str": ("openvino", "openvino")}
+    texts = {"bool": ("yes", True), "int": ("7", 7), "str": ("openvino", "openvino"), "tuple": ("A, B", ("A", "B"))}
+    texts["Mapping"] = ('{"CUDAExecutionProvider": {"device_id": 1}}', {"CUDAExecutionProvider": {"device_id": 1}})
     for f in dataclasses.fields(RuntimeSettings):
-        text, value = texts.get(str(f.type), ("A, B", ("A", "B")))
+        text, value = texts[str(f.type).split("[")[0]]
         assert env_overrides({f"MLFLOW_CLIP_{f.name.upper()}": text}) == {f.name: value}, f.name
+    with pytest.raises(SettingsError, match="provider_options that is not JSON"):
+        env_overrides({"MLFLOW_CLIP_PROVIDER_OPTIONS": "device_id=1"})
     assert env_overrides({"MLFLOW_CLIP_JPEG_DRAFT": "  "}) == {}  # empty: not set
 
 
