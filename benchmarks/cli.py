@@ -75,6 +75,15 @@ USAGE_EXIT_CODE = 2
     default=None,
     help="Environment for the servers, NAME=VALUE comma-separated, e.g. MALLOC_ARENA_MAX=2.",
 )
+@click.option(
+    "--mlserver-runtimes",
+    default=None,
+    help="Runtimes of the MLServer rows: clip (mlflow_clip.mlserver.ClipRuntime), mlflow (mlserver_mlflow). "
+    "[default: clip,mlflow]",
+)
+@click.option(
+    "--mlserver-clients", default=None, help="Concurrent clients of the MLServer rows, e.g. 4,16. [default: 4,16]"
+)
 @click.option("--soak", is_flag=True, help="Also run a sustained load on the server and sample its RSS.")
 @click.option(
     "--soak-requests",

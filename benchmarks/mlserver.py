@@ -1,16 +1,19 @@
-"""MLServer as a row: `mlserver start` with MLServer's MLflow runtime (`mlserver_mlflow.MLflowRuntime`,
-what KServe and Seldon run for MLflow models), measured with V2 inference requests from
-concurrent clients, with adaptive batching on or off, next to row (d) with the same clients.
+"""MLServer as a row: `mlserver start` with the project's runtime (`mlflow_clip.mlserver.ClipRuntime`,
+typed tensors, its own batching per parameter set) or MLServer's MLflow runtime
+(`mlserver_mlflow.MLflowRuntime`, what KServe and Seldon run for MLflow models), measured with
+V2 inference requests from concurrent clients, with adaptive batching on or off, next to row (d)
+with the same clients.
 
 MLServer downgrades FastAPI and Starlette, so it never goes into the benchmark's own
-environment: `ensure_mlserver_env` builds one with uv under the work dir (MLServer, its MLflow
-runtime and the model's own `requirements.txt`; the model carries its serving code), once, and
-reuses it while its packages are the same.
+environment: `ensure_mlserver_env` builds one per runtime with uv under the work dir (MLServer,
+its MLflow runtime and the model's own `requirements.txt`; for ClipRuntime also a wheel of this
+checkout, built by `project_wheel`), once, and reuses it while its packages are the same.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import platform
 import shutil
@@ -40,6 +43,7 @@ MLSERVER_RUNTIME = "mlserver_mlflow.MLflowRuntime"
 # mlflow-clip's own runtime (mlflow_clip/mlserver.py): typed tensors, batching per parameter set.
 CLIP_RUNTIME = "mlflow_clip.mlserver.ClipRuntime"
 MODEL_NAME = "clip"
+CHECKOUT = Path(__file__).resolve().parents[1]
 ENV_MARKER = "mlflow-clip-env.json"
 INSTALL_TIMEOUT_SECONDS = 1800
 
@@ -81,11 +85,37 @@ def ensure_mlserver_env(env_dir: Path, packages: Sequence[str]) -> Path:
     return python
 
 
-def write_model_settings(root: Path, model_dir: str, batching: dict[str, Any]) -> None:
+def project_wheel(wheel_dir: Path) -> Path:
+    """A wheel of this checkout (what ClipRuntime's environment installs), in a folder named by
+    its content's hash, so that an environment built from an older wheel is never reused."""
+    build = wheel_dir / "build"
+    shutil.rmtree(build, ignore_errors=True)
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(build), str(CHECKOUT)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_SECONDS)
+    if done.returncode != 0:
+        raise MLServerUnavailable(f"building this checkout's wheel failed: {done.stderr.strip()[-600:]}")
+    (built,) = build.glob("mlflow_clip-*.whl")
+    final = wheel_dir / hashlib.sha256(built.read_bytes()).hexdigest()[:16] / built.name
+    final.parent.mkdir(parents=True, exist_ok=True)
+    built.replace(final)
+    return final
+
+
+def write_model_settings(
+    root: Path, model_dir: str, batching: dict[str, Any], runtime: str = "mlflow", model_config: dict | None = None
+) -> None:
     """The model of a repository for `mlserver start root`: `<MODEL_NAME>/model-settings.json`,
-    with its adaptive batching settings (`max_batch_size`, `max_batch_time`), if any."""
+    with its adaptive batching settings (`max_batch_size`, `max_batch_time`), if any: at the top
+    level for MLServer's MLflow runtime, in `parameters.extra` for ClipRuntime, which batches per
+    parameter set itself and takes the model's `model_config` there too (docs/mlserver.md); the
+    MLflow runtime gets it from `MLFLOW_PYFUNC_INFERENCE_CONFIG`."""
     (root / MODEL_NAME).mkdir(parents=True, exist_ok=True)
-    model = {"name": MODEL_NAME, "implementation": MLSERVER_RUNTIME, "parameters": {"uri": model_dir}, **batching}
+    if runtime == "clip":
+        extra = {**batching, **({"model_config": model_config} if model_config else {})}
+        parameters = {"uri": model_dir, **({"extra": extra} if extra else {})}
+        model = {"name": MODEL_NAME, "implementation": CLIP_RUNTIME, "parameters": parameters}
+    else:
+        model = {"name": MODEL_NAME, "implementation": MLSERVER_RUNTIME, "parameters": {"uri": model_dir}, **batching}
     (root / MODEL_NAME / "model-settings.json").write_text(json.dumps(model, indent=2))
 
 
@@ -133,12 +163,21 @@ def v2_call(url: str, bodies: Callable[[int], tuple[bytes, int]]) -> Callable[[i
         if response.status_code != 200:
             raise RuntimeError(f"HTTP {response.status_code}: {response.text[:300]}")
         outputs = {output["name"]: output for output in response.json()["outputs"]}
-        rows = outputs["probabilities"]["data"]  # one JSON list per row (MLServer's pd_json)
-        if len(rows) != batch:
-            raise RuntimeError(f"{len(rows)} predictions for {batch} images")
-        return np.asarray([json.loads(row) for row in rows], dtype=float)
+        return _probabilities(outputs["probabilities"], batch)
 
     return call
+
+
+def _probabilities(output: dict[str, Any], batch: int) -> np.ndarray:
+    """The `[batch, C]` probabilities of a V2 output: an FP32/FP64 tensor (ClipRuntime) or one
+    JSON list per row (MLServer's MLflow runtime, pd_json)."""
+    if output.get("datatype") == "BYTES":
+        probabilities = np.asarray([json.loads(row) for row in output["data"]], dtype=float)
+    else:
+        probabilities = np.asarray(output["data"], dtype=float).reshape(output["shape"])
+    if len(probabilities) != batch:
+        raise RuntimeError(f"{len(probabilities)} predictions for {batch} images")
+    return probabilities
 
 
 class MLServerRows(MeasuredServer):
@@ -146,12 +185,16 @@ class MLServerRows(MeasuredServer):
     concurrent clients in turn, every round, like row (d)."""
 
     def __init__(self, spec: dict[str, Any]):
-        python = ensure_mlserver_env(Path(spec["env_dir"]), model_requirements(spec["model_dir"]))
+        runtime = spec.get("runtime", "mlflow")
+        packages = model_requirements(spec["model_dir"])
+        if runtime == "clip":
+            packages.append(str(project_wheel(Path(spec["wheel_dir"]))))
+        python = ensure_mlserver_env(Path(spec["env_dir"]), packages)
         b64 = [base64.b64encode(data).decode("ascii") for data in read_pool(spec)]
         batch = spec["batch"]
         bodies = distinct_bodies(b64, batch, v2_body)
         root = Path(spec["repository"])
-        write_model_settings(root, spec["model_dir"], spec["batching"])
+        write_model_settings(root, spec["model_dir"], spec["batching"], runtime, spec["model_config"])
         env = {"MLFLOW_PYFUNC_INFERENCE_CONFIG": json.dumps(spec["model_config"]), **(spec.get("env") or {})}
         server = MLServerProcess(python, root, spec["parallel_workers"], Path(spec["log"]), env)
         try:

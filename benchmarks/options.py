@@ -37,6 +37,9 @@ VARIANT_PRECISIONS: tuple[str, ...] = ("int8", "fp16")
 # bf16 runs on OpenVINO; on CPUs without AVX512_BF16 or AMX it is emulated, and slow: asked for.
 PRECISION_CHOICES: tuple[str, ...] = (*VARIANT_PRECISIONS, "bf16")
 SERVER_FORMS: tuple[str, ...] = ("dataframe_split", "inputs")
+# The MLServer rows' runtimes: the project's own (`mlflow_clip.mlserver.ClipRuntime`, batching
+# per parameter set) and MLServer's MLflow runtime (`mlserver_mlflow.MLflowRuntime`).
+MLSERVER_RUNTIMES: tuple[str, ...] = ("clip", "mlflow")
 DEFAULT_WORK_DIR = Path.home() / ".cache" / "mlflow-clip" / "benchmark"
 
 
@@ -96,11 +99,12 @@ class BenchmarkOptions:
     hostile_requests: int = 300  # good requests alone, then as many beside the hostile ones
     hostile_clients: int = 2
     hostile_flood: int = 1000  # requests carrying 10 MB label sets, after the hostile phase
-    # The MLServer rows (`--rows mlserver`): this many concurrent clients (and row (d) with the
-    # same clients beside them), adaptive batching on and off, and MLServer's inference worker
-    # processes (0: inference in the server's own process, which was faster and half the memory
-    # on 2 cores)
-    mlserver_clients: int = 16
+    # The MLServer rows (`--rows mlserver`): each runtime, measured with each of these numbers of
+    # concurrent clients (and row (d) with the same clients beside them), adaptive batching on
+    # and off, and MLServer's inference worker processes (0: inference in the server's own
+    # process, which was faster and half the memory on 2 cores)
+    mlserver_runtimes: tuple[str, ...] = MLSERVER_RUNTIMES
+    mlserver_clients: tuple[int, ...] = (4, 16)
     mlserver_batching: tuple[bool, ...] = (True, False)
     mlserver_max_batch_size: int = 16
     mlserver_max_batch_time: float = 0.01
@@ -242,6 +246,12 @@ def command_line(options: BenchmarkOptions) -> str:
         ),
         "--server-form": (options.server_form, base.server_form, options.server_form),
         "--server-env": (options.server_env, base.server_env, ",".join(f"{k}={v}" for k, v in options.server_env)),
+        "--mlserver-runtimes": (options.mlserver_runtimes, base.mlserver_runtimes, ",".join(options.mlserver_runtimes)),
+        "--mlserver-clients": (
+            options.mlserver_clients,
+            base.mlserver_clients,
+            ",".join(map(str, options.mlserver_clients)),
+        ),
     }
     for flag, (value, default, text) in listed.items():
         if value != default:
@@ -290,6 +300,8 @@ def make_options(
     server_configs: str | None = None,
     server_form: str = "dataframe_split",
     server_env: str | None = None,
+    mlserver_runtimes: str | None = None,
+    mlserver_clients: str | None = None,
     soak: bool = False,
     soak_requests: str | None = None,
     soak_models: str | None = None,
@@ -311,15 +323,19 @@ def make_options(
     changes.update(_grid_changes(models, sizes, batches, rows, precisions))
     changes.update(_timing_changes(requests, seconds, warmup, rounds))
     changes.update(_server_changes(server_configs, server_form, server_env))
+    if mlserver_runtimes is not None:
+        changes["mlserver_runtimes"] = parse_choices(mlserver_runtimes, "--mlserver-runtimes", MLSERVER_RUNTIMES)
+    if mlserver_clients is not None:
+        changes["mlserver_clients"] = parse_ints(mlserver_clients, "--mlserver-clients")
     changes.update(_soak_changes(base, soak_requests, soak_models, soak_size))
     arena = _soak_arena(soak_arena)
     if hostile_requests is not None:
         changes["hostile_requests"] = max(1, hostile_requests)
     if hostile_flood is not None:
         changes["hostile_flood"] = max(0, hostile_flood)
-    for name in ("models", "sizes", "batches", "rows"):
+    for name in ("models", "sizes", "batches", "rows", "mlserver_runtimes", "mlserver_clients"):
         if name in changes and not changes[name]:
-            raise BenchmarkError(f"Received an empty --{name}; expected at least one value.")
+            raise BenchmarkError(f"Received an empty --{name.replace('_', '-')}; expected at least one value.")
     return replace(
         base,
         **changes,

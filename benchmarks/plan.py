@@ -215,8 +215,8 @@ def plan_group(
 def server_clients(options: BenchmarkOptions) -> list[int]:
     """Row (d)'s client counts: `clients`, and the MLServer rows' clients beside them."""
     clients = list(options.clients) if "server" in options.rows else []
-    if "mlserver" in options.rows and options.mlserver_clients not in clients:
-        clients.append(options.mlserver_clients)
+    if "mlserver" in options.rows:
+        clients += [c for c in options.mlserver_clients if c not in clients]
     return clients
 
 
@@ -250,37 +250,57 @@ def _server_planned(options, fp32, group, pool) -> list[Planned]:
     return planned
 
 
-def mlserver_row(clients: int, batching: bool) -> tuple[str, str]:
-    suffix, what = ("batching", "adaptive batching") if batching else ("nobatch", "no batching")
-    return f"mlserver-{clients}c-{suffix}", f"MLServer {clients} clients, {what}"
+MLSERVER_RUNTIME_LABELS = {"clip": "ClipRuntime", "mlflow": "MLflow runtime"}
+
+
+def mlserver_row(clients: int, batching: bool, runtime: str = "mlflow") -> tuple[str, str]:
+    """The id (`mlserver-16c-clip-batching`: clients second, as `note_mlserver_ratios` reads it)
+    and the label of an MLServer row."""
+    suffix = "batching" if batching else "nobatch"
+    if not batching:
+        what = "no batching"
+    elif runtime == "clip":
+        what = "batching per parameter set"
+    else:
+        what = "MLServer's adaptive batching"
+    return (
+        f"mlserver-{clients}c-{runtime}-{suffix}",
+        f"MLServer {MLSERVER_RUNTIME_LABELS[runtime]} {clients} clients, {what}",
+    )
 
 
 def _mlserver_planned(options, fp32, group, pool) -> list[Planned]:
-    """The MLServer rows: one `mlserver start` per batching setting, the threads of row (d)'s first setting."""
+    """The MLServer rows: one `mlserver start` per runtime and batching setting, measured with
+    each client count in turn, the threads of row (d)'s first setting."""
     if "mlserver" not in options.rows:
         return []
     prefix, batch = _group_prefix(group), group[2]
+    batching_settings = {
+        "max_batch_size": options.mlserver_max_batch_size,
+        "max_batch_time": options.mlserver_max_batch_time,
+    }
     planned = []
-    for batching in options.mlserver_batching:
-        row_id, label = mlserver_row(options.mlserver_clients, batching)
-        name = f"{prefix}-{row_id}"
-        spec = {
-            **_timing_spec(options, batch, pool),
-            "model_dir": fp32["model_dir"],
-            "model_config": {"intra_op_num_threads": options.server_configs[0].threads},
-            "clients": [options.mlserver_clients],
-            "batching": (
-                {"max_batch_size": options.mlserver_max_batch_size, "max_batch_time": options.mlserver_max_batch_time}
-                if batching
-                else {}
-            ),
-            "parallel_workers": options.mlserver_parallel_workers,
-            "env_dir": str(options.work_dir / "mlserver-env"),
-            "repository": str(options.work_dir / "mlserver" / name),
-            "log": str(options.work_dir / "logs" / f"{name}.server.log"),
-            "env": dict(options.server_env),
-        }
-        planned.append(
-            Planned("mlserver", name, spec, [(RowResult(*group, row_id, label), str(options.mlserver_clients))])
-        )
+    for runtime in options.mlserver_runtimes:
+        for batching in options.mlserver_batching:
+            name = f"{prefix}-mlserver-{runtime}-{'batching' if batching else 'nobatch'}"
+            spec = {
+                **_timing_spec(options, batch, pool),
+                "model_dir": fp32["model_dir"],
+                "model_config": {"intra_op_num_threads": options.server_configs[0].threads},
+                "clients": list(options.mlserver_clients),
+                "runtime": runtime,
+                "batching": batching_settings if batching else {},
+                "parallel_workers": options.mlserver_parallel_workers,
+                # One environment per runtime: ClipRuntime's also holds this checkout's wheel.
+                "env_dir": str(options.work_dir / f"mlserver-env-{runtime}"),
+                "wheel_dir": str(options.work_dir / "mlserver-wheel"),
+                "repository": str(options.work_dir / "mlserver" / name),
+                "log": str(options.work_dir / "logs" / f"{name}.server.log"),
+                "env": dict(options.server_env),
+            }
+            rows = [
+                (RowResult(*group, *mlserver_row(clients, batching, runtime)), str(clients))
+                for clients in options.mlserver_clients
+            ]
+            planned.append(Planned("mlserver", name, spec, rows))
     return planned
