@@ -39,6 +39,8 @@ class RowResult:
     max_prob_diff: float | None = None
     # Row (b) only: exact decode + preprocess of one image on one thread, in milliseconds.
     decode_ms: float | None = None
+    # Row (b) of a model that decodes JPEGs in draft mode by default: that decode, likewise.
+    draft_decode_ms: float | None = None
     # The machine while the row's measured rounds ran (`RoundLoad`, one per round): the row's own
     # CPU seconds (its process tree), other processes' cores, the load average after each round.
     cpu_seconds: float | None = None

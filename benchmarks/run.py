@@ -175,6 +175,7 @@ def _fill_row(row: RowResult, result: dict[str, Any], state: _RunState, precisio
         "peak_rss_mb",
         "cores_busy",
         "decode_ms",
+        "draft_decode_ms",
     ):
         setattr(row, name, result.get(name))
     if result.get("errors"):

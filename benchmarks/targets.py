@@ -114,6 +114,7 @@ RATIO_TARGETS: tuple[RatioTarget, ...] = (
         "pyfunc",
         "torch_strong",
         4.0,
+        ceiling=True,
         needs_bf16=True,
         candidates=("pyfunc", "pyfunc-int8", "pyfunc-bf16", "pyfunc-fp16"),
     ),
@@ -125,6 +126,7 @@ RATIO_TARGETS: tuple[RatioTarget, ...] = (
         "pyfunc-int8",
         "graph-int8",
         PYFUNC_VS_ENGINE,
+        ceiling=True,
         exact="pyfunc-int8-exact",
     ),
     RatioTarget(
@@ -133,6 +135,7 @@ RATIO_TARGETS: tuple[RatioTarget, ...] = (
         "pyfunc-bf16",
         "graph-bf16",
         PYFUNC_VS_ENGINE,
+        ceiling=True,
         exact="pyfunc-bf16-exact",
         needs_bf16=True,
     ),
@@ -150,10 +153,10 @@ def evaluate_targets(report: BenchmarkReport) -> list[TargetResult]:
     group = {r.row: r for r in report.rows if (r.model, r.size, r.batch) == (TARGET_MODEL, TARGET_SIZE, TARGET_BATCH)}
     graphs = (group.get(name) for name in GRAPH_ROWS)
     graph = max((r for r in graphs if r is not None and r.ok), key=lambda r: r.images_per_s or 0, default=None)
-    ceiling = decode_bound(graph, int(report.options.get("threads") or 0))
+    threads = int(report.options.get("threads") or 0)
     native_bf16 = report.machine.get("cpu_bf16") is not False  # unknown: judged
     cores = int(report.machine.get("cpu_count") or 0)
-    targets = [_ratio_target(target, group, graph, ceiling, native_bf16, cores) for target in RATIO_TARGETS]
+    targets = [_ratio_target(target, group, graph, threads, native_bf16, cores) for target in RATIO_TARGETS]
     load = next(
         (r for r in report.loads if (r.model, r.precision) == (TARGET_MODEL, "fp32") and r.status == "ok"), None
     )
@@ -178,7 +181,7 @@ def _ratio_target(
     target: RatioTarget,
     group: dict[str, RowResult],
     graph: RowResult | None,
-    ceiling: float | None,
+    threads: int = 0,
     native_bf16: bool = True,
     cores: int = 0,
 ) -> TargetResult:
@@ -198,11 +201,16 @@ def _ratio_target(
     value = figure(row)
     draft = figure(group.get(target.draft)) if target.draft else None
     exact = figure(group.get(target.exact)) if target.exact else None
-    extra = _extras(draft, _ceiling_against(target.versus, graph, ceiling) if target.ceiling else None, exact)
+    reference = graph if target.versus == GRAPH else group.get(REFERENCE_ROWS.get(target.versus, target.versus))
+    ceiling = exact_ceiling = None
+    if target.ceiling and row is not None:
+        ceiling = _relative_value(pipeline_ceiling(row.row, group, graph, threads), reference)
+        if target.exact:
+            exact_ceiling = _relative_value(pipeline_ceiling(row.row, group, graph, threads, exact=True), reference)
+    extra = _extras(draft, ceiling, exact, exact_ceiling)
     if target.candidates and row is not None:
         extra = f" ({row.label}){extra}"
     verdict = "PASS" if value is not None and value >= target.threshold else "FAIL"
-    reference = graph if target.versus == GRAPH else group.get(REFERENCE_ROWS.get(target.versus, target.versus))
     busy = busy_reason([row, reference], cores)
     if target.needs_bf16 and not native_bf16:
         verdict, extra = NOT_THIS_CPU, f"{extra}: {NO_NATIVE_BF16}"
@@ -242,12 +250,32 @@ def busy_reason(rows: list[RowResult | None], cores: int) -> str | None:
     return None
 
 
-def _ceiling_against(versus: str, graph: RowResult | None, ceiling: float | None) -> float | None:
-    """The decode-bound ceiling, which is against the graph, against the reference `versus`."""
-    if ceiling is None or versus == GRAPH:
-        return ceiling
-    scale = _ratio(graph, f"vs_{versus}")
-    return None if scale is None else ceiling * scale
+# The engine (row (b)) of each pyfunc row: the graph alone, on the same model and runtime.
+ENGINE_OF = {"pyfunc": GRAPH, "pyfunc-int8": "graph-int8", "pyfunc-bf16": "graph-bf16", "pyfunc-fp16": "graph-fp16"}
+
+
+def pipeline_ceiling(
+    row_name: str, group: dict[str, RowResult], graph: RowResult | None, threads: int, exact: bool = False
+) -> float | None:
+    """The most images/s the pyfunc row `row_name` can reach on `threads` cores: its engine's
+    core-seconds per image plus its model's default decode (JPEG draft mode for int8 and bf16
+    models that decode so, exact otherwise; `exact`: the exact decode), on the same cores, with
+    decoding and inference overlapped perfectly (`decode_bound`). None when not measured."""
+    name = ENGINE_OF.get(row_name)
+    engine = graph if name == GRAPH else group.get(name or "")
+    if engine is None or not engine.ok or not engine.images_per_s:
+        return None
+    decode_ms = engine.decode_ms if exact or engine.draft_decode_ms is None else engine.draft_decode_ms
+    if not exact and name != GRAPH and engine.draft_decode_ms is None:
+        return None  # the default decode of a draft-mode model was not measured: no ceiling shown
+    ratio = decode_bound(engine, threads, decode_ms)
+    return None if ratio is None else ratio * engine.images_per_s
+
+
+def _relative_value(images_per_s: float | None, reference: RowResult | None) -> float | None:
+    if images_per_s is None or reference is None or not reference.ok or not reference.images_per_s:
+        return None
+    return images_per_s / reference.images_per_s
 
 
 def _load_target(load: LoadResult | None) -> TargetResult:
@@ -273,17 +301,19 @@ def load_seconds(load: LoadResult | None) -> float | None:
     return load.load_s + load.predict_s
 
 
-def decode_bound(onnxruntime_row: RowResult | None, threads: int) -> float | None:
-    """The highest (c) / (b) ratio the exact decode allows on `threads` cores.
+def decode_bound(onnxruntime_row: RowResult | None, threads: int, decode_ms: float | None = None) -> float | None:
+    """The highest (c) / (b) ratio the decode allows on `threads` cores (the exact decode row (b)
+    measured, or `decode_ms`).
 
     Row (b) spends cores_busy / images_per_s core-seconds per image; the pyfunc must also decode
     and preprocess each image (decode_ms, on one core), on the same cores:
     (c) <= threads / (cores_busy / (b) + decode), so (c) / (b) <= threads / (cores_busy + decode x (b)).
     """
     row = onnxruntime_row
-    if row is None or not row.ok or not threads or None in (row.decode_ms, row.cores_busy, row.images_per_s):
+    decode_ms = row.decode_ms if row is not None and decode_ms is None else decode_ms
+    if row is None or not row.ok or not threads or None in (decode_ms, row.cores_busy, row.images_per_s):
         return None
-    return min(1.0, threads / (row.cores_busy + row.decode_ms / 1000.0 * row.images_per_s))
+    return min(1.0, threads / (row.cores_busy + decode_ms / 1000.0 * row.images_per_s))
 
 
 def _relative(row: RowResult | None, reference: RowResult | None) -> float | None:
@@ -299,14 +329,18 @@ def _relative(row: RowResult | None, reference: RowResult | None) -> float | Non
     return row.images_per_s / reference.images_per_s
 
 
-def _extras(draft: float | None, ceiling: float | None, exact: float | None = None) -> str:
+def _extras(
+    draft: float | None, ceiling: float | None, exact: float | None = None, exact_ceiling: float | None = None
+) -> str:
     parts = []
     if ceiling is not None:
         parts.append(f"decode-bound ceiling {ceiling:.2f}x")
     if draft is not None:
         parts.append(f"with jpeg_draft {draft:.2f}x")
     if exact is not None:
-        parts.append(f"exact decode {exact:.2f}x")
+        parts.append(
+            f"exact decode {exact:.2f}x" + ("" if exact_ceiling is None else f", its ceiling {exact_ceiling:.2f}x")
+        )
     return f" ({'; '.join(parts)})" if parts else ""
 
 

@@ -33,6 +33,7 @@ from benchmarks import (
     write_docs,
 )
 from benchmarks.options import DEFAULT_ROWS
+from benchmarks.targets import pipeline_ceiling
 
 BASE_ROWS = ("torch", "torch-strong", "onnxruntime", "pyfunc", "pyfunc-labels", "server-1c", "server-4c")
 SOAK_REQUESTS = 40
@@ -445,6 +446,37 @@ def test_decode_bound_is_the_share_of_the_cores_left_after_decoding():
     )
     assert decode_bound(RowResult("m", "s", 1, "onnxruntime", "(b)", status="failed"), 2) is None
     assert decode_bound(RowResult("m", "s", 1, "onnxruntime", "(b)", images_per_s=10.0, cores_busy=1.0), 2) is None
+
+
+def test_each_precision_is_shown_the_ceiling_its_decode_leaves_it():
+    """pyfunc vs its own engine: the engine's core-seconds per image plus the model's default
+    decode (draft for int8) bound it; the exact decode's ceiling is shown beside its figure."""
+    engine = RowResult(
+        "RN50", "1920x1080", 8, "graph-int8", "(b) int8", images_per_s=200.0, cores_busy=2.0, decode_ms=15.0
+    )
+    rows = [_row("torch", 10.0), _row("onnxruntime", 25.0), engine, _row("pyfunc-int8", 100.0)]
+    rows.append(_row("pyfunc-int8-exact", 80.0))
+    compare_rows(rows)
+    report = BenchmarkReport(options={"threads": 2}, machine={}, rows=rows)
+    target = {t.key: t for t in evaluate_targets(report)}["pyfunc_int8_vs_graph_int8"]
+    exact_ceiling = 2 / (2.0 + 0.015 * 200.0)  # 0.40 of the engine
+    assert target.measured == f"0.50x (exact decode 0.40x, its ceiling {exact_ceiling:.2f}x)"  # draft decode not timed
+    engine.draft_decode_ms = 5.0
+    target = {t.key: t for t in evaluate_targets(report)}["pyfunc_int8_vs_graph_int8"]
+    ceiling = 2 / (2.0 + 0.005 * 200.0)  # 0.67 of the engine
+    assert target.measured == f"0.50x (decode-bound ceiling {ceiling:.2f}x; exact decode 0.40x, its ceiling 0.40x)"
+    assert pipeline_ceiling("pyfunc-int8", {r.row: r for r in rows}, rows[1], 2) == pytest.approx(ceiling * 200.0)
+    assert pipeline_ceiling("pyfunc-bf16", {r.row: r for r in rows}, rows[1], 2) is None  # no bf16 engine row
+
+
+def test_the_machine_line_states_the_cpus_speed_flags():
+    from benchmarks.measure import SPEED_FLAGS, cpu_speed_flags
+    from benchmarks.report import _flags_text
+
+    flags = cpu_speed_flags()
+    assert flags is None or set(flags) <= set(SPEED_FLAGS)
+    assert _flags_text(["avx512f", "amx_bf16"]) == " (flags: avx512f, amx_bf16)"
+    assert _flags_text([]) == " (none of AVX2, AVX-512, VNNI, bf16, AMX)" and _flags_text(None) == ""
 
 
 def test_load_target_counts_the_load_and_first_prediction_and_shows_the_imports():
