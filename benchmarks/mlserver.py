@@ -95,10 +95,28 @@ def project_wheel(wheel_dir: Path) -> Path:
     if done.returncode != 0:
         raise MLServerUnavailable(f"building this checkout's wheel failed: {done.stderr.strip()[-600:]}")
     (built,) = build.glob("mlflow_clip-*.whl")
-    final = wheel_dir / hashlib.sha256(built.read_bytes()).hexdigest()[:16] / built.name
+    final = wheel_dir / _wheel_digest(built) / built.name
+    if final.exists():  # the same sources: the environment built from it is reused
+        shutil.rmtree(build, ignore_errors=True)
+        return final
     final.parent.mkdir(parents=True, exist_ok=True)
     built.replace(final)
     return final
+
+
+def _wheel_digest(wheel: Path) -> str:
+    """A digest of what a wheel carries, blind to what differs between two builds of the same
+    sources (zip timestamps, the compiled binary and the RECORD that hashes it); the binary's C
+    source is in the wheel, so a change to it still changes the digest."""
+    import zipfile
+
+    digest = hashlib.sha256()
+    with zipfile.ZipFile(wheel) as archive:
+        for name in sorted(archive.namelist()):
+            if name.endswith(".so") or name.endswith(".dist-info/RECORD"):
+                continue
+            digest.update(name.encode() + b"\0" + archive.read(name) + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def write_model_settings(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,3 +193,25 @@ def test_a_quick_run_measures_mlserver_beside_row_d(tmp_path):
         assert row.status == "ok", row.note
         assert row.images_per_s > 0 and row.p95_ms >= row.p50_ms
         assert row.note.startswith(f"{row.images_per_s / rows['server-4c'].images_per_s:.2f}x (d) server 4 clients")
+
+
+def test_the_wheel_digest_ignores_build_noise_and_sees_the_sources(tmp_path):
+    import zipfile
+
+    def wheel(name: str, module: bytes, binary: bytes, when: tuple) -> Path:
+        path = tmp_path / name / "mlflow_clip-0-py3-none-any.whl"
+        path.parent.mkdir()
+        with zipfile.ZipFile(path, "w") as archive:
+            for entry, data in (
+                ("mlflow_clip/a.py", module),
+                ("mlflow_clip/r.so", binary),
+                ("x.dist-info/RECORD", binary),
+            ):
+                archive.writestr(zipfile.ZipInfo(entry, date_time=when), data)
+        return path
+
+    first = wheel("1", b"x = 1", b"\x7fELF one", (2026, 1, 1, 0, 0, 0))
+    rebuilt = wheel("2", b"x = 1", b"\x7fELF two", (2026, 12, 6, 0, 0, 0))
+    changed = wheel("3", b"x = 2", b"\x7fELF one", (2026, 1, 1, 0, 0, 0))
+    assert bench_mlserver._wheel_digest(first) == bench_mlserver._wheel_digest(rebuilt)
+    assert bench_mlserver._wheel_digest(first) != bench_mlserver._wheel_digest(changed)
