@@ -16,7 +16,7 @@ from helpers import build_colour_onnx, encode, has_module, solid, using_store
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
-# The serving tier (`python -m pytest -m serving`, with `pip install ".[test]"` and no torch): the
+# The serving tier (`python -m pytest -m serving`, with `pip install -e ".[test]"` and no torch): the
 # tests of what every model carries, of the public API and of the layout. Tests in them that need
 # the export, OpenVINO or Spark skip where those are not installed.
 SERVING_TIER = ("serving/", "test_public_api.py", "test_layout.py", "test_options.py", "registry/test_card.py")
