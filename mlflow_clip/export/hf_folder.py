@@ -157,25 +157,18 @@ def siglip_image_settings(folder: Path, model: str, config: dict[str, Any] | Non
     vision = (config or read_json(folder / "config.json", model)).get("vision_config") or {}
     resolution = int(vision.get("image_size", 224))
     size = settings.get("size") or {}
-    reason = ""
     if not settings.get("do_resize", True) or settings.get("do_center_crop"):
         reason = "it does not resize the whole image to a square (it crops, or does not resize)"
     elif size != {"height": resolution, "width": resolution}:
         reason = f"it resizes to {size}, not the model's {resolution} px square"
-    elif settings.get("resample", 3) not in HF_RESAMPLE:
-        reason = f"it resamples with PIL filter {settings.get('resample')} (bicubic 3 or bilinear 2 are followed)"
-    elif not settings.get("do_rescale", True) or abs(float(settings.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-12:
-        reason = f"it rescales by {settings.get('rescale_factor')}, not 1/255"
-    elif not settings.get("do_normalize", True) or not settings.get("do_convert_rgb", True):
-        reason = "it does not normalize RGB"
+    else:
+        reason = _pixel_steps_reason(settings)
     if reason:
         raise HfFolderError(
             f"Received model={model!r}; its image processor is not supported: {reason}. The torch-free "
             "preprocessing reproduces SiglipImageProcessor's resize of the whole image to the model's square."
         )
-    mean = tuple(float(m) for m in settings.get("image_mean", (0.5, 0.5, 0.5)))
-    std = tuple(float(s) for s in settings.get("image_std", (0.5, 0.5, 0.5)))
-    return HfImageSettings(resolution, mean, std, HF_RESAMPLE[settings.get("resample", 3)])  # type: ignore[arg-type]
+    return _image_settings(settings, resolution, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
 def image_settings(folder: Path, model: str, config: dict[str, Any] | None = None) -> HfImageSettings:
@@ -187,24 +180,43 @@ def image_settings(folder: Path, model: str, config: dict[str, Any] | None = Non
     size, crop = settings.get("size") or {}, settings.get("crop_size") or {}
     crop = crop if isinstance(crop, dict) else {"height": crop, "width": crop}
     resolution = int(vision.get("image_size", 224))
-    reason = ""
     if not (settings.get("do_resize", True) and settings.get("do_center_crop", True)):
         reason = "it does not resize and centre-crop"
     elif set(size) != {"shortest_edge"}:
         reason = f"it resizes to {size} (the short side, shortest_edge, is followed)"
     elif not (int(size["shortest_edge"]) == crop.get("height") == crop.get("width") == resolution):
         reason = f"its resize ({size}) and crop ({crop}) are not the model's {resolution} px square"
-    elif settings.get("resample", 3) not in HF_RESAMPLE:
-        reason = f"it resamples with PIL filter {settings.get('resample')} (bicubic 3 or bilinear 2 are followed)"
-    elif not settings.get("do_rescale", True) or abs(float(settings.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-12:
-        reason = f"it rescales by {settings.get('rescale_factor')}, not 1/255"
-    elif not settings.get("do_normalize", True) or not settings.get("do_convert_rgb", True):
-        reason = "it does not normalize RGB"
+    else:
+        reason = _pixel_steps_reason(settings)
     if reason:
         raise HfFolderError(
             f"Received model={model!r}; its image processor is not supported: {reason}. The torch-free "
             "preprocessing reproduces CLIPImageProcessor's resize of the short side + centre crop of a square."
         )
-    mean = tuple(float(m) for m in settings.get("image_mean", (0.48145466, 0.4578275, 0.40821073)))
-    std = tuple(float(s) for s in settings.get("image_std", (0.26862954, 0.26130258, 0.27577711)))
-    return HfImageSettings(resolution, mean, std, HF_RESAMPLE[settings.get("resample", 3)])  # type: ignore[arg-type]
+    return _image_settings(
+        settings, resolution, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    )
+
+
+def _pixel_steps_reason(settings: dict[str, Any]) -> str:
+    """Why the steps after the resize (resample filter, 1/255 rescale, RGB normalization) cannot
+    be followed, or "" when they can: the same for every Hugging Face image processor."""
+    if settings.get("resample", 3) not in HF_RESAMPLE:
+        return f"it resamples with PIL filter {settings.get('resample')} (bicubic 3 or bilinear 2 are followed)"
+    if not settings.get("do_rescale", True) or abs(float(settings.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-12:
+        return f"it rescales by {settings.get('rescale_factor')}, not 1/255"
+    if not settings.get("do_normalize", True) or not settings.get("do_convert_rgb", True):
+        return "it does not normalize RGB"
+    return ""
+
+
+def _image_settings(
+    settings: dict[str, Any], resolution: int, mean: tuple[float, ...], std: tuple[float, ...]
+) -> HfImageSettings:
+    """The settings a checked processor gives, its mean and std defaulting to the family's."""
+    return HfImageSettings(
+        resolution,
+        tuple(float(m) for m in settings.get("image_mean", mean)),
+        tuple(float(s) for s in settings.get("image_std", std)),
+        HF_RESAMPLE[settings.get("resample", 3)],  # type: ignore[arg-type]
+    )
