@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from mlflow_clip.export.checkpoints import CheckpointError, LoadedClip
+from mlflow_clip.export.checkpoints import LoadedClip
 from mlflow_clip.export.hf_folder import siglip_image_settings
-from mlflow_clip.export.hf_source import import_transformers
+from mlflow_clip.export.hf_source import import_transformers, load_hf_folder
 from mlflow_clip.export.open_clip_text_source import NormalizedText, SourceModel
 from mlflow_clip.export.sources import ModelSource
 from mlflow_clip.export.tokenizer_files import write_tokenizer_files
@@ -51,19 +51,8 @@ class _Features(nn.Module):
 def load_hf_siglip(source: ModelSource, work_dir: str | Path) -> LoadedClip:
     """The folder's SiglipModel in float32, its processor and tokenizer; the served tokenizer's
     files are written into `work_dir`."""
-    transformers = import_transformers()
     folder = Path(source.folder)
-    _logger.info("Loading Hugging Face SiglipModel from %s", folder)
-    try:
-        hf_model = transformers.SiglipModel.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
-        processor = transformers.SiglipImageProcessorPil.from_pretrained(folder, local_files_only=True)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except Exception as e:
-        raise CheckpointError(
-            f"Could not load the Hugging Face SiglipModel in {folder}: {type(e).__name__}: {e}. Expected the files "
-            "SiglipModel.save_pretrained and SiglipProcessor.save_pretrained write."
-        ) from e
-    hf_model = hf_model.float().eval()
+    hf_model, processor, tokenizer = load_hf_folder(folder, "Siglip", "AutoTokenizer")
     settings = siglip_image_settings(folder, source.model)
     context_length = int(hf_model.config.text_config.max_position_embeddings)
     served, files = write_tokenizer_files(tokenizer, work_dir, context_length)
@@ -97,8 +86,9 @@ def load_hf_siglip(source: ModelSource, work_dir: str | Path) -> LoadedClip:
             **source.run_params(),
             "tokenizer": served,
             "parity_reference": (
-                f"transformers {transformers.__version__} SiglipModel from {folder.name}, SiglipImageProcessorPil and "
-                f"{type(tokenizer).__name__} (padding to {context_length}, no attention mask)"
+                f"transformers {import_transformers().__version__} SiglipModel from {folder.name}, "
+                f"SiglipImageProcessorPil and {type(tokenizer).__name__} "
+                f"(padding to {context_length}, no attention mask)"
             ),
         },
         logit_bias=float(hf_model.logit_bias.detach().reshape(-1)[0]),

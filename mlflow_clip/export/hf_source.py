@@ -40,6 +40,26 @@ def import_transformers():
     return import_source_library("transformers", "Hugging Face folders")
 
 
+def load_hf_folder(folder: Path, family: str, tokenizer_class: str) -> tuple[Any, Any, Any]:
+    """The folder's `<family>Model` in float32 (eval mode), its Pillow image processor and its
+    tokenizer (`tokenizer_class` from transformers), from local files only; a folder that does
+    not load is a `CheckpointError` naming the files `save_pretrained` writes."""
+    transformers = import_transformers()
+    _logger.info("Loading Hugging Face %sModel from %s", family, folder)
+    try:
+        hf_model = getattr(transformers, f"{family}Model").from_pretrained(
+            folder, local_files_only=True, dtype=torch.float32
+        )
+        processor = getattr(transformers, f"{family}ImageProcessorPil").from_pretrained(folder, local_files_only=True)
+        tokenizer = getattr(transformers, tokenizer_class).from_pretrained(folder, local_files_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"Could not load the Hugging Face {family}Model in {folder}: {type(e).__name__}: {e}. Expected the files "
+            f"{family}Model.save_pretrained and {family}Processor.save_pretrained write."
+        ) from e
+    return hf_model.float().eval(), processor, tokenizer
+
+
 class HfReference(nn.Module):
     """A Hugging Face `CLIPModel` seen through what parity reads: `visual(pixels)` and
     `encode_text(ids)` are its own `get_image_features` / `get_text_features`."""
@@ -71,19 +91,8 @@ def _features(output: Any) -> torch.Tensor:
 
 def load_hf(source: ModelSource) -> LoadedClip:
     """The folder's CLIPModel in float32, its OpenAI-layout conversion, processor and tokenizer."""
-    transformers = import_transformers()
     folder = Path(source.folder)
-    _logger.info("Loading Hugging Face CLIPModel from %s", folder)
-    try:
-        hf_model = transformers.CLIPModel.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
-        processor = transformers.CLIPImageProcessorPil.from_pretrained(folder, local_files_only=True)
-        tokenizer = transformers.CLIPTokenizer.from_pretrained(folder, local_files_only=True)
-    except Exception as e:
-        raise CheckpointError(
-            f"Could not load the Hugging Face CLIPModel in {folder}: {type(e).__name__}: {e}. Expected the files "
-            "CLIPModel.save_pretrained and CLIPProcessor.save_pretrained write."
-        ) from e
-    hf_model = hf_model.float().eval()
+    hf_model, processor, tokenizer = load_hf_folder(folder, "CLIP", "CLIPTokenizer")
     settings = image_settings(folder, source.model)
     activation = _activation(hf_model.config)
     if activation != source.activation:
@@ -112,7 +121,7 @@ def load_hf(source: ModelSource) -> LoadedClip:
             "activation": activation,
             "tokenizer": HF_TOKENIZER,
             "parity_reference": (
-                f"transformers {transformers.__version__} CLIPModel from {folder.name} ({activation}), "
+                f"transformers {import_transformers().__version__} CLIPModel from {folder.name} ({activation}), "
                 "CLIPImageProcessorPil and CLIPTokenizer"
             ),
         },
