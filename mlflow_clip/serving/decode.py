@@ -43,7 +43,7 @@ from PIL import ExifTags, Image, UnidentifiedImageError
 from .cost import Cost
 from .deadline import NO_DEADLINE, Deadline, DeadlineExceeded
 from .errors import ImageInputError, InternalError
-from .fast_jpeg import FastDecodeRefused, takes_fast_path
+from .fast_jpeg import EXIF_TRANSPOSE, FastDecodeRefused, takes_fast_path
 from .fast_jpeg import decode as fast_decode
 from .limits import InputLimits
 from .structure import TooManyParts, read_structure
@@ -90,15 +90,6 @@ _PILLOW_DECODE_ERRORS = (
 )
 _BMP_HEADER_SIZES = (12, 40, 52, 56, 64, 108, 124)  # the DIB headers Pillow's BMP plugin reads
 _TIFF_PREFIXES = (b"II*\x00", b"MM\x00*", b"II\x00*", b"MM*\x00", b"II+\x00", b"MM\x00+")
-_EXIF_TRANSPOSE = {  # EXIF orientation -> transposition that makes the image upright
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
 
 
 @dataclass
@@ -378,7 +369,7 @@ def to_rgb(image: Image.Image, deadline: Deadline = NO_DEADLINE) -> Image.Image:
 def _upright(image: Image.Image) -> Image.Image:
     """``ImageOps.exif_transpose``'s pixel mapping, without its metadata rewrite (which raises on
     some corrupt EXIF blocks and is useless here)."""
-    method = _EXIF_TRANSPOSE.get(_orientation(image))
+    method = EXIF_TRANSPOSE.get(_orientation(image))
     return image if method is None else image.transpose(method)
 
 

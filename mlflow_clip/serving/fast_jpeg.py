@@ -58,7 +58,9 @@ _ORIENT = {
     7: lambda a: a.swapaxes(0, 1)[::-1, ::-1],
     8: lambda a: a.swapaxes(0, 1)[::-1],
 }
-_TRANSPOSE = {
+# Pillow's way to the same upright image (what the pixels above are checked against; decode.py
+# applies it to images Pillow decodes).
+EXIF_TRANSPOSE = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
     3: Image.Transpose.ROTATE_180,
     4: Image.Transpose.FLIP_TOP_BOTTOM,
@@ -210,5 +212,5 @@ def _orientations_match(rng: np.random.Generator) -> bool:
     image = Image.fromarray(pixels)
     return all(
         np.array_equal(orient(pixels, orientation), np.asarray(image.transpose(method)))
-        for orientation, method in _TRANSPOSE.items()
+        for orientation, method in EXIF_TRANSPOSE.items()
     )
