@@ -174,3 +174,15 @@ def test_the_package_does_not_import_the_benchmark_harness():
         if module.split(".")[0] == "benchmarks"
     ]
     assert offenders == []
+
+
+def test_every_docs_page_the_code_and_docs_name_exists():
+    """Module docstrings and pages send readers to docs/...md for figures and reasons; each exists."""
+    sources = [*PACKAGE.rglob("*.py"), *HARNESS.rglob("*.py"), *(ROOT / "scripts").rglob("*.py")]
+    sources += [*(ROOT / "docs").rglob("*.md"), ROOT / "README.md"]
+    named = {
+        (path.relative_to(ROOT).as_posix(), page)
+        for path in sources
+        for page in re.findall(r"\bdocs/[\w./-]+?\.md\b", path.read_text(encoding="utf-8"))
+    }
+    assert sorted((where, page) for where, page in named if not (ROOT / page).is_file()) == []

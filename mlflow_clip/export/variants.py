@@ -11,10 +11,14 @@ it, and on the JPEG draft decode where that precision's model uses it:
   OpenVINO and on onnxruntime, listed in the order measured fastest for that method
   (docs/decisions/precision-choice.md).
 
-Any gate that fails fails the export, as a single precision's does: nothing is registered. The
-result is MLmodel's ``precisions`` table (each one's graph, runtimes, decode and parity), run
-metrics ``parity_<precision>_<runtime>_*``, and tags ``precisions`` and ``parity_<precision>``.
-Serving picks among them at load (`mlflow_clip.serving.variants`).
+A runtime whose gate fails does not serve that precision: it leaves the precision's
+``runtimes`` and is listed under ``refused`` with the gate it failed, its figures kept (int8
+kernels differ by CPU: a dynamic int8 graph that passes on onnxruntime may be off on OpenVINO on
+the export's CPU). A precision that no runtime passes fails the export, as a single precision's
+gate does: nothing is registered; so does a failed draft gate. The result is MLmodel's
+``precisions`` table (each one's graph, runtimes, decode, parity and refusals), run metrics
+``parity_<precision>_<runtime>_*``, and tags ``precisions`` and ``parity_<precision>``. Serving
+picks among them at load (`mlflow_clip.serving.variants`).
 """
 
 from __future__ import annotations
@@ -87,16 +91,19 @@ def gate_variants(
             entry[VariantKey.ONNX_SHA256] = sha256_file(graph)
             gated.files[graph.name] = graph
         thresholds = ParityThresholds.for_precision(precision)
+        refusals: dict[str, list[str]] = {}
         for runtime in runtimes:
             if precision == built.config.precision and runtime == built.precision.runtime:
                 _record(gated, entry, precision, runtime, base, None)  # gated already, with the export's gates
             else:
-                _record(
-                    gated, entry, precision, runtime, _measure(built, graph, samples, precision, runtime), thresholds
-                )
-        if entry[VariantKey.JPEG_DRAFT]:
-            report = _measure(built, graph, samples, precision, runtimes[0], served=drafts)
-            _record(gated, entry, precision, "draft", report, replace(thresholds, max_pixel_diff=math.inf))
+                report = _measure(built, graph, samples, precision, runtime)
+                refusals[runtime] = _record(gated, entry, precision, runtime, report, thresholds)
+        gated.failures += admit_runtimes(entry, precision, refusals)
+        if entry[VariantKey.JPEG_DRAFT] and entry[VariantKey.RUNTIMES]:
+            report = _measure(built, graph, samples, precision, entry[VariantKey.RUNTIMES][0], served=drafts)
+            gated.failures += _record(
+                gated, entry, precision, "draft", report, replace(thresholds, max_pixel_diff=math.inf)
+            )
         gated.table[precision] = entry
         gated.tags[f"parity_{precision}"] = _tag(entry, thresholds)
     gated.tags["precisions"] = ",".join(precisions)
@@ -141,21 +148,43 @@ def _measure(built: BuiltClassifier, graph: Path, samples, precision: str, runti
     )  # fmt: skip
 
 
-def _record(gated: GatedVariants, entry, precision: str, where: str, report: ParityReport, thresholds) -> None:
+def admit_runtimes(entry: dict[str, Any], precision: str, refusals: dict[str, list[str]]) -> list[str]:
+    """Drop from `entry`'s runtimes each one whose gates failed (`refusals`: runtime -> failed gates),
+    recording why under ``refused``; the export's failures: every gate, when no runtime is left.
+
+    >>> entry = {"runtimes": ["onnxruntime", "openvino"]}
+    >>> admit_runtimes(entry, "int8", {"onnxruntime": [], "openvino": ["max_abs_logit_diff = 1.66 exceeds 1.5"]})
+    []
+    >>> entry
+    {'runtimes': ['onnxruntime'], 'refused': {'openvino': 'max_abs_logit_diff = 1.66 exceeds 1.5'}}
+    """
+    refused = {runtime: "; ".join(failed) for runtime, failed in refusals.items() if failed}
+    if not refused:
+        return []
+    entry[VariantKey.RUNTIMES] = [runtime for runtime in entry[VariantKey.RUNTIMES] if runtime not in refused]
+    entry[VariantKey.REFUSED] = refused
+    if entry[VariantKey.RUNTIMES]:
+        return []
+    return [failure for runtime in refused for failure in refusals[runtime]]
+
+
+def _record(gated: GatedVariants, entry, precision: str, where: str, report: ParityReport, thresholds) -> list[str]:
+    """Log `report`'s figures for `precision` on `where` and keep its summary; its failed gates."""
     prefix = f"parity_{precision}_{where}_"
     metrics = report.metrics(prefix)
     gated.metrics.update({k: v for k, v in metrics.items() if "text" not in k and "token" not in k})
-    if thresholds is not None:
-        gated.failures += check_gates(replace(report, text=None), thresholds, prefix)
     summary = {key: metrics[prefix + key] for key in _SUMMARY if prefix + key in metrics}
     entry[VariantKey.PARITY][where] = summary
+    return [] if thresholds is None else check_gates(replace(report, text=None), thresholds, prefix)
 
 
 def _tag(entry: dict[str, Any], thresholds: ParityThresholds) -> str:
     """One line per precision for the registry, e.g. `openvino: max prob diff 1.8e-03, top-1 1.000
     (gates 1e-02, 0.9)`."""
+    refused = entry.get(VariantKey.REFUSED, {})
     parts = [
         f"{where}: max prob diff {figures['max_abs_prob_diff']:.1e}, top-1 {figures['top1_agreement']:.3f}"
+        + (" (refused)" if where in refused else "")
         for where, figures in entry[VariantKey.PARITY].items()
     ]
     return "; ".join(parts) + f" (gates {thresholds.max_prob_diff:.0e}, {thresholds.min_top1_agreement:g})"

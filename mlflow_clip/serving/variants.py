@@ -56,6 +56,7 @@ class VariantKey:
     RUNTIMES = "runtimes"
     JPEG_DRAFT = "jpeg_draft"
     PARITY = "parity"
+    REFUSED = "refused"  # runtime -> the gate it failed at export; it does not serve this precision
 
 
 @functools.cache
@@ -136,7 +137,8 @@ def choose_variant(
 
 def _no_runtime(precision: str, entry: Mapping[str, Any], runtimes: list[str], pinned: str | None) -> str:
     if not runtimes:
-        return f"{precision} (gated on {', '.join(entry[VariantKey.RUNTIMES])}, not on runtime={pinned})"
+        refused = "; refused there at export" if pinned in entry.get(VariantKey.REFUSED, {}) else ""
+        return f"{precision} (gated on {', '.join(entry[VariantKey.RUNTIMES])}, not on runtime={pinned}{refused})"
     return f"{precision} (needs OpenVINO, not installed here: {OPENVINO_INSTALL_HINT})"
 
 

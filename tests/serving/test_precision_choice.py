@@ -96,3 +96,11 @@ def test_apply_keeps_a_jpeg_draft_set_at_load():
 def test_this_machines_flags_are_read():
     flags = cpu_flags()
     assert isinstance(flags, frozenset) and ("fpu" in flags or not flags)
+
+
+def test_a_runtime_refused_at_export_is_never_served_and_the_pin_says_so():
+    table = {**TABLE, "int8": {**TABLE["int8"], "runtimes": ["onnxruntime"], "refused": {"openvino": "off"}}}
+    assert choose_variant(table, AUTO_SETTINGS, ZEN4, openvino=True).runtime == "onnxruntime"
+    pinned = RuntimeSettings(runtime="openvino", precision="int8")
+    with pytest.raises(RuntimeUnavailableError, match=r"int8 \(gated on onnxruntime, not on runtime=openvino; refused"):
+        choose_variant(table, pinned, ZEN4, openvino=True)
