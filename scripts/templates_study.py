@@ -4,7 +4,7 @@ ensemble, each evaluated on the same freshly drawn image folder (varied sizes, f
 Prints a Markdown table: templates, top-1, top-5, macro F1.
 
     python scripts/templates_study.py                          # demo weights, 40 images per class
-    python scripts/templates_study.py --model /path/to/clip.pt --per-class 100 --out docs/templates.md
+    python scripts/templates_study.py --model /path/to/clip.pt --per-class 100 --out templates.md
 """
 
 from __future__ import annotations
