@@ -74,7 +74,8 @@ SENTENCEPIECE_REQUIRES = ["sentencepiece>=0.2"]
 # tokenizer folders.
 SOURCES_REQUIRES = ["open_clip_torch>=3", "transformers>=5,<6", "timm>=1", *SENTENCEPIECE_REQUIRES]
 # The test tools: with the serving install alone they run the serving tier (`pytest -m serving`).
-TEST_REQUIRES = ["pytest>=8", "pytest-timeout>=2.3", "requests>=2.31", "ruff>=0.6"]
+# pytest-xdist runs the quick tiers on every core (`-n auto`); CI's full run stays in one process.
+TEST_REQUIRES = ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "requests>=2.31", "ruff>=0.6"]
 # Everything the whole suite exercises (CI's install, `pip install -e ".[dev]"`): the export, the
 # optional runtime and sources, Spark, PostgreSQL's driver, and uv for environments built from a
 # model alone (`mlflow models serve --env-manager uv`).

@@ -89,9 +89,12 @@ def _models(rng) -> dict[str, tuple[str, pd.DataFrame]]:
 
     features = _features(rng)
     three = np.digitize(features["a"] + 0.3 * rng.normal(size=len(features)), [-0.5, 0.5])
-    sklearn_info = mlflow.sklearn.log_model(LogisticRegression().fit(features, three), name="sklearn")
-    labels_info = mlflow.pyfunc.log_model(name="labels", python_model=_Labels())
-    probabilities_info = mlflow.pyfunc.log_model(name="probabilities", python_model=_Probabilities())
+    # Requirements named, so MLflow does not spend seconds per model inferring them in a subprocess.
+    requirements = {"pip_requirements": ["mlflow", "scikit-learn"]}
+    classifier = LogisticRegression().fit(features, three)
+    sklearn_info = mlflow.sklearn.log_model(classifier, name="sklearn", **requirements)
+    labels_info = mlflow.pyfunc.log_model(name="labels", python_model=_Labels(), **requirements)
+    probabilities_info = mlflow.pyfunc.log_model(name="probabilities", python_model=_Probabilities(), **requirements)
     noisy = np.where(features["a"] + 0.5 * rng.normal(size=len(features)) > 0, "yes", "no")
     return {
         "scikit-learn, three classes": (sklearn_info.model_uri, features.assign(y=three)),

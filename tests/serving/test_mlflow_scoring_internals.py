@@ -9,7 +9,6 @@ import warnings
 from pathlib import Path
 
 import mlflow
-import pandas as pd
 import pytest
 
 from mlflow_clip.gateway import sanitize
@@ -31,15 +30,18 @@ class _Failing(mlflow.pyfunc.PythonModel):
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature
     from mlflow.pyfunc import scoring_server
+    from mlflow.types import ColSpec, Schema
     from starlette.testclient import TestClient
 
     path = tmp_path_factory.mktemp("failing") / "model"
-    example = pd.DataFrame({"text": ["x"], "n": [1]})
+    # Written out, not inferred: inferring imports pyspark's connect module when pyspark is
+    # installed, which exits a process whose __main__ has no file (a pytest-xdist worker).
+    signature = ModelSignature(Schema([ColSpec("string", "text"), ColSpec("long", "n")]), Schema([ColSpec("string")]))
     with warnings.catch_warnings():  # MLflow asks for an input example, which would run predict
         warnings.simplefilter("ignore")
-        mlflow.pyfunc.save_model(path, python_model=_Failing(), signature=infer_signature(example, ["y"]))
+        mlflow.pyfunc.save_model(path, python_model=_Failing(), signature=signature, pip_requirements=["mlflow"])
     return TestClient(scoring_server.init(mlflow.pyfunc.load_model(str(path))))
 
 
