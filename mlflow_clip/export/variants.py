@@ -98,7 +98,7 @@ def gate_variants(
             else:
                 report = _measure(built, graph, samples, precision, runtime)
                 refusals[runtime] = _record(gated, entry, precision, runtime, report, thresholds)
-        gated.failures += admit_runtimes(entry, precision, refusals)
+        gated.failures += admit_runtimes(entry, refusals)
         if entry[VariantKey.JPEG_DRAFT] and entry[VariantKey.RUNTIMES]:
             report = _measure(built, graph, samples, precision, entry[VariantKey.RUNTIMES][0], served=drafts)
             gated.failures += _record(
@@ -148,12 +148,12 @@ def _measure(built: BuiltClassifier, graph: Path, samples, precision: str, runti
     )  # fmt: skip
 
 
-def admit_runtimes(entry: dict[str, Any], precision: str, refusals: dict[str, list[str]]) -> list[str]:
+def admit_runtimes(entry: dict[str, Any], refusals: dict[str, list[str]]) -> list[str]:
     """Drop from `entry`'s runtimes each one whose gates failed (`refusals`: runtime -> failed gates),
     recording why under ``refused``; the export's failures: every gate, when no runtime is left.
 
     >>> entry = {"runtimes": ["onnxruntime", "openvino"]}
-    >>> admit_runtimes(entry, "int8", {"onnxruntime": [], "openvino": ["max_abs_logit_diff = 1.66 exceeds 1.5"]})
+    >>> admit_runtimes(entry, {"onnxruntime": [], "openvino": ["max_abs_logit_diff = 1.66 exceeds 1.5"]})
     []
     >>> entry
     {'runtimes': ['onnxruntime'], 'refused': {'openvino': 'max_abs_logit_diff = 1.66 exceeds 1.5'}}

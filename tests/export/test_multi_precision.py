@@ -74,6 +74,7 @@ def test_each_precision_is_gated_recorded_and_tagged(auto_export):
     assert int8["runtimes"][0] == "onnxruntime" and not set(int8["runtimes"]) & set(int8.get("refused", {}))
     assert "model-int8.onnx" in flavor["manifest"]["files"]
     metrics = MlflowClient().get_run(auto_export.run_id).data.metrics
+    tags = tags_of(auto_export)
     for precision, entry in table.items():
         gates = ParityThresholds.for_precision(precision)
         for runtime in entry["runtimes"]:
@@ -84,9 +85,8 @@ def test_each_precision_is_gated_recorded_and_tagged(auto_export):
             assert figures["top1_agreement"] >= gates.min_top1_agreement
         for runtime, reason in entry.get("refused", {}).items():
             assert reason.startswith(f"parity_{precision}_{runtime}_") and ("exceeds" in reason or "below" in reason)
-            assert f"{runtime}: max prob diff" in tags_of(auto_export)[f"parity_{precision}"]
+            assert f"{runtime}: max prob diff" in tags[f"parity_{precision}"]
     assert 1e-5 < metrics["parity_bf16_openvino_max_abs_prob_diff"]  # bf16's rounding is real
-    tags = tags_of(auto_export)
     assert tags["precisions"] == "fp32,bf16,int8" and tags["precision"] == "fp32"
     assert tags["parity_int8"].startswith("onnxruntime: max prob diff ") and "(gates 1e-01, 0.9)" in tags["parity_int8"]
     from mlflow.artifacts import download_artifacts

@@ -248,14 +248,14 @@ def test_a_runtime_that_fails_its_gate_does_not_serve_that_precision():
 
     failed = ["parity_int8_openvino_max_abs_logit_diff = 1.66 exceeds max_logit_diff = 1.5"]
     entry = {"runtimes": ["onnxruntime", "openvino"]}
-    assert admit_runtimes(entry, "int8", {"onnxruntime": [], "openvino": failed}) == []
+    assert admit_runtimes(entry, {"onnxruntime": [], "openvino": failed}) == []
     assert entry == {"runtimes": ["onnxruntime"], "refused": {"openvino": failed[0]}}
     passing = {"runtimes": ["openvino", "onnxruntime"]}
-    assert admit_runtimes(passing, "int8", {"openvino": [], "onnxruntime": []}) == []
+    assert admit_runtimes(passing, {"openvino": [], "onnxruntime": []}) == []
     assert passing == {"runtimes": ["openvino", "onnxruntime"]}  # nothing refused, nothing recorded
     both = {"runtimes": ["onnxruntime", "openvino"]}
     other = ["parity_int8_onnxruntime_top1_agreement = 0.5000 is below min_top1_agreement = 0.9000"]
-    assert admit_runtimes(both, "int8", {"onnxruntime": other, "openvino": failed}) == other + failed
+    assert admit_runtimes(both, {"onnxruntime": other, "openvino": failed}) == other + failed
     assert both["runtimes"] == [] and set(both["refused"]) == {"onnxruntime", "openvino"}
 
 
