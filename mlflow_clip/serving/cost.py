@@ -32,14 +32,14 @@ class Rates:
 # The worst measured per format (each rate covers the worst content found for it).
 CODEC_RATES: dict[str, Rates] = {
     "jpeg": Rates(pixel=7.0, payload_byte=15.0),
-    "jpeg-progressive": Rates(pixel=7.0, payload_byte=30.0, pixel_scan=0.75),
+    "jpeg-progressive": Rates(pixel=7.0, payload_byte=30.0, pixel_scan=0.9),
     "png": Rates(pixel=3.0, raw_byte=5.5, payload_byte=10.0),
     "png-interlaced": Rates(pixel=4.0, raw_byte=5.5, payload_byte=10.0),
     "gif": Rates(pixel=6.0, payload_byte=8.0),
     "webp-lossy": Rates(pixel=16.0, payload_byte=20.0),
     "webp-lossless": Rates(pixel=16.0, payload_byte=30.0),
     "bmp": Rates(pixel=2.0, raw_byte=1.0),
-    "bmp-rle": Rates(pixel=125.0, payload_byte=500.0),  # Pillow decodes RLE in Python, a read per byte
+    "bmp-rle": Rates(pixel=250.0, payload_byte=800.0),  # Pillow decodes RLE in Python, a read per byte
 }
 TIFF_RATES: dict[int, Rates] = {  # by TIFF compression number
     1: Rates(pixel=2.0, raw_byte=2.0),  # none

@@ -186,11 +186,11 @@ def test_caches_are_bounded_in_bytes():
 
 
 def test_a_request_over_its_decoding_budget_decodes_nothing(demo):
-    """Three 50 MP progressive JPEGs of 30 scans, each under max_decode_ms and together under
-    max_request_pixels: about 6 CPU seconds of decoding, refused up front."""
+    """Three 50 MP progressive JPEGs of 25 scans, each under max_decode_ms and together under
+    max_request_pixels: about 5 CPU seconds of decoding, refused up front."""
     from costly_images import FULL_SIDE, jpeg_progressive_scans
 
-    image = jpeg_progressive_scans(FULL_SIDE, 30)
+    image = jpeg_progressive_scans(FULL_SIDE, 25)
     started = time.process_time()
     with pytest.raises(
         MlflowException, match=r"3 images that would take about \d+ ms of CPU to decode in all; expected"
