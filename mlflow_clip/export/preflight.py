@@ -9,7 +9,9 @@ loading CLIP that used to come before it (`ExportSpec.create` calls these):
 - an OpenAI model name must be in the download cache (`~/.cache/clip`, or
   `$MLFLOW_CLIP_CACHE_DIR`), or the machine must reach the host clip downloads it from: one TCP
   connection, through the HTTPS proxy when one is set, answered within `ONLINE_TIMEOUT_SECONDS`;
-- a precision whose runtime is not onnxruntime needs that runtime installed (bf16: OpenVINO).
+- a precision whose runtime is not onnxruntime needs that runtime installed (bf16: OpenVINO),
+  and bf16 needs a CPU where OpenVINO computes in bf16 (AVX-512): elsewhere it runs the graph in
+  f32, and the bf16 gates would measure fp32.
 
     >>> check_openai_weights("demo")
     'demo'
@@ -27,7 +29,7 @@ from pathlib import Path
 from mlflow_clip.errors import WeightsError
 from mlflow_clip.export.options import SpecError
 from mlflow_clip.prompt_files import locate
-from mlflow_clip.serving.openvino_runtime import openvino_available
+from mlflow_clip.serving.openvino_runtime import openvino_available, openvino_runs_bf16
 
 DEMO_MODEL_NAME = "demo"
 CACHE_ENV = "MLFLOW_CLIP_CACHE_DIR"
@@ -82,6 +84,12 @@ def check_runtime(precision: str) -> None:
                 f"Received precision={precision!r}, which runs on {runtime}, and {runtime} is not installed here: "
                 f"{install}, or choose fp32 or int8."
             )
+    if precision == "bf16" and not openvino_runs_bf16():
+        raise SpecError(
+            "Received precision='bf16', and OpenVINO has no bf16 on this CPU (it needs AVX-512: AVX512_BF16 or AMX "
+            "to be fast): it would run the graph in fp32, so the bf16 gates would measure fp32. Export bf16 on such a "
+            "CPU, or choose fp32 or int8 (precision=auto leaves bf16 out here)."
+        )
 
 
 def is_online(host: str = OPENAI_DOWNLOAD_HOST, timeout: float = ONLINE_TIMEOUT_SECONDS) -> bool:

@@ -110,15 +110,16 @@ class ParityThresholds:
 
 def parse_precisions(precision: str) -> tuple[str, ...]:
     """The precisions an export gates, the one its `model.onnx` is saved at first: one name,
-    `auto` (fp32, int8, and bf16 where OpenVINO is installed to gate it), or a list.
+    `auto` (fp32, int8, and bf16 where OpenVINO is installed and runs bf16 on this CPU, so that
+    its gates measure bf16), or a list.
 
     >>> parse_precisions("int8"), parse_precisions("bf16, fp32")
     (('int8',), ('fp32', 'bf16'))
     """
     if precision.strip() == AUTO_PRECISION:
-        from mlflow_clip.serving.openvino_runtime import openvino_available
+        from mlflow_clip.serving.openvino_runtime import openvino_runs_bf16
 
-        return tuple(p for p in MULTI_PRECISIONS if p != "bf16" or openvino_available())
+        return tuple(p for p in MULTI_PRECISIONS if p != "bf16" or openvino_runs_bf16())
     names = [name.strip() for name in precision.split(",") if name.strip()]
     if len(names) == 1:
         return (check_precision(names[0]),)

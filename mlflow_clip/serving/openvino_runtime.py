@@ -12,6 +12,7 @@ rather than onnxruntime's OpenVINO execution provider).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import queue
@@ -35,6 +36,26 @@ def openvino_available() -> bool:
         return importlib.util.find_spec("openvino") is not None
     except (ImportError, ValueError):
         return False
+
+
+@functools.lru_cache(maxsize=None)
+def openvino_runs_bf16(device: str = "CPU") -> bool:
+    """Whether OpenVINO computes in bf16 on `device` when a model asks it to: natively with
+    AVX512_BF16 or AMX, emulated (slowly) with AVX-512. A CPU without AVX-512 has no bf16 in
+    OpenVINO, which then runs the graph in f32 without a word: what a bf16 export gated there
+    would measure is fp32. Known by compiling a one-matmul graph at the bf16 hint and reading
+    back the precision it compiled at (about 0.1 s, once a process); False without OpenVINO."""
+    if not openvino_available():
+        return False
+    import openvino as ov
+    from openvino import opset13
+
+    features = opset13.parameter([1, 16], np.float32)
+    graph = ov.Model(
+        [opset13.matmul(features, opset13.constant(np.eye(16, dtype=np.float32)), False, False)], [features]
+    )
+    compiled = ov.Core().compile_model(graph, device, {"INFERENCE_PRECISION_HINT": "bf16"})
+    return _type_name(str(compiled.get_property("INFERENCE_PRECISION_HINT"))) == "bf16"
 
 
 def inference_precision(precision: str) -> str:
@@ -88,7 +109,15 @@ class OpenVinoSession:
             f"OpenVINO {ov.get_version().split('-')[0]} on {settings.openvino_device} "
             f"(inference precision {self.inference_precision})"
         )
-        if precision in _INFERENCE_PRECISION and "BF16" not in _capabilities(core, settings.openvino_device):
+        if precision in _INFERENCE_PRECISION and self.inference_precision != inference_precision(precision):
+            _logger.warning(
+                "mlflow-clip: this %s model runs in %s here: OpenVINO has no %s on this CPU (it needs AVX-512), "
+                "so it computes as the fp32 graph does, at fp32's speed.",
+                precision,
+                self.inference_precision,
+                precision,
+            )
+        elif precision in _INFERENCE_PRECISION and "BF16" not in _capabilities(core, settings.openvino_device):
             _logger.warning(
                 "mlflow-clip: this %s model runs on a CPU without native bf16 instructions: OpenVINO emulates "
                 'them, several times slower than fp32; model_config={"runtime": "onnxruntime"} runs it in fp32.',

@@ -15,7 +15,7 @@ from helpers import BLOCK_TORCH, ROOT, free_port, requires_export, subprocess_en
 
 from mlflow_clip.export import preflight
 from mlflow_clip.export.preflight import WeightsError, check_openai_weights, is_online
-from mlflow_clip.export.spec import ExportSpec
+from mlflow_clip.export.spec import ExportSpec, SpecError
 
 
 @pytest.fixture()
@@ -55,6 +55,41 @@ def test_online_means_a_connection_to_the_download_host_or_its_proxy_opens(monke
         assert is_online()
     monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{free_port()}")
     assert not is_online()
+
+
+def test_bf16_is_refused_where_openvino_would_run_it_in_fp32_and_auto_leaves_it_out(monkeypatch):
+    """On a CPU without AVX-512, OpenVINO compiles a graph asked for bf16 at f32: a bf16 export
+    gated there would measure fp32. Stood in for on every CPU by the check's answer."""
+    from mlflow_clip.export.spec import parse_precisions
+    from mlflow_clip.serving import openvino_runtime
+
+    monkeypatch.setattr(preflight, "openvino_available", lambda: True)
+    for runs_bf16, auto in ((False, ("fp32", "int8")), (True, ("fp32", "bf16", "int8"))):
+        monkeypatch.setattr(preflight, "openvino_runs_bf16", lambda runs=runs_bf16: runs)
+        monkeypatch.setattr(openvino_runtime, "openvino_runs_bf16", lambda runs=runs_bf16: runs)
+        assert parse_precisions("auto") == auto
+        if runs_bf16:
+            preflight.check_runtime("bf16")
+            continue
+        for precision in ("bf16", "fp32,bf16"):
+            with pytest.raises(
+                SpecError, match=r"OpenVINO has no bf16 on this CPU \(it needs AVX-512.*choose fp32 or int8"
+            ):
+                ExportSpec.create("a,b", model="demo", precision=precision)
+
+
+def test_openvino_runs_bf16_where_the_cpu_has_it_and_not_without_avx_512():
+    from mlflow_clip.serving.openvino_runtime import openvino_available, openvino_runs_bf16
+
+    if not openvino_available():
+        pytest.skip('needs ".[openvino]"')
+    flags = set(Path("/proc/cpuinfo").read_text().split("flags", 2)[1].splitlines()[0].split())
+    if flags & {"avx512_bf16", "amx_bf16"}:
+        assert openvino_runs_bf16()
+    elif "avx512f" not in flags:
+        assert not openvino_runs_bf16()
+    else:
+        pytest.skip("AVX-512 without native bf16: OpenVINO's choice (emulated bf16 or f32)")
 
 
 def test_a_relative_checkpoint_is_found_in_the_callers_directory(tmp_path, monkeypatch):
