@@ -85,16 +85,33 @@ def ensure_mlserver_env(env_dir: Path, packages: Sequence[str]) -> Path:
     return python
 
 
+# What a wheel is not built from: version control, environments, build outputs, local stores.
+NOT_SOURCES = (".git", ".venv", "build", "dist", "*.egg-info", "mlruns", "mlflow.db", "__pycache__", "*.so")
+
+
+def build_wheel(out_dir: Path, checkout: Path = CHECKOUT) -> Path:
+    """A wheel of `checkout`, built from a copy of its sources in `out_dir`: pip builds in the
+    source tree, so two builds of the checkout at once (two test workers, say) would share its
+    build/ folder, and the checkout would keep what the build leaves there."""
+    sources = out_dir / "sources"
+    shutil.rmtree(sources, ignore_errors=True)
+    shutil.copytree(checkout, sources, ignore=shutil.ignore_patterns(*NOT_SOURCES))
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out_dir), str(sources)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_SECONDS)
+    shutil.rmtree(sources, ignore_errors=True)
+    if done.returncode != 0:
+        raise MLServerUnavailable(f"building this checkout's wheel failed: {done.stderr.strip()[-600:]}")
+    (built,) = out_dir.glob("mlflow_clip-*.whl")
+    return built
+
+
 def project_wheel(wheel_dir: Path) -> Path:
     """A wheel of this checkout (what ClipRuntime's environment installs), in a folder named by
     its content's hash, so that an environment built from an older wheel is never reused."""
     build = wheel_dir / "build"
     shutil.rmtree(build, ignore_errors=True)
-    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(build), str(CHECKOUT)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_SECONDS)
-    if done.returncode != 0:
-        raise MLServerUnavailable(f"building this checkout's wheel failed: {done.stderr.strip()[-600:]}")
-    (built,) = build.glob("mlflow_clip-*.whl")
+    build.mkdir(parents=True)
+    built = build_wheel(build)
     final = wheel_dir / _wheel_digest(built) / built.name
     if final.exists():  # the same sources: the environment built from it is reused
         shutil.rmtree(build, ignore_errors=True)

@@ -56,21 +56,9 @@ def module_tmp(tmp_path_factory):
 @pytest.fixture(scope="session")
 def project_wheel(tmp_path_factory) -> Path:
     """A wheel built from this tree once for the session: what users install (the regular way)."""
-    import subprocess
-    import sys
+    from benchmarks.mlserver import build_wheel
 
-    from helpers import ROOT
-
-    out = tmp_path_factory.mktemp("wheel")
-    result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    (path,) = out.glob("mlflow_clip-*.whl")
-    return path
+    return build_wheel(tmp_path_factory.mktemp("wheel"))
 
 
 @pytest.fixture(scope="session")
