@@ -109,7 +109,6 @@ def _build_one(work_dir: Path, model: str, clip_spec: str, precision: str) -> di
     from mlflow_clip import flavor
     from mlflow_clip.export.graph import DEFAULT_OPSET
     from mlflow_clip.export.job import build_classifier
-
     from mlflow_clip.serving.openvino_runtime import openvino_runs_bf16
 
     if precision == "bf16" and not openvino_runs_bf16():  # the export refuses it: its gates would measure fp32

@@ -176,8 +176,8 @@ EXPORT_OPTIONS: tuple[ExportOption, ...] = (
         "`fp32`, `fp16` (for GPU providers: the model's providers default to CUDA, then CPU), `int8` "
         "(onnxruntime quantization, for CPUs) or `bf16` (OpenVINO, for CPUs with native bf16; needs "
         '`pip install "mlflow-clip[openvino]"`); or `auto` (`fp32`, `int8`, and `bf16` where OpenVINO is '
-        "installed and has bf16 on the CPU: AVX-512), or a list such as `fp32,bf16`: one export gated at each, served at the fastest gated precision "
-        "native on the CPU it loads on (docs/precision.md)",
+        "installed and has bf16 on the CPU: AVX-512), or a list such as `fp32,bf16`: one export gated at each, "
+        "served at the fastest gated precision native on the CPU it loads on (docs/precision.md)",
     ),
     ExportOption(
         "truncate",
