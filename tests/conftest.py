@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from helpers import build_colour_onnx, encode, has_module, solid, using_store
 
+pytest_plugins = ["alone"]  # tests marked `alone` run with no other test beside them under xdist
+
 # MLflow's artifact progress bars would fill the logs of every test that downloads a model.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 

@@ -189,6 +189,7 @@ def test_evaluating_a_tampered_model_is_one_line_and_exit_code_2(colour_model_di
     assert len(result.output.strip().splitlines()) == 1, result.output
 
 
+@pytest.mark.alone  # binds the README's port, 5001, which tests/e2e/test_readme.py serves on
 def test_serve_takes_the_first_free_default_port_never_5000_and_refuses_a_busy_one_at_once(monkeypatch):
     import socket
 

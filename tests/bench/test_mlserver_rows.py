@@ -27,6 +27,9 @@ from benchmarks.mlserver import (
 from benchmarks.options import DEFAULT_ROWS, BenchmarkError, command_line
 from benchmarks.plan import plan_group
 
+# The benchmark times rows side by side and refuses to judge on a busy machine: no test beside it.
+pytestmark = pytest.mark.alone
+
 
 def _plan(model_dir, **options):
     options = make_options(models="demo", sizes="640x480", batches="1", **options)

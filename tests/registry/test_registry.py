@@ -424,6 +424,7 @@ def _wait_for_ticket(client, alias: str, timeout: float = 120) -> None:
     raise TimeoutError("no lock ticket appeared")
 
 
+@pytest.mark.alone  # its bound counts seconds after a SIGKILL
 def test_concurrent_promotions_with_one_killed(tracking_server, two_versions, tmp_path):
     """8 contenders, one SIGKILLed once its lock ticket is written: the survivors all finish
     within 60 s of the kill, the alias ends on exactly one of them, the history is a chain."""
@@ -481,6 +482,7 @@ def test_a_contender_700_s_ahead_breaks_nothing(tracking_server, two_versions, t
     )
 
 
+@pytest.mark.alone  # its bound counts seconds after a SIGKILL
 @pytest.mark.parametrize("moment", ["importing", "gates", "ticket", "alias moved"])
 def test_a_promotion_killed_at_any_moment_is_reconciled(tracking_server, two_versions, tmp_path, moment):
     """SIGKILL while importing, during the gates, as soon as the lock ticket exists, or as soon as

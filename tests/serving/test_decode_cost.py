@@ -169,6 +169,7 @@ def test_a_costly_decode_stops_within_a_fraction_of_its_cost():
 
 
 @pytest.mark.slow
+@pytest.mark.alone  # a ratio of CPU times, side by side
 def test_the_estimate_bounds_each_formats_cost_as_it_bounds_a_jpegs():
     """Decode and resize the costliest image of each format at 9 MP, side by side with the
     costliest baseline JPEG: none costs more, against its estimate, than twice what the JPEG
