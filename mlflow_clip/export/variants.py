@@ -1,9 +1,10 @@
 """One export gated at several precisions, for serving at the fastest one native where it lands.
 
-``-P precision=auto`` (fp32, int8, and bf16 where OpenVINO is installed and has bf16 on the CPU) or a list such as
-``fp32,bf16`` exports the graph once, then gates each precision of it against fp32 PyTorch with
-that precision's own thresholds (`spec.PRECISION_THRESHOLDS`), on every runtime that may serve
-it, and on the JPEG draft decode where that precision's model uses it:
+``-P precision=auto`` (fp32, int8, and bf16 where OpenVINO is installed and has bf16 on the
+CPU) or a list such as ``fp32,bf16`` exports the graph once, then gates each precision of it
+against fp32 PyTorch with that precision's own thresholds (`spec.PRECISION_THRESHOLDS`), on
+every runtime that may serve it, and on the JPEG draft decode where that precision's model uses
+it:
 
 - fp32: the graph (``model.onnx``) on onnxruntime, and on OpenVINO at an f32 hint when installed;
 - bf16: the same file, on OpenVINO at a bf16 hint (its only runtime);

@@ -44,7 +44,8 @@ def openvino_runs_bf16(device: str = "CPU") -> bool:
     AVX512_BF16 or AMX, emulated (slowly) with AVX-512. A CPU without AVX-512 has no bf16 in
     OpenVINO, which then runs the graph in f32 without a word: what a bf16 export gated there
     would measure is fp32. Known by compiling a one-matmul graph at the bf16 hint and reading
-    back the precision it compiled at (about 0.1 s, once a process); False without OpenVINO."""
+    back the precision it compiled at (about 1 s with OpenVINO's import, once a process); False
+    without OpenVINO."""
     if not openvino_available():
         return False
     import openvino as ov
