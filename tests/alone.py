@@ -32,17 +32,14 @@ def pytest_configure(config):
 def _held(folder: Path, exclusive: bool) -> Iterator[None]:
     with open(folder / "turnstile", "a+") as turnstile, open(folder / "tests", "a+") as tests:
         fcntl.flock(turnstile, fcntl.LOCK_EX)
-        try:
-            fcntl.flock(tests, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        finally:
-            if not exclusive:
-                fcntl.flock(turnstile, fcntl.LOCK_UN)
+        fcntl.flock(tests, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        if not exclusive:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)  # the next worker's test may come in beside this one
         try:
             yield
-        finally:
+        finally:  # unlocked explicitly: a child forked during the test may still hold the files open
             fcntl.flock(tests, fcntl.LOCK_UN)
-            if exclusive:
-                fcntl.flock(turnstile, fcntl.LOCK_UN)
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
 
 
 _FOLDER = pytest.StashKey[str]()

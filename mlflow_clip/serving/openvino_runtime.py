@@ -110,7 +110,13 @@ class OpenVinoSession:
             f"OpenVINO {ov.get_version().split('-')[0]} on {settings.openvino_device} "
             f"(inference precision {self.inference_precision})"
         )
-        if precision in _INFERENCE_PRECISION and self.inference_precision != inference_precision(precision):
+        if precision in _INFERENCE_PRECISION:
+            self._warn_where_not_native(precision, core, settings.openvino_device)
+        _logger.info("Loaded %s with %s", Path(model_path).name, self.description)
+
+    def _warn_where_not_native(self, precision: str, core: Any, device: str) -> None:
+        """A bf16 model on a CPU that computes it in f32 (no AVX-512), or emulates it."""
+        if self.inference_precision != inference_precision(precision):
             _logger.warning(
                 "mlflow-clip: this %s model runs in %s here: OpenVINO has no %s on this CPU (it needs AVX-512), "
                 "so it computes as the fp32 graph does, at fp32's speed.",
@@ -118,13 +124,12 @@ class OpenVinoSession:
                 self.inference_precision,
                 precision,
             )
-        elif precision in _INFERENCE_PRECISION and "BF16" not in _capabilities(core, settings.openvino_device):
+        elif "BF16" not in _capabilities(core, device):
             _logger.warning(
                 "mlflow-clip: this %s model runs on a CPU without native bf16 instructions: OpenVINO emulates "
                 'them, several times slower than fp32; model_config={"runtime": "onnxruntime"} runs it in fp32.',
                 precision,
             )
-        _logger.info("Loaded %s with %s", Path(model_path).name, self.description)
 
     def run(self, batch: np.ndarray, outputs: list[str] | None = None) -> list[np.ndarray]:
         """Run the graph once on `batch` (callers split their rows: `chunk_size`)."""

@@ -14,18 +14,13 @@ import pandas as pd
 import pytest
 from helpers import demo_image_bytes, has_module, requires_export
 
-
-def _runs_bf16() -> bool:
-    from mlflow_clip.serving.openvino_runtime import openvino_runs_bf16
-
-    return openvino_runs_bf16()
-
+from mlflow_clip.serving.openvino_runtime import openvino_runs_bf16
 
 pytestmark = [
     requires_export,
     pytest.mark.skipif(not has_module("openvino"), reason='needs ".[openvino]"'),
     pytest.mark.skipif(
-        has_module("openvino") and not _runs_bf16(),
+        has_module("openvino") and not openvino_runs_bf16(),
         reason="OpenVINO has no bf16 on this CPU (no AVX-512): the export refuses bf16 here "
         "(tests/export/test_preflight.py)",
     ),

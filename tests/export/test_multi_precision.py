@@ -16,6 +16,8 @@ import pandas as pd
 import pytest
 from helpers import demo_image_bytes, has_module, requires_export
 
+from mlflow_clip.serving.openvino_runtime import openvino_runs_bf16
+
 pytestmark = [
     requires_export,
     pytest.mark.slow,
@@ -23,14 +25,8 @@ pytestmark = [
 ]
 
 
-def _runs_bf16() -> bool:
-    from mlflow_clip.serving.openvino_runtime import openvino_runs_bf16
-
-    return openvino_runs_bf16()
-
-
-# What auto gates on this CPU, in MULTI_PRECISIONS's order.
-AUTO = ("fp32", "bf16", "int8") if has_module("openvino") and _runs_bf16() else ("fp32", "int8")
+# What auto gates on this CPU, in MULTI_PRECISIONS's order (False without OpenVINO).
+AUTO = ("fp32", "bf16", "int8") if openvino_runs_bf16() else ("fp32", "int8")
 
 
 def _export(name: str, precision: str, **kwargs):

@@ -80,10 +80,11 @@ def test_bf16_is_refused_where_openvino_would_run_it_in_fp32_and_auto_leaves_it_
 
 def test_openvino_runs_bf16_where_the_cpu_has_it_and_not_without_avx_512():
     from mlflow_clip.serving.openvino_runtime import openvino_available, openvino_runs_bf16
+    from mlflow_clip.serving.variants import cpu_flags
 
     if not openvino_available():
         pytest.skip('needs ".[openvino]"')
-    flags = set(Path("/proc/cpuinfo").read_text().split("flags", 2)[1].splitlines()[0].split())
+    flags = cpu_flags()
     if flags & {"avx512_bf16", "amx_bf16"}:
         assert openvino_runs_bf16()
     elif "avx512f" not in flags:
