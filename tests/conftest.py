@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from helpers import build_colour_onnx, encode, has_module, solid, using_store
+from stores import fresh_sqlite_uri
 
 pytest_plugins = ["alone"]  # tests marked `alone` run with no other test beside them under xdist
 
@@ -37,6 +38,14 @@ def pytest_report_header(config):
 
     free = shutil.disk_usage(tempfile.gettempdir()).free
     return f"free disk for temporary files: {free / 2**30:.1f} GiB"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _store_template(tmp_path_factory):
+    """Fresh SQLite stores copied from one MLflow migrated once in this process (tests/stores.py)."""
+    import stores
+
+    stores.install(tmp_path_factory.mktemp("store-template"))
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +91,7 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
     """A fresh SQLite tracking store and registry, and a local artifact root, for one test."""
     import mlflow
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = fresh_sqlite_uri(tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
     monkeypatch.chdir(tmp_path)
@@ -126,7 +135,7 @@ def demo_registry(tmp_path_factory, demo_built):
     import mlflow_clip
 
     root = tmp_path_factory.mktemp("registry")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = fresh_sqlite_uri(root / "mlflow.db")
     with using_store(uri):
         experiment = mlflow.create_experiment("demo", artifact_location=(root / "artifacts").as_uri())
         with mlflow.start_run(experiment_id=experiment):
@@ -148,7 +157,7 @@ def module_store(tmp_path_factory) -> str:
     import mlflow
 
     root = tmp_path_factory.mktemp("module-store")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = fresh_sqlite_uri(root / "mlflow.db")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.setenv("MLFLOW_REGISTRY_URI", uri)

@@ -187,10 +187,11 @@ def exported_in_store(folder: Path, experiment: str, registered_model_name: str,
     """`export_and_register(**export)` into a fresh SQLite store under `folder`; yields (result,
     run, registered version, the model downloaded to a local folder), then resets both URIs."""
     import mlflow
+    from stores import fresh_sqlite_uri
 
     from mlflow_clip.export.job import export_and_register
 
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = fresh_sqlite_uri(folder / "mlflow.db")
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     experiment_id = mlflow.create_experiment(experiment, str(folder / "artifacts"))

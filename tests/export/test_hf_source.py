@@ -14,6 +14,7 @@ import textwrap
 import numpy as np
 import pytest
 from helpers import BLOCK_TORCH, ROOT, exported_in_store, has_module, requires_export, subprocess_env
+from stores import fresh_sqlite_uri
 
 from mlflow_clip.export.sources import SourceError, parse_model_source
 
@@ -308,7 +309,7 @@ def test_mlflow_run_exports_a_vit_b_32_hugging_face_folder(tmp_path):
     from mlflow.tracking import MlflowClient
 
     folder = _save_folder(tmp_path / "clip-vit-base-patch32", vision={}, text={}, projection_dim=512)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = fresh_sqlite_uri(tmp_path / "mlflow.db")
     argv = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local"]
     for param in (f"model=hf:{folder}", "classes=" + ",".join(CLASSES), "registered_model_name=clip-hf"):
         argv += ["-P", param]

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from helpers import encode, has_module, requires_export, solid
+from stores import fresh_sqlite_uri
 
 pytestmark = requires_export
 
@@ -480,7 +481,7 @@ def test_mlflow_run_with_precision_int8_and_a_passed_through_gate(tmp_path):
     from helpers import ROOT, subprocess_env
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = fresh_sqlite_uri(tmp_path / "mlflow.db")
     env = subprocess_env(MLFLOW_TRACKING_URI=uri)
     argv = [
         sys.executable,

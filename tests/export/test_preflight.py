@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from helpers import BLOCK_TORCH, ROOT, free_port, requires_export, subprocess_env
+from stores import fresh_sqlite_uri
 
 from mlflow_clip.export import preflight
 from mlflow_clip.export.preflight import WeightsError, check_openai_weights, is_online
@@ -137,7 +138,7 @@ def test_under_mlflow_run_each_mistake_is_one_line_before_torch_is_imported(tmp_
     given = dict(p.split("=", 1) for p in ["model=demo", "classes=a red circle,a blue square", *params])
     argv = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local"]
     argv += [a for name, value in given.items() for a in ("-P", f"{name}={value}")]
-    env = subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", PYTHONPATH=str(blocker))
+    env = subprocess_env(MLFLOW_TRACKING_URI=fresh_sqlite_uri(tmp_path / "mlflow.db"), PYTHONPATH=str(blocker))
     result = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import BLOCK_TORCH, ROOT, exported_in_store, has_module, requires_export, subprocess_env
+from stores import fresh_sqlite_uri
 
 from mlflow_clip.errors import MlflowClipError
 from mlflow_clip.export.sources import SourceError, parse_model_source
@@ -275,7 +276,7 @@ def test_served_torch_free_with_per_request_labels_in_several_scripts(exports, f
 def _mlflow_run(tmp_path, *params: str):
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = fresh_sqlite_uri(tmp_path / "mlflow.db")
     argv = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local"]
     for param in (*params, "classes=" + ",".join(CLASSES), "templates=photo"):
         argv += ["-P", param]

@@ -14,6 +14,7 @@ import zipfile
 import numpy as np
 import pytest
 from helpers import BLOCK_TORCH, ROOT, exported_in_store, has_module, requires_export, subprocess_env
+from stores import fresh_sqlite_uri
 
 from mlflow_clip.export.sources import SourceError, parse_model_source
 from mlflow_clip.export.spec import ExportSpec
@@ -304,7 +305,7 @@ def _mlflow_run(tmp_path, *params: str):
     registered version and its run."""
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = fresh_sqlite_uri(tmp_path / "mlflow.db")
     argv = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local"]
     for param in (*params, "classes=" + ",".join(CLASSES), "templates=photo"):
         argv += ["-P", param]

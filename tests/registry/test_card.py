@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from helpers import ROOT, requires_export, using_store
+from stores import fresh_sqlite_uri
 
 from mlflow_clip.registry.card import (
     HISTORY_HEADING,
@@ -91,7 +92,7 @@ def registry(module_tmp):
     from mlflow_clip.export.job import export_and_register
 
     root = module_tmp("card")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = fresh_sqlite_uri(root / "mlflow.db")
     with using_store(uri):
         experiment = mlflow.create_experiment("c", artifact_location=(root / "a").as_uri())
         versions = []

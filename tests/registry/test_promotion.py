@@ -10,6 +10,7 @@ import time
 
 import pytest
 from helpers import requires_export, using_store
+from stores import fresh_sqlite_uri
 
 pytestmark = requires_export
 
@@ -25,7 +26,7 @@ def store(module_tmp):
     from mlflow_clip.export.job import export_and_register
 
     root = module_tmp("promotion")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = fresh_sqlite_uri(root / "mlflow.db")
     with using_store(uri):
         experiment = mlflow.create_experiment("p", artifact_location=(root / "a").as_uri())
         with mlflow.start_run(experiment_id=experiment):
