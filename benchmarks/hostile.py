@@ -4,11 +4,12 @@ bombs, oversized labels, prompt floods and 10 MB label sets, against one `mlflow
 It reports the good requests' p50/p95 latency alone and beside the hostile traffic (the target:
 within 2x), what the hostile requests were answered (each must be refused: 400 or 413), and the
 server's RSS at the start, after each phase and after a flood of requests carrying 10 MB label
-sets. The requests are made here (`hostile_requests`), the same ones the tests send."""
+sets. The requests are made here (`hostile_requests`, `hostile_cases`), the same ones the tests send."""
 
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import random
 import string
@@ -37,44 +38,58 @@ def _b64(data: bytes) -> str:
 def hostile_requests(good_image: str) -> dict[str, tuple[dict, str]]:
     """name -> (request body, a phrase its 400 must contain); each body is under 1 MB.
     `good_image` (base64) rides along where a request needs an image to classify."""
+    return {name: (build(), phrase) for name, (build, phrase) in hostile_cases(good_image).items()}
+
+
+def hostile_cases(good_image: str) -> dict[str, tuple[Callable[[], dict], str]]:
+    """`hostile_requests` with each body still to build: the names cost nothing (the tests list
+    them when they are collected), the bodies up to a second each."""
     from PIL import Image
 
     one = {"image": [good_image]}
-    flat = _b64(encode(Image.new("RGB", (6000, 5000), (200, 20, 20)), "WEBP", quality=10))  # 30 MP in 70 KB
-    cases = {name: ({"inputs": {"image": [good_image, _b64(make())]}}, "row 1") for name, make in BOMBS.items()}
-    cases["lossless WebP of 5000x5000"] = ({"inputs": {"image": [_b64(lossless_webp_bomb())]}}, "decompression ratio")
-    cases["six 30 MP images"] = ({"inputs": {"image": [flat] * 6}}, "max_request_pixels")
-    cases["a 100 KB label"] = ({"inputs": one, "params": {"classes": ["x" * 100_000]}}, "max_text_chars")
-    cases["seven 40 KB labels"] = ({"inputs": one, "params": {"classes": ["y" * 40_000] * 7}}, "max_text_chars")
+
+    @functools.cache
+    def flat() -> str:
+        return _b64(encode(Image.new("RGB", (6000, 5000), (200, 20, 20)), "WEBP", quality=10))  # 30 MP in 70 KB
+
+    def body(inputs: dict, **params) -> Callable[[], dict]:
+        return lambda: {"inputs": inputs, "params": params} if params else {"inputs": inputs}
+
+    cases = {
+        name: ((lambda make=make: {"inputs": {"image": [good_image, _b64(make())]}}), "row 1")
+        for name, make in BOMBS.items()
+    }
+    cases["lossless WebP of 5000x5000"] = (
+        lambda: {"inputs": {"image": [_b64(lossless_webp_bomb())]}},
+        "decompression ratio",
+    )
+    cases["six 30 MP images"] = (lambda: {"inputs": {"image": [flat()] * 6}}, "max_request_pixels")
+    cases["a 100 KB label"] = (body(one, classes=["x" * 100_000]), "max_text_chars")
+    cases["seven 40 KB labels"] = (body(one, classes=["y" * 40_000] * 7), "max_text_chars")
     rng = random.Random(0)
     words = ["".join(rng.choice(string.ascii_lowercase) for _ in range(1000)) for _ in range(60)]
-    cases["sixty 1,000-letter random words"] = (
-        {"inputs": one, "params": {"classes": words, "templates": "none"}},
-        "max_request_text_chars",
-    )
-    cases["a 10 KB template"] = (
-        {"inputs": one, "params": {"classes": ["a cat"], "templates": "a photo of {} " + "z" * 10_000}},
-        "max_text_chars",
-    )
+    cases["sixty 1,000-letter random words"] = (body(one, classes=words, templates="none"), "max_request_text_chars")
+    template = "a photo of {} " + "z" * 10_000
+    cases["a 10 KB template"] = (body(one, classes=["a cat"], templates=template), "max_text_chars")
     thousand = [f"class number {i}" for i in range(1000)]
-    cases["1,000 classes x ensemble"] = (
-        {"inputs": one, "params": {"classes": thousand, "templates": "ensemble"}},
-        "max_prompts",
-    )
+    cases["1,000 classes x ensemble"] = (body(one, classes=thousand, templates="ensemble"), "max_prompts")
     cases["a label over the context"] = (
-        {"inputs": one, "params": {"classes": [" ".join(["red"] * 80) + " circle", "a square"]}},
+        body(one, classes=[" ".join(["red"] * 80) + " circle", "a square"]),
         "truncate",
     )
     long = "q" * 100_000
     # Serving reads no files: an "@path" template is a template like any other, refused for its size.
     cases["a 100 KB template named like an @file"] = (
-        {"inputs": one, "params": {"classes": ["a cat", "a dog"], "templates": "@" + long}},
+        body(one, classes=["a cat", "a dog"], templates="@" + long),
         "max_text_chars",
     )
     for param in ("output", "on_error"):
-        cases[f"a 100 KB {param}"] = ({"inputs": one, "params": {param: long}}, "expected one of")
-    cases["a 100 KB text to embed"] = ({"inputs": {"text": ["w" * 100_000]}}, "max_text_chars")
-    cases["a null text"] = ({"dataframe_split": {"columns": ["text"], "data": [["a cat"], [None]]}}, "row 1")
+        cases[f"a 100 KB {param}"] = (body(one, **{param: long}), "expected one of")
+    cases["a 100 KB text to embed"] = (body({"text": ["w" * 100_000]}), "max_text_chars")
+    cases["a null text"] = (
+        lambda: {"dataframe_split": {"columns": ["text"], "data": [["a cat"], [None]]}},
+        "row 1",
+    )
     return cases
 
 

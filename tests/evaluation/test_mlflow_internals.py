@@ -14,12 +14,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from mlflow_clip.mlflow_internals import (
-    CLASSIFIER_PREDICTIONS_HOOK,
-    MlflowClassifierEvaluator,
-    check_classifier_hook,
-    evaluator_registry,
-)
+from mlflow_clip import mlflow_internals
+from mlflow_clip.mlflow_internals import CLASSIFIER_PREDICTIONS_HOOK, check_classifier_hook, evaluator_registry
 
 MLFLOWS_OWN = "mlflow-own-classifier"
 
@@ -38,11 +34,11 @@ def test_the_hook_the_classifier_evaluator_overrides_is_still_there():
 
 
 def test_a_changed_mlflow_evaluator_is_refused_with_the_way_out():
-    class Renamed(MlflowClassifierEvaluator):
+    class Renamed(mlflow_internals.MlflowClassifierEvaluator):
         def _evaluate(self, model, extra_metrics, custom_artifacts=None, **kwargs):
             self.y_pred, self.y_probs = self._predictions(model, self.X)
 
-    class Reshaped(MlflowClassifierEvaluator):
+    class Reshaped(mlflow_internals.MlflowClassifierEvaluator):
         def _generate_model_predictions(self, model, input_df, params):
             return None, None
 
@@ -111,7 +107,7 @@ def test_every_other_model_is_evaluated_exactly_as_mlflow_does(tracking_uri):
     rng = np.random.default_rng(0)
     with mlflow.start_run():
         models = _models(rng)
-    registry.register(MLFLOWS_OWN, MlflowClassifierEvaluator)
+    registry.register(MLFLOWS_OWN, mlflow_internals.MlflowClassifierEvaluator)
     try:
         compared = {
             name: (_evaluate(uri, data, "classifier"), _evaluate(uri, data, MLFLOWS_OWN))
