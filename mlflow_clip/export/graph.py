@@ -232,8 +232,7 @@ def _export(module: nn.Module, args, path, input_names, output_names, dynamic_ax
             do_constant_folding=True,
             dynamo=False,
         )
-    model = onnx.load_from_string(buffer.getvalue())
-    save_single_file(model, path)
+    _write_single_file(buffer.getvalue(), path)  # as torch serialized it: no parse and re-serialize
     return path
 
 
@@ -247,10 +246,19 @@ def write_edge_file(served_path: str | Path, edge_path: str | Path) -> Path:
 
 
 def save_single_file(model: onnx.ModelProto, path: str | Path) -> None:
-    """Save with the weights inside the .onnx file (no external-data side file)."""
-    if model.ByteSize() >= _TWO_GIB:
+    """Save with the weights inside the .onnx file (no external-data side file). Serialized once:
+    a graph's size is the length of its bytes (`ByteSize` would walk the weights a second time)."""
+    try:
+        data = model.SerializeToString()
+    except ValueError as e:  # protobuf refuses to serialize a message of 2 GB or more
+        raise SpecError("The graph is 2 GB or larger; protobuf cannot hold it in one file.") from e
+    _write_single_file(data, path)
+
+
+def _write_single_file(data: bytes, path: str | Path) -> None:
+    if len(data) >= _TWO_GIB:
         raise SpecError("The graph is 2 GB or larger; protobuf cannot hold it in one file.")
-    onnx.save_model(model, str(path), save_as_external_data=False)
+    Path(path).write_bytes(data)
 
 
 def simplify_onnx(path: str | Path) -> tuple[bool, str]:

@@ -244,3 +244,18 @@ def test_onnxsim_failure_keeps_the_unsimplified_graph_and_says_why(tmp_path, mon
     assert not built.simplified and "shape inference exploded" in built.simplify_note
     report, failures = check_parity(built, None, ParityThresholds())
     assert failures == [] and report.max_abs_prob_diff <= 1e-5
+
+
+def test_a_graph_protobuf_cannot_hold_is_refused_in_words_and_nothing_is_written(tmp_path, monkeypatch):
+    import onnx
+
+    from mlflow_clip.export import graph
+    from mlflow_clip.export.spec import SpecError
+
+    model = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], []))
+    graph.save_single_file(model, tmp_path / "small.onnx")
+    assert onnx.load(str(tmp_path / "small.onnx")) == model
+    monkeypatch.setattr(graph, "_TWO_GIB", len(model.SerializeToString()))  # the limit, scaled down to this graph
+    with pytest.raises(SpecError, match="2 GB or larger"):
+        graph.save_single_file(model, tmp_path / "large.onnx")
+    assert not (tmp_path / "large.onnx").exists()
