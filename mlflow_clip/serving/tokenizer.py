@@ -91,12 +91,7 @@ class ClipTokenizer:
         self.special_tokens = special_tokens
         self._specials = SPECIAL_TOKEN_SPELLINGS[special_tokens]
         self._pretoken = _pretoken_pattern(*self._specials)
-        merges = _read_merges(self.vocab_path)
-        symbols = list(_byte_to_symbol().values())
-        vocab = symbols + [s + _WORD_END for s in symbols] + ["".join(m) for m in merges]
-        vocab += list(self._specials)
-        self._ids = {token: i for i, token in enumerate(vocab)}
-        self._ranks = {merge: rank for rank, merge in enumerate(merges)}
+        self._ids, self._ranks = _read_vocabulary(self.vocab_path, self._specials)  # shared, never changed
         self._to_symbols = str.maketrans({chr(b): s for b, s in _byte_to_symbol().items()})
         self.sot_token_id = self._ids[self._specials[0]]
         self.eot_token_id = self._ids[self._specials[1]]
@@ -306,26 +301,42 @@ def _byte_to_symbol() -> dict[int, str]:
     return symbols
 
 
-def _read_merges(path: Path) -> list[tuple[str, str]]:
+def _read_vocabulary(path: Path, specials: tuple[str, str]) -> tuple[dict[str, int], dict[tuple[str, str], int]]:
+    """The token ids and merge ranks of the vocabulary file at `path`, with `specials` last."""
     if not path.is_file():
         raise MissingFileError(
             f"No CLIP vocabulary file at {path}. Fix: pass the path of a copy of {VOCAB_FILE_NAME} "
             "(the exporter puts one in each model directory; mlflow_clip/assets has the original)."
         )
     try:
-        with gzip.open(path) as f:
-            lines = f.read().decode("utf-8").split("\n")
+        return _vocabulary(path.read_bytes(), specials)
     except (OSError, EOFError, UnicodeDecodeError) as e:
         raise ModelConfigError(
             f"{path} is not a gzipped UTF-8 {VOCAB_FILE_NAME}: {e}. Fix: copy the file again."
         ) from e
-    merges = [tuple(line.split()) for line in lines[1 : _NUM_MERGES + 1]]
-    if len(merges) < _NUM_MERGES or any(len(merge) != 2 for merge in merges):
+    except _NoMerges:
         raise ModelConfigError(
             f"{path} does not hold CLIP's {_NUM_MERGES} byte-pair merges (one pair per line after a "
             f"header line). Fix: use {VOCAB_FILE_NAME} from the clip package, SHA-256 {VOCAB_SHA256}."
-        )
-    return merges  # type: ignore[return-value]
+        ) from None
+
+
+class _NoMerges(ValueError):
+    pass
+
+
+@functools.lru_cache(maxsize=4)
+def _vocabulary(gzipped: bytes, specials: tuple[str, str]) -> tuple[dict[str, int], dict[tuple[str, str], int]]:
+    """Parsed once per content: an export reads the same file three times, and every model of a
+    process carries a copy of it (0.2 s each here). Keyed by the bytes themselves, so a file that
+    changed is parsed again."""
+    lines = gzip.decompress(gzipped).decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : _NUM_MERGES + 1]]
+    if len(merges) < _NUM_MERGES or any(len(merge) != 2 for merge in merges):
+        raise _NoMerges
+    symbols = list(_byte_to_symbol().values())
+    vocab = symbols + [s + _WORD_END for s in symbols] + ["".join(m) for m in merges] + list(specials)
+    return {token: i for i, token in enumerate(vocab)}, {merge: rank for rank, merge in enumerate(merges)}
 
 
 class WordCache:

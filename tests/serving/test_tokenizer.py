@@ -522,3 +522,17 @@ def test_each_distinct_text_and_long_word_is_encoded_once(tokenizer, monkeypatch
     np.testing.assert_array_equal(ids, np.tile(expected, (500, 1)))
     assert sorted(encoded) == sorted(texts[:2])
     assert sum(len(symbols) > 64 for symbols in merged) == 1  # the 301-letter word, merged once
+
+
+def test_a_vocabulary_is_parsed_once_per_content_and_again_when_the_file_changes(tmp_path):
+    """Tokenizers from the same bytes share one parse; a file changed in place is read anew."""
+    path = tmp_path / "vocab.txt.gz"
+    shutil.copyfile(default_vocab_path(), path)
+    first, second = ClipTokenizer.from_file(path), ClipTokenizer.from_file(default_vocab_path())
+    assert first._ranks is second._ranks and first("a red circle").tolist() == second("a red circle").tolist()
+    lines = gzip.decompress(path.read_bytes()).decode("utf-8").split("\n")
+    lines[1], lines[2] = lines[2], lines[1]  # the two highest-priority merges swapped
+    path.write_bytes(gzip.compress("\n".join(lines).encode("utf-8")))
+    changed = ClipTokenizer.from_file(path)
+    assert changed._ranks is not first._ranks
+    assert changed.merges()[:2] == first.merges()[:2][::-1] and changed.merges()[2:] == first.merges()[2:]
