@@ -34,6 +34,12 @@ requires_export = pytest.mark.skipif(
 )
 
 
+# Exports of the other model families (open_clip, SigLIP, multilingual, Hugging Face folders) take
+# 10 to 30 s each: the full suite runs them; the fast tier keeps their specs, preprocessing and
+# tokenizers, and exports the demo CLIP end to end.
+family_export = pytest.mark.slow
+
+
 def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **kwargs)

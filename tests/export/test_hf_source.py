@@ -13,7 +13,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from helpers import BLOCK_TORCH, ROOT, exported_in_store, has_module, requires_export, subprocess_env
+from helpers import BLOCK_TORCH, ROOT, exported_in_store, family_export, has_module, requires_export, subprocess_env
 from stores import fresh_sqlite_uri
 
 from mlflow_clip.export.sources import SourceError, parse_model_source
@@ -212,6 +212,7 @@ def small_export(small_folder, module_tmp):
         yield exported
 
 
+@family_export
 def test_hf_export_meets_every_parity_gate_against_the_folders_own_model(small_export):
     result, run, version, _ = small_export
     metrics = result.metrics
@@ -230,6 +231,7 @@ def test_hf_export_meets_every_parity_gate_against_the_folders_own_model(small_e
     assert version.tags["architecture"].startswith("ViT-w128-16")
 
 
+@family_export
 def test_the_contract_records_hugging_faces_crop_and_tokenizer(small_export):
     import yaml
 
@@ -245,6 +247,7 @@ def test_the_contract_records_hugging_faces_crop_and_tokenizer(small_export):
     assert flavor["manifest"]  # the contract's files, verified at load
 
 
+@family_export
 def test_the_exported_model_predicts_like_the_folders_own_model_torch_free(small_export, small_folder, tmp_path):
     """Served torch-free (baked classes and per-request labels), against CLIPModel + its
     processor + its tokenizer run in PyTorch here."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import BLOCK_TORCH, ROOT, exported_in_store, has_module, requires_export, subprocess_env
+from helpers import BLOCK_TORCH, ROOT, exported_in_store, family_export, has_module, requires_export, subprocess_env
 from stores import fresh_sqlite_uri
 
 from mlflow_clip.errors import MlflowClipError
@@ -166,6 +166,7 @@ def exports(folders, module_tmp):
     return built
 
 
+@family_export
 @pytest.mark.parametrize(
     "family, head, tokenizer, pooling, resize_mode",
     [
@@ -207,6 +208,7 @@ def _flavor_conf(local) -> dict:
         return yaml.safe_load(f)["flavors"]["mlflow_clip"]
 
 
+@family_export
 def test_sigmoid_scores_are_each_class_on_its_own_and_match_the_source_model(exports, folders):
     """The served sigmoid head against open_clip's own model: logit_scale * cosine + logit_bias,
     one sigmoid per class (rows do not sum to 1), baked classes and per-request labels alike."""
@@ -238,6 +240,7 @@ def test_sigmoid_scores_are_each_class_on_its_own_and_match_the_source_model(exp
     assert abs(float(np.sum(served["probabilities"][0])) - 1.0) > 1e-3
 
 
+@family_export
 @pytest.mark.parametrize("family", ["siglip", "xlmr", "hf-siglip"])
 def test_served_torch_free_with_per_request_labels_in_several_scripts(exports, family, tmp_path):
     _, _, _, local = exports[family]

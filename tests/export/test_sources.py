@@ -13,7 +13,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from helpers import BLOCK_TORCH, ROOT, exported_in_store, has_module, requires_export, subprocess_env
+from helpers import BLOCK_TORCH, ROOT, exported_in_store, family_export, has_module, requires_export, subprocess_env
 from stores import fresh_sqlite_uri
 
 from mlflow_clip.export.sources import SourceError, parse_model_source
@@ -209,6 +209,7 @@ def small_export(small_checkpoint, module_tmp):
         yield exported
 
 
+@family_export
 def test_open_clip_export_meets_every_parity_gate(small_export):
     result, run, version, _ = small_export
     metrics = result.metrics
@@ -228,6 +229,7 @@ def test_open_clip_export_meets_every_parity_gate(small_export):
     }
 
 
+@family_export
 def test_the_contract_records_the_sources_preprocessing_and_logit_scale(small_export):
     _, _, _, local = small_export
     from mlflow_clip.serving.contract import ClassifierConfig
@@ -250,6 +252,7 @@ def _flavor_conf(local) -> dict:
         return yaml.safe_load(f)["flavors"]["mlflow_clip"]
 
 
+@family_export
 def test_the_exported_model_predicts_torch_free_with_baked_and_per_request_labels(small_export, tmp_path):
     _, _, _, local = small_export
     script = BLOCK_SOURCES + textwrap.dedent(
