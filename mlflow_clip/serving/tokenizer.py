@@ -27,6 +27,7 @@ import heapq
 import html
 import threading
 import unicodedata
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
@@ -310,7 +311,7 @@ def _read_vocabulary(path: Path, specials: tuple[str, str]) -> tuple[dict[str, i
         )
     try:
         return _vocabulary(path.read_bytes(), specials)
-    except (OSError, EOFError, UnicodeDecodeError) as e:
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
         raise ModelConfigError(
             f"{path} is not a gzipped UTF-8 {VOCAB_FILE_NAME}: {e}. Fix: copy the file again."
         ) from e

@@ -459,6 +459,12 @@ def test_bad_vocabulary_files_are_refused_with_the_fix(tmp_path):
     not_gzip.write_text("#version: 0.2\ni n\n")
     with pytest.raises(ValueError, match="not a gzipped UTF-8"):
         ClipTokenizer.from_file(not_gzip)
+    damaged = tmp_path / "damaged.txt.gz"  # a gzip header over a corrupted deflate stream
+    data = bytearray(default_vocab_path().read_bytes())
+    data[5000:5100] = bytes(100)
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="not a gzipped UTF-8"):
+        ClipTokenizer.from_file(damaged)
     cut = tmp_path / "cut.txt.gz"
     with gzip.open(default_vocab_path(), "rt", encoding="utf-8") as f:
         head = "\n".join(f.read().split("\n")[:1000])
