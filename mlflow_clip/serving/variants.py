@@ -8,7 +8,9 @@ whose runtime is installed, and says which and why (the load log). Fastest first
 (docs/decisions/precision-choice.md): int8, bf16, fp32. Native means:
 
 - int8: VNNI (``avx512_vnni`` or ``avx_vnni``) or AMX (``amx_int8``), the instructions its
-  kernels are built on; elsewhere int8 runs, slower, and is not chosen on its own;
+  kernels are built on; elsewhere int8 runs (1.7x to 1.85x fp32 on an AVX2-only CPU) on other
+  kernels, whose uint8 x int8 products can saturate, so a gate passed on a VNNI CPU does not
+  vouch for it there: not chosen on its own (pin it);
 - bf16: ``avx512_bf16`` or AMX (``amx_bf16``); elsewhere OpenVINO emulates it at a fraction of
   fp32's speed; and OpenVINO installed (the only runtime here that computes in bf16);
 - fp32: everywhere.
