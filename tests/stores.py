@@ -15,6 +15,7 @@ the run ends with a warning saying so.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sqlite3
 import warnings
@@ -34,7 +35,8 @@ def install(folder: Path) -> None:
     original = getattr(db_utils, "_initialize_tables", None)
     if original is None:
         warnings.warn(
-            "MLflow has no store._initialize_tables: each fresh SQLite store is migrated (slow)", stacklevel=2
+            "MLflow has no mlflow.store.db.utils._initialize_tables: each new SQLite store migrates (slow)",
+            stacklevel=2,
         )
         return
     path = folder / "template.db"
@@ -49,7 +51,7 @@ def install(folder: Path) -> None:
             return original(engine)
         raw = engine.raw_connection()
         try:
-            with sqlite3.connect(path) as template:
+            with contextlib.closing(sqlite3.connect(path)) as template:
                 template.backup(raw.driver_connection)
         finally:
             raw.close()

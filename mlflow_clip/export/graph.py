@@ -46,6 +46,7 @@ _logger = logging.getLogger(__name__)
 # Prompts per PyTorch text-encoder call when baking the class features.
 EXPORT_TEXT_BATCH = 256
 _TWO_GIB = 2 * 1024**3
+_TOO_LARGE = "The graph is 2 GB or larger; protobuf cannot hold it in one file."
 # PyTorch's attention lowers to scaled_dot_product_attention, which ONNX has from opset 14.
 SDPA_OPSET = 14
 
@@ -251,13 +252,13 @@ def save_single_file(model: onnx.ModelProto, path: str | Path) -> None:
     try:
         data = model.SerializeToString()
     except ValueError as e:  # protobuf refuses to serialize a message of 2 GB or more
-        raise SpecError("The graph is 2 GB or larger; protobuf cannot hold it in one file.") from e
+        raise SpecError(_TOO_LARGE) from e
     _write_single_file(data, path)
 
 
 def _write_single_file(data: bytes, path: str | Path) -> None:
     if len(data) >= _TWO_GIB:
-        raise SpecError("The graph is 2 GB or larger; protobuf cannot hold it in one file.")
+        raise SpecError(_TOO_LARGE)
     Path(path).write_bytes(data)
 
 

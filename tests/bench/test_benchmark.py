@@ -35,8 +35,8 @@ from benchmarks import (
 from benchmarks.options import DEFAULT_ROWS
 from benchmarks.targets import pipeline_ceiling
 
-# The benchmark times rows side by side and refuses to judge on a busy machine: its real runs (the
-# slow tests) have no test beside them. The pieces time nothing and run beside any test.
+# The benchmark's real runs (the slow tests) run alone (tests/bench/conftest.py); the pieces time
+# nothing and run beside any test.
 
 BASE_ROWS = ("torch", "torch-strong", "onnxruntime", "pyfunc", "pyfunc-labels", "server-1c", "server-4c")
 SOAK_REQUESTS = 40
@@ -238,7 +238,6 @@ def _expected_rows(report: BenchmarkReport) -> set[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.alone
 @requires_export
 def test_the_table_has_every_requested_row(quick_report):
     expected = _expected_rows(quick_report)
@@ -251,7 +250,6 @@ def test_the_table_has_every_requested_row(quick_report):
 
 
 @pytest.mark.slow
-@pytest.mark.alone
 @requires_export
 def test_measured_rows_have_positive_throughput_and_p95_at_least_p50(quick_report):
     measured = [r for r in quick_report.rows if r.ok]
@@ -266,7 +264,6 @@ def test_measured_rows_have_positive_throughput_and_p95_at_least_p50(quick_repor
 
 
 @pytest.mark.slow
-@pytest.mark.alone
 @requires_export
 def test_ratio_columns_are_the_ratios_of_the_throughputs(quick_report):
     for batch in (1, 3):
@@ -286,7 +283,6 @@ def test_ratio_columns_are_the_ratios_of_the_throughputs(quick_report):
 
 
 @pytest.mark.slow
-@pytest.mark.alone
 @requires_export
 def test_the_strongest_torch_row_says_what_ran_and_runs_in_bf16(quick_report):
     import torch
@@ -302,7 +298,6 @@ def test_the_strongest_torch_row_says_what_ran_and_runs_in_bf16(quick_report):
 
 
 @pytest.mark.slow
-@pytest.mark.alone
 @requires_export
 def test_every_fp32_row_scores_the_same_images_as_clips_pipeline(quick_report):
     for r in quick_report.rows:
@@ -311,7 +306,6 @@ def test_every_fp32_row_scores_the_same_images_as_clips_pipeline(quick_report):
 
 
 @pytest.mark.slow
-@pytest.mark.alone
 @requires_export
 def test_peak_rss_is_each_rows_own(quick_report):
     rows = {r.row: r for r in quick_report.rows if r.batch == 1}
@@ -320,7 +314,6 @@ def test_peak_rss_is_each_rows_own(quick_report):
 
 
 @pytest.mark.slow
-@pytest.mark.alone
 @requires_export
 def test_load_to_first_prediction_is_measured_in_a_fresh_interpreter(quick_report):
     (load,) = [r for r in quick_report.loads if r.precision == "fp32"]
@@ -331,7 +324,6 @@ def test_load_to_first_prediction_is_measured_in_a_fresh_interpreter(quick_repor
 
 
 @pytest.mark.slow
-@pytest.mark.alone
 @requires_export
 def test_soak_reports_zero_errors_and_the_servers_memory(quick_report):
     (soak,) = quick_report.soaks
@@ -345,7 +337,6 @@ def test_soak_reports_zero_errors_and_the_servers_memory(quick_report):
 
 
 @pytest.mark.slow
-@pytest.mark.alone
 @requires_export
 def test_hostile_soak_refuses_every_hostile_request_and_times_the_good_ones(quick_report):
     (hostile,) = quick_report.hostile
@@ -362,7 +353,6 @@ def test_hostile_soak_refuses_every_hostile_request_and_times_the_good_ones(quic
 
 
 @pytest.mark.slow
-@pytest.mark.alone
 @requires_export
 def test_docs_writer_produces_the_markdown_table(quick_report, tmp_path):
     path = write_docs(quick_report, tmp_path / "docs" / "benchmark.md")
@@ -390,7 +380,6 @@ def test_docs_writer_produces_the_markdown_table(quick_report, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.alone
 @requires_export
 def test_report_logs_to_mlflow(quick_report, tracking_uri):
     from mlflow.tracking import MlflowClient
@@ -412,7 +401,6 @@ def test_report_logs_to_mlflow(quick_report, tracking_uri):
 
 
 @pytest.mark.slow
-@pytest.mark.alone
 @requires_export
 def test_the_checkout_runs_a_quick_benchmark_and_writes_the_docs(quick_report, work_dir, tmp_path):
     """`python -m benchmarks` from the root of a checkout (the harness is not installed)."""
@@ -506,7 +494,6 @@ def test_load_target_counts_the_load_and_first_prediction_and_shows_the_imports(
 
 
 @pytest.mark.slow
-@pytest.mark.alone
 @requires_export
 def test_onnxruntime_row_times_the_exact_decode(quick_report):
     rows = [r for r in quick_report.rows if r.row == "onnxruntime" and r.ok]
@@ -574,7 +561,6 @@ def test_quick_runs_the_pipeline_rows_at_one_batch_and_reports_no_unmeasured_tar
 
 
 @pytest.mark.slow
-@pytest.mark.alone
 @requires_export
 def test_peer_rows_run_the_same_weights_through_each_tools_own_pipeline(work_dir):
     """`--rows peers` on the demo model: Hugging Face's CLIPModel and pipeline on row (a)'s
@@ -739,7 +725,6 @@ def test_the_machines_busy_time_counts_this_processes_work():
 
 
 @pytest.mark.slow
-@pytest.mark.alone
 @requires_export
 def test_every_row_records_its_cpu_seconds_and_the_machines_load_per_round(quick_report):
     measured = [r for r in quick_report.rows if r.ok]

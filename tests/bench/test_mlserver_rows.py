@@ -27,8 +27,8 @@ from benchmarks.mlserver import (
 from benchmarks.options import DEFAULT_ROWS, BenchmarkError, command_line
 from benchmarks.plan import plan_group
 
-# The benchmark times rows side by side and refuses to judge on a busy machine: its real runs (the
-# slow tests) have no test beside them. The pieces time nothing and run beside any test.
+# The benchmark's real runs (the slow tests) run alone (tests/bench/conftest.py); the pieces time
+# nothing and run beside any test.
 
 
 def _plan(model_dir, **options):
@@ -181,7 +181,6 @@ def test_the_environment_is_reused_while_its_packages_are_the_same_and_needs_uv(
 
 
 @pytest.mark.slow
-@pytest.mark.alone
 @requires_export
 def test_a_quick_run_measures_mlserver_beside_row_d(tmp_path):
     options = quick_options(
