@@ -29,7 +29,7 @@ Rows, per model x image size x batch size:
 - `draft`: the pyfunc with the `jpeg_draft` decode option, when the model offers it.
 - `load`: a registered model's load-to-first-prediction time, in a fresh interpreter.
 - `settings` (only when asked for): the pyfunc and (b) with one default switched back at a
-  time (one shard per request; onnxruntime's thread spinning on; Pillow doing the resize), to
+  time (a shard per onnxruntime thread; onnxruntime's thread spinning on; Pillow doing the resize), to
   show what each buys.
 - `mlserver` (only when asked for): `mlserver start` with MLServer's MLflow runtime (what KServe
   and Seldon run) over V2 requests, 16 concurrent clients, adaptive batching on and off, beside

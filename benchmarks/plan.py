@@ -22,7 +22,7 @@ ROW_LABELS = {
     "pyfunc": "(c) pyfunc fp32",
     "pyfunc-draft": "pyfunc fp32 jpeg_draft",
     "onnxruntime-spin": "(b) onnxruntime, spinning on",
-    "pyfunc-1shard": "pyfunc fp32, 1 shard",
+    "pyfunc-shards": "pyfunc fp32, a shard per thread",
     "pyfunc-spin": "pyfunc fp32, spinning on",
     "pyfunc-pillow": "pyfunc fp32, Pillow resampling",
     "pyfunc-labels": "(c) pyfunc fp32, labels per request (cached)",
@@ -116,7 +116,12 @@ def _setting_rows(options, model_dir, threads, exact, keys) -> list[tuple[str, s
             _row(
                 "onnxruntime-spin", "onnxruntime", model_dir=model_dir, model_config={**threads, "allow_spinning": True}
             ),
-            _row("pyfunc-1shard", "pyfunc", model_dir=model_dir, model_config={**exact, "shards": 1}),
+            _row(
+                "pyfunc-shards",
+                "pyfunc",
+                model_dir=model_dir,
+                model_config={**exact, "shards": threads["intra_op_num_threads"]},
+            ),
             _row("pyfunc-spin", "pyfunc", model_dir=model_dir, model_config={**exact, "allow_spinning": True}),
         ]
     if native_status().available:  # the same pixels, by Pillow

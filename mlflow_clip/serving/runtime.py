@@ -73,8 +73,10 @@ class RuntimeSettings:
     # Threads decoding and preprocessing images (0: min(4, CPU count)).
     decode_workers: int = 0
     # A request's images are split into this many shards that run concurrently, each decoding
-    # its own images and then running the graph, so that decoding one shard overlaps inference
-    # on another (0: the intra-op thread count, or the CPU count; 1: decode all, then one run).
+    # its own images and then running the graph (1: the decode workers decode all, then one run).
+    # 0: one on onnxruntime, whose graph keeps every core busy, so that concurrent shards only
+    # contend (one shard measured 4% to 13% faster, docs/performance.md); on OpenVINO one per
+    # intra-op thread (or CPU), where the effect went either way (-20% to +14%).
     shards: int = 0
     # onnxruntime's worker threads busy-wait between operators by default; that spinning takes
     # the cores the decoding threads need.
@@ -136,10 +138,14 @@ class RuntimeSettings:
             data["providers"] = tuple(data["providers"])
         return cls(**data)
 
-    @property
-    def shard_count(self) -> int:
-        """How many shards a request's images are split into (see `shards`)."""
-        return self.shards or self.intra_op_num_threads or os.cpu_count() or 1
+    def shard_count(self, runtime: str) -> int:
+        """How many shards a request's images are split into on `runtime`, the one the session
+        opened (see `shards`)."""
+        if self.shards:
+            return self.shards
+        if runtime == OPENVINO:
+            return self.intra_op_num_threads or os.cpu_count() or 1
+        return 1
 
     def with_overrides(self, overrides: Mapping[str, Any] | None) -> "RuntimeSettings":
         """These settings, then the `MLFLOW_CLIP_*` environment, then `overrides` on top.
