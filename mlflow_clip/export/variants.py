@@ -17,7 +17,8 @@ A runtime whose gate fails does not serve that precision: it leaves the precisio
 kernels differ by CPU: a dynamic int8 graph that passes on onnxruntime may be off on OpenVINO on
 the export's CPU). A precision that no runtime passes fails the export, as a single precision's
 gate does: nothing is registered; so does a failed draft gate. The result is MLmodel's
-``precisions`` table (each one's graph, runtimes, decode, parity and refusals), run metrics
+``precisions`` table (each one's graph, runtimes, decode, parity and refusals, and for int8 the
+family of int8 kernels the gate ran on, which serving may choose it on), run metrics
 ``parity_<precision>_<runtime>_*``, and tags ``precisions`` and ``parity_<precision>``. Serving
 picks among them at load (`mlflow_clip.serving.variants`).
 """
@@ -37,7 +38,7 @@ from mlflow_clip.serving.contract import ONNX_FILE_NAME, ClassifierConfig, sha25
 from mlflow_clip.serving.openvino_runtime import openvino_available
 from mlflow_clip.serving.preprocess import Preprocessor
 from mlflow_clip.serving.runtime import AUTO, RuntimeSettings
-from mlflow_clip.serving.variants import VariantKey
+from mlflow_clip.serving.variants import VariantKey, cpu_flags, int8_kernels
 
 # `built` below is the export job's `BuiltClassifier` (not imported: the job imports this module).
 BuiltClassifier = Any
@@ -88,6 +89,8 @@ def gate_variants(
             VariantKey.JPEG_DRAFT: default_jpeg_draft(precision, built.config.input_resolution),
             VariantKey.PARITY: {},
         }
+        if precision == "int8":  # what its gate vouches for (serving.variants.int8_kernels)
+            entry[VariantKey.INT8_KERNELS] = int8_kernels(cpu_flags())
         if graph.name != ONNX_FILE_NAME:
             entry[VariantKey.ONNX_SHA256] = sha256_file(graph)
             gated.files[graph.name] = graph

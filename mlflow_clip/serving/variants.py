@@ -7,10 +7,12 @@ At load, `choose_variant` serves the fastest precision that is gated, native on 
 whose runtime is installed, and says which and why (the load log). Fastest first, as measured
 (docs/decisions/precision-choice.md): int8, bf16, fp32. Native means:
 
-- int8: VNNI (``avx512_vnni`` or ``avx_vnni``) or AMX (``amx_int8``), the instructions its
-  kernels are built on; elsewhere int8 runs (1.7x to 1.85x fp32 on an AVX2-only CPU) on other
-  kernels, whose uint8 x int8 products can saturate, so a gate passed on a VNNI CPU does not
-  vouch for it there: not chosen on its own (pin it);
+- int8: VNNI (``avx512_vnni`` or ``avx_vnni``) or AMX (``amx_int8``), whose kernels sum
+  uint8 x int8 products exactly. Elsewhere int8 runs on other kernels (1.7x to 1.85x fp32 on an
+  AVX2-only CPU), whose pairwise products saturate at int16, so a gate passed on a VNNI CPU does
+  not vouch for them. The export records the int8 kernels its gate ran on (``int8_kernels``:
+  ``vnni``, ``avx512bw``, ``avx2`` or ``sse``, `int8_kernels`); int8 is also chosen where this
+  CPU's kernels are the ones gated, such as a model exported and served on AVX2-only CPUs;
 - bf16: ``avx512_bf16`` or AMX (``amx_bf16``); elsewhere OpenVINO emulates it at a fraction of
   fp32's speed; and OpenVINO installed (the only runtime here that computes in bf16);
 - fp32: everywhere.
@@ -47,6 +49,14 @@ NATIVE_FLAGS: dict[str, tuple[str, ...]] = {
     "int8": ("avx512_vnni", "avx_vnni", "amx_int8"),
     "bf16": ("avx512_bf16", "amx_bf16"),
 }
+# The families of int8 kernels onnxruntime and OpenVINO pick by CPU, best first: the flag that
+# selects each. The products of `vnni` (VNNI or AMX) are exact; the others' saturate at int16,
+# each on registers of its own width.
+INT8_KERNEL_FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("vnni", NATIVE_FLAGS["int8"]),
+    ("avx512bw", ("avx512bw",)),
+    ("avx2", ("avx2",)),
+)
 
 
 class VariantKey:
@@ -59,6 +69,7 @@ class VariantKey:
     JPEG_DRAFT = "jpeg_draft"
     PARITY = "parity"
     REFUSED = "refused"  # runtime -> the gate it failed at export; it does not serve this precision
+    INT8_KERNELS = "int8_kernels"  # int8: the kernel family of the CPU its gate ran on (`int8_kernels`)
 
 
 @functools.cache
@@ -76,6 +87,31 @@ def native_flags(precision: str, flags: frozenset[str]) -> list[str]:
     """The flags of `flags` that make `precision` native (["-"] for fp32, which needs none)."""
     needed = NATIVE_FLAGS.get(precision)
     return ["-"] if needed is None else [flag for flag in needed if flag in flags]
+
+
+def int8_kernels(flags: frozenset[str]) -> str:
+    """The family of int8 kernels a CPU with `flags` runs (see INT8_KERNEL_FAMILIES); ``sse``
+    below AVX2."""
+    return next((family for family, needed in INT8_KERNEL_FAMILIES if flags & set(needed)), "sse")
+
+
+def _servable_here(precision: str, entry: Mapping[str, Any], flags: frozenset[str]) -> str:
+    """Why `precision` may be chosen on this CPU without a pin (empty: it may not): the flags that
+    make it native, or for int8, kernels of the family its gate ran on."""
+    native = native_flags(precision, flags)
+    if native:
+        return f"native on this CPU ({', '.join(native)})"
+    if precision == "int8" and entry.get(VariantKey.INT8_KERNELS) == int8_kernels(flags):
+        return f"gated on this CPU's int8 kernels ({int8_kernels(flags)})"
+    return ""
+
+
+def _not_servable_why(precision: str, entry: Mapping[str, Any], flags: frozenset[str]) -> str:
+    why = f"no {' or '.join(NATIVE_FLAGS[precision])}"
+    if precision == "int8":
+        gated_on = entry.get(VariantKey.INT8_KERNELS)
+        why += f", and its gate ran on {gated_on} kernels, not {int8_kernels(flags)}" if gated_on else ""
+    return f"{precision} (not native here: {why})"
 
 
 @dataclass(frozen=True)
@@ -121,16 +157,16 @@ def choose_variant(
         entry = table[precision]
         runtimes = [r for r in entry[VariantKey.RUNTIMES] if pinned_runtime in (None, r)]
         usable = [r for r in runtimes if r != OPENVINO or openvino]
-        native = native_flags(precision, flags)
+        servable = _servable_here(precision, entry, flags)
         if not usable:
             why = _no_runtime(precision, entry, runtimes, pinned_runtime)
             if settings.precision:
                 raise RuntimeUnavailableError(f"This model is pinned to {why}.")
             skipped.append(why)
-        elif not native and not settings.precision:
-            skipped.append(f"{precision} (not native here: no {' or '.join(NATIVE_FLAGS[precision])})")
+        elif not servable and not settings.precision:
+            skipped.append(_not_servable_why(precision, entry, flags))
         else:
-            return _variant(precision, entry, usable[0], native, gated, settings, skipped)
+            return _variant(precision, entry, usable[0], servable, gated, settings, skipped, flags)
     raise RuntimeUnavailableError(
         f"No precision this model was gated for can be served here: {'; '.join(skipped)}. "
         f"{OPENVINO_INSTALL_HINT}, or pin runtime and precision to a pair the model was gated for."
@@ -144,11 +180,16 @@ def _no_runtime(precision: str, entry: Mapping[str, Any], runtimes: list[str], p
     return f"{precision} (needs OpenVINO, not installed here: {OPENVINO_INSTALL_HINT})"
 
 
-def _variant(precision, entry, runtime, native, gated, settings, skipped) -> Variant:
+def _variant(precision, entry, runtime, servable, gated, settings, skipped, flags) -> Variant:
     if settings.precision:
-        why = f"pinned (precision={precision})" + ("" if native else "; not native on this CPU, expect it slow")
+        why = f"pinned (precision={precision})"
+        if not servable and precision == "int8":
+            gated_on = entry.get(VariantKey.INT8_KERNELS, "vnni")
+            why += f"; gated on {gated_on} int8 kernels, this CPU runs {int8_kernels(flags)}: its products can saturate"
+        elif not servable:
+            why += "; not native on this CPU, expect it slow"
     else:
-        why = f"the fastest of the gated {', '.join(gated)} native on this CPU ({', '.join(native)})"
+        why = f"the fastest of the gated {', '.join(gated)} {servable}"
     if skipped:
         why += "; passed over: " + "; ".join(skipped)
     return Variant(

@@ -65,6 +65,7 @@ def test_each_precision_is_gated_recorded_and_tagged(auto_export):
     from mlflow.tracking import MlflowClient
 
     from mlflow_clip.export.spec import ParityThresholds
+    from mlflow_clip.serving.variants import cpu_flags, int8_kernels
 
     flavor = Model.load(auto_export.model_uri).flavors["mlflow_clip"]
     table = flavor["precisions"]
@@ -81,6 +82,7 @@ def test_each_precision_is_gated_recorded_and_tagged(auto_export):
         "openvino",
     ]
     assert int8["runtimes"][0] == "onnxruntime" and not set(int8["runtimes"]) & set(int8.get("refused", {}))
+    assert int8["int8_kernels"] == int8_kernels(cpu_flags())  # what its gate vouches for
     assert "model-int8.onnx" in flavor["manifest"]["files"]
     metrics = MlflowClient().get_run(auto_export.run_id).data.metrics
     tags = tags_of(auto_export)
@@ -108,16 +110,22 @@ def test_each_precision_is_gated_recorded_and_tagged(auto_export):
 
 
 def test_it_serves_the_fastest_native_precision_and_says_why(auto_export, caplog):
+    """int8, the fastest: native where the CPU has VNNI or AMX, and otherwise gated on this
+    CPU's own int8 kernels, since the export ran here."""
     import mlflow
 
-    from mlflow_clip.serving.variants import cpu_flags, native_flags
+    from mlflow_clip.serving.variants import cpu_flags, int8_kernels, native_flags
 
-    expected = next(p for p in ("int8", "bf16", "fp32") if p in AUTO and native_flags(p, cpu_flags()))
     with caplog.at_level(logging.INFO, logger="mlflow_clip"):
         model = mlflow.pyfunc.load_model(f"models:/clip-auto/{auto_export.model_version}")
-    assert model.get_raw_model().config.precision == expected
+    assert model.get_raw_model().config.precision == "int8"
     line = next(r.getMessage() for r in caplog.records if "precision " in r.getMessage())
-    assert f"precision {expected} on " in line and "native on this CPU" in line
+    why = (
+        "native on this CPU"
+        if native_flags("int8", cpu_flags())
+        else f"gated on this CPU's int8 kernels ({int8_kernels(cpu_flags())})"
+    )
+    assert "precision int8 on " in line and why in line
     labels = model.predict(pd.DataFrame({"image": _images(6)}))["label"]
     assert len(labels) == 6
 

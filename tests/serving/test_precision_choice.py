@@ -104,3 +104,39 @@ def test_a_runtime_refused_at_export_is_never_served_and_the_pin_says_so():
     pinned = RuntimeSettings(runtime="openvino", precision="int8")
     with pytest.raises(RuntimeUnavailableError, match=r"int8 \(gated on onnxruntime, not on runtime=openvino; refused"):
         choose_variant(table, pinned, ZEN4, openvino=True)
+
+
+ZEN3 = frozenset({"avx", "avx2", "fma"})  # AVX2 only: int8 kernels with saturating products
+
+
+def test_int8_kernel_families_follow_the_flags_that_select_them():
+    from mlflow_clip.serving.variants import int8_kernels
+
+    assert [int8_kernels(f) for f in (ZEN4, SAPPHIRE_RAPIDS, SKYLAKE | {"avx512bw"}, ZEN3, frozenset())] == [
+        "vnni",
+        "vnni",
+        "avx512bw",
+        "avx2",
+        "sse",
+    ]
+    assert int8_kernels(ZEN3 | {"avx_vnni"}) == "vnni"
+
+
+def test_int8_is_chosen_without_vnni_only_where_its_gate_ran_on_the_same_kernels():
+    """A gate passed on AVX2 kernels vouches for AVX2 kernels; one passed on VNNI does not (nor
+    does a model saved before the kernels were recorded)."""
+    table = {k: TABLE[k] for k in ("fp32", "int8")}
+    on_avx2 = {**table, "int8": {**table["int8"], "int8_kernels": "avx2"}}
+    variant = choose_variant(on_avx2, AUTO_SETTINGS, ZEN3, openvino=True)
+    assert variant.precision == "int8" and "gated on this CPU's int8 kernels (avx2)" in variant.reason
+    on_vnni = {**table, "int8": {**table["int8"], "int8_kernels": "vnni"}}
+    for gated in (on_vnni, table):
+        variant = choose_variant(gated, AUTO_SETTINGS, ZEN3, openvino=True)
+        assert variant.precision == "fp32" and "int8 (not native here: no avx512_vnni" in variant.reason
+    assert (
+        "its gate ran on vnni kernels, not avx2" in choose_variant(on_vnni, AUTO_SETTINGS, ZEN3, openvino=True).reason
+    )
+    # On VNNI the products are exact, whatever kernels the gate ran on.
+    assert choose_variant(on_avx2, AUTO_SETTINGS, ZEN4, openvino=True).precision == "int8"
+    pinned = choose_variant(on_vnni, RuntimeSettings(runtime=AUTO, precision="int8"), ZEN3, openvino=True)
+    assert pinned.precision == "int8" and "gated on vnni int8 kernels, this CPU runs avx2" in pinned.reason
