@@ -67,6 +67,7 @@ from mlflow_clip.serving.contract import (
 from mlflow_clip.serving.preprocess import Preprocessor
 from mlflow_clip.serving.prompts import describe_templates
 from mlflow_clip.serving.runtime import RuntimeSettings
+from mlflow_clip.serving.variants import cpu_flags, int8_kernels
 from mlflow_clip.tracking import active_or_new_run, log_new_params
 
 _logger = logging.getLogger(__name__)
@@ -162,6 +163,8 @@ def build_from_spec(spec: ExportSpec, out_dir: str | Path | None = None) -> Buil
     precision_info, emulation_path = _convert_precision(onnx_path, precision, loaded, images)
     config = _config_for(loaded, classes, templates, template_texts, zero_shot, opset)
     config = replace(config, precision=precision, precision_method=precision_info.method)
+    if precision == "int8":  # the kernels its gate runs on, in this process (serving.variants)
+        config = replace(config, int8_kernels=int8_kernels(cpu_flags()))
     config = apply_conventions(onnx_path, config)
     check_dynamic_batch(onnx_path, loaded.input_resolution, head=config.head)
     edge_path = write_edge_file(onnx_path, out_dir / EDGE_FILE_NAME)

@@ -70,7 +70,8 @@ def version_card(
         "",
         f"- **CLIP model**: `{config.get('clip_model', '?')}`" + (f" ({source})" if source else ""),
         f"- **Precision**: {config.get('precision', 'fp32')}"
-        + (f" ({config['precision_method']})" if config.get("precision_method") else ""),
+        + (f" ({config['precision_method']})" if config.get("precision_method") else "")
+        + (f", gated on {config['int8_kernels']} int8 kernels" if config.get("int8_kernels") else ""),
         f"- **Templates**: {config.get('templates', 'none')} ({len(config.get('template_texts', ['{}']))} per class)",
         f"- **Input**: {config.get('input_resolution', '?')} px, {config.get('interpolation', 'bicubic')} resize of "
         "the short side, centre crop",

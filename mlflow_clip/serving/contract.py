@@ -111,6 +111,9 @@ class ClassifierConfig:
     # How the graph got its precision: "" (fp32 as exported), "float16", "int8-static-qdq"
     # (ResNet towers) or "int8-dynamic" (ViT towers); docs/decisions/int8-method.md.
     precision_method: str = ""
+    # An int8 graph: the family of int8 kernels of the CPU its parity gate ran on (vnni, avx512bw,
+    # avx2 or sse, `serving.variants.int8_kernels`); "" for other precisions and older models.
+    int8_kernels: str = ""
     # Image embeddings: the served graph's second output (the edge file has only the scores).
     embedding_output: str = ""
     embedding_dim: int = 0

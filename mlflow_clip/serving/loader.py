@@ -38,7 +38,7 @@ from .runtime import RuntimeSettings
 from .signature import OUTPUT_CHOICES, PARAM_DEFAULTS, TEXT_COLUMN
 from .text import TextEncoder
 from .v2 import called_by_mlserver, mlserver_error, v2_table
-from .variants import choose_variant
+from .variants import choose_variant, int8_kernels_warning
 
 _logger = logging.getLogger("mlflow_clip.serving.loader")
 
@@ -86,6 +86,9 @@ def load_classifier(
         )
     classifier = ZeroShotClassifier(onnx_path, config, settings, limits, text_encoder=text_encoder)
     _log_loaded(root, conf, classifier, variant.reason if variant else None)
+    warning = int8_kernels_warning(config)
+    if warning:
+        _logger.warning(warning)
     return classifier
 
 

@@ -95,6 +95,20 @@ def int8_kernels(flags: frozenset[str]) -> str:
     return next((family for family, needed in INT8_KERNEL_FAMILIES if flags & set(needed)), "sse")
 
 
+def int8_kernels_warning(config: ClassifierConfig, flags: frozenset[str] | None = None) -> str | None:
+    """For an int8 model whose parity gate ran on another family of int8 kernels than this CPU's
+    saturating ones, the warning to log at load; None otherwise (and for models that did not
+    record the family)."""
+    here = int8_kernels(cpu_flags() if flags is None else flags)
+    if config.precision != "int8" or not config.int8_kernels or here in (config.int8_kernels, "vnni"):
+        return None
+    return (
+        f"mlflow-clip: this int8 model was gated on {config.int8_kernels} int8 kernels; this CPU runs {here} "
+        "kernels, whose products can saturate, so its probabilities may differ from fp32 PyTorch more than its "
+        "gate measured. Serve it on a CPU with VNNI or AMX, or export it again on this kind of CPU."
+    )
+
+
 def _servable_here(precision: str, entry: Mapping[str, Any], flags: frozenset[str]) -> str:
     """Why `precision` may be chosen on this CPU without a pin (empty: it may not): the flags that
     make it native, or for int8, kernels of the family its gate ran on."""
@@ -124,6 +138,7 @@ class Variant:
     method: str
     jpeg_draft: bool
     reason: str
+    int8_kernels: str = ""
 
     def apply(
         self, settings: RuntimeSettings, saved: RuntimeSettings, config: ClassifierConfig
@@ -131,7 +146,8 @@ class Variant:
         """`settings` and `config` serving this variant; a `jpeg_draft` set at load is kept."""
         draft = settings.jpeg_draft if settings.jpeg_draft != saved.jpeg_draft else self.jpeg_draft
         settings = replace(settings, runtime=self.runtime, precision=self.precision, jpeg_draft=draft)
-        return settings, replace(config, precision=self.precision, precision_method=self.method)
+        served = replace(config, precision=self.precision, precision_method=self.method, int8_kernels=self.int8_kernels)
+        return settings, served
 
 
 def choose_variant(
@@ -184,8 +200,9 @@ def _variant(precision, entry, runtime, servable, gated, settings, skipped, flag
     if settings.precision:
         why = f"pinned (precision={precision})"
         if not servable and precision == "int8":
-            gated_on = entry.get(VariantKey.INT8_KERNELS, "vnni")
-            why += f"; gated on {gated_on} int8 kernels, this CPU runs {int8_kernels(flags)}: its products can saturate"
+            gated_on = entry.get(VariantKey.INT8_KERNELS)
+            why += f"; gated on {gated_on} int8 kernels, this CPU runs" if gated_on else "; this CPU runs"
+            why += f" {int8_kernels(flags)}: its products can saturate"
         elif not servable:
             why += "; not native on this CPU, expect it slow"
     else:
@@ -199,4 +216,5 @@ def _variant(precision, entry, runtime, servable, gated, settings, skipped, flag
         method=entry.get(VariantKey.METHOD, ""),
         jpeg_draft=bool(entry.get(VariantKey.JPEG_DRAFT, False)),
         reason=f"{precision} on {runtime}: {why}",
+        int8_kernels=str(entry.get(VariantKey.INT8_KERNELS, "")),
     )

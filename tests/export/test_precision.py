@@ -124,6 +124,7 @@ def test_int8_graph_is_smaller_and_quantized(int8_export, demo_built, tmp_path):
     import onnx
 
     from mlflow_clip.serving.contract import ClassifierConfig
+    from mlflow_clip.serving.variants import cpu_flags, int8_kernels
 
     local = mlflow.artifacts.download_artifacts(int8_export.model_uri, dst_path=str(tmp_path))
     model = onnx.load(f"{local}/model.onnx")
@@ -138,6 +139,7 @@ def test_int8_graph_is_smaller_and_quantized(int8_export, demo_built, tmp_path):
     assert [o.type.tensor_type.elem_type for o in model.graph.output] == [onnx.TensorProto.FLOAT] * 2
     config = ClassifierConfig.from_onnx(f"{local}/model.onnx")
     assert config.precision == "int8" and config.precision_method == "int8-dynamic"
+    assert config.int8_kernels == int8_kernels(cpu_flags())  # the kernels its gate ran on, here
     assert Path(local, "model.onnx").stat().st_size < 0.6 * demo_built.onnx_path.stat().st_size
 
 

@@ -22,6 +22,7 @@ CONFIG = {
     "template_texts": ["a photo of {}."],
     "precision": "int8",
     "precision_method": "int8-static-qdq",
+    "int8_kernels": "avx2",
     "input_resolution": 224,
 }
 
@@ -35,7 +36,9 @@ def test_the_card_names_the_model_classes_parity_and_how_to_serve_it():
         "RN50, 3 classes, int8: a CLIP zero-shot classifier exported by mlflow-clip; matches PyTorch "
         "(largest probability difference 3.2e-03, gate 5e-02)"
     )
-    assert "`a forklift`, `a pallet`, `a person`" in card and "int8 (int8-static-qdq)" in card
+    assert (
+        "`a forklift`, `a pallet`, `a person`" in card and "int8 (int8-static-qdq), gated on avx2 int8 kernels" in card
+    )
     assert "| largest probability difference | 3.20e-03 | 5.00e-02 |" in card
     assert "| top-1 agreement | 100.00% | 99.00% |" in card
     assert "model.onnx 25.6 MB" in card and "`abc123`" in card

@@ -140,3 +140,27 @@ def test_int8_is_chosen_without_vnni_only_where_its_gate_ran_on_the_same_kernels
     assert choose_variant(on_avx2, AUTO_SETTINGS, ZEN4, openvino=True).precision == "int8"
     pinned = choose_variant(on_vnni, RuntimeSettings(runtime=AUTO, precision="int8"), ZEN3, openvino=True)
     assert pinned.precision == "int8" and "gated on vnni int8 kernels, this CPU runs avx2" in pinned.reason
+
+
+def test_an_int8_model_gated_on_other_kernels_than_this_cpus_is_warned_about():
+    from mlflow_clip.serving.contract import ClassifierConfig
+    from mlflow_clip.serving.variants import int8_kernels_warning
+
+    def config(precision="int8", kernels="vnni"):
+        return ClassifierConfig(
+            classes=["a"], clip_model="x", input_resolution=224, mean=[0] * 3, std=[1] * 3, logit_scale=1,
+            precision=precision, int8_kernels=kernels,
+        )  # fmt: skip
+
+    warning = int8_kernels_warning(config(), ZEN3)
+    assert "gated on vnni int8 kernels; this CPU runs avx2 kernels, whose products can saturate" in warning
+    assert "export it again on this kind of CPU" in warning
+    assert int8_kernels_warning(config(kernels="avx2"), ZEN3) is None  # the kernels its gate ran on
+    assert int8_kernels_warning(config(kernels="avx2"), ZEN4) is None  # exact products
+    assert int8_kernels_warning(config(kernels=""), ZEN3) is None  # saved before the family was recorded
+    assert int8_kernels_warning(config(precision="fp32", kernels=""), ZEN3) is None
+    pinned = choose_variant(
+        {"int8": {**TABLE["int8"], "int8_kernels": "vnni"}}, RuntimeSettings(runtime=AUTO, precision="int8"), ZEN3
+    )
+    _, served = pinned.apply(AUTO_SETTINGS, AUTO_SETTINGS, config(precision="fp32", kernels=""))
+    assert served.int8_kernels == "vnni" and int8_kernels_warning(served, ZEN3)
