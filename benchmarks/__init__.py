@@ -17,8 +17,9 @@ Rows, per model x image size x batch size:
 - `torch` (a): CLIP's own `preprocess` + the PyTorch model + the same baked zero-shot head,
   from the encoded JPEG bytes (decoded with PIL), `torch.set_num_threads(threads)`.
 - `torch-strong` (a+): the strongest torch a user on this CPU would run: (a) with the weights
-  and batches in `channels_last`, the image tower under bf16 autocast, and `torch.compile`
-  where it compiles and is faster (`--no-torch-compile` skips trying); its label says what ran.
+  and batches in `channels_last`, the image tower under bf16 autocast where the CPU has native
+  bf16 (fp32 elsewhere, where torch emulates bf16 slowly), and `torch.compile` where it compiles
+  and is faster (`--no-torch-compile` skips trying); its label says what ran.
 - `onnxruntime` (b): the exported graph on already-preprocessed float32 tensors, the same
   session settings as the pyfunc: the ceiling for our graph.
 - `pyfunc` (c): `mlflow.pyfunc.load_model(dir).predict(DataFrame({"image": [bytes, ...]}))`.

@@ -11,13 +11,13 @@ from benchmarks.models import TEMPLATES, classes_for, flavor_conf, model_slug, p
 from benchmarks.options import BenchmarkOptions, ServerSettings, size_name
 from benchmarks.peers import PEER_ROWS
 from benchmarks.results import RowResult
-from benchmarks.rows import STRONG_TORCH_LABEL
+from benchmarks.rows import strong_torch_bf16, strong_torch_label
 from mlflow_clip.serving import resample
 from mlflow_clip.serving.preprocess import native_status
 
 ROW_LABELS = {
     "torch": "(a) torch",
-    "torch-strong": STRONG_TORCH_LABEL,  # with ", torch.compile" when that ran
+    "torch-strong": strong_torch_label(strong_torch_bf16()),  # with ", torch.compile" when that ran
     "onnxruntime": "(b) onnxruntime",
     "pyfunc": "(c) pyfunc fp32",
     "pyfunc-draft": "pyfunc fp32 jpeg_draft",

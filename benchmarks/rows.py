@@ -41,16 +41,33 @@ def task_torch(spec: dict[str, Any]) -> InProcessRow:
     return InProcessRow(call, spec, {"engine": torch_engine()})
 
 
-STRONG_TORCH_LABEL = "(a+) strongest torch: bf16 autocast, channels_last"
+STRONG_TORCH_LABEL = "(a+) strongest torch"
 # torch.compile is kept only when it is at least this much faster than eager on the same batch.
 COMPILE_MIN_GAIN = 0.03
 
 
+def strong_torch_bf16() -> bool:
+    """Whether the strongest torch here computes the image tower under bf16 autocast: where the
+    CPU has native bf16 (AVX512_BF16 or AMX), as for the bf16 precision. Elsewhere torch emulates
+    bf16 at a fraction of fp32's speed (RN50's pipeline at 0.17x CLIP's fp32 one on an AVX2-only
+    CPU), and a user keeps fp32."""
+    from mlflow_clip.serving.variants import cpu_flags, native_flags
+
+    return bool(native_flags("bf16", cpu_flags()))
+
+
+def strong_torch_label(bf16: bool, compiled: bool = False) -> str:
+    """Row (a+)'s label: what ran."""
+    how = "bf16 autocast, channels_last" if bf16 else "fp32, channels_last (no native bf16 here)"
+    return f"{STRONG_TORCH_LABEL}: {how}" + (", torch.compile" if compiled else "")
+
+
 def task_torch_strong(spec: dict[str, Any]) -> InProcessRow:
     """Row (a+): the strongest torch a CLIP user on this CPU would run: row (a)'s model, weights,
-    `preprocess` and head, with the weights and batches in `channels_last` and the image tower
-    under bf16 autocast, and `torch.compile` where it compiles and is faster on a warm batch
-    (`spec["torch_compile"]`). The label and note say exactly what ran."""
+    `preprocess` and head, with the weights and batches in `channels_last`, the image tower under
+    bf16 autocast where the CPU has native bf16 (`strong_torch_bf16`), and `torch.compile` where
+    it compiles and is faster on a warm batch (`spec["torch_compile"]`). The label and note say
+    exactly what ran."""
     import torch
     from PIL import Image
 
@@ -62,33 +79,43 @@ def task_torch_strong(spec: dict[str, Any]) -> InProcessRow:
     head = np.load(spec["head"])
     text, scale = torch.from_numpy(head["text_features"]).float(), float(head["logit_scale"])
     pool = read_pool(spec)
+    bf16 = strong_torch_bf16()
 
     def pixels(index: int):
         images = [preprocess(Image.open(io.BytesIO(data))) for data in request_images(pool, spec["batch"], index)]
         return torch.stack(images).to(model.dtype).contiguous(memory_format=torch.channels_last)
 
-    visual, how = fastest_visual(model.visual, pixels(0), spec.get("torch_compile", True))
+    visual, how = fastest_visual(model.visual, pixels(0), spec.get("torch_compile", True), bf16)
 
     def call(index: int, _state: Any) -> np.ndarray:
         batch = pixels(index)
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.inference_mode(), _autocast(bf16):
             features = visual(batch)
         return zero_shot_probabilities(features.float(), text, scale)
 
-    label = STRONG_TORCH_LABEL + (", torch.compile" if visual is not model.visual else "")
+    label = strong_torch_label(bf16, compiled=visual is not model.visual)
     return InProcessRow(call, spec, {"engine": f"{torch_engine()}; {how}", "label": label})
 
 
-def fastest_visual(visual: Any, sample: Any, try_compile: bool, rounds: int = 3) -> tuple[Any, str]:
-    """`visual` or `torch.compile(visual)`, whichever ran `sample` faster under bf16 autocast
-    (the best of `rounds` alternating timings, after each has run once), and what was chosen, why."""
+def _autocast(bf16: bool) -> Any:
+    import contextlib
+
+    import torch
+
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def fastest_visual(visual: Any, sample: Any, try_compile: bool, bf16: bool = True, rounds: int = 3) -> tuple[Any, str]:
+    """`visual` or `torch.compile(visual)`, whichever ran `sample` faster (under bf16 autocast
+    when `bf16`; the best of `rounds` alternating timings, after each has run once), and what was
+    chosen, why."""
     import torch
 
     if not try_compile:
         return visual, "eager (torch.compile not tried: --no-torch-compile)"
 
     def seconds(fn: Any) -> float:
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.inference_mode(), _autocast(bf16):
             began = time.perf_counter()
             fn(sample)
             return time.perf_counter() - began
