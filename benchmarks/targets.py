@@ -24,7 +24,9 @@ GRAPH_ROWS = ("onnxruntime", "onnxruntime-spin")
 NOT_MEASURED = "n/a"  # the verdict of a target whose rows did not run; such targets are not reported
 # The verdict of a target that needs CPU instructions this machine lacks: measured, not judged.
 NOT_THIS_CPU = "not on this CPU"
-NO_NATIVE_BF16 = "this CPU has no AVX512_BF16 or AMX, so OpenVINO emulates bf16; the target needs a CPU that has them"
+NO_NATIVE_BF16 = (
+    "this CPU has no AVX512_BF16 or AMX, so OpenVINO and torch emulate bf16; the target is set for a CPU that has them"
+)
 # The verdict of a ratio measured while the machine was busy: shown, not judged.
 BUSY = "BUSY"
 MAX_OTHERS_SHARE_OF_CORES = 0.5  # other processes' cores, in any measured round of a row
