@@ -177,7 +177,8 @@ EXPORT_OPTIONS: tuple[ExportOption, ...] = (
         "(onnxruntime quantization, for CPUs) or `bf16` (OpenVINO, for CPUs with native bf16; needs "
         '`pip install "mlflow-clip[openvino]"`); or `auto` (`fp32`, `int8`, and `bf16` where OpenVINO is '
         "installed and has bf16 on the CPU: AVX-512), or a list such as `fp32,bf16`: one export gated at each, "
-        "served at the fastest gated precision native on the CPU it loads on (docs/precision.md)",
+        "served at the fastest gated precision native on the CPU it loads on, int8 also where its gate ran on "
+        "the same int8 kernels (docs/precision.md)",
     ),
     ExportOption(
         "truncate",
