@@ -75,8 +75,8 @@ class RuntimeSettings:
     # A request's images are split into this many shards that run concurrently, each decoding
     # its own images and then running the graph (1: the decode workers decode all, then one run).
     # 0: one on onnxruntime, whose graph keeps every core busy, so that concurrent shards only
-    # contend (one shard measured 4% to 13% faster, docs/performance.md); on OpenVINO one per
-    # intra-op thread (or CPU), where the effect went either way (-20% to +14%).
+    # contend (a shard per thread measured 9% slower in the median, docs/performance.md); on
+    # OpenVINO one per intra-op thread (or CPU), where the effect went either way (-20% to +14%).
     shards: int = 0
     # onnxruntime's worker threads busy-wait between operators by default; that spinning takes
     # the cores the decoding threads need.
