@@ -287,11 +287,23 @@ class MeasuredRow:
 
 
 class InProcessRow:
-    """A row measured inside its child process: warm-up at set-up, then rounds on command."""
+    """A row measured inside its child process: warm-up at set-up, then rounds on command.
 
-    def __init__(self, call: Callable[[int, Any], Any], spec: dict[str, Any], extra: dict[str, Any] | None = None):
+    `per_round`, when given, measures figures of its own after each round's requests (outside
+    their timing and CPU seconds); the result gives each one's median over the rounds, so that
+    one moment of contention does not decide it."""
+
+    def __init__(
+        self,
+        call: Callable[[int, Any], Any],
+        spec: dict[str, Any],
+        extra: dict[str, Any] | None = None,
+        per_round: Callable[[], dict[str, float]] | None = None,
+    ):
         self.row = MeasuredRow(call, spec["batch"])
         self.extra = dict(extra or {})
+        self.per_round = per_round
+        self.rounds: list[dict[str, float]] = []
         warmup = spec["warmup"]
         if spec.get("time_first") and warmup:  # from process start (imports, load) to the first answer
             self.row.warm_up(1)
@@ -301,9 +313,12 @@ class InProcessRow:
 
     def run_round(self, min_requests: int, min_seconds: float, max_requests: int) -> None:
         self.row.run_round(min_requests, min_seconds, max_requests)
+        if self.per_round is not None:
+            self.rounds.append(self.per_round())
 
     def result(self) -> dict[str, Any]:
-        return {**self.row.result(), **self.extra}
+        medians = {key: float(np.median([r[key] for r in self.rounds])) for key in (self.rounds or [{}])[0]}
+        return {**self.row.result(), **self.extra, **medians}
 
     def close(self) -> None:
         pass

@@ -166,7 +166,7 @@ def render_markdown(report: BenchmarkReport) -> str:
         parts.append(
             "The targets count each model's default path: exact for fp32, JPEG draft decoding for int8 and bf16 "
             "models of 224 px and more (their exact-decode figure beside them). Exact decode and preprocess of "
-            "one image on one thread (timed while row (b) prepares its tensors): "
+            "one image on one thread (CPU time, the median over row (b)'s rounds, each timed after its requests): "
             + ", ".join(f"{r.model} {r.size} {r.decode_ms:.1f} ms" for r in decode)
             + ". The decode-bound ceiling is the highest (c) / (b) ratio that work allows on the same cores, "
             "threads / ((b)'s cores busy + decode seconds x (b)'s images/s), times (b) / (a) against row (a)."

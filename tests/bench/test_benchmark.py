@@ -749,3 +749,21 @@ def test_every_row_records_its_cpu_seconds_and_the_machines_load_per_round(quick
     text = render_markdown(quick_report)
     assert "Machine load while the rows were measured" in text
     assert "- demo 320x240 batch 1: load average after each round " in text
+
+
+def test_figures_measured_after_each_round_give_their_median():
+    """Row (b) times the decode after each of its rounds, so one contended moment (the set-up's
+    figure, or one round's) does not decide the decode-bound ceiling."""
+    from benchmarks.measure import InProcessRow
+
+    timings = iter([{"decode_ms": 15.0}, {"decode_ms": 40.0}, {"decode_ms": 16.0}])
+    row = InProcessRow(
+        lambda index, state: [0.5, 0.5], {"batch": 2, "warmup": 0}, {"decode_ms": 90.0}, lambda: next(timings)
+    )
+    for _ in range(3):
+        row.run_round(1, 0.0, 1)
+    result = row.result()
+    assert result["decode_ms"] == 16.0 and result["requests"] == 3
+    assert (
+        InProcessRow(lambda i, s: [1.0], {"batch": 1, "warmup": 0}, {"decode_ms": 90.0}).result()["decode_ms"] == 90.0
+    )
