@@ -186,12 +186,13 @@ def _to_int8(model, out_path: Path, head, method: str, calibration: np.ndarray |
 
     with _quiet_quantizer():
         if method == "dynamic":
+            reduce_range = dynamic_reduce_range()
             quantize_dynamic(
                 model,
                 str(out_path),
                 op_types_to_quantize=list(_DYNAMIC_OP_TYPES),
                 per_channel=False,
-                reduce_range=False,
+                reduce_range=reduce_range,
                 weight_type=QuantType.QInt8,
                 nodes_to_exclude=list(head),
             )
@@ -200,7 +201,7 @@ def _to_int8(model, out_path: Path, head, method: str, calibration: np.ndarray |
                 "op_types": ",".join(_DYNAMIC_OP_TYPES),
                 "weight_type": "int8",
                 "per_channel": False,
-                "reduce_range": False,
+                "reduce_range": reduce_range,
                 "activations": "uint8, quantized at run time",
             }
             return PrecisionInfo("int8", "int8-dynamic", choices, tuple(head))
@@ -235,6 +236,19 @@ def _to_int8(model, out_path: Path, head, method: str, calibration: np.ndarray |
     runtime, reason = static_int8_runtime()
     choices["runtime"] = f"{runtime} ({reason})"
     return PrecisionInfo("int8", "int8-static-qdq", choices, tuple(head), chosen_runtime=runtime)
+
+
+def dynamic_reduce_range() -> bool:
+    """Whether a dynamic int8 graph exported here keeps its weights in 7 bits (`reduce_range`):
+    where this CPU's int8 kernels are not VNNI's or AMX's (`serving.variants.int8_kernels`).
+
+    Those kernels add each pair of uint8 x int8 products into an int16, which saturates; with
+    weights within [-64, 63] no pair can (2 x 255 x 64 < 32768). The parity gate runs on this
+    CPU's kernels, and MLmodel records them. With VNNI or AMX the products are exact, and the full
+    8 bits are the more accurate. Figures: docs/decisions/int8-method.md."""
+    from mlflow_clip.serving.variants import cpu_flags, int8_kernels
+
+    return int8_kernels(cpu_flags()) != "vnni"
 
 
 def static_int8_runtime() -> tuple[str, str]:
