@@ -238,60 +238,68 @@ pass_horizontal(
 }
 
 /* The same horizontal pass for RGB pixels, 4 bytes each (RGBX, Pillow's own layout) or 3 (a
- * packed array), with AVX2: two taps per step, each pixel's channels widened to 4 int32 lanes and
- * multiplied by its tap's weight, repeated 4 times in `wide` ([ncols][ksize rounded up][4]).
- * Exact integer sums, so the result equals the scalar pass's. Only built for x86-64 with GCC or
- * Clang (and not with -DMLFLOW_CLIP_NO_SIMD, which tests the scalar pass), and only run when
- * the CPU has AVX2. */
+ * packed array), with AVX2: four taps per step. The four pixels' bytes are shuffled into pairs
+ * of taps per channel, [R0 R1 G0 G1 B0 B1 0 0 | R2 R3 G2 G3 B2 B3 0 0], widened to 16-bit words
+ * and multiplied pairwise by the taps' weights (vpmaddwd). A 22-bit weight does not fit a word,
+ * so it is split as k = hi * 2048 + lo with lo in [0, 2047]: two products per pair, both exact,
+ * and sum(p * k) = (sum(p * hi) << 11) + sum(p * lo) in exact integer arithmetic, so the result
+ * equals the scalar pass's. `wide` holds, per output column, 32 words per step of four taps (16
+ * of hi, then 16 of lo), the taps past the column's last weighted 0. Only built for x86-64 with
+ * GCC or Clang (and not with -DMLFLOW_CLIP_NO_SIMD, which tests the scalar pass), and only run
+ * when the CPU has AVX2. */
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(MLFLOW_CLIP_NO_SIMD)
 #include <immintrin.h>
 #define HAVE_AVX2_PATH 1
+#define WEIGHT_LOW_BITS 11
+
+__attribute__((target("avx2"))) static inline void
+madd_step(__m128i bytes, __m128i pairs, const int16_t *k, __m256i *hi, __m256i *lo) {
+    const __m256i px = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(bytes, pairs));
+    *hi = _mm256_add_epi32(*hi, _mm256_madd_epi16(px, _mm256_loadu_si256((const __m256i *)k)));
+    *lo = _mm256_add_epi32(*lo, _mm256_madd_epi16(px, _mm256_loadu_si256((const __m256i *)(k + 16))));
+}
 
 __attribute__((target("avx2"))) static inline void
 rgb_avx2_kernel(
     const uint8_t *src, Py_ssize_t row_stride, const int bpp, int col0, int nrows,
-    const Weights *w, const int32_t *wide, int wide_stride, int ncols, uint8_t *dst
+    const Weights *w, const int16_t *wide, int wide_stride, int ncols, uint8_t *dst
 ) {
-    /* 3-byte pixels: spread [R0 G0 B0 R1 G1 B1 ..] to [R0 G0 B0 0 R1 G1 B1 0] before widening. */
-    const __m128i spread = _mm_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    const __m128i pairs = bpp == 4
+        ? _mm_setr_epi8(0, 4, 1, 5, 2, 6, -1, -1, 8, 12, 9, 13, 10, 14, -1, -1)
+        : _mm_setr_epi8(0, 3, 1, 4, 2, 5, -1, -1, 6, 9, 7, 10, 8, 11, -1, -1);
     const uint8_t *end = src + (Py_ssize_t)nrows * row_stride; /* bytes the caller owns */
     int r, j, t;
     for (r = 0; r < nrows; r++) {
         const uint8_t *line = src + (Py_ssize_t)r * row_stride;
         uint8_t *out = dst + (size_t)r * ncols * 3;
         for (j = 0; j < ncols; j++) {
-            const int32_t *k = wide + (size_t)j * wide_stride;
+            const int16_t *k = wide + (size_t)j * wide_stride;
             const uint8_t *p = line + (Py_ssize_t)(w->start[j] - col0) * bpp;
-            const int n = w->taps[j];
-            __m256i acc = _mm256_setzero_si256();
-            __m128i sum, bytes;
-            int32_t s[4];
-            for (t = 0; t + 2 <= n; t += 2) {
-                if (bpp == 4) {
-                    bytes = _mm_loadl_epi64((const __m128i *)(p + t * 4));
-                } else if (p + t * 3 + 8 <= end) { /* 8 bytes, 2 unused: still inside */
-                    bytes = _mm_shuffle_epi8(_mm_loadl_epi64((const __m128i *)(p + t * 3)), spread);
-                } else { /* the last pixels of the buffer: copy only what is there */
-                    int64_t two = 0;
-                    memcpy(&two, p + t * 3, 6);
-                    bytes = _mm_shuffle_epi8(_mm_cvtsi64_si128(two), spread);
+            const int n = w->taps[j], steps = (n + 3) / 4;
+            __m256i hi = _mm256_setzero_si256(), lo = _mm256_setzero_si256();
+            __m128i sum;
+            int32_t bytes3;
+            if (p + (Py_ssize_t)(steps - 1) * 4 * bpp + 16 <= end) {
+                /* 16 bytes a step, the ones past the taps weighted 0: all inside the buffer */
+                for (t = 0; t < steps; t++, k += 32) {
+                    madd_step(_mm_loadu_si128((const __m128i *)(p + t * 4 * bpp)), pairs, k, &hi, &lo);
                 }
-                acc = _mm256_add_epi32(
-                    acc, _mm256_mullo_epi32(_mm256_cvtepu8_epi32(bytes), _mm256_loadu_si256((const __m256i *)(k + t * 4)))
-                );
+            } else { /* the last pixels of the buffer: copy only the taps' own bytes */
+                for (t = 0; t < n; t += 4, k += 32) {
+                    uint8_t last[16] = {0};
+                    memcpy(last, p + t * bpp, (size_t)(n - t < 4 ? n - t : 4) * bpp);
+                    madd_step(_mm_loadu_si128((const __m128i *)last), pairs, k, &hi, &lo);
+                }
             }
-            sum = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-            if (t < n) {
-                int32_t last = 0;
-                memcpy(&last, p + t * bpp, bpp == 4 ? 4 : 3);
-                sum = _mm_add_epi32(
-                    sum, _mm_mullo_epi32(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(last)), _mm_loadu_si128((const __m128i *)(k + t * 4)))
-                );
-            }
-            _mm_storeu_si128((__m128i *)s, _mm_add_epi32(sum, _mm_set1_epi32(HALF)));
-            out[0] = clip8(s[0]);
-            out[1] = clip8(s[1]);
-            out[2] = clip8(s[2]);
+            hi = _mm256_add_epi32(_mm256_slli_epi32(hi, WEIGHT_LOW_BITS), lo);
+            sum = _mm_add_epi32(_mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1));
+            /* clip8 on the four lanes: shift, then saturate to int16 and to [0, 255] */
+            sum = _mm_srai_epi32(_mm_add_epi32(sum, _mm_set1_epi32(HALF)), PRECISION_BITS);
+            sum = _mm_packus_epi16(_mm_packs_epi32(sum, sum), sum);
+            bytes3 = _mm_cvtsi128_si32(sum);
+            out[0] = (uint8_t)bytes3;
+            out[1] = (uint8_t)(bytes3 >> 8);
+            out[2] = (uint8_t)(bytes3 >> 16);
             out += 3;
         }
     }
@@ -301,7 +309,7 @@ rgb_avx2_kernel(
 __attribute__((target("avx2"))) static void
 pass_horizontal_rgbx_avx2(
     const uint8_t *src, Py_ssize_t row_stride, int col0, int nrows, const Weights *w,
-    const int32_t *wide, int wide_stride, int ncols, uint8_t *dst
+    const int16_t *wide, int wide_stride, int ncols, uint8_t *dst
 ) {
     rgb_avx2_kernel(src, row_stride, 4, col0, nrows, w, wide, wide_stride, ncols, dst);
 }
@@ -309,7 +317,7 @@ pass_horizontal_rgbx_avx2(
 __attribute__((target("avx2"))) static void
 pass_horizontal_rgb_avx2(
     const uint8_t *src, Py_ssize_t row_stride, int col0, int nrows, const Weights *w,
-    const int32_t *wide, int wide_stride, int ncols, uint8_t *dst
+    const int16_t *wide, int wide_stride, int ncols, uint8_t *dst
 ) {
     rgb_avx2_kernel(src, row_stride, 3, col0, nrows, w, wide, wide_stride, ncols, dst);
 }
@@ -335,16 +343,27 @@ horizontal(
 ) {
 #if HAVE_AVX2_PATH
     if ((bpp == 4 || bpp == 3) && nch == 3 && have_avx2()) {
-        const int stride = ((w->ksize + 1) & ~1) * 4;
-        int32_t *wide = calloc((size_t)ncols * stride, sizeof(int32_t));
+        const int stride = (w->ksize + 3) / 4 * 32;
+        int16_t *wide = calloc((size_t)ncols * stride, sizeof(int16_t));
         int j, t, c;
         if (!wide) {
             return -1;
         }
         for (j = 0; j < ncols; j++) {
             for (t = 0; t < w->taps[j]; t++) {
-                for (c = 0; c < 4; c++) {
-                    wide[(size_t)j * stride + t * 4 + c] = w->k[(size_t)j * w->ksize + t];
+                const int32_t k = w->k[(size_t)j * w->ksize + t];
+                const int32_t low = k & ((1 << WEIGHT_LOW_BITS) - 1);
+                const int32_t high = (k - low) / (1 << WEIGHT_LOW_BITS);
+                /* step t / 4; lane t % 4 / 2 (8 words each); word t % 2 of each channel's pair */
+                int16_t *at = wide + (size_t)j * stride + t / 4 * 32 + t % 4 / 2 * 8 + t % 2;
+                if (high < INT16_MIN || high > INT16_MAX) { /* no filter weighs a pixel this much */
+                    free(wide);
+                    pass_horizontal(src, row_stride, bpp, nch, col0, nrows, w, ncols, dst);
+                    return 0;
+                }
+                for (c = 0; c < 3; c++) {
+                    at[c * 2] = (int16_t)high;
+                    at[c * 2 + 16] = (int16_t)low;
                 }
             }
         }
