@@ -67,7 +67,7 @@ class ZeroShotClassifier:
         self._draft_size = config.input_resolution if settings.jpeg_draft else None
         workers = decode_workers or settings.decode_workers or min(4, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mlflow-clip-decode")
-        self._shards = settings.shard_count(self.session.runtime)
+        self._shards = settings.shard_count
         self._shard_pool = ThreadPoolExecutor(max_workers=max(1, self._shards), thread_name_prefix="mlflow-clip-shard")
 
     @property

@@ -74,9 +74,8 @@ class RuntimeSettings:
     decode_workers: int = 0
     # A request's images are split into this many shards that run concurrently, each decoding
     # its own images and then running the graph (1: the decode workers decode all, then one run).
-    # 0: one on onnxruntime, whose graph keeps every core busy, so that concurrent shards only
-    # contend (a shard per thread measured 9% slower in the median, docs/performance.md); on
-    # OpenVINO one per intra-op thread (or CPU), where the effect went either way (-20% to +14%).
+    # 0: one, on every runtime: the graph keeps every core busy, so concurrent shards only contend
+    # (a shard per thread measured slower in 31 of 34 side-by-side comparisons, docs/performance.md).
     shards: int = 0
     # onnxruntime's worker threads busy-wait between operators by default; that spinning takes
     # the cores the decoding threads need.
@@ -138,14 +137,10 @@ class RuntimeSettings:
             data["providers"] = tuple(data["providers"])
         return cls(**data)
 
-    def shard_count(self, runtime: str) -> int:
-        """How many shards a request's images are split into on `runtime`, the one the session
-        opened (see `shards`)."""
-        if self.shards:
-            return self.shards
-        if runtime == OPENVINO:
-            return self.intra_op_num_threads or os.cpu_count() or 1
-        return 1
+    @property
+    def shard_count(self) -> int:
+        """How many shards a request's images are split into (see `shards`)."""
+        return self.shards or 1
 
     def with_overrides(self, overrides: Mapping[str, Any] | None) -> "RuntimeSettings":
         """These settings, then the `MLFLOW_CLIP_*` environment, then `overrides` on top.

@@ -88,12 +88,10 @@ def test_bad_shard_and_spinning_settings_are_refused(bad):
         RuntimeSettings.from_dict(bad)
 
 
-def test_shard_count_is_one_on_onnxruntime_and_the_thread_count_on_openvino_unless_set():
-    assert RuntimeSettings(intra_op_num_threads=3).shard_count("onnxruntime") == 1
-    assert RuntimeSettings(intra_op_num_threads=3, shards=2).shard_count("onnxruntime") == 2
-    assert RuntimeSettings(intra_op_num_threads=3).shard_count("openvino") == 3
-    assert RuntimeSettings(intra_op_num_threads=3, shards=1).shard_count("openvino") == 1
-    assert RuntimeSettings(runtime="auto").shard_count("openvino") >= 1
+def test_shard_count_is_one_unless_set():
+    assert RuntimeSettings(intra_op_num_threads=3).shard_count == 1
+    assert RuntimeSettings(intra_op_num_threads=3, runtime="openvino").shard_count == 1
+    assert RuntimeSettings(intra_op_num_threads=3, shards=2).shard_count == 2
 
 
 def test_environment_overrides_the_saved_config_that_mlflow_passes_back(demo_model_dir, monkeypatch):
