@@ -108,6 +108,7 @@ RATIO_TARGETS: tuple[RatioTarget, ...] = (
         "pyfunc",
         "torch_strong",
         1.0,
+        ceiling=True,
         needs_bf16=True,
     ),
     RatioTarget(
