@@ -38,6 +38,18 @@ def test_the_fastest_native_precision_is_served_and_the_log_says_why():
     assert choose_variant(TABLE, AUTO_SETTINGS, SAPPHIRE_RAPIDS, openvino=True).precision == "int8"
 
 
+def test_bf16_goes_before_a_dynamic_int8_graph_where_the_cpu_has_amx_bf16():
+    dynamic = {**TABLE, "int8": {**TABLE["int8"], "precision_method": "int8-dynamic", "runtimes": ["onnxruntime"]}}
+    variant = choose_variant(dynamic, AUTO_SETTINGS, SAPPHIRE_RAPIDS, openvino=True)
+    assert (variant.precision, variant.runtime) == ("bf16", "openvino")
+    assert variant.reason.startswith("bf16 on openvino: the fastest of the gated bf16, int8, fp32 native")
+    # without AMX, and for static QDQ graphs (OpenVINO's int8 kernels), int8 stays first
+    assert choose_variant(dynamic, AUTO_SETTINGS, ZEN4, openvino=True).precision == "int8"
+    assert choose_variant(TABLE, AUTO_SETTINGS, SAPPHIRE_RAPIDS, openvino=True).precision == "int8"
+    # without OpenVINO, bf16 is passed over and the dynamic int8 graph serves
+    assert choose_variant(dynamic, AUTO_SETTINGS, SAPPHIRE_RAPIDS, openvino=False).precision == "int8"
+
+
 def test_bf16_only_where_it_is_native_and_openvino_is_installed():
     table = {k: TABLE[k] for k in ("fp32", "bf16")}
     assert choose_variant(table, AUTO_SETTINGS, ZEN4, openvino=True).precision == "bf16"
