@@ -223,9 +223,16 @@ def _ratio_target(
         target.key,
         f"{target.name} ({TARGET_MODEL}, {TARGET_SIZE}, batch {TARGET_BATCH})",
         f">= {target.threshold:.2f}x",
-        "not measured" if value is None else f"{value:.2f}x{extra}",
+        "not measured" if value is None else f"{_shown_against(value, target.threshold)}x{extra}",
         NOT_MEASURED if value is None else verdict,
     )
+
+
+def _shown_against(value: float, threshold: float) -> str:
+    """`value` to two decimals, or three where two would round it onto `threshold` from either
+    side (3.997 against 4.0 is not met, and must not read as 4.00)."""
+    shown = f"{value:.2f}"
+    return f"{value:.3f}" if float(shown) == threshold and value != threshold else shown
 
 
 def busy_reason(rows: list[RowResult | None], cores: int) -> str | None:

@@ -152,6 +152,10 @@ def test_targets_pass_and_fail_at_their_thresholds():
     compare_rows(rows)
     results = {t.key: t for t in evaluate_targets(report)}
     assert results["labels_per_request_vs_pyfunc"].result == "FAIL"  # 0.94x: 6.7% slower
+    rows[2].images_per_s = 7.99  # 1.9975x: a miss that two decimals would show as the threshold
+    compare_rows(rows)
+    missed = {t.key: t for t in evaluate_targets(report)}["pyfunc_fp32_vs_torch"]
+    assert (missed.result, missed.measured.split(" ")[0]) == ("FAIL", "1.998x")
 
 
 def test_bf16_targets_are_judged_only_on_a_cpu_with_bf16_instructions():
