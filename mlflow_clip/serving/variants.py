@@ -166,12 +166,13 @@ def choose_variant(
     `RuntimeUnavailableError` when a pinned one needs a runtime not installed here."""
     flags = cpu_flags() if flags is None else flags
     openvino = openvino_available() if openvino is None else openvino
-    gated = speed_order(table, flags)
     if settings.precision and settings.precision not in table:
+        listed = speed_order(table, frozenset())  # the same on every CPU
         raise SettingsError(
-            f"Received precision={settings.precision!r}; this model was gated for {', '.join(gated)} only. "
+            f"Received precision={settings.precision!r}; this model was gated for {', '.join(listed)} only. "
             "Pin one of those, or leave precision out to serve the fastest one native here."
         )
+    gated = speed_order(table, flags)
     pinned_runtime = None if settings.runtime == AUTO else settings.runtime
     skipped: list[str] = []
     for precision in [settings.precision] if settings.precision else gated:
