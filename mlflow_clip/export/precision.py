@@ -44,6 +44,7 @@ from mlflow_clip.errors import PrecisionError
 from mlflow_clip.export.graph import save_single_file
 from mlflow_clip.export.spec import PRECISION_PROVIDERS, PRECISION_RUNTIMES, check_precision
 from mlflow_clip.serving.openvino_runtime import openvino_available
+from mlflow_clip.serving.variants import cpu_flags, int8_kernels
 
 _logger = logging.getLogger(__name__)
 
@@ -246,8 +247,6 @@ def dynamic_reduce_range() -> bool:
     weights within [-64, 63] no pair can (2 x 255 x 64 < 32768). The parity gate runs on this
     CPU's kernels, and MLmodel records them. With VNNI or AMX the products are exact, and the full
     8 bits are the more accurate. Figures: docs/decisions/int8-method.md."""
-    from mlflow_clip.serving.variants import cpu_flags, int8_kernels
-
     return int8_kernels(cpu_flags()) != "vnni"
 
 

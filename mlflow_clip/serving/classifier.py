@@ -68,7 +68,7 @@ class ZeroShotClassifier:
         workers = decode_workers or settings.decode_workers or min(4, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mlflow-clip-decode")
         self._shards = settings.shard_count
-        self._shard_pool = ThreadPoolExecutor(max_workers=max(1, self._shards), thread_name_prefix="mlflow-clip-shard")
+        self._shard_pool = ThreadPoolExecutor(max_workers=self._shards, thread_name_prefix="mlflow-clip-shard")
 
     @property
     def classes(self) -> list[str]:
