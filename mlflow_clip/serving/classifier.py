@@ -181,11 +181,12 @@ class ZeroShotClassifier:
 
         First every image's header is read and checked, and the request's pixels are summed
         (`max_request_pixels`), so that nothing is decoded for a request over its budget. Then
-        rows go to onnxruntime in chunks of `chunk_size`; each chunk is split into `shards` that
-        run concurrently, each decoding its own images and then running the graph. With
+        rows go to the graph in chunks of `chunk_size`, each decoded by the decode pool straight
+        into the batch the graph runs; with `shards` above one, a chunk is split into that many
+        shards that run concurrently, each decoding its own images and then running the graph. With
         on_error="raise" every row is still decoded, so that the error lists all bad rows.
         """
-        opened = list(self._pool.map(self._open, rows))
+        opened = [self._open(row) for row in rows]  # Python under the GIL: a pool only adds handoffs
         self._check_request_pixels(opened)
         values: np.ndarray | None = None
         errors: list[str | None] = [None] * len(rows)
@@ -213,26 +214,32 @@ class ZeroShotClassifier:
     def _run_chunk(self, part: list, run: bool, on_error: str, output: str, deadline: Deadline) -> list:
         shards = min(self._shards, len(part))
         if shards <= 1:
-            loaded = list(self._pool.map(lambda item: self._load(item, deadline), part))
-            return [self._run_loaded(loaded, 0, run, on_error, output)]
+            return [self._run_shard(part, 0, run, on_error, output, deadline, self._pool.map)]
         cuts = np.linspace(0, len(part), shards + 1).astype(int)
 
         def shard(lo: int, hi: int):
-            return self._run_loaded([self._load(item, deadline) for item in part[lo:hi]], lo, run, on_error, output)
+            return self._run_shard(part[lo:hi], int(lo), run, on_error, output, deadline, map)
 
         return list(self._shard_pool.map(shard, cuts[:-1], cuts[1:]))
 
-    def _run_loaded(
-        self, loaded: list[Any], first: int, run: bool, on_error: str, output: str
+    def _run_shard(
+        self, items: list, first: int, run: bool, on_error: str, output: str, deadline: Deadline, each: Any
     ) -> tuple[list[int], np.ndarray | None, list[tuple[int, str]]]:
-        """Run the graph on the decoded images of one shard starting at row offset `first`:
+        """Decode the images of one shard (starting at row offset `first`) straight into the
+        rows of the batch the graph runs, through `each` (the decode pool's map, or the builtin
+        in a shard's own thread), then run the graph on the rows that decoded:
         (offsets of the rows run, their outputs, (offset, reason) of the rows that failed)."""
-        good = [first + i for i, item in enumerate(loaded) if not isinstance(item, ImageInputError)]
-        failures = [(first + i, item.reason) for i, item in enumerate(loaded) if isinstance(item, ImageInputError)]
+        size = self.preprocessor.input_resolution
+        batch = np.empty((len(items), 3, size, size), dtype=np.float32)
+        reasons = list(each(lambda index: self._load_into(items[index], batch[index], deadline), range(len(items))))
+        good = [index for index, reason in enumerate(reasons) if reason is None]
+        failures = [(first + index, reason) for index, reason in enumerate(reasons) if reason is not None]
+        offsets = [first + index for index in good]
         if not good or not run or (failures and on_error == "raise"):
-            return good, None, failures
-        batch = np.stack([loaded[i - first] for i in good])
-        return good, self.session.run(batch, [output])[0], failures
+            return offsets, None, failures
+        if len(good) < len(items):
+            batch = batch[good]
+        return offsets, self.session.run(batch, [output])[0], failures
 
     def _output_width(self, output: str) -> int:
         if output == self._probabilities_output:
@@ -262,14 +269,16 @@ class ZeroShotClassifier:
                 "request, or send smaller images (CLIP keeps a few hundred pixels a side) as 8-bit JPEGs."
             )
 
-    def _load(self, item: OpenedImage | ImageInputError, deadline: Deadline) -> np.ndarray | ImageInputError:
+    def _load_into(self, item: OpenedImage | ImageInputError, out: np.ndarray, deadline: Deadline) -> str | None:
+        """Decode and preprocess one opened image into `out`; the reason it failed, or None."""
         if isinstance(item, ImageInputError):
-            return item
+            return item.reason
         deadline.check("decoding images")
         try:
-            return self.preprocessor(decode_pixels(item, self._draft_size, deadline))
+            self.preprocessor.write(decode_pixels(item, self._draft_size, deadline), out)
         except ImageInputError as e:
-            return e
+            return e.reason
+        return None
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)

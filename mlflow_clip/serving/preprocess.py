@@ -139,7 +139,7 @@ class Preprocessor:
         """One image as float32 ``[3, R, R]`` (a PIL image, or decoded uint8 pixels)."""
         size = self.input_resolution
         out = np.empty((3, size, size), dtype=np.float32)
-        self._write(image, out)
+        self.write(image, out)
         return out
 
     def batch(self, images: Sequence[Image.Image]) -> np.ndarray:
@@ -147,7 +147,7 @@ class Preprocessor:
         size = self.input_resolution
         out = np.empty((len(images), 3, size, size), dtype=np.float32)
         for index, image in enumerate(images):
-            self._write(image, out[index])
+            self.write(image, out[index])
         return out
 
     def resize_and_crop(self, image: Image.Image) -> Image.Image:
@@ -185,7 +185,9 @@ class Preprocessor:
         box = (0.0, top * scale - first, float(size), min(last, (top + size) * scale) - first)
         return rows.resize((size, size), resample, box=box)
 
-    def _write(self, image: Image.Image | np.ndarray, out: np.ndarray) -> None:
+    def write(self, image: Image.Image | np.ndarray, out: np.ndarray) -> None:
+        """One image into ``out``, a float32 ``[3, R, R]`` view (a row of the batch the graph
+        runs, so that a request's images are never copied once more to be stacked)."""
         if self.native is not False and (self.native or native_status().available):
             if self.write_native(image, out):
                 return

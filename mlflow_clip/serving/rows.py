@@ -185,16 +185,18 @@ def format_predictions(
     """The output table: label, score, probabilities, error (+ top_labels, top_scores)."""
     ok = ~np.isnan(probabilities).any(axis=1)
     best = np.where(ok, np.nan_to_num(probabilities).argmax(axis=1), 0)
-    labels = [classes[b] if good else None for b, good in zip(best, ok)]
-    scores = [float(probabilities[i, b]) if good else None for i, (b, good) in enumerate(zip(best, ok))]
-    # object columns keep None as None (JSON null), not pandas' NaN
-    out = pd.DataFrame(
-        {
-            "label": pd.Series(labels, dtype=object),
-            "score": pd.Series(scores, dtype=object if not ok.all() else float),
-            "probabilities": [row.astype(float).tolist() if good else None for row, good in zip(probabilities, ok)],
-        }
-    )
+    if ok.all():  # every row scored: whole columns at once (this runs on every request)
+        rows = probabilities.astype(np.float64)
+        labels = pd.Series(np.asarray(classes, dtype=object)[best], dtype=object, copy=False)
+        scores = pd.Series(rows[np.arange(len(rows)), best], dtype=float, copy=False)
+        table = rows.tolist()
+    else:  # object columns keep None as None (JSON null), not pandas' NaN
+        labels = pd.Series([classes[b] if good else None for b, good in zip(best, ok)], dtype=object)
+        scores = pd.Series(
+            [float(probabilities[i, b]) if good else None for i, (b, good) in enumerate(zip(best, ok))], dtype=object
+        )
+        table = [row.astype(float).tolist() if good else None for row, good in zip(probabilities, ok)]
+    out = pd.DataFrame({"label": labels, "score": scores, "probabilities": table})
     if top_k:
         k = min(int(top_k), len(classes))
         order = np.argsort(-np.nan_to_num(probabilities), axis=1, kind="stable")[:, :k]
