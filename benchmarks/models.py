@@ -1,7 +1,9 @@
 """The benchmark's models: each (model, precision) exported once into the work dir (in a child
 process: exporting needs torch and clip), saved, registered, and its zero-shot head kept for row (a).
 
-A build is reused while its key (model, precision, templates, classes, text encoder) is current."""
+A build is reused while its key (model, precision, templates, classes, text encoder, and the
+serving code a saved model carries) is current: a model saved with older serving code would
+measure that code, not this checkout's."""
 
 from __future__ import annotations
 
@@ -41,12 +43,15 @@ def _model_dir(work_dir: Path, model: str, precision: str) -> Path:
 
 
 def _build_key(model: str, precision: str) -> dict[str, Any]:
+    from mlflow_clip.flavor import serving_package_name
+
     return {
         "model": model,
         "precision": precision,
         "templates": TEMPLATES,
         "classes": list(classes_for(model)),
         "text_encoder": precision == "fp32",
+        "serving": serving_package_name(),
     }
 
 

@@ -771,3 +771,18 @@ def test_figures_measured_after_each_round_give_their_median():
     assert (
         InProcessRow(lambda i, s: [1.0], {"batch": 1, "warmup": 0}, {"decode_ms": 90.0}).result()["decode_ms"] == 90.0
     )
+
+
+def test_a_cached_model_saved_with_other_serving_code_is_built_again(tmp_path, monkeypatch):
+    """A saved model carries the serving code it was saved with: measuring a stale one would
+    time that code, not this checkout's."""
+    from benchmarks import models
+
+    model_dir = tmp_path / "models" / "demo" / "fp32" / "model"
+    model_dir.mkdir(parents=True)
+    (model_dir / "MLmodel").write_text("flavors: {}\n")
+    info = {"status": "ok", "key": models._build_key("demo", "fp32"), "model_dir": str(model_dir)}
+    (model_dir.parent / "build.json").write_text(json.dumps(info))
+    assert models.read_build(tmp_path, "demo", "fp32") == info
+    monkeypatch.setattr("mlflow_clip.flavor.serving_package_name", lambda: "mlflow_clip_serving_000000000000")
+    assert models.read_build(tmp_path, "demo", "fp32") is None
