@@ -10,9 +10,9 @@ request forms, same model code) and, on `/invocations` only:
 - refuses a body over `max_body_bytes` (413) and anything but JSON, an image or a form of image
   files (415); an image or a form becomes the equivalent JSON request (`mlflow_clip.uploads`);
 - parses the JSON once, answering malformed or too deeply nested JSON with a short 400;
-- refuses a `text` cell that is not a string, in every form (MLflow would turn a null or a number
-  into the text "None" or "5" in some forms), and text that is not valid Unicode (a lone
-  surrogate, which MLflow answers with the request in its message);
+- refuses a `text` cell that is not a string, in every form (MLflow would turn a number into the
+  text "5", and up to 3.17 a null into "None", in some forms), and text that is not valid
+  Unicode (a lone surrogate, which MLflow answers with the request in its message);
 - rewrites the data-URI cells of the `image` column of `dataframe_split` and `dataframe_records`
   bodies to their base64 payload, which MLflow then decodes (it base64-decodes binary columns
   itself, and cannot decode a data URI), refusing those the model would refuse (a media type
@@ -207,8 +207,8 @@ def _record_cells(records: list, name: str) -> list[tuple[int, Any, Callable[[An
 
 
 def _text_cell_problem(document: Any) -> str | None:
-    """A `text` cell that is not a string, in any form: MLflow would turn a null or a number
-    into the text "None" or "5" in some forms and keep it in others."""
+    """A `text` cell that is not a string, in any form: MLflow would turn a number into the text
+    "5" (and up to 3.17 a null into "None") in some forms and keep it in others."""
     bad = [(i, cell) for i, cell, _ in _column(document, "text") if not isinstance(cell, str)]
     if not bad:
         return None

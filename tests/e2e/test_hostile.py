@@ -9,6 +9,7 @@ flat under requests carrying 10 MB label sets."""
 from __future__ import annotations
 
 import base64
+import importlib.metadata
 import io
 import json
 import os
@@ -23,6 +24,7 @@ import numpy as np
 import pytest
 from helpers import demo_image_bytes, free_port, requires_export, start_server, stop_process, subprocess_env
 from helpers import wait_for_http as wait_ready
+from packaging.version import Version
 from PIL import Image
 
 from benchmarks.hostile import hostile_cases, label_flood_body
@@ -312,14 +314,22 @@ def test_the_readme_lists_exactly_the_cases_plain_mlflow_echoes(plain, case):
 
 
 def test_a_null_text_in_the_inputs_form(plain, guarded):
-    """MLflow turns a null `text` cell of the `inputs` form into the text "None" before the model
-    sees it; the guard refuses it, and docs/limits.md says so of the plain server."""
+    """The guard refuses a `text` cell that is not a string. On the plain server MLflow casts a
+    number to its text; a null it turned into the text "None" up to 3.17, and keeps as a null
+    from 3.18, which the model then refuses. docs/limits.md says both of the plain server."""
     body = {"inputs": {"text": ["a cat", None, 5]}}
     response = guarded.post(body)
     assert response.status_code == 400
     assert "row 1: missing (null), not text; row 2: a int, not text" in response.json()["message"]
-    assert plain.post(body).status_code == 200
-    assert "embedded as the text" in _readme_row("a null or a number in the `text` column")
+    assert plain.post({"inputs": {"text": ["a cat", 5]}}).status_code == 200
+    response = plain.post(body)
+    if Version(importlib.metadata.version("mlflow")) >= Version("3.18"):
+        assert response.status_code == 400 and not _echoes(response)
+        assert "row 1: missing (null), not text" in response.json()["message"]
+    else:
+        assert response.status_code == 200
+    row = _readme_row("a null or a number in the `text` column")
+    assert 'embedded as the text "5"' in row and "3.18" in row
 
 
 def test_the_guard_caps_bodies_and_refuses_what_is_not_json(guarded):
